@@ -1,0 +1,48 @@
+"""jaxcompress: pure functional model compression for JAX.
+
+Transforms take any parameter pytree (a flax linen ``params`` dict, an
+``nnx.State``, a plain dict) and return the same structure with some leaves
+replaced by compressed leaves that hold only what they need.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> import jaxcompress as jc
+    >>> params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
+    >>> compressed, stats = jc.prune(0.9)(params)
+    >>> round(jc.summarize(params, compressed).ratio, 2)
+    6.91
+"""
+
+from jaxcompress import filters as filters
+from jaxcompress.arrays import CompressedArray as CompressedArray
+from jaxcompress.arrays import Sparse as Sparse
+from jaxcompress.arrays import is_compressed as is_compressed
+from jaxcompress.prune import prune as prune
+from jaxcompress.report import LeafReport as LeafReport
+from jaxcompress.report import Report as Report
+from jaxcompress.report import summarize as summarize
+from jaxcompress.runtime import materialize as materialize
+from jaxcompress.runtime import nbytes as nbytes
+from jaxcompress.transforms import Transform as Transform
+from jaxcompress.transforms import chain as chain
+from jaxcompress.transforms import masked as masked
+from jaxcompress.transforms import partition as partition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressedArray",
+    "LeafReport",
+    "Report",
+    "Sparse",
+    "Transform",
+    "chain",
+    "filters",
+    "is_compressed",
+    "masked",
+    "materialize",
+    "nbytes",
+    "partition",
+    "prune",
+    "summarize",
+]

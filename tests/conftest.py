@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices for sharding tests, and strict dtype/rank promotion.
+
+XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session", params=["explicit", "auto"])
+def mesh8(request):
+    """A 4x2 ("data", "model") mesh over the 8 fake CPU devices, with Explicit or Auto axes."""
+    devices = jax.devices()
+    assert len(devices) == 8, "tests/conftest.py must set 8 fake CPU devices before jax loads"
+    axis_type = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[request.param]
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2, devices=devices)

@@ -1,0 +1,366 @@
+"""Tests for jaxcompress.filters: filter forms, built-in predicates and leaf paths."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+import jaxcompress as jc
+from jaxcompress.filters import (
+    all_of,
+    compile_filter,
+    dense_only,
+    everything,
+    floating,
+    kernels,
+    not_,
+    nothing,
+    path_to_str,
+)
+from jaxcompress.models import LeNet300100, LeNet300100NNX
+from jaxcompress.transforms import select_leaves
+
+MATRIX = jnp.zeros((4, 3), jnp.float32)
+VECTOR = jnp.zeros((3,), jnp.float32)
+
+
+def _sparse(shape=(2, 4)):
+    weight = jnp.arange(1.0, 1.0 + np.prod(shape), dtype=jnp.float32).reshape(shape)
+    return jc.prune(0.5)({"w": weight})[0]["w"]
+
+
+# --------------------------------------------------------------------------- regex strings
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("kernel", "a/b/kernel", True),
+        ("b", "a/b/kernel", True),  # search, not match: hits mid-path
+        ("b/ker", "a/b/kernel", True),
+        ("^a/b", "a/b/kernel", True),
+        ("^b", "a/b/kernel", False),  # anchored at the start of the whole path
+        ("kernel$", "a/b/kernel", True),
+        ("kernel$", "a/b/kernel_2", False),
+        ("bias", "a/b/kernel", False),
+        ("dense[12]/kernel", "dense2/kernel", True),
+        ("dense[12]/kernel", "dense3/kernel", False),
+        ("^a/b/kernel$", "a/b/kernel", True),
+        ("", "a/b/kernel", True),  # the empty pattern is found in every path
+        ("a.b", "a/b/kernel", True),  # regex dot, not a literal
+        (r"a\.b", "a/b/kernel", False),
+    ],
+)
+def test_regex_string_uses_re_search_on_path(pattern, path, expected):
+    assert compile_filter(pattern)(path, MATRIX) is expected
+
+
+def test_regex_ignores_the_leaf():
+    select = compile_filter("kernel")
+    assert select("x/kernel", None) is True
+    assert select("x/bias", MATRIX) is False
+
+
+def test_regex_selects_leaves_of_a_tree_by_path():
+    params = {
+        "enc": {"dense": {"kernel": MATRIX, "bias": VECTOR}},
+        "dec": {"dense": {"kernel": MATRIX, "bias": VECTOR}},
+    }
+    selected, entries, _ = select_leaves(params, "^enc/.*kernel$")
+    assert [entry.path for entry in selected] == ["enc/dense/kernel"]
+    assert [entry.path for entry in entries] == [
+        "dec/dense/bias",
+        "dec/dense/kernel",
+        "enc/dense/bias",
+        "enc/dense/kernel",
+    ]
+    selected, _, _ = select_leaves(params, "dense")
+    assert len(selected) == 4
+
+
+@pytest.mark.parametrize("pattern", ["(", "[a-", "*kernel", "a{2,1}"])
+def test_invalid_regex_raises_value_error(pattern):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        compile_filter(pattern)
+
+
+def test_invalid_regex_inside_tuple_and_combinators_raises_value_error():
+    with pytest.raises(ValueError, match=r"'\('"):
+        compile_filter(("kernel", "("))
+    with pytest.raises(ValueError):
+        not_("(")
+    with pytest.raises(ValueError):
+        all_of(kernels, "[")
+    # masked compiles its filter eagerly, at construction time.
+    with pytest.raises(ValueError):
+        jc.masked(jc.prune(0.5), "(")
+
+
+# --------------------------------------------------------------------------- non-filters
+
+
+@pytest.mark.parametrize("bad", [3, 2.5, None, ["kernel"], {"kernel": True}, b"kernel"])
+def test_non_filter_raises_type_error(bad):
+    with pytest.raises(TypeError, match="where="):
+        compile_filter(bad)
+
+
+def test_non_filter_inside_tuple_raises_type_error():
+    with pytest.raises(TypeError, match="int"):
+        compile_filter(("kernel", 3))
+    with pytest.raises(TypeError):
+        not_(3)
+    with pytest.raises(TypeError):
+        all_of(kernels, 3)
+
+
+# --------------------------------------------------------------------------- predicates
+
+
+def test_predicate_is_called_with_path_and_leaf():
+    calls = []
+
+    def predicate(path, leaf):
+        calls.append((path, leaf.shape))
+        return leaf.shape == (3,)
+
+    assert compile_filter(predicate) is predicate
+    params = {"a": {"kernel": MATRIX, "bias": VECTOR}}
+    selected, _, _ = select_leaves(params, predicate)
+    assert [entry.path for entry in selected] == ["a/bias"]
+    assert calls == [("a/bias", (3,)), ("a/kernel", (4, 3))]
+
+
+# --------------------------------------------------------------------------- tuples
+
+
+def test_tuple_is_any_of():
+    select = compile_filter(("bias", kernels))
+    assert select("dense/bias", VECTOR) is True  # regex hit
+    assert select("dense/kernel", MATRIX) is True  # predicate hit
+    assert select("dense/scale", VECTOR) is False  # neither
+
+
+def test_empty_tuple_selects_nothing_and_nested_tuples_work():
+    assert compile_filter(())("a/kernel", MATRIX) is False
+    select = compile_filter(("x", ("y", ("z",))))
+    assert [select(p, MATRIX) for p in ("a/x", "a/y", "a/z", "a/w")] == [True, True, True, False]
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+@pytest.mark.parametrize(
+    ("leaf", "expected"),
+    [
+        (jnp.zeros((4, 3), jnp.float32), True),
+        (jnp.zeros((3, 3, 1, 6), jnp.float32), True),
+        (jnp.zeros((4, 3), jnp.bfloat16), True),
+        (np.zeros((4, 3), np.float16), True),
+        (jnp.zeros((1, 1), jnp.float32), True),
+        (jnp.zeros((3,), jnp.float32), False),
+        (jnp.zeros((), jnp.float32), False),
+        (jnp.zeros((4, 3), jnp.int32), False),
+        (jnp.zeros((4, 3), jnp.bool_), False),
+        (np.zeros((4, 3), np.uint8), False),
+        (1.0, False),
+        ("kernel", False),
+    ],
+)
+def test_kernels(leaf, expected):
+    assert kernels("any/path", leaf) is expected
+
+
+@pytest.mark.parametrize(
+    ("leaf", "expected"),
+    [
+        (jnp.zeros((3,), jnp.float32), True),
+        (jnp.zeros((4, 3), jnp.float32), True),
+        (jnp.zeros((3,), jnp.bfloat16), True),
+        (np.zeros((2,), np.float64), True),
+        (jnp.zeros((), jnp.float32), False),
+        (jnp.zeros((3,), jnp.int32), False),
+        (jnp.zeros((3,), jnp.bool_), False),
+        (jnp.zeros((), jnp.int32), False),
+        (1.0, False),
+    ],
+)
+def test_floating(leaf, expected):
+    assert floating("any/path", leaf) is expected
+
+
+def test_default_prune_compresses_bfloat16_kernels():
+    # Regression: bfloat16 is not np.floating (np.issubdtype is False for ml_dtypes), so
+    # an np.issubdtype check made kernels/floating silently skip bf16 weights.
+    params = {"w": jnp.arange(1.0, 9.0, dtype=jnp.float32).reshape(2, 4).astype(jnp.bfloat16)}
+    out, stats = jc.prune(0.5)(params)
+    assert stats == {"w": {"pruned": 4, "size": 8}}
+    assert jc.is_compressed(out["w"])
+    assert out["w"].values.dtype == jnp.bfloat16
+    assert out["w"].values.tolist() == [5.0, 6.0, 7.0, 8.0]
+
+
+def test_explicitly_selected_bfloat16_leaf_can_be_pruned():
+    params = {"w": jnp.arange(1.0, 9.0, dtype=jnp.float32).reshape(2, 4).astype(jnp.bfloat16)}
+    out, _ = jc.prune(0.5, where="w")(params)  # once: TypeError "only floating-point ..."
+    assert out["w"].nnz == 4
+    assert out["w"].materialize().dtype == jnp.bfloat16
+
+
+def test_dense_only():
+    assert dense_only("w", MATRIX) is True
+    assert dense_only("w", 1.0) is True
+    assert dense_only("w", _sparse()) is False
+
+
+def test_kernels_and_dense_only_combine_to_skip_compressed_leaves():
+    sparse = _sparse()
+    # A compressed 2-D float leaf still looks like a kernel (shape and dtype are static)...
+    assert kernels("w", sparse) is True
+    # ...so all_of(kernels, dense_only) is how to leave it alone.
+    select = all_of(kernels, dense_only)
+    assert select("w", sparse) is False
+    assert select("w", MATRIX) is True
+    assert select("w", VECTOR) is False
+
+
+def test_nothing_and_everything():
+    for leaf in (MATRIX, VECTOR, 1.0, None, _sparse()):
+        assert nothing("a/kernel", leaf) is False
+        assert everything("a/kernel", leaf) is True
+
+
+def test_not_():
+    assert not_("bias")("dense/bias", VECTOR) is False
+    assert not_("bias")("dense/kernel", MATRIX) is True
+    assert not_(kernels)("dense/kernel", MATRIX) is False
+    assert not_(kernels)("dense/bias", VECTOR) is True
+    # A tuple inside not_ is "none of".
+    none_of = not_(("bias", "scale"))
+    assert [none_of(p, VECTOR) for p in ("a/bias", "a/scale", "a/kernel")] == [False, False, True]
+    assert not_(nothing)("x", VECTOR) is True
+    assert not_(not_("bias"))("dense/bias", VECTOR) is True
+
+
+def test_all_of():
+    select = all_of(kernels, "dense1")
+    assert select("dense1/kernel", MATRIX) is True
+    assert select("dense2/kernel", MATRIX) is False
+    assert select("dense1/bias", VECTOR) is False
+    assert all_of("a", "b", "c")("a/b/c", VECTOR) is True
+    assert all_of("a", "b", "c")("a/b/d", VECTOR) is False
+    # all_of with a tuple member: that member is any-of.
+    select = all_of(("enc", "dec"), kernels)
+    assert select("enc/w", MATRIX) is True
+    assert select("dec/w", MATRIX) is True
+    assert select("mid/w", MATRIX) is False
+    # No members: vacuously true.
+    assert all_of()("x", VECTOR) is True
+
+
+def test_filters_drive_masked_transform():
+    params = {"enc": {"kernel": jnp.ones((4, 4))}, "dec": {"kernel": jnp.ones((4, 4))}}
+    out, _ = jc.masked(jc.prune(0.5), not_("enc"))(params)
+    assert not jc.is_compressed(out["enc"]["kernel"])
+    assert jc.is_compressed(out["dec"]["kernel"])
+    assert out["dec"]["kernel"].nnz == 8
+
+
+# --------------------------------------------------------------------------- path_to_str
+
+
+class _Pair(NamedTuple):
+    first: jax.Array
+    second: jax.Array
+
+
+class _Opaque:
+    """A pytree node registered without keys: jax gives it FlattenedIndexKey paths."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_node(
+    _Opaque, lambda node: ((node.a, node.b), None), lambda _, children: _Opaque(*children)
+)
+
+
+@pytest.mark.parametrize(
+    ("key_path", "expected"),
+    [
+        ((), ""),
+        ((DictKey("dense1"), DictKey("kernel")), "dense1/kernel"),
+        ((DictKey("dense1"), DictKey("kernel"), GetAttrKey("value")), "dense1/kernel"),
+        ((DictKey(0), DictKey(1)), "0/1"),
+        ((SequenceKey(2), DictKey("w")), "2/w"),
+        ((DictKey("x"), FlattenedIndexKey(3)), "x/3"),
+        ((GetAttrKey("layer"), GetAttrKey("kernel")), "layer/kernel"),
+        # Only a trailing GetAttrKey("value") is dropped...
+        ((GetAttrKey("value"), DictKey("w")), "value/w"),
+        # ...not a dict key that happens to be called "value".
+        ((DictKey("a"), DictKey("value")), "a/value"),
+        ((GetAttrKey("value"),), ""),
+    ],
+)
+def test_path_to_str(key_path, expected):
+    assert path_to_str(key_path) == expected
+
+
+def test_path_to_str_on_real_tree_paths():
+    tree = {
+        "layers": [{"w": 1.0}, {"w": 2.0}],
+        "pair": _Pair(3.0, 4.0),
+        "opaque": _Opaque(5.0, 6.0),
+    }
+    paths = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert paths == [
+        "layers/0/w",
+        "layers/1/w",
+        "opaque/0",
+        "opaque/1",
+        "pair/first",
+        "pair/second",
+    ]
+
+
+def _linen_and_nnx_params():
+    x = jnp.zeros((1, 64), jnp.float32)
+    linen_params = LeNet300100().init(jax.random.key(0), x)["params"]
+    nnx_state = nnx.state(LeNet300100NNX(rngs=nnx.Rngs(0)), nnx.Param)
+    return linen_params, nnx_state
+
+
+def test_path_to_str_drops_nnx_value_and_matches_linen_paths():
+    linen_params, nnx_state = _linen_and_nnx_params()
+    nnx_flat = jax.tree_util.tree_flatten_with_path(nnx_state)[0]
+    # The raw nnx key paths do end in GetAttrKey("value")...
+    assert all(
+        isinstance(path[-1], GetAttrKey) and path[-1].name == "value" for path, _ in nnx_flat
+    )
+    nnx_paths = [path_to_str(path) for path, _ in nnx_flat]
+    # ...but the normalised paths do not.
+    assert not any(path.endswith("value") for path in nnx_paths)
+    linen_paths = [
+        path_to_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(linen_params)[0]
+    ]
+    expected = [f"dense{i}/{name}" for i in (1, 2, 3) for name in ("bias", "kernel")]
+    assert nnx_paths == expected
+    assert linen_paths == expected
+
+
+def test_same_filter_selects_same_leaves_in_linen_and_nnx():
+    linen_params, nnx_state = _linen_and_nnx_params()
+    for where in ("kernel$", "^dense2/", ("dense1/bias", "dense3/kernel"), kernels, floating):
+        linen_selected, _, _ = select_leaves(linen_params, where)
+        nnx_selected, _, _ = select_leaves(nnx_state, where)
+        assert [e.path for e in linen_selected] == [e.path for e in nnx_selected]
+        assert [e.leaf.shape for e in linen_selected] == [e.leaf.shape for e in nnx_selected]
+    selected, _, _ = select_leaves(nnx_state, "kernel$")
+    assert [e.path for e in selected] == ["dense1/kernel", "dense2/kernel", "dense3/kernel"]
