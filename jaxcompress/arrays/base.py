@@ -1,0 +1,90 @@
+"""The base of every compressed leaf, and helpers that treat leaves uniformly.
+
+Each compressed leaf is a frozen dataclass registered as a pytree. Its array
+children (values, packed masks, ...) are pytree children so the leaf moves through
+``jit``, ``device_put`` and ``tree_map`` like any array; its shape and dtype are
+static metadata. ``nbytes`` is the true storage cost of the children.
+
+Constructors never validate: unflattening calls them with tracers and
+placeholders. Validation lives in the factory functions (for example
+:func:`jaxcompress.prune`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class CompressedArray:
+    """Base class of every compressed leaf.
+
+    Subclasses provide ``shape``, ``dtype``, :meth:`materialize` and ``nbytes``.
+    Traversals in this library treat instances as leaves (see :func:`is_compressed`).
+
+    Example:
+        >>> import jaxcompress as jc
+        >>> issubclass(jc.Sparse, jc.CompressedArray)
+        True
+    """
+
+    kind: str = "compressed"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions of the dense array this leaf stands for."""
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of entries of the dense array this leaf stands for."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """True storage bytes of this leaf's children."""
+        raise NotImplementedError
+
+    def materialize(self) -> jax.Array:
+        """Returns the dense array this leaf stands for."""
+        raise NotImplementedError
+
+    def layout_child(self) -> jax.Array:
+        """A child laid out like the dense array; its sharding is the dense array's."""
+        raise NotImplementedError
+
+
+def is_compressed(x: Any) -> bool:
+    """Says whether ``x`` is a compressed leaf.
+
+    Use it as ``is_leaf=`` in your own tree traversals so compressed leaves are
+    handled whole instead of being split into their children.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> params = {"kernel": jnp.arange(1.0, 9.0).reshape(2, 4)}
+        >>> pruned, _ = jc.prune(0.5)(params)
+        >>> jc.is_compressed(pruned["kernel"]), jc.is_compressed(params["kernel"])
+        (True, False)
+    """
+    return isinstance(x, CompressedArray)
+
+
+def leaf_nbytes(x: Any) -> int:
+    """Storage bytes of one leaf: compressed, array or Python scalar."""
+    if is_compressed(x):
+        return x.nbytes
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    return np.asarray(x).nbytes
+
+
+def as_dense(x: Any) -> Any:
+    """Materializes ``x`` if it is compressed, else returns it unchanged."""
+    return x.materialize() if is_compressed(x) else x
