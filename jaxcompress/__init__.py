@@ -14,10 +14,14 @@ Example:
 """
 
 from jaxcompress import filters as filters
+from jaxcompress.arrays import Clustered as Clustered
 from jaxcompress.arrays import CompressedArray as CompressedArray
+from jaxcompress.arrays import Quantized as Quantized
 from jaxcompress.arrays import Sparse as Sparse
 from jaxcompress.arrays import is_compressed as is_compressed
+from jaxcompress.cluster import cluster as cluster
 from jaxcompress.prune import prune as prune
+from jaxcompress.quantize import quantize as quantize
 from jaxcompress.report import LeafReport as LeafReport
 from jaxcompress.report import Report as Report
 from jaxcompress.report import summarize as summarize
@@ -31,12 +35,15 @@ from jaxcompress.transforms import partition as partition
 __version__ = "0.1.0"
 
 __all__ = [
+    "Clustered",
     "CompressedArray",
     "LeafReport",
+    "Quantized",
     "Report",
     "Sparse",
     "Transform",
     "chain",
+    "cluster",
     "filters",
     "is_compressed",
     "masked",
@@ -44,5 +51,6 @@ __all__ = [
     "nbytes",
     "partition",
     "prune",
+    "quantize",
     "summarize",
 ]

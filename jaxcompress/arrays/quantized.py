@@ -1,0 +1,173 @@
+"""Quantized: bit-packed unsigned integer codes plus per-group scales (and zero points)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
+from jaxcompress.bitpack import unpack
+from jaxcompress.sharding import unsharded
+
+
+def _quantized_pytree(cls: type) -> type:
+    return jax.tree_util.register_dataclass(
+        cls,
+        data_fields=["codes", "scale", "zero_point"],
+        meta_fields=["shape", "dtype", "bits", "axis", "group_size"],
+    )
+
+
+def group_layout(
+    shape: tuple[int, ...], axis: int | None, group_size: int | None
+) -> tuple[int, int, int]:
+    """``(groups, group_size, channels)`` of the canonical ``(G, g, C)`` view of a weight.
+
+    The channel axis (if any) is moved last and the other axes are flattened
+    row-major into the contracted dimension ``K``, which is split into ``G``
+    contiguous groups of ``g``. Per-channel is ``G == 1``; per-tensor is ``C == 1``.
+
+    Example:
+        >>> group_layout((3, 3, 8, 16), -1, 24), group_layout((64, 32), None, None)
+        ((3, 24, 16), (1, 2048, 1))
+    """
+    channels = 1 if axis is None else shape[axis]
+    contracted = math.prod(shape) // channels
+    size = contracted if group_size is None else group_size
+    return contracted // size, size, channels
+
+
+def to_groups(x: jax.Array, axis: int | None, group_size: int | None) -> jax.Array:
+    """The canonical ``(G, g, C)`` view of ``x`` (see :func:`group_layout`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> to_groups(jnp.arange(8.0).reshape(4, 2), -1, 2)[:, :, 0].tolist()
+        [[0.0, 2.0], [4.0, 6.0]]
+    """
+    groups, size, channels = group_layout(tuple(x.shape), axis, group_size)
+    moved = x if axis is None else jnp.moveaxis(x, axis, -1)
+    # Merging axes across a sharded dimension is refused with Explicit mesh axes.
+    return unsharded(moved).reshape(groups, size, channels)
+
+
+def from_groups(x: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    """Inverse of :func:`to_groups`: the ``(G, g, C)`` view back in ``shape``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.arange(8.0).reshape(4, 2)
+        >>> bool((from_groups(to_groups(w, 0, 2), (4, 2), 0) == w).all())
+        True
+    """
+    if axis is None:
+        return x.reshape(shape)
+    moved = tuple(np.delete(np.asarray(shape), axis)) + (shape[axis],)
+    return jnp.moveaxis(x.reshape(moved), -1, axis)
+
+
+def broadcast_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """Shape of a per-channel (or per-tensor) statistic that broadcasts against ``shape``.
+
+    Example:
+        >>> broadcast_shape((3, 3, 8, 16), -1), broadcast_shape((4, 2), None)
+        ((1, 1, 1, 16), (1, 1))
+    """
+    out = [1] * len(shape)
+    if axis is not None:
+        out[axis] = shape[axis]
+    return tuple(out)
+
+
+@_quantized_pytree
+@dataclasses.dataclass(frozen=True, repr=False)
+class Quantized(CompressedArray):
+    """A linearly quantized leaf: bit-packed unsigned codes plus scales.
+
+    Attributes:
+        codes: unsigned ``bits``-bit codes laid out like the dense array and packed
+            along the last axis with :func:`jaxcompress.bitpack.pack`, uint8 of shape
+            ``(*shape[:-1], ceil(shape[-1] * bits / 8))``. Laid out like the dense array,
+            they shard the same way.
+        scale: one step size per (group, channel), shape ``(G, C)``, in the scale dtype
+            (see :func:`group_layout`; per-tensor is ``(1, 1)``, per-channel ``(1, C)``).
+        zero_point: ``None`` for symmetric quantization, whose implicit zero point is
+            ``2**(bits - 1)``; else a (possibly fractional) zero point per scale, same
+            shape and dtype as ``scale``.
+        shape: the dense shape (static).
+        dtype: the dense dtype (static).
+        bits: bits per code, 2 to 8 (static).
+        axis: the channel axis (non-negative) or ``None`` for per-tensor (static).
+        group_size: entries per group along the contracted dimension, or ``None``
+            for one group per channel (static).
+
+    An entry decodes as ``(code - zero_point) * scale``, computed in float32 and cast
+    to ``dtype``. ``nbytes`` is the packed codes plus the scales and zero points.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jnp.array([[1.0, -2.0], [0.5, 4.0]])
+        >>> q = jc.quantize(4, axis=None, where="w")({"w": w})[0]["w"]
+        >>> q
+        Quantized(shape=(2, 2), dtype=float32, bits=4, axis=None, group_size=None)
+        >>> import numpy as np
+        >>> q.nbytes, np.round(np.asarray(q.materialize(), np.float64), 3).tolist()
+        (6, [[1.143, -1.714], [0.571, 4.0]])
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    bits: int
+    axis: int | None
+    group_size: int | None
+
+    kind = "quantized"
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether codes are centred on the implicit zero point ``2**(bits - 1)``."""
+        return self.zero_point is None
+
+    @property
+    def nbytes(self) -> int:
+        total = leaf_nbytes(self.codes) + leaf_nbytes(self.scale)
+        return total + (0 if self.zero_point is None else leaf_nbytes(self.zero_point))
+
+    def unpacked_codes(self) -> jax.Array:
+        """The unsigned codes as uint8, shaped like the dense array."""
+        return unpack(self.codes, self.bits, self.shape[-1])
+
+    def materialize(self) -> jax.Array:
+        codes = self.unpacked_codes().astype(jnp.float32)
+        scale = self.scale.astype(jnp.float32)
+        if self.zero_point is None:
+            zero = jnp.full(scale.shape, 2 ** (self.bits - 1), jnp.float32)
+        else:
+            zero = self.zero_point.astype(jnp.float32)
+        groups, _, _ = group_layout(self.shape, self.axis, self.group_size)
+        if groups == 1:
+            # One scale per channel broadcasts directly: no reshape of the codes.
+            target = broadcast_shape(self.shape, self.axis)
+            dense = (codes - zero.reshape(target)) * scale.reshape(target)
+        else:
+            view = to_groups(codes, self.axis, self.group_size)
+            dense = (view - zero[:, None, :]) * scale[:, None, :]
+            dense = from_groups(dense, self.shape, self.axis)
+        return dense.astype(self.dtype)
+
+    def layout_child(self) -> jax.Array:
+        return self.codes
+
+    def __repr__(self) -> str:
+        return (
+            f"Quantized(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
+            f"bits={self.bits}, axis={self.axis}, group_size={self.group_size})"
+        )

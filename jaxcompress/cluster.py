@@ -1,0 +1,536 @@
+"""Weight sharing by 1-D k-means into :class:`~jaxcompress.Clustered` leaves.
+
+Everything here works on sorted values. In one dimension every k-means cluster is
+a contiguous run of the sorted data, so one sort plus prefix sums turn a Lloyd
+iteration into ``k - 1`` binary searches: ``O(k log n)`` per iteration, never an
+``n x k`` distance matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress._validate import check_selected_leaf
+from jaxcompress.arrays import Clustered, Sparse, is_compressed
+from jaxcompress.bitpack import pack
+from jaxcompress.filters import Filter, kernels
+from jaxcompress.sharding import named_sharding_of, place_like, unsharded
+from jaxcompress.transforms import Transform, select_leaves
+
+_INITS = ("linear", "density", "kmeans++", "random")
+_METHODS = ("lloyd", "optimal")
+_KEYED_INITS = ("kmeans++", "random")
+# "optimal" runs its exact DP on at most this many weighted points (bins).
+_OPTIMAL_POINTS = 2048
+# Prefix sums are taken in blocks so float32 rounding does not grow with n.
+_BLOCK = 128
+
+
+def _sort_floats(x: jax.Array) -> jax.Array:
+    """Sorts float32 values as order-preserving int32 keys (several times faster on CPU)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    # Negative floats order backwards by bit pattern; flipping their low 31 bits fixes that.
+    flip = jnp.int32(0x7FFFFFFF)
+    keys = jnp.where(bits < 0, bits ^ flip, bits)
+    keys = jax.lax.sort(keys, is_stable=False)
+    return jax.lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ flip, keys), jnp.float32)
+
+
+def _prefix_sum(x: jax.Array) -> jax.Array:
+    """``[0, x0, x0 + x1, ...]`` (length ``n + 1``), summed blockwise for accuracy.
+
+    Within blocks of 128 it is a product with a triangular matrix; block totals are
+    summed the same way, level by level. This keeps float32 rounding from growing
+    with ``n`` and compiles to a few matmuls instead of a long associative scan.
+    """
+    n = x.shape[0]
+    if n <= _BLOCK:
+        upper = jnp.triu(jnp.ones((n, n), x.dtype))
+        total = jnp.matmul(x, upper, precision=jax.lax.Precision.HIGHEST)
+    else:
+        blocks = -(-n // _BLOCK)
+        padded = jnp.pad(x, (0, blocks * _BLOCK - n)).reshape(blocks, _BLOCK)
+        upper = jnp.triu(jnp.ones((_BLOCK, _BLOCK), x.dtype))
+        within = jnp.matmul(padded, upper, precision=jax.lax.Precision.HIGHEST)
+        offsets = _prefix_sum(within[:, -1])[:-1]
+        total = (within + offsets[:, None]).reshape(-1)[:n]
+    return jnp.concatenate([jnp.zeros((1,), x.dtype), total])
+
+
+def _segment_edges(sorted_y: jax.Array, centroids: jax.Array) -> jax.Array:
+    """Start of each cluster's run in ``sorted_y`` (``k + 1`` edges, first 0, last n)."""
+    n = sorted_y.shape[0]
+    boundaries = (centroids[:-1] + centroids[1:]) * 0.5
+    inner = jnp.searchsorted(sorted_y, boundaries, side="left").astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), inner, jnp.full((1,), n, jnp.int32)])
+
+
+def _lloyd(
+    sorted_y: jax.Array, prefix: jax.Array, init: jax.Array, max_iter: int, tol: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """1-D Lloyd on sorted data; returns sorted centroids and the iteration count."""
+
+    n = sorted_y.shape[0]
+
+    def step(state):
+        centroids, iteration, _ = state
+        edges = _segment_edges(sorted_y, centroids)
+        counts = (edges[1:] - edges[:-1]).astype(sorted_y.dtype)
+        sums = prefix[edges[1:]] - prefix[edges[:-1]]
+        # An empty cluster keeps its old centroid instead of becoming 0 / 0 ...
+        means = sums / jnp.maximum(counts, 1.0)
+        updated = jnp.where(counts > 0, means, centroids)
+        # ... except that one empty centroid per iteration moves into the widest heavy
+        # cluster, between its mean and its farther end (as scikit-learn relocates
+        # empty clusters). A centroid with no points costs nothing where it was, so
+        # this can only lower the error; it rescues linear inits on heavy tails.
+        first = sorted_y[jnp.minimum(edges[:-1], n - 1)]
+        last = sorted_y[jnp.maximum(edges[1:] - 1, 0)]
+        spread = jnp.where(counts > 1, counts * jnp.square(last - first), 0.0)
+        widest = jnp.argmax(spread)
+        far = jnp.where(last[widest] - means[widest] > means[widest] - first[widest], last, first)
+        empty = counts == 0
+        relocate = jnp.any(empty) & (spread[widest] > 0)
+        moved = updated.at[jnp.argmax(empty)].set((means[widest] + far[widest]) * 0.5)
+        updated = jnp.sort(jnp.where(relocate, moved, updated))
+        move = jnp.max(jnp.abs(updated - centroids))
+        return updated, iteration + 1, move
+
+    def keep_going(state):
+        _, iteration, move = state
+        return (iteration < max_iter) & (move > tol)
+
+    state = (init, jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, sorted_y.dtype))
+    centroids, iterations, _ = jax.lax.while_loop(keep_going, step, state)
+    return centroids, iterations
+
+
+def _kmeans_plus_plus(sorted_y: jax.Array, k: int, key: jax.Array) -> jax.Array:
+    """1-D k-means++ seeding: each new centroid drawn with probability ~ D(x)^2."""
+    n = sorted_y.shape[0]
+    first_key, rest_key = jax.random.split(key)
+    first = sorted_y[jax.random.randint(first_key, (), 0, n)]
+    centroids = jnp.full((k,), first)
+
+    def pick(i, state):
+        centroids, distance2 = state
+        total = jnp.sum(distance2)
+        u = jax.random.uniform(jax.random.fold_in(rest_key, i), (), sorted_y.dtype) * total
+        index = jnp.searchsorted(jnp.cumsum(distance2), u, side="right")
+        chosen = sorted_y[jnp.clip(index, 0, n - 1)]
+        return centroids.at[i].set(chosen), jnp.minimum(distance2, jnp.square(sorted_y - chosen))
+
+    distance2 = jnp.square(sorted_y - first)
+    centroids, _ = jax.lax.fori_loop(1, k, pick, (centroids, distance2))
+    return jnp.sort(centroids)
+
+
+def _initial_centroids(sorted_y: jax.Array, k: int, init: str, key: jax.Array | None):
+    n = sorted_y.shape[0]
+    low, high = sorted_y[0], sorted_y[-1]
+    if init == "linear":
+        steps = jnp.arange(k, dtype=sorted_y.dtype) / (k - 1)
+        return low + (high - low) * steps
+    if init == "density":
+        # Evenly spaced on the CDF: the (i + 1/2)/k quantiles.
+        quantile = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
+        return sorted_y[jnp.round(quantile * (n - 1)).astype(jnp.int32)]
+    if init == "random":
+        chosen = jax.random.choice(key, n, (k,), replace=n < k)
+        return jnp.sort(sorted_y[chosen])
+    return _kmeans_plus_plus(sorted_y, k, key)
+
+
+def _weighted_points(sorted_y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The data as at most ``_OPTIMAL_POINTS`` weighted points, sorted.
+
+    Small inputs are used as they are (weight 1 each). Larger ones are binned into
+    equal-width bins, each bin standing for its points by their mean and count.
+    """
+    n = sorted_y.shape[0]
+    if n <= _OPTIMAL_POINTS:
+        return sorted_y, jnp.ones_like(sorted_y)
+    bins = _OPTIMAL_POINTS
+    low, high = sorted_y[0], sorted_y[-1]
+    width = jnp.maximum(high - low, jnp.finfo(sorted_y.dtype).tiny) / bins
+    which = jnp.clip(jnp.floor((sorted_y - low) / width), 0, bins - 1).astype(jnp.int32)
+    counts = jax.ops.segment_sum(jnp.ones_like(sorted_y), which, bins, indices_are_sorted=True)
+    sums = jax.ops.segment_sum(sorted_y, which, bins, indices_are_sorted=True)
+    centers = low + (jnp.arange(bins, dtype=sorted_y.dtype) + 0.5) * width
+    means = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), centers)
+    return means, counts
+
+
+def _optimal_centroids(sorted_y: jax.Array, k: int) -> jax.Array:
+    """Exact weighted 1-D k-means of :func:`_weighted_points` by dynamic programming.
+
+    ``best[j][i]`` is the least cost of the first ``i`` points in ``j`` clusters;
+    clusters are contiguous runs (allowed empty), so
+    ``best[j][i] = min_m best[j-1][m] + cost(m, i)``, an ``O(k P^2)`` vectorized DP.
+    """
+    points, weights = _weighted_points(sorted_y)
+    count = points.shape[0]
+    w = _prefix_sum(weights)
+    s1 = _prefix_sum(weights * points)
+    s2 = _prefix_sum(weights * points * points)
+    # cost[m, i]: squared error of points m..i-1 around their weighted mean.
+    dw = w[None, :] - w[:, None]
+    d1 = s1[None, :] - s1[:, None]
+    d2 = s2[None, :] - s2[:, None]
+    cost = jnp.maximum(d2 - jnp.square(d1) / jnp.maximum(dw, jnp.finfo(points.dtype).tiny), 0.0)
+    cost = jnp.where(dw > 0, cost, 0.0)
+    start = jnp.arange(count + 1)
+    cost = jnp.where(start[:, None] <= start[None, :], cost, jnp.inf)
+
+    def layer(j, state):
+        best, choices = state
+        total = best[:, None] + cost
+        choice = jnp.argmin(total, axis=0).astype(jnp.int32)
+        return jnp.min(total, axis=0), choices.at[j].set(choice)
+
+    choices = jnp.zeros((k, count + 1), jnp.int32)
+    _, choices = jax.lax.fori_loop(1, k, layer, (cost[0], choices))
+
+    def back(end, j):
+        begin = choices[j, end]
+        return begin, begin
+
+    # Walk the choices back from the last point to find each cluster's first point.
+    _, begins = jax.lax.scan(back, jnp.int32(count), jnp.arange(k - 1, 0, -1))
+    edges = jnp.concatenate(
+        [jnp.zeros((1,), jnp.int32), begins[::-1], jnp.full((1,), count, jnp.int32)]
+    )
+    mass = w[edges[1:]] - w[edges[:-1]]
+    # An empty cluster gets a point at its position, which keeps the order.
+    fallback = points[jnp.clip(edges[:-1], 0, count - 1)]
+    means = (s1[edges[1:]] - s1[edges[:-1]]) / jnp.maximum(mass, jnp.finfo(points.dtype).tiny)
+    return jnp.sort(jnp.where(mass > 0, means, fallback))
+
+
+def _exact_codebook(sorted_x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The distinct values, padded to ``k`` with the largest; and how many there are."""
+    new = jnp.concatenate([jnp.ones((1,), jnp.bool_), sorted_x[1:] != sorted_x[:-1]])
+    distinct = jnp.sum(new, dtype=jnp.int32)
+    # The k smallest first occurrences are the distinct values when there are <= k.
+    firsts = jnp.where(new, sorted_x, jnp.inf)
+    smallest = -jax.lax.top_k(-firsts, min(k, sorted_x.shape[0]))[0]
+    smallest = jnp.pad(smallest, (0, k - smallest.shape[0]), constant_values=jnp.inf)
+    return jnp.where(jnp.isinf(smallest), sorted_x[-1], smallest), distinct
+
+
+def _fit(
+    x: jax.Array,
+    key: jax.Array | None,
+    *,
+    k: int,
+    init: str,
+    method: str,
+    max_iter: int,
+    tol: float,
+    codebook_dtype: np.dtype,
+):
+    """Clusters the 1-D float32 array ``x``; returns codebook, iterations, distinct count."""
+    sorted_x = _sort_floats(x)
+    n = sorted_x.shape[0]
+    # Work around the median so prefix sums stay small relative to cluster means.
+    shift = sorted_x[n // 2]
+    sorted_y = sorted_x - shift
+    prefix = _prefix_sum(sorted_y)
+    tolerance = tol * (sorted_y[-1] - sorted_y[0])
+    if method == "optimal":
+        start = _optimal_centroids(sorted_y, k)
+    else:
+        start = _initial_centroids(sorted_y, k, init, key)
+    centroids, iterations = _lloyd(sorted_y, prefix, start, max_iter, tolerance)
+    centroids = centroids + shift
+    exact, distinct = _exact_codebook(sorted_x, k)
+    # Fewer distinct values than k: store them all, so every value is exact.
+    codebook = jnp.where(distinct <= k, exact, centroids).astype(codebook_dtype)
+    return jnp.sort(codebook), iterations, distinct
+
+
+def _assign(values: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Index of the nearest centroid in the sorted ``codebook`` for each of ``values``."""
+    centroids = codebook.astype(jnp.float32)
+    boundaries = (centroids[:-1] + centroids[1:]) * 0.5
+    return jnp.searchsorted(boundaries, values, side="right").astype(jnp.uint8)
+
+
+def cluster_array(
+    weight: jax.Array,
+    *,
+    k: int,
+    init: str = "linear",
+    per_channel: bool = False,
+    method: str = "lloyd",
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    codebook_dtype: jax.typing.DTypeLike = jnp.float32,
+    key: jax.Array | None = None,
+) -> tuple[Clustered, dict]:
+    """Clusters one array into a :class:`~jaxcompress.Clustered` leaf.
+
+    The arguments are those of :func:`cluster`, already validated. Works under ``jit``.
+
+    Returns:
+        ``(leaf, stats)`` with stats ``{"k", "inertia", "relative_error",
+        "iterations", "distinct"}`` (arrays, except ``k``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> leaf, stats = cluster_array(jnp.array([[0.0, 0.1], [2.0, 2.1]]), k=2)
+        >>> [round(c, 3) for c in leaf.codebook.tolist()], int(stats["iterations"]) > 0
+        ([0.05, 2.05], True)
+    """
+    weight = unsharded(weight)
+    shape = tuple(weight.shape)
+    values = weight.astype(jnp.float32)
+    bits = max(1, (k - 1).bit_length())
+    fit = functools.partial(
+        _fit,
+        k=k,
+        init=init,
+        method=method,
+        max_iter=max_iter,
+        tol=tol,
+        codebook_dtype=np.dtype(codebook_dtype),
+    )
+    if per_channel and len(shape) >= 2:
+        channels = values.reshape(-1, shape[-1]).T
+        keys = None if key is None else jax.random.split(key, shape[-1])
+        if method == "optimal":
+            # The DP holds a P x P table; one channel at a time bounds the memory.
+            codebook, iterations, distinct = jax.lax.map(
+                lambda a: fit(a[0], a[1]), (channels, keys)
+            )
+        else:
+            codebook, iterations, distinct = jax.vmap(fit)(channels, keys)
+        codes = jax.vmap(_assign)(channels, codebook).T.reshape(shape)
+        channel = jnp.arange(shape[-1], dtype=jnp.int32)
+        flat = codes.reshape(-1, shape[-1]).astype(jnp.int32)
+        approx = codebook.astype(jnp.float32)[channel[None, :], flat].reshape(shape)
+        iterations, distinct = jnp.max(iterations), jnp.min(distinct)
+    else:
+        codebook, iterations, distinct = fit(values.reshape(-1), key)
+        codes = _assign(values, codebook)
+        approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
+    inertia = jnp.sum(jnp.square(values - approx))
+    norm = jnp.sqrt(jnp.sum(jnp.square(values)))
+    relative = jnp.where(norm > 0, jnp.sqrt(inertia) / jnp.maximum(norm, 1e-30), 0.0)
+    leaf = Clustered(pack(codes, bits), codebook, shape, np.dtype(weight.dtype), bits)
+    stats = {
+        "k": k,
+        "inertia": inertia,
+        "relative_error": relative,
+        "iterations": iterations,
+        "distinct": distinct,
+    }
+    return leaf, stats
+
+
+# Compiled once per shape and options, so eager calls do not retrace the loops;
+# under an outer jit it is simply inlined.
+_cluster_compiled = jax.jit(
+    cluster_array,
+    static_argnames=(
+        "k",
+        "init",
+        "per_channel",
+        "method",
+        "max_iter",
+        "tol",
+        "codebook_dtype",
+    ),
+)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"cluster: {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _replicated(x: jax.Array, reference) -> jax.Array:
+    """Codebooks are tiny and read by every shard: replicate them on the weight's mesh."""
+    if reference is None:
+        return x
+    return place_like(x, jax.sharding.NamedSharding(reference.mesh, jax.sharding.PartitionSpec()))
+
+
+def _placed(leaf: Clustered, reference) -> Clustered:
+    return Clustered(
+        place_like(leaf.indices, reference),
+        _replicated(leaf.codebook, reference),
+        leaf.shape,
+        leaf.dtype,
+        leaf.bits,
+    )
+
+
+def cluster(
+    bits: int | None = None,
+    *,
+    k: int | None = None,
+    init: str = "linear",
+    per_channel: bool = False,
+    method: str = "lloyd",
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    codebook_dtype: jax.typing.DTypeLike = jnp.float32,
+    where: Filter = kernels,
+) -> Transform:
+    """Weight sharing: 1-D k-means of each selected leaf into a codebook and indices.
+
+    Each selected leaf becomes a :class:`~jaxcompress.Clustered` leaf: ``ceil(log2 k)``
+    -bit indices, bit-packed, plus a sorted codebook. A selected
+    :class:`~jaxcompress.Sparse` leaf (from :func:`jaxcompress.prune`) has only its
+    kept values clustered and stays sparse, so its zeros stay exact:
+    ``chain(prune(0.9), cluster(bits=5))`` is Deep Compression's first two stages.
+
+    ``method="lloyd"`` sorts the values once, takes prefix sums, and iterates
+    ``k - 1`` binary searches for the midpoints between centroids plus prefix-sum
+    differences: ``O(k log n)`` per iteration after an ``O(n log n)`` sort. It
+    stops when no centroid moves more than ``tol * (max - min)`` or after
+    ``max_iter`` iterations. An empty cluster never yields NaN: it keeps its
+    centroid, or (one per iteration) moves into the widest populated cluster, which
+    can only lower the error.
+
+    ``method="optimal"`` finds the globally optimal k-means of a weighted version of
+    the data by an exact dynamic program, then polishes with Lloyd on the full data
+    (which only lowers the error). Up to 2048 values the DP runs on the values
+    themselves and the result is exact. Larger leaves are binned into 2048
+    equal-width bins of width ``h``, each standing for its points by their mean;
+    moving every point by at most ``h`` changes the root-mean-square error of any
+    codebook by at most ``h``, so before the polish
+    ``rms_error <= optimal_rms_error + 2 h`` (``h = (max - min) / 2048``). It ignores
+    ``init``. Its DP costs ``O(k * 2048^2)`` time and ``O(2048^2)`` memory.
+
+    A leaf with at most ``k`` distinct values gets those values as its codebook
+    (padded with the largest), so it is reconstructed exactly, and its stats get a
+    ``"note"`` (outside ``jit``).
+
+    Args:
+        bits: index width, 1 to 8; ``k = 2**bits``. Give exactly one of ``bits``, ``k``.
+        k: number of clusters, 2 to 256.
+        init: Lloyd's starting centroids. ``"linear"`` (evenly spaced between min
+            and max, Deep Compression's best), ``"density"`` (evenly spaced
+            quantiles), ``"kmeans++"`` (1-D k-means++ seeding, ``O(n k)``) or
+            ``"random"`` (``k`` values drawn without replacement). The last two need
+            ``key=``.
+        per_channel: one codebook per output channel (the last axis), of shape
+            ``(channels, k)``. Leaves with one dimension use one codebook.
+        method: ``"lloyd"`` or ``"optimal"``.
+        max_iter: most Lloyd iterations.
+        tol: stop when the largest centroid move is at most ``tol * (max - min)``.
+        codebook_dtype: the dtype the codebook is stored in; indices are assigned to
+            the nearest stored centroid.
+        where: which leaves to cluster; by default floating leaves with ndim >= 2.
+
+    Returns:
+        A transform ``tx(params, *, key=None, data=None)`` returning
+        ``(compressed, stats)``; ``stats`` maps each clustered leaf path to
+        ``{"k", "inertia", "relative_error", "iterations", "distinct"}`` (plus
+        ``"note"`` where there is something to say).
+
+    Raises:
+        ValueError: neither or both of ``bits`` and ``k``, ``k`` outside 2..256,
+            ``bits`` outside 1..8, an unknown ``init`` or ``method``, a missing
+            ``key`` for a random init, a selected scalar, empty or non-finite leaf.
+        TypeError: a selected integer leaf, or a compressed leaf other than ``Sparse``.
+
+    Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+        >>> clustered, stats = jax.jit(jc.cluster(bits=4))({"dense": {"kernel": w}})
+        >>> leaf = clustered["dense"]["kernel"]
+        >>> leaf.codebook.shape, leaf.indices.shape, leaf.nbytes  # 64 * 16 + 16 * 4
+        ((16,), (64, 16), 1088)
+        >>> float(stats["dense/kernel"]["relative_error"]) < 0.15
+        True
+        >>> pruned, _ = jc.chain(jc.prune(0.9), jc.cluster(bits=5))({"w": w})
+        >>> type(pruned["w"].values).__name__
+        'Clustered'
+    """
+    if (bits is None) == (k is None):
+        raise ValueError(f"cluster: give exactly one of bits and k, got bits={bits!r}, k={k!r}")
+    if bits is not None:
+        bits = _check_positive_int("bits", bits)
+        if not 1 <= bits <= 8:
+            raise ValueError(f"cluster: bits must be from 1 to 8, got {bits!r}")
+        k = 2**bits
+    k = _check_positive_int("k", k)
+    if not 2 <= k <= 256:
+        raise ValueError(f"cluster: k must be from 2 to 256 (8-bit indices), got k={k!r}")
+    if init not in _INITS:
+        raise ValueError(f"cluster: init must be one of {_INITS}, got {init!r}")
+    if method not in _METHODS:
+        raise ValueError(f"cluster: method must be one of {_METHODS}, got {method!r}")
+    max_iter = _check_positive_int("max_iter", max_iter)
+    if max_iter < 1:
+        raise ValueError(f"cluster: max_iter must be at least 1, got {max_iter!r}")
+    if not isinstance(tol, numbers.Real) or not tol >= 0:
+        raise ValueError(f"cluster: tol must be a non-negative number, got {tol!r}")
+    dtype = np.dtype(codebook_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"cluster: codebook_dtype must be floating, got {dtype.name}")
+    needs_key = method == "lloyd" and init in _KEYED_INITS
+    name = f"cluster(k={k}, init={init}, method={method}, per_channel={per_channel})"
+    options = dict(
+        k=k,
+        init=init,
+        per_channel=per_channel,
+        method=method,
+        max_iter=max_iter,
+        tol=float(tol),
+        codebook_dtype=dtype,
+    )
+
+    def apply(params, *, key=None, data=None):
+        if needs_key and key is None:
+            raise ValueError(f"cluster: init={init!r} draws random centroids; pass key=")
+        selected, entries, treedef = select_leaves(params, where)
+        # Validate every leaf before computing anything.
+        weights = []
+        for entry in selected:
+            leaf = entry.leaf
+            if isinstance(leaf, Sparse):
+                if is_compressed(leaf.values):
+                    raise TypeError(
+                        f"{name}: leaf {entry.path!r} is Sparse with already compressed "
+                        f"values ({type(leaf.values).__name__}); materialize it first"
+                    )
+                weights.append(check_selected_leaf(name, entry.path, leaf.values))
+            elif is_compressed(leaf):
+                raise TypeError(
+                    f"{name}: leaf {entry.path!r} is already compressed "
+                    f"({type(leaf).__name__}); only dense and Sparse leaves can be clustered"
+                )
+            else:
+                weights.append(check_selected_leaf(name, entry.path, leaf))
+        keys = [None] * len(selected) if key is None else list(jax.random.split(key, len(selected)))
+        leaves = [entry.leaf for entry in entries]
+        stats = {}
+        for entry, weight, leaf_key in zip(selected, weights, keys, strict=True):
+            sparse = entry.leaf if isinstance(entry.leaf, Sparse) else None
+            clustered, leaf_stats = _cluster_compiled(
+                weight, **{**options, "per_channel": per_channel and sparse is None}, key=leaf_key
+            )
+            reference = named_sharding_of(weight)
+            clustered = _placed(clustered, reference)
+            if sparse is not None:
+                clustered = Sparse(clustered, sparse.mask, sparse.shape, sparse.dtype)
+            distinct = leaf_stats["distinct"]
+            if not isinstance(distinct, jax.core.Tracer) and int(distinct) < k:
+                leaf_stats["note"] = f"{int(distinct)} distinct values < k={k}: exact codebook"
+            leaves[entry.index] = clustered
+            stats[entry.path] = leaf_stats
+        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+
+    return Transform(apply, name)
