@@ -29,6 +29,15 @@ _KEYED_INITS = ("kmeans++", "random")
 _OPTIMAL_POINTS = 2048
 # Prefix sums are taken in blocks so float32 rounding does not grow with n.
 _BLOCK = 128
+# "lloyd" with a "linear" or "density" init iterates on a histogram of this many
+# equal-width bins once a leaf has more than _HISTOGRAM_MIN values (no sort of n).
+_HISTOGRAM_BINS = 2**14
+_HISTOGRAM_MIN = 4 * _HISTOGRAM_BINS
+_HISTOGRAM_INITS = ("linear", "density")
+# Assigning n values to k centroids: a lookup table of this many bins gives each
+# value the boundaries below its bin, then at most _ASSIGN_SPAN comparisons finish.
+_ASSIGN_BINS = 2048
+_ASSIGN_SPAN = 2
 
 
 def _sort_floats(x: jax.Array) -> jax.Array:
@@ -70,17 +79,52 @@ def _segment_edges(sorted_y: jax.Array, centroids: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros((1,), jnp.int32), inner, jnp.full((1,), n, jnp.int32)])
 
 
+def _bin_edges(
+    points: jax.Array, centroids: jax.Array, grid: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+    """Like :func:`_segment_edges` for histogram bin means (``O(k)``, no search).
+
+    The bins below a boundary's bin lie below it; its own bin goes to the side its
+    mean is on (rounding at bin edges may move a bin's mass to its neighbor's side).
+    """
+    bins = points.shape[0]
+    start, width = grid
+    boundaries = (centroids[:-1] + centroids[1:]) * 0.5
+    which = jnp.clip(jnp.floor((boundaries - start) / width), 0, bins - 1).astype(jnp.int32)
+    inner = which + (points[which] < boundaries).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), inner, jnp.full((1,), bins, jnp.int32)])
+
+
 def _lloyd(
-    sorted_y: jax.Array, prefix: jax.Array, init: jax.Array, max_iter: int, tol: jax.Array
+    sorted_y: jax.Array,
+    prefix: jax.Array,
+    init: jax.Array,
+    max_iter: int,
+    tol: jax.Array,
+    weight_prefix: jax.Array | None = None,
+    grid: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """1-D Lloyd on sorted data; returns sorted centroids and the iteration count."""
+    """1-D Lloyd on sorted data; returns sorted centroids and the iteration count.
+
+    ``prefix`` holds prefix sums of the (weighted) values; with ``weight_prefix``
+    (prefix sums of the weights) the points are weighted, else each counts once.
+    With ``grid = (y0, w)``, point ``j`` lies in ``[y0 + j w, y0 + (j + 1) w]`` (the bin
+    means of :func:`_histogram`), so a boundary's run edge is found by arithmetic
+    instead of a binary search.
+    """
 
     n = sorted_y.shape[0]
 
     def step(state):
         centroids, iteration, _ = state
-        edges = _segment_edges(sorted_y, centroids)
-        counts = (edges[1:] - edges[:-1]).astype(sorted_y.dtype)
+        if grid is None:
+            edges = _segment_edges(sorted_y, centroids)
+        else:
+            edges = _bin_edges(sorted_y, centroids, grid)
+        if weight_prefix is None:
+            counts = (edges[1:] - edges[:-1]).astype(sorted_y.dtype)
+        else:
+            counts = weight_prefix[edges[1:]] - weight_prefix[edges[:-1]]
         sums = prefix[edges[1:]] - prefix[edges[:-1]]
         # An empty cluster keeps its old centroid instead of becoming 0 / 0 ...
         means = sums / jnp.maximum(counts, 1.0)
@@ -223,7 +267,7 @@ def _exact_codebook(sorted_x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(jnp.isinf(smallest), sorted_x[-1], smallest), distinct
 
 
-def _fit(
+def _fit_sorted(
     x: jax.Array,
     key: jax.Array | None,
     *,
@@ -234,7 +278,7 @@ def _fit(
     tol: float,
     codebook_dtype: np.dtype,
 ):
-    """Clusters the 1-D float32 array ``x``; returns codebook, iterations, distinct count."""
+    """Clusters the 1-D float32 array ``x`` on its sorted values (exact prefix sums)."""
     sorted_x = _sort_floats(x)
     n = sorted_x.shape[0]
     # Work around the median so prefix sums stay small relative to cluster means.
@@ -252,6 +296,144 @@ def _fit(
     # Fewer distinct values than k: store them all, so every value is exact.
     codebook = jnp.where(distinct <= k, exact, centroids).astype(codebook_dtype)
     return jnp.sort(codebook), iterations, distinct
+
+
+def _histogram(x: jax.Array, bins: int):
+    """Equal-width histogram of ``x`` in one pass: each bin's mean and count.
+
+    Returns ``(points, counts, low, high, width)``: the bins' means (an empty bin
+    gets its center, so ``points`` is sorted), their counts, the data's min and
+    max, and the bin width.
+    Means are kept as offsets within their bin, so they are accurate to float32
+    rounding of the bin width rather than of the values.
+    """
+    low, high = jnp.min(x), jnp.max(x)
+    width = jnp.maximum(high - low, jnp.finfo(x.dtype).tiny) / bins
+    position = (x - low) / width
+    which = jnp.clip(jnp.floor(position), 0, bins - 1)
+    offset = jnp.clip(position - which, 0.0, 1.0)
+    which = which.astype(jnp.int32)
+    counts = jax.ops.segment_sum(jnp.ones_like(x), which, bins)
+    offsets = jax.ops.segment_sum(offset, which, bins)
+    within = jnp.where(counts > 0, offsets / jnp.maximum(counts, 1.0), 0.5)
+    points = low + (jnp.arange(bins, dtype=x.dtype) + within) * width
+    return points, counts, low, high, width
+
+
+def _fit_histogram(
+    x: jax.Array,
+    key: jax.Array | None,
+    *,
+    k: int,
+    init: str,
+    method: str,
+    max_iter: int,
+    tol: float,
+    codebook_dtype: np.dtype,
+):
+    """Lloyd on a fine histogram of ``x``, then one exact Lloyd step on all of ``x``.
+
+    ``O(n)`` for the histogram, ``O(k log B)`` per iteration on the ``B`` bins, and
+    ``O(n)`` for the exact step; nothing sorts the ``n`` values. A leaf whose
+    histogram has at most ``k`` occupied bins may have at most ``k`` distinct values
+    and goes to :func:`_fit_sorted`, which gives those an exact codebook.
+    """
+    del method  # always "lloyd" here
+    bins = _HISTOGRAM_BINS
+    points, counts, low, high, width = _histogram(x, bins)
+    occupied = jnp.sum(counts > 0, dtype=jnp.int32)
+
+    def binned(x):
+        shift = (low + high) * 0.5
+        y = points - shift
+        prefix = _prefix_sum(counts * y)
+        weight_prefix = _prefix_sum(counts)
+        if init == "linear":
+            # Identical to the sorted path: evenly spaced between the data's min and max.
+            steps = jnp.arange(k, dtype=y.dtype) / (k - 1)
+            start = (low - shift) + (high - low) * steps
+        else:
+            # The (i + 1/2)/k quantiles, each as the mean of the bin holding that rank.
+            n = x.shape[0]
+            quantile = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
+            rank = jnp.round(quantile * (n - 1))
+            cumulative = weight_prefix[1:]
+            start = y[jnp.clip(jnp.searchsorted(cumulative, rank, side="right"), 0, bins - 1)]
+        tolerance = tol * (high - low)
+        grid = (low - shift, width)
+        centroids, iterations = _lloyd(y, prefix, start, max_iter, tolerance, weight_prefix, grid)
+        centroids = centroids + shift
+
+        # One exact Lloyd step on all values: assign, then each cluster's exact mean.
+        # Both halves can only lower the error of the binned centroids.
+        codes = _assign_fast(x, centroids, low, high).astype(jnp.int32)
+        sums = jax.ops.segment_sum(x - shift, codes, k)
+        sizes = jax.ops.segment_sum(jnp.ones_like(x), codes, k)
+        means = jnp.where(sizes > 0, sums / jnp.maximum(sizes, 1.0) + shift, centroids)
+        return jnp.sort(jnp.sort(means).astype(codebook_dtype)), iterations, occupied
+
+    def exact(x):
+        return _fit_sorted(
+            x,
+            key,
+            k=k,
+            init=init,
+            method="lloyd",
+            max_iter=max_iter,
+            tol=tol,
+            codebook_dtype=codebook_dtype,
+        )
+
+    return jax.lax.cond(occupied <= k, exact, binned, x)
+
+
+def _uses_histogram(n: int, method: str, init: str) -> bool:
+    return method == "lloyd" and init in _HISTOGRAM_INITS and n > _HISTOGRAM_MIN
+
+
+def _fit(x: jax.Array, key: jax.Array | None, *, histogram: bool | None = None, **options):
+    """Clusters the 1-D float32 array ``x``; returns codebook, iterations, distinct count.
+
+    ``histogram=None`` picks the histogram path for large leaves (see :func:`cluster`).
+    """
+    if histogram is None:
+        histogram = _uses_histogram(x.shape[0], options["method"], options["init"])
+    return (_fit_histogram if histogram else _fit_sorted)(x, key, **options)
+
+
+def _assign_fast(
+    values: jax.Array, centroids: jax.Array, low: jax.Array, high: jax.Array
+) -> jax.Array:
+    """Nearest of the sorted ``centroids`` for each value, in ``O(n)``; int32.
+
+    Exactly ``searchsorted(midpoints, values, side="right")``: a table over
+    ``_ASSIGN_BINS`` equal-width bins of ``[low, high]`` holds how many midpoints lie
+    surely below each bin, and ``_ASSIGN_SPAN`` comparisons add those inside it.
+    Where some bin holds more midpoints than that, it falls back to a binary search.
+    """
+    centroids = centroids.astype(jnp.float32)
+    boundaries = (centroids[:-1] + centroids[1:]) * 0.5
+    bins, span = _ASSIGN_BINS, _ASSIGN_SPAN
+    width = jnp.maximum(high - low, jnp.finfo(jnp.float32).tiny) / bins
+    edges = low + jnp.arange(bins + 1, dtype=jnp.float32) * width
+    # A margin covers rounding in the bin index of values near an edge.
+    margin = width * 0.01
+    below = jnp.searchsorted(boundaries, edges[:-1] - margin, side="left").astype(jnp.int32)
+    upto = jnp.searchsorted(boundaries, edges[1:] + margin, side="right").astype(jnp.int32)
+    padded = jnp.concatenate([boundaries, jnp.full((span,), jnp.inf, jnp.float32)])
+
+    def table(values):
+        which = jnp.clip(jnp.floor((values - low) / width), 0, bins - 1).astype(jnp.int32)
+        base = below[which]
+        code = base
+        for step in range(span):
+            code = code + (values >= padded[base + step]).astype(jnp.int32)
+        return code
+
+    def search(values):
+        return jnp.searchsorted(boundaries, values, side="right").astype(jnp.int32)
+
+    return jax.lax.cond(jnp.max(upto - below) <= span, table, search, values)
 
 
 def _assign(values: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -316,8 +498,13 @@ def cluster_array(
         approx = codebook.astype(jnp.float32)[channel[None, :], flat].reshape(shape)
         iterations, distinct = jnp.max(iterations), jnp.min(distinct)
     else:
-        codebook, iterations, distinct = fit(values.reshape(-1), key)
-        codes = _assign(values, codebook)
+        flat = values.reshape(-1)
+        codebook, iterations, distinct = fit(flat, key)
+        if _uses_histogram(flat.shape[0], method, init):
+            low, high = jnp.min(flat), jnp.max(flat)
+            codes = _assign_fast(flat, codebook, low, high).astype(jnp.uint8).reshape(shape)
+        else:
+            codes = _assign(values, codebook)
         approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
     inertia = jnp.sum(jnp.square(values - approx))
     norm = jnp.sqrt(jnp.sum(jnp.square(values)))
@@ -399,6 +586,15 @@ def cluster(
     ``max_iter`` iterations. An empty cluster never yields NaN: it keeps its
     centroid, or (one per iteration) moves into the widest populated cluster, which
     can only lower the error.
+
+    Leaves of more than 65536 values with a ``"linear"`` or ``"density"`` init skip
+    the sort: one pass bins them into ``B = 16384`` equal-width bins of width
+    ``h = (max - min) / B``, Lloyd runs on the bins' means (weighted by their
+    counts), then one exact Lloyd step on all values (assign, exact cluster means)
+    and the final assignment. Each value is within ``h`` of its bin's mean, so the
+    binned codebook's root-mean-square error on the data is at most its error on
+    the bins plus ``h``; the exact step and reassignment can only lower it. Its
+    ``"distinct"`` stat is then the number of occupied bins (a lower bound, > k).
 
     ``method="optimal"`` finds the globally optimal k-means of a weighted version of
     the data by an exact dynamic program, then polishes with Lloyd on the full data

@@ -103,9 +103,20 @@ def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
         codes = _encode(v, scale, zero, bits)
         return jnp.sum(jnp.square(_decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
 
-    # Batched so memory stays a few copies of the weight, not one per candidate.
-    errors = jax.lax.map(error, jnp.asarray(_MSE_RATIOS), batch_size=10)
-    return jnp.asarray(_MSE_RATIOS)[jnp.argmin(errors, axis=0)]
+    ratios = jnp.asarray(_MSE_RATIOS)
+
+    # A running best per group: memory stays a few copies of the weight, and the
+    # carry is shaped like the scales, so it shards like them (lax.map's stacked
+    # errors do not, under Explicit mesh axes).
+    def consider(i, best):
+        best_error, best_ratio = best
+        candidate = error(ratios[i])
+        better = candidate < best_error  # strict: ties keep the larger ratio
+        return jnp.where(better, candidate, best_error), jnp.where(better, ratios[i], best_ratio)
+
+    first = error(ratios[0])
+    start = (first, jnp.full(first.shape, ratios[0], first.dtype))
+    return jax.lax.fori_loop(1, ratios.shape[0], consider, start)[1]
 
 
 def quantize_view(

@@ -1,6 +1,7 @@
 """cluster: codebook/indices invariants, Lloyd and optimal k-means, exactness, inits,
 Sparse nesting, per-channel, jit, linen/nnx, sharding, bad input, properties."""
 
+import importlib
 import math
 
 import hypothesis.extra.numpy as hnp
@@ -312,3 +313,51 @@ def test_property_codebook_size_indices_and_error(w, bits):
     assert error <= linear * (1 + 1e-4) + 1e-3
     if len(np.unique(w)) <= k:
         np.testing.assert_array_equal(leaf.materialize(), weight)
+
+
+@pytest.mark.parametrize("k", [16, 256])
+def test_histogram_path_on_large_leaves(k):
+    cluster_module = importlib.import_module("jaxcompress.cluster")
+
+    rng = np.random.default_rng(k)
+    # Above the histogram threshold: a Gaussian with a small far cluster.
+    n = cluster_module._HISTOGRAM_MIN + 4096
+    x = np.concatenate([rng.standard_normal(n - 2000), rng.normal(9.0, 0.2, 2000)])
+    x = rng.permutation(x).astype(np.float32)
+    w = jnp.asarray(x.reshape(-1, 64))
+    clustered, stats = jax.jit(jc.cluster(k=k))({"w": w})
+    leaf = clustered["w"]
+    _check_leaf(leaf, w, k)
+    codebook = np.asarray(leaf.codebook, np.float64)
+    assert np.isfinite(codebook).all() and (np.diff(codebook) >= 0).all()
+    # Every value goes to its nearest centroid, and the inertia is exact.
+    distance = np.abs(x.astype(np.float64)[:, None] - codebook[None, :])
+    chosen = distance[np.arange(x.size), np.asarray(leaf.codes()).reshape(-1)]
+    np.testing.assert_allclose(chosen, distance.min(axis=1), rtol=0, atol=1e-6)
+    inertia = float(stats["w"]["inertia"])
+    dense = np.asarray(leaf.materialize(), np.float64).reshape(-1)
+    np.testing.assert_allclose(inertia, ((dense - x) ** 2).sum(), rtol=1e-4)
+    # Never above the linear init; and within the stated bound of the sorted path:
+    # rms <= (rms of the binned solution) + h, which here stays within h of sorted Lloyd.
+    assert inertia <= _linear_init_sse(w, k) * (1 + 1e-6)
+    options = dict(
+        k=k, init="linear", method="lloyd", max_iter=1000, tol=1e-6, codebook_dtype=np.float32
+    )
+    sorted_codebook = jax.jit(
+        lambda v: cluster_module._fit(v, None, histogram=False, **options)[0]
+    )(jnp.asarray(x))
+    sorted_sse = _init_sse(w, sorted_codebook)
+    h = (x.max() - x.min()) / cluster_module._HISTOGRAM_BINS
+    assert math.sqrt(inertia / x.size) <= math.sqrt(sorted_sse / x.size) + h
+    assert int(stats["w"]["iterations"]) >= 1 and int(stats["w"]["distinct"]) > k
+
+
+def test_histogram_path_falls_back_to_an_exact_codebook():
+    cluster_module = importlib.import_module("jaxcompress.cluster")
+
+    n = cluster_module._HISTOGRAM_MIN + 64
+    values = np.array([-1.5, 0.25, 0.5, 7.0], np.float32)
+    w = jnp.asarray(np.resize(values, n).reshape(-1, 64))
+    clustered, stats = jc.cluster(k=16)({"w": w})
+    np.testing.assert_array_equal(clustered["w"].materialize(), w)
+    assert stats["w"]["note"] == "4 distinct values < k=16: exact codebook"

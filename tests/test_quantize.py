@@ -238,6 +238,25 @@ def test_sharded_inputs_equal_unsharded(mesh8, spec, options):
     np.testing.assert_array_equal(jitted["a"]["kernel"], jc.materialize(want)["a"]["kernel"])
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(bits=8), dict(bits=4, group_size=128), dict(bits=4, calibration="mse")],
+)
+def test_jitted_quantize_on_a_sharded_weight_never_gathers_it(mesh8, options):
+    # 512 x 1024 over a 4 x 2 mesh: a full-size all-gather would show as f32[512,1024]
+    # (or its 524288-element flattening) in the compiled program.
+    weight = _weight((512, 1024))
+    sharded = jax.device_put({"w": weight}, NamedSharding(mesh8, P("data", "model")))
+    tx = jc.quantize(**options)
+    compiled = jax.jit(tx).lower(sharded).compile().as_text()
+    gathers = [line for line in compiled.splitlines() if "all-gather(" in line]
+    assert not [line for line in gathers if "[512,1024]" in line or "[524288]" in line]
+    got, _ = jax.jit(tx)(sharded)
+    want, _ = tx({"w": weight})
+    np.testing.assert_array_equal(got["w"].codes, want["w"].codes)
+    np.testing.assert_array_equal(got["w"].scale, want["w"].scale)
+
+
 @pytest.mark.parametrize("options", [dict(axis=None), dict(group_size=128), dict(axis=-1)])
 def test_prune_then_quantize_keeps_zeros_exact(options):
     weight = _weight()

@@ -51,8 +51,12 @@ def to_groups(x: jax.Array, axis: int | None, group_size: int | None) -> jax.Arr
     """
     groups, size, channels = group_layout(tuple(x.shape), axis, group_size)
     moved = x if axis is None else jnp.moveaxis(x, axis, -1)
-    # Merging axes across a sharded dimension is refused with Explicit mesh axes.
-    return unsharded(moved).reshape(groups, size, channels)
+    try:
+        return moved.reshape(groups, size, channels)
+    except Exception:  # jax raises a private ShardingTypeError here
+        # Explicit mesh axes refuse a reshape that splits or merges a sharded dimension
+        # unevenly; then the leaf is replicated first (a gather).
+        return unsharded(moved).reshape(groups, size, channels)
 
 
 def from_groups(x: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
