@@ -9,11 +9,13 @@ iteration into ``k - 1`` binary searches: ``O(k log n)`` per iteration, never an
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, PartitionSpec
 
 from jaxcompress._validate import check_selected_leaf
 from jaxcompress.arrays import Clustered, Sparse, is_compressed
@@ -298,26 +300,144 @@ def _fit_sorted(
     return jnp.sort(codebook), iterations, distinct
 
 
+def _split_over(x: jax.Array):
+    """``(mesh, spec, axes)`` where ``x``'s type is split over ``Explicit`` mesh axes, else None.
+
+    Under ``jit`` only ``Explicit`` axes show in a traced array's type; ``Auto``
+    shardings are left to XLA's partitioner.
+    """
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return None
+    axes = []
+    for entry in sharding.spec:
+        if entry is not None:
+            axes.extend(entry if isinstance(entry, tuple) else (entry,))
+    if not axes:
+        return None
+    return mesh, sharding.spec, tuple(axes)
+
+
+def _reduce_blocks(fn, x: jax.Array, *operands: jax.Array):
+    """``fn(x, *operands)`` for an ``fn`` returning ``(sums, mins, maxs)`` reductions of ``x``.
+
+    Each is a tuple of arrays that sum (or take the min or max) over ``x``'s
+    entries. Where ``x`` is split over ``Explicit`` mesh axes, every shard reduces
+    its own block and ``psum``/``pmin``/``pmax`` combine them: the weight is never
+    gathered (jax refuses a scatter into a sharded operand there anyway). Otherwise
+    ``fn`` sees all of ``x`` and XLA partitions it, as it does for ``Auto`` meshes.
+    The ``operands`` (small, replicated) are passed to every shard whole.
+    """
+    split = _split_over(x)
+    if split is None:
+        return fn(x, *operands)
+    mesh, spec, axes = split
+
+    def local(block, *operands):
+        sums, mins, maxs = fn(block, *operands)
+        return (
+            jax.lax.psum(sums, axes),
+            jax.lax.pmin(mins, axes),
+            jax.lax.pmax(maxs, axes),
+        )
+
+    in_specs = (spec,) + (PartitionSpec(),) * len(operands)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec())(
+        x, *operands
+    )
+
+
+def _bin_of(x: jax.Array, low: jax.Array, width: jax.Array, bins: int):
+    """Each value's bin (int32, shaped like ``x``) and its offset within it (0 to 1)."""
+    position = (x - low) / width
+    which = jnp.clip(jnp.floor(position), 0, bins - 1)
+    offset = jnp.clip(position - which, 0.0, 1.0)
+    return which.astype(jnp.int32), offset
+
+
 def _histogram(x: jax.Array, bins: int):
-    """Equal-width histogram of ``x`` in one pass: each bin's mean and count.
+    """Equal-width histogram of ``x`` (any shape) in one pass: each bin's mean and count.
 
     Returns ``(points, counts, low, high, width)``: the bins' means (an empty bin
     gets its center, so ``points`` is sorted), their counts, the data's min and
     max, and the bin width.
     Means are kept as offsets within their bin, so they are accurate to float32
-    rounding of the bin width rather than of the values.
+    rounding of the bin width rather than of the values. ``x`` is never flattened:
+    a sharded ``x`` is binned shard by shard (:func:`_reduce_blocks`).
     """
     low, high = jnp.min(x), jnp.max(x)
     width = jnp.maximum(high - low, jnp.finfo(x.dtype).tiny) / bins
-    position = (x - low) / width
-    which = jnp.clip(jnp.floor(position), 0, bins - 1)
-    offset = jnp.clip(position - which, 0.0, 1.0)
-    which = which.astype(jnp.int32)
-    counts = jax.ops.segment_sum(jnp.ones_like(x), which, bins)
-    offsets = jax.ops.segment_sum(offset, which, bins)
+
+    def block_sums(block, low, width):
+        which, offset = _bin_of(block, low, width, bins)
+        # Counts and offsets in one scatter (one pass over the values).
+        both = jnp.stack([jnp.ones_like(block), offset], axis=-1)
+        sums = jnp.zeros((bins, 2), block.dtype).at[which].add(both, mode="promise_in_bounds")
+        return (sums[:, 0], sums[:, 1]), (), ()
+
+    (counts, offsets), _, _ = _reduce_blocks(block_sums, x, low, width)
     within = jnp.where(counts > 0, offsets / jnp.maximum(counts, 1.0), 0.5)
     points = low + (jnp.arange(bins, dtype=x.dtype) + within) * width
     return points, counts, low, high, width
+
+
+def _bin_ranges(x: jax.Array, low: jax.Array, width: jax.Array, bins: int):
+    """Each bin's smallest and largest value (``inf`` and ``-inf`` where empty)."""
+
+    def block_ranges(block, low, width):
+        which, _ = _bin_of(block, low, width, bins)
+        smallest = jnp.full((bins,), jnp.inf, block.dtype)
+        largest = jnp.full((bins,), -jnp.inf, block.dtype)
+        smallest = smallest.at[which].min(block, mode="promise_in_bounds")
+        largest = largest.at[which].max(block, mode="promise_in_bounds")
+        return (), (smallest,), (largest,)
+
+    _, (smallest,), (largest,) = _reduce_blocks(block_ranges, x, low, width)
+    return smallest, largest
+
+
+def _cluster_sums(x: jax.Array, centroids: jax.Array, low, high, shift):
+    """Each value's nearest centroid; per cluster the sum of ``x - shift`` and the count."""
+    k = centroids.shape[0]
+
+    def block_sums(block, centroids, low, high, shift):
+        codes = _assign_fast(block, centroids, low, high)
+        # Sums and counts in one scatter (one pass over the values).
+        both = jnp.stack([block - shift, jnp.ones_like(block)], axis=-1)
+        sums = jnp.zeros((k, 2), block.dtype).at[codes].add(both, mode="promise_in_bounds")
+        return (sums[:, 0], sums[:, 1]), (), ()
+
+    (sums, sizes), _, _ = _reduce_blocks(block_sums, x, centroids, low, high, shift)
+    return sums, sizes
+
+
+def _assign_blocks(x: jax.Array, codebook: jax.Array, low: jax.Array, high: jax.Array):
+    """Nearest codebook index of each value (uint8, shaped and sharded like ``x``) and the
+    squared error of the clustered ``x``; shard by shard where ``x`` is split over
+    ``Explicit`` mesh axes (jax refuses a table lookup indexed by a sharded array there)."""
+
+    def assign(block, codebook, low, high):
+        codes = _assign_fast(block, codebook, low, high)
+        approx = jnp.take(codebook.astype(jnp.float32), codes)
+        return codes.astype(jnp.uint8), jnp.sum(jnp.square(block - approx))
+
+    split = _split_over(x)
+    if split is None:
+        return assign(x, codebook, low, high)
+    mesh, spec, axes = split
+
+    def local(block, codebook, low, high):
+        codes, error = assign(block, codebook, low, high)
+        return codes, jax.lax.psum(error, axes)
+
+    replicated = PartitionSpec()
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec, replicated, replicated, replicated),
+        out_specs=(spec, replicated),
+    )(x, codebook, low, high)
 
 
 def _fit_histogram(
@@ -334,14 +454,36 @@ def _fit_histogram(
     """Lloyd on a fine histogram of ``x``, then one exact Lloyd step on all of ``x``.
 
     ``O(n)`` for the histogram, ``O(k log B)`` per iteration on the ``B`` bins, and
-    ``O(n)`` for the exact step; nothing sorts the ``n`` values. A leaf whose
-    histogram has at most ``k`` occupied bins may have at most ``k`` distinct values
-    and goes to :func:`_fit_sorted`, which gives those an exact codebook.
+    ``O(n)`` for the exact step; nothing sorts, flattens or gathers the ``n``
+    values, which may have any shape and sharding (see :func:`_reduce_blocks`).
+
+    Exact codebooks come from the histogram alone: when at most ``k`` bins are
+    occupied and each holds a single value (its min equals its max), those values
+    are all the distinct values, and they (sorted, padded with the largest) are
+    the codebook. Distinct values that share a bin (closer than
+    ``(max - min) / B``) go through the binned Lloyd instead.
     """
-    del method  # always "lloyd" here
+    del key, method  # always "lloyd" with a deterministic init here
     bins = _HISTOGRAM_BINS
     points, counts, low, high, width = _histogram(x, bins)
     occupied = jnp.sum(counts > 0, dtype=jnp.int32)
+
+    def single_valued(x):
+        # Only worth a pass over x when few bins are occupied.
+        smallest, largest = _bin_ranges(x, low, width, bins)
+        return jnp.all((counts == 0) | (smallest == largest)), smallest
+
+    def not_single_valued(x):
+        return jnp.zeros((), jnp.bool_), jnp.full((bins,), jnp.inf, x.dtype)
+
+    exact, smallest = jax.lax.cond(occupied <= k, single_valued, not_single_valued, x)
+
+    def distinct_values(x):
+        del x
+        which = jnp.nonzero(counts > 0, size=k, fill_value=bins - 1)[0]
+        found = jnp.arange(k, dtype=jnp.int32) < occupied
+        codebook = jnp.where(found, smallest[which], high).astype(codebook_dtype)
+        return jnp.sort(codebook), jnp.zeros((), jnp.int32)
 
     def binned(x):
         shift = (low + high) * 0.5
@@ -354,7 +496,7 @@ def _fit_histogram(
             start = (low - shift) + (high - low) * steps
         else:
             # The (i + 1/2)/k quantiles, each as the mean of the bin holding that rank.
-            n = x.shape[0]
+            n = x.size
             quantile = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
             rank = jnp.round(quantile * (n - 1))
             cumulative = weight_prefix[1:]
@@ -366,25 +508,12 @@ def _fit_histogram(
 
         # One exact Lloyd step on all values: assign, then each cluster's exact mean.
         # Both halves can only lower the error of the binned centroids.
-        codes = _assign_fast(x, centroids, low, high).astype(jnp.int32)
-        sums = jax.ops.segment_sum(x - shift, codes, k)
-        sizes = jax.ops.segment_sum(jnp.ones_like(x), codes, k)
+        sums, sizes = _cluster_sums(x, centroids, low, high, shift)
         means = jnp.where(sizes > 0, sums / jnp.maximum(sizes, 1.0) + shift, centroids)
-        return jnp.sort(jnp.sort(means).astype(codebook_dtype)), iterations, occupied
+        return jnp.sort(jnp.sort(means).astype(codebook_dtype)), iterations
 
-    def exact(x):
-        return _fit_sorted(
-            x,
-            key,
-            k=k,
-            init=init,
-            method="lloyd",
-            max_iter=max_iter,
-            tol=tol,
-            codebook_dtype=codebook_dtype,
-        )
-
-    return jax.lax.cond(occupied <= k, exact, binned, x)
+    codebook, iterations = jax.lax.cond(exact, distinct_values, binned, x)
+    return codebook, iterations, occupied
 
 
 def _uses_histogram(n: int, method: str, init: str) -> bool:
@@ -392,12 +521,13 @@ def _uses_histogram(n: int, method: str, init: str) -> bool:
 
 
 def _fit(x: jax.Array, key: jax.Array | None, *, histogram: bool | None = None, **options):
-    """Clusters the 1-D float32 array ``x``; returns codebook, iterations, distinct count.
+    """Clusters the float32 array ``x``; returns codebook, iterations, distinct count.
 
     ``histogram=None`` picks the histogram path for large leaves (see :func:`cluster`).
+    The sorted path needs ``x`` 1-D; the histogram path takes any shape.
     """
     if histogram is None:
-        histogram = _uses_histogram(x.shape[0], options["method"], options["init"])
+        histogram = _uses_histogram(x.size, options["method"], options["init"])
     return (_fit_histogram if histogram else _fit_sorted)(x, key, **options)
 
 
@@ -469,8 +599,12 @@ def cluster_array(
         >>> [round(c, 3) for c in leaf.codebook.tolist()], int(stats["iterations"]) > 0
         ([0.05, 2.05], True)
     """
-    weight = unsharded(weight)
     shape = tuple(weight.shape)
+    per_channel = per_channel and len(shape) >= 2
+    histogram = not per_channel and _uses_histogram(math.prod(shape), method, init)
+    if not histogram:
+        # Sorting (and per-channel regrouping) needs the leaf in one piece.
+        weight = unsharded(weight)
     values = weight.astype(jnp.float32)
     bits = max(1, (k - 1).bit_length())
     fit = functools.partial(
@@ -482,7 +616,7 @@ def cluster_array(
         tol=tol,
         codebook_dtype=np.dtype(codebook_dtype),
     )
-    if per_channel and len(shape) >= 2:
+    if per_channel:
         channels = values.reshape(-1, shape[-1]).T
         keys = None if key is None else jax.random.split(key, shape[-1])
         if method == "optimal":
@@ -497,16 +631,17 @@ def cluster_array(
         flat = codes.reshape(-1, shape[-1]).astype(jnp.int32)
         approx = codebook.astype(jnp.float32)[channel[None, :], flat].reshape(shape)
         iterations, distinct = jnp.max(iterations), jnp.min(distinct)
+    elif histogram:
+        # Kept in its own shape (and sharding): nothing here flattens or gathers it.
+        codebook, iterations, distinct = fit(values, key, histogram=True)
+        low, high = jnp.min(values), jnp.max(values)
+        codes, inertia = _assign_blocks(values, codebook, low, high)
     else:
-        flat = values.reshape(-1)
-        codebook, iterations, distinct = fit(flat, key)
-        if _uses_histogram(flat.shape[0], method, init):
-            low, high = jnp.min(flat), jnp.max(flat)
-            codes = _assign_fast(flat, codebook, low, high).astype(jnp.uint8).reshape(shape)
-        else:
-            codes = _assign(values, codebook)
+        codebook, iterations, distinct = fit(values.reshape(-1), key, histogram=False)
+        codes = _assign(values, codebook)
         approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
-    inertia = jnp.sum(jnp.square(values - approx))
+    if not histogram:
+        inertia = jnp.sum(jnp.square(values - approx))
     norm = jnp.sqrt(jnp.sum(jnp.square(values)))
     relative = jnp.where(norm > 0, jnp.sqrt(inertia) / jnp.maximum(norm, 1e-30), 0.0)
     leaf = Clustered(pack(codes, bits), codebook, shape, np.dtype(weight.dtype), bits)
@@ -594,7 +729,13 @@ def cluster(
     and the final assignment. Each value is within ``h`` of its bin's mean, so the
     binned codebook's root-mean-square error on the data is at most its error on
     the bins plus ``h``; the exact step and reassignment can only lower it. Its
-    ``"distinct"`` stat is then the number of occupied bins (a lower bound, > k).
+    ``"distinct"`` stat is then the number of occupied bins (a lower bound). This
+    path keeps the leaf in its shape and never gathers a sharded leaf: on
+    ``Explicit`` mesh axes each shard bins its block and ``psum``/``pmin``/``pmax``
+    combine them; ``Auto`` shardings are partitioned by XLA. Its codes come out
+    sharded like the leaf. (Partitioned sums round differently, so a sharded leaf's
+    codebook matches an unsharded run's to float32 rounding.) Per-channel codebooks
+    and the sorted path reshard a sharded leaf to replicated first.
 
     ``method="optimal"`` finds the globally optimal k-means of a weighted version of
     the data by an exact dynamic program, then polishes with Lloyd on the full data
@@ -608,7 +749,10 @@ def cluster(
 
     A leaf with at most ``k`` distinct values gets those values as its codebook
     (padded with the largest), so it is reconstructed exactly, and its stats get a
-    ``"note"`` (outside ``jit``).
+    ``"note"`` (outside ``jit``). On the histogram path this is decided from the
+    histogram alone: at most ``k`` occupied bins, each holding a single value
+    (``"iterations"`` is then 0). Distinct values closer than ``h`` can share a bin;
+    such a leaf gets the binned Lloyd codebook instead, which need not be exact.
 
     Args:
         bits: index width, 1 to 8; ``k = 2**bits``. Give exactly one of ``bits``, ``k``.

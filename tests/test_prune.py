@@ -200,7 +200,9 @@ def test_already_compressed_leaf_is_refused():
 @st.composite
 def _weights(draw):
     shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
-    elements = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
+    elements = st.floats(
+        -1e3, 1e3, allow_nan=False, allow_infinity=False, width=32, allow_subnormal=False
+    )
     return draw(hnp.arrays(np.float32, shape, elements=elements))
 
 
