@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.arrays import is_compressed
+from jaxcompress.arrays import Sparse, is_compressed
 
 
 def is_traced(x: Any) -> bool:
@@ -41,3 +41,20 @@ def check_selected_leaf(transform: str, path: str, leaf: Any) -> jax.Array:
     if not is_traced(leaf) and not bool(jnp.isfinite(leaf).all()):
         raise ValueError(f"{transform}: leaf {path!r} contains NaN or Inf values")
     return leaf
+
+
+def check_values_to_compress(transform: str, path: str, leaf: Any) -> jax.Array:
+    """The array a value compressor (quantize, cluster) works on, checked.
+
+    A dense leaf is checked as it is; for a ``Sparse`` leaf its kept values are, so
+    the zeros stay exact. Any other compressed leaf, or a ``Sparse`` whose values are
+    already compressed, is refused with a ``TypeError`` naming the path.
+    """
+    if isinstance(leaf, Sparse):
+        if is_compressed(leaf.values):
+            raise TypeError(
+                f"{transform}: leaf {path!r} is Sparse with already compressed values "
+                f"({type(leaf.values).__name__}); materialize it first"
+            )
+        return check_selected_leaf(transform, path, leaf.values)
+    return check_selected_leaf(transform, path, leaf)

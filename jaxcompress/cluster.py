@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec
 
-from jaxcompress._validate import check_selected_leaf
-from jaxcompress.arrays import Clustered, Sparse, is_compressed
+from jaxcompress._validate import check_values_to_compress
+from jaxcompress.arrays import Clustered, Sparse
 from jaxcompress.bitpack import pack
 from jaxcompress.filters import Filter, kernels
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
@@ -837,23 +837,7 @@ def cluster(
             raise ValueError(f"cluster: init={init!r} draws random centroids; pass key=")
         selected, entries, treedef = select_leaves(params, where)
         # Validate every leaf before computing anything.
-        weights = []
-        for entry in selected:
-            leaf = entry.leaf
-            if isinstance(leaf, Sparse):
-                if is_compressed(leaf.values):
-                    raise TypeError(
-                        f"{name}: leaf {entry.path!r} is Sparse with already compressed "
-                        f"values ({type(leaf.values).__name__}); materialize it first"
-                    )
-                weights.append(check_selected_leaf(name, entry.path, leaf.values))
-            elif is_compressed(leaf):
-                raise TypeError(
-                    f"{name}: leaf {entry.path!r} is already compressed "
-                    f"({type(leaf).__name__}); only dense and Sparse leaves can be clustered"
-                )
-            else:
-                weights.append(check_selected_leaf(name, entry.path, leaf))
+        weights = [check_values_to_compress(name, entry.path, entry.leaf) for entry in selected]
         keys = [None] * len(selected) if key is None else list(jax.random.split(key, len(selected)))
         leaves = [entry.leaf for entry in entries]
         stats = {}

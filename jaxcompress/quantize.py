@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress._validate import check_selected_leaf
-from jaxcompress.arrays import Quantized, Sparse, is_compressed
+from jaxcompress._validate import check_values_to_compress
+from jaxcompress.arrays import Quantized, Sparse
 from jaxcompress.arrays.quantized import from_groups, group_layout, to_groups
 from jaxcompress.bitpack import pack
 from jaxcompress.filters import Filter, kernels
@@ -360,22 +360,11 @@ def quantize(
         # Every leaf is checked before anything is computed, so nothing is half done.
         plans = []
         for entry in selected:
-            leaf = entry.leaf
-            if isinstance(leaf, Sparse):
-                if is_compressed(leaf.values):
-                    raise TypeError(
-                        f"{name}: leaf {entry.path!r} is sparse with already-compressed values "
-                        f"({type(leaf.values).__name__}); materialize it first"
-                    )
-                values = check_selected_leaf(name, entry.path, leaf.values)
-                plans.append(
-                    (entry, values, _leaf_layout(name, entry.path, values.shape, None, group_size))
-                )
-            else:
-                weight = check_selected_leaf(name, entry.path, leaf)
-                plans.append(
-                    (entry, weight, _leaf_layout(name, entry.path, weight.shape, axis, group_size))
-                )
+            values = check_values_to_compress(name, entry.path, entry.leaf)
+            # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
+            leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
+            layout = _leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
+            plans.append((entry, values, layout))
         leaves = [entry.leaf for entry in entries]
         stats = {}
         for entry, weight, leaf_axis in plans:
