@@ -14,6 +14,7 @@ Example:
 """
 
 from jaxcompress import filters as filters
+from jaxcompress import training as training
 from jaxcompress.arrays import Clustered as Clustered
 from jaxcompress.arrays import CompressedArray as CompressedArray
 from jaxcompress.arrays import Quantized as Quantized
@@ -53,4 +54,5 @@ __all__ = [
     "prune",
     "quantize",
     "summarize",
+    "training",
 ]

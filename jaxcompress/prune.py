@@ -40,11 +40,72 @@ def pruned_count(sparsity: float, size: int) -> int:
     return math.floor(_check_sparsity(sparsity) * size)
 
 
+def _int_dtype():
+    return jnp.int64 if jax.config.x64_enabled else jnp.int32
+
+
+def magnitude_keep_mask(weight: jax.Array, num_pruned: int | jax.Array) -> jax.Array:
+    """The keep-mask zeroing the ``num_pruned`` smallest-magnitude entries of ``weight``.
+
+    Ties are broken deterministically: among equal magnitudes the entry with the
+    lower row-major index is pruned first. ``num_pruned`` may be traced (for example a
+    count from a sparsity schedule inside a jitted training step), since the mask is
+    read off each entry's magnitude rank rather than sliced by the count.
+
+    Args:
+        weight: a floating-point array with at least one dimension.
+        num_pruned: how many entries to zero, ``0 <= num_pruned <= weight.size``.
+
+    Returns:
+        A boolean array shaped like ``weight``, ``False`` where an entry is pruned.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> magnitude_keep_mask(jnp.array([[3.0, -1.0], [1.0, 2.0]]), 2).tolist()
+        [[True, False], [False, True]]
+    """
+    keep, _ = _keep_and_order(weight, num_pruned)
+    return keep
+
+
+def _keep_and_order(weight: jax.Array, num_pruned: int | jax.Array):
+    size = math.prod(weight.shape)
+    # Ranking needs the whole leaf in one piece.
+    weight = unsharded(weight)
+    order = jnp.argsort(jnp.abs(weight.reshape(-1)), stable=True)
+    # The inverse permutation gives each entry its rank; the lowest ranks are pruned.
+    rank = jnp.zeros((size,), _int_dtype()).at[order].set(jnp.arange(size, dtype=_int_dtype()))
+    keep = rank >= jnp.asarray(num_pruned, _int_dtype())
+    return keep.reshape(weight.shape), order
+
+
+def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
+    """A :class:`~jaxcompress.Sparse` leaf holding ``weight`` where ``keep`` is true.
+
+    Args:
+        weight: the dense array.
+        keep: a boolean mask shaped like ``weight``.
+        nnz: the number of true entries of ``keep`` (static, it sizes ``values``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.array([[3.0, -1.0], [1.0, 2.0]])
+        >>> sparse_from_mask(w, jnp.abs(w) > 1.5, 2).values.tolist()
+        [3.0, 2.0]
+    """
+    weight = unsharded(weight)
+    keep = unsharded(keep)
+    kept_index = jnp.flatnonzero(keep.reshape(-1), size=nnz)
+    mask = jnp.packbits(keep, axis=-1, bitorder="little")
+    return Sparse(weight.reshape(-1)[kept_index], mask, tuple(weight.shape), np.dtype(weight.dtype))
+
+
 def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
     """Prunes the ``num_pruned`` smallest-magnitude entries of ``weight``.
 
     Ties are broken deterministically: among equal magnitudes the entry with the
-    lower row-major index is pruned first. Works under ``jit`` (``num_pruned`` is static).
+    lower row-major index is pruned first (the mask is :func:`magnitude_keep_mask`).
+    Works under ``jit`` (``num_pruned`` is static).
 
     Args:
         weight: a floating-point array with at least one dimension.
@@ -59,14 +120,8 @@ def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
         [[3.0, 0.0], [0.0, 2.0]]
     """
     size = math.prod(weight.shape)
-    # Ranking needs the whole leaf in one piece.
-    weight = unsharded(weight)
-    flat = weight.reshape(-1)
-    order = jnp.argsort(jnp.abs(flat), stable=True)
-    keep = jnp.ones((size,), jnp.bool_).at[order[:num_pruned]].set(False)
-    kept_index = jnp.sort(order[num_pruned:])
-    mask = jnp.packbits(keep.reshape(weight.shape), axis=-1, bitorder="little")
-    return Sparse(flat[kept_index], mask, tuple(weight.shape), np.dtype(weight.dtype))
+    keep = magnitude_keep_mask(weight, num_pruned)
+    return sparse_from_mask(weight, keep, size - num_pruned)
 
 
 @jax.jit
@@ -81,9 +136,7 @@ def _global_threshold_counts(sorted_magnitudes: list[jax.Array], total_pruned: j
     def count_at_most(bits):
         threshold = jax.lax.bitcast_convert_type(bits, jnp.float32)
         return sum(
-            jnp.searchsorted(m, threshold, side="right").astype(
-                jnp.int64 if jax.config.x64_enabled else jnp.int32
-            )
+            jnp.searchsorted(m, threshold, side="right").astype(_int_dtype())
             for m in sorted_magnitudes
         )
 
@@ -101,6 +154,33 @@ def _global_threshold_counts(sorted_magnitudes: list[jax.Array], total_pruned: j
     return threshold, below, at_most
 
 
+def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> list[jax.Array]:
+    """Per-weight prune counts from one global magnitude threshold; works under ``jit``.
+
+    Exactly ``total_pruned`` entries are pruned over all weights (which may be traced).
+    Entries tied at the threshold are pruned in leaf order, then row-major order
+    (within a leaf, :func:`magnitude_keep_mask` breaks the ties).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> [int(c) for c in global_counts([jnp.array([1.0, 2.0]), jnp.array([1.0, 9.0])], 2)]
+        [1, 1]
+    """
+    magnitudes = [jnp.sort(jnp.abs(unsharded(w)).reshape(-1).astype(jnp.float32)) for w in weights]
+    total = jnp.asarray(total_pruned, _int_dtype())
+    _, below, at_most = _global_threshold_counts(magnitudes, total)
+    below = [count.astype(_int_dtype()) for count in below]
+    at_most = [count.astype(_int_dtype()) for count in at_most]
+    ties_left = total - sum(below)
+    counts = []
+    # Ties at the threshold go to the earlier leaves first.
+    for strictly_below, at_or_below in zip(below, at_most, strict=True):
+        from_ties = jnp.minimum(at_or_below - strictly_below, ties_left)
+        ties_left = ties_left - from_ties
+        counts.append(strictly_below + from_ties)
+    return counts
+
+
 def global_pruned_counts(weights: list[jax.Array], sparsity: float) -> list[int]:
     """How many entries of each weight one global magnitude threshold prunes.
 
@@ -116,16 +196,7 @@ def global_pruned_counts(weights: list[jax.Array], sparsity: float) -> list[int]
     total_pruned = pruned_count(sparsity, total)
     if total_pruned == 0:
         return [0] * len(weights)
-    magnitudes = [jnp.sort(jnp.abs(unsharded(w)).reshape(-1).astype(jnp.float32)) for w in weights]
-    _, below, at_most = _global_threshold_counts(magnitudes, total_pruned)
-    below = [int(count) for count in below]
-    ties_left = total_pruned - sum(below)
-    counts = []
-    for strictly_below, at_or_below in zip(below, [int(count) for count in at_most], strict=True):
-        from_ties = min(at_or_below - strictly_below, ties_left)
-        ties_left -= from_ties
-        counts.append(strictly_below + from_ties)
-    return counts
+    return [int(count) for count in global_counts(weights, total_pruned)]
 
 
 def prune(sparsity: float, *, scope: str = "layer", where: Filter = kernels) -> Transform:

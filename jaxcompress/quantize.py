@@ -44,12 +44,21 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _encode(v, scale, zero, bits: int):
-    """Unsigned codes (as float32) of ``v`` for a given scale and zero point."""
+def _encode_with_range(v, scale, zero, bits: int):
+    """Unsigned codes (as float32) of ``v``, and where rounding needed no clipping."""
     if zero is None:
         qmax = 2 ** (bits - 1) - 1
-        return jnp.clip(jnp.round(v / scale), -qmax, qmax) + 2 ** (bits - 1)
-    return jnp.clip(jnp.round(v / scale + zero), 0, 2**bits - 1)
+        raw = jnp.round(v / scale)
+        clipped = jnp.clip(raw, -qmax, qmax)
+        return clipped + 2 ** (bits - 1), raw == clipped
+    raw = jnp.round(v / scale + zero)
+    clipped = jnp.clip(raw, 0, 2**bits - 1)
+    return clipped, raw == clipped
+
+
+def _encode(v, scale, zero, bits: int):
+    """Unsigned codes (as float32) of ``v`` for a given scale and zero point."""
+    return _encode_with_range(v, scale, zero, bits)[0]
 
 
 def _decode(codes, scale, zero, bits: int):
@@ -60,7 +69,10 @@ def _decode(codes, scale, zero, bits: int):
 def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
     """Stored (rounded to ``scale_dtype``) scale and zero point for a clipping range."""
     levels = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
-    scale = high / levels if symmetric else (high - low) / levels
+    # Multiplying by 1/levels (not dividing) gives the same float eagerly and under jit,
+    # where XLA rewrites a division by a constant; QAT then converts with no drift.
+    inverse = np.float32(1.0 / levels)
+    scale = high * inverse if symmetric else (high - low) * inverse
     scale = scale.astype(scale_dtype).astype(jnp.float32)
     # A zero scale only arises for a zero range; the caller overrides those groups.
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
@@ -142,6 +154,32 @@ def quantize_view(
         >>> codes.tolist(), scale.tolist(), zero
         ([[1, 2, 3]], [[1.0]], None)
     """
+    codes, scale, zero, _ = _quantize_view_full(
+        v,
+        axes,
+        bits=bits,
+        symmetric=symmetric,
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+    return codes, scale, zero
+
+
+def _quantize_view_full(
+    v: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    bits: int,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+):
+    """:func:`quantize_view` plus a mask of the entries that rounding did not clip.
+
+    The mask is where quantization-aware training lets the gradient through.
+    """
     v = v.astype(jnp.float32)
     if calibration == "percentile":
         # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
@@ -175,8 +213,63 @@ def quantize_view(
     if not symmetric:
         exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
         zero = jnp.where(constant, exact_zero, zero)
-    codes = _encode(v, scale, zero, bits).astype(jnp.uint8)
-    return codes, scale.astype(scale_dtype), None if zero is None else zero.astype(scale_dtype)
+    codes, inside = _encode_with_range(v, scale, zero, bits)
+    zero = None if zero is None else zero.astype(scale_dtype)
+    return codes.astype(jnp.uint8), scale.astype(scale_dtype), zero, inside
+
+
+def quantize_codes(
+    weight: jax.Array,
+    *,
+    bits: int,
+    axis: int | None,
+    group_size: int | None,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """The one quantizer: unpacked codes, scales and zero points of one array.
+
+    Both :func:`quantize` (which packs the codes) and
+    :func:`jaxcompress.training.fake_quant` (which decodes them straight away) call
+    this, so a model trained with fake quantization converts without drift.
+
+    Returns:
+        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``weight``;
+        scale and zero point (``None`` if symmetric) shaped ``(G, C)`` (see
+        :func:`~jaxcompress.arrays.quantized.group_layout`); and a boolean mask, shaped
+        like ``weight``, of the entries whose rounded code needed no clipping.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, scale, zero, inside = quantize_codes(jnp.array([[-1.0, 0.5], [1.0, 0.0]]),
+        ...     bits=2, axis=None, group_size=None, symmetric=True, calibration="absmax",
+        ...     percentile=99.9, scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
+        ([[1, 2], [3, 2]], [[1.0]], None, True)
+    """
+    shape = tuple(weight.shape)
+    groups, _, channels = group_layout(shape, axis, group_size)
+    options = dict(
+        bits=bits,
+        symmetric=symmetric,
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+    if groups == 1:
+        # Reduce in place over every axis but the channel one: no reshape of the weight.
+        axes = tuple(d for d in range(len(shape)) if d != axis)
+        codes, scale, zero, inside = _quantize_view_full(weight, axes, **options)
+    else:
+        view = to_groups(weight, axis, group_size)
+        codes, scale, zero, inside = _quantize_view_full(view, (1,), **options)
+        codes = from_groups(codes, shape, axis)
+        inside = from_groups(inside, shape, axis)
+    scale = scale.reshape(groups, channels)
+    zero = None if zero is None else zero.reshape(groups, channels)
+    return codes, scale, zero, inside
 
 
 def quantize_array(
@@ -197,31 +290,24 @@ def quantize_array(
         >>> q = quantize_array(jnp.array([[0.0, 1.0], [2.0, 3.0]]), bits=8, axis=None,
         ...     group_size=None, symmetric=False, calibration="absmax", percentile=99.9,
         ...     scale_dtype=jnp.float32)
-        >>> q.materialize().tolist()
+        >>> [[round(v, 4) for v in row] for row in q.materialize().tolist()]
         [[0.0, 1.0], [2.0, 3.0]]
     """
-    shape = tuple(weight.shape)
-    groups, _, channels = group_layout(shape, axis, group_size)
-    options = dict(
+    codes, scale, zero, _ = quantize_codes(
+        weight,
         bits=bits,
+        axis=axis,
+        group_size=group_size,
         symmetric=symmetric,
         calibration=calibration,
         percentile=percentile,
         scale_dtype=scale_dtype,
     )
-    if groups == 1:
-        # Reduce in place over every axis but the channel one: no reshape of the weight.
-        axes = tuple(d for d in range(len(shape)) if d != axis)
-        codes, scale, zero = quantize_view(weight, axes, **options)
-    else:
-        view = to_groups(weight, axis, group_size)
-        codes, scale, zero = quantize_view(view, (1,), **options)
-        codes = from_groups(codes, shape, axis)
     return Quantized(
         codes=pack(codes, bits),
-        scale=scale.reshape(groups, channels),
-        zero_point=None if zero is None else zero.reshape(groups, channels),
-        shape=shape,
+        scale=scale,
+        zero_point=zero,
+        shape=tuple(weight.shape),
         dtype=np.dtype(weight.dtype),
         bits=bits,
         axis=axis,
@@ -258,6 +344,61 @@ def _error_stats(weight: jax.Array, restored: jax.Array, bits: int) -> dict:
         "relative_error": jnp.where(norm > 0, jnp.sqrt(jnp.sum(jnp.square(diff))) / safe, 0.0),
         "max_abs_error": jnp.max(jnp.abs(diff)),
     }
+
+
+def check_options(
+    name: str,
+    *,
+    bits,
+    axis,
+    group_size,
+    symmetric,
+    calibration,
+    percentile,
+    scale_dtype,
+) -> dict:
+    """Validated, normalized quantizer options (shared by quantize and fake_quant).
+
+    Raises:
+        ValueError: naming ``name``, for any option out of range.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_options("quantize", bits=4, axis=-1, group_size=None, symmetric=True,
+        ...     calibration="absmax", percentile=99.9, scale_dtype=jnp.float32)["bits"]
+        4
+    """
+    if not _is_int(bits) or not 2 <= bits <= 8:
+        raise ValueError(f"{name}: bits must be an integer from 2 to 8, got {bits!r}")
+    if axis is not None and not _is_int(axis):
+        raise ValueError(f"{name}: axis must be an integer or None, got {axis!r}")
+    if group_size is not None and (not _is_int(group_size) or group_size < 1):
+        raise ValueError(f"{name}: group_size must be a positive integer, got {group_size!r}")
+    if calibration not in _CALIBRATIONS:
+        raise ValueError(f"{name}: calibration must be one of {_CALIBRATIONS}, got {calibration!r}")
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, numbers.Real)
+        or not 50.0 < float(percentile) <= 100.0
+    ):
+        raise ValueError(f"{name}: percentile must be in (50, 100], got {percentile!r}")
+    try:
+        scale_dtype = np.dtype(scale_dtype)
+    except TypeError:
+        scale_dtype = None
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"{name}: scale_dtype must be float32, float16 or bfloat16")
+    bits, percentile = int(bits), float(percentile)
+    group_size = None if group_size is None else int(group_size)
+    return dict(
+        bits=bits,
+        axis=axis,
+        group_size=group_size,
+        symmetric=bool(symmetric),
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
 
 
 def quantize(
@@ -322,37 +463,18 @@ def quantize(
         >>> float(stats["dense/kernel"]["relative_error"])
         0.0
     """
-    if not _is_int(bits) or not 2 <= bits <= 8:
-        raise ValueError(f"quantize: bits must be an integer from 2 to 8, got {bits!r}")
-    if axis is not None and not _is_int(axis):
-        raise ValueError(f"quantize: axis must be an integer or None, got {axis!r}")
-    if group_size is not None and (not _is_int(group_size) or group_size < 1):
-        raise ValueError(f"quantize: group_size must be a positive integer, got {group_size!r}")
-    if calibration not in _CALIBRATIONS:
-        raise ValueError(
-            f"quantize: calibration must be one of {_CALIBRATIONS}, got {calibration!r}"
-        )
-    if (
-        isinstance(percentile, bool)
-        or not isinstance(percentile, numbers.Real)
-        or not 50.0 < float(percentile) <= 100.0
-    ):
-        raise ValueError(f"quantize: percentile must be in (50, 100], got {percentile!r}")
-    try:
-        scale_dtype = np.dtype(scale_dtype)
-    except TypeError:
-        scale_dtype = None
-    if scale_dtype not in _SCALE_DTYPES:
-        raise ValueError("quantize: scale_dtype must be float32, float16 or bfloat16")
-    bits, percentile = int(bits), float(percentile)
-    group_size = None if group_size is None else int(group_size)
-    options = dict(
+    options = check_options(
+        "quantize",
         bits=bits,
-        symmetric=bool(symmetric),
+        axis=axis,
+        group_size=group_size,
+        symmetric=symmetric,
         calibration=calibration,
         percentile=percentile,
         scale_dtype=scale_dtype,
     )
+    bits, group_size = options["bits"], options.pop("group_size")
+    options.pop("axis")
     name = f"quantize({bits}, axis={axis}, group_size={group_size}, symmetric={bool(symmetric)})"
 
     def apply(params, *, key=None, data=None):

@@ -30,6 +30,8 @@ def _public_callables():
         obj = getattr(jaxcompress, name)
         if inspect.isfunction(obj) or inspect.isclass(obj):
             yield name, obj
+    for name in jaxcompress.training.__all__:
+        yield f"training.{name}", getattr(jaxcompress.training, name)
     for name in dir(jaxcompress.filters):
         obj = getattr(jaxcompress.filters, name)
         if (

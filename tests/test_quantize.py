@@ -352,3 +352,23 @@ def test_property_error_bound(weight, bits, symmetric, per_channel):
     )
     codes = np.asarray(unpack(q.codes, bits, weight.shape[-1]))
     assert codes.max() < 2**bits
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(bits=4),
+        dict(bits=3, axis=None),
+        dict(bits=8, group_size=16),
+        dict(bits=4, symmetric=False),
+    ],
+)
+def test_eager_and_jit_store_identical_scales_and_codes(options):
+    # QAT trains under jit and users often convert eagerly: the two must agree bit for bit.
+    rng = np.random.default_rng(7)
+    tx = jc.quantize(**options)
+    for _ in range(10):
+        params = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
+        eager, jitted = tx(params)[0]["w"], jax.jit(tx)(params)[0]["w"]
+        np.testing.assert_array_equal(eager.scale, jitted.scale)
+        np.testing.assert_array_equal(eager.codes, jitted.codes)

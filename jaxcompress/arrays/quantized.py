@@ -87,6 +87,56 @@ def broadcast_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]
     return tuple(out)
 
 
+def decode(
+    codes: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    *,
+    shape: tuple[int, ...],
+    axis: int | None,
+    group_size: int | None,
+    bits: int,
+    dtype,
+) -> jax.Array:
+    """Dense values of unpacked codes: ``(code - zero_point) * scale``, in float32, as ``dtype``.
+
+    The one decoder, shared by :meth:`Quantized.materialize` and
+    :func:`jaxcompress.training.fake_quant`, so both give bit-identical values.
+
+    Args:
+        codes: unsigned codes shaped ``shape`` (any integer or float dtype).
+        scale: ``(G, C)`` scales (see :func:`group_layout`).
+        zero_point: ``(G, C)`` zero points, or ``None`` for symmetric codes.
+        shape: the dense shape.
+        axis: the channel axis or ``None``.
+        group_size: the group size or ``None``.
+        bits: bits per code.
+        dtype: the dense dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> decode(jnp.array([[1, 2, 3]], jnp.uint8), jnp.ones((1, 1)), None, shape=(1, 3),
+        ...        axis=None, group_size=None, bits=2, dtype=jnp.float32).tolist()
+        [[-1.0, 0.0, 1.0]]
+    """
+    codes = codes.astype(jnp.float32)
+    scale = scale.astype(jnp.float32)
+    if zero_point is None:
+        zero = jnp.full(scale.shape, 2 ** (bits - 1), jnp.float32)
+    else:
+        zero = zero_point.astype(jnp.float32)
+    groups, _, _ = group_layout(shape, axis, group_size)
+    if groups == 1:
+        # One scale per channel broadcasts directly: no reshape of the codes.
+        target = broadcast_shape(shape, axis)
+        dense = (codes - zero.reshape(target)) * scale.reshape(target)
+    else:
+        view = to_groups(codes, axis, group_size)
+        dense = (view - zero[:, None, :]) * scale[:, None, :]
+        dense = from_groups(dense, shape, axis)
+    return dense.astype(dtype)
+
+
 @_quantized_pytree
 @dataclasses.dataclass(frozen=True, repr=False)
 class Quantized(CompressedArray):
@@ -150,22 +200,16 @@ class Quantized(CompressedArray):
         return unpack(self.codes, self.bits, self.shape[-1])
 
     def materialize(self) -> jax.Array:
-        codes = self.unpacked_codes().astype(jnp.float32)
-        scale = self.scale.astype(jnp.float32)
-        if self.zero_point is None:
-            zero = jnp.full(scale.shape, 2 ** (self.bits - 1), jnp.float32)
-        else:
-            zero = self.zero_point.astype(jnp.float32)
-        groups, _, _ = group_layout(self.shape, self.axis, self.group_size)
-        if groups == 1:
-            # One scale per channel broadcasts directly: no reshape of the codes.
-            target = broadcast_shape(self.shape, self.axis)
-            dense = (codes - zero.reshape(target)) * scale.reshape(target)
-        else:
-            view = to_groups(codes, self.axis, self.group_size)
-            dense = (view - zero[:, None, :]) * scale[:, None, :]
-            dense = from_groups(dense, self.shape, self.axis)
-        return dense.astype(self.dtype)
+        return decode(
+            self.unpacked_codes(),
+            self.scale,
+            self.zero_point,
+            shape=self.shape,
+            axis=self.axis,
+            group_size=self.group_size,
+            bits=self.bits,
+            dtype=self.dtype,
+        )
 
     def layout_child(self) -> jax.Array:
         return self.codes

@@ -1,0 +1,18 @@
+"""Compression inside training loops: optax wrappers that use the library's own transforms.
+
+* :func:`pruned` and :func:`cubic_sparsity`: gradual magnitude pruning (Zhu & Gupta)
+  with the masks in the optimizer state; :func:`finalize` turns the result into
+  :class:`~jaxcompress.Sparse` leaves.
+* :func:`clustered`: centroid fine-tuning of :class:`~jaxcompress.Clustered` leaves
+  (Deep Compression).
+* :func:`fake_quant`: quantization-aware training with straight-through rounding,
+  using the same quantizer as :func:`jaxcompress.quantize`.
+"""
+
+from jaxcompress.training.clustering import clustered as clustered
+from jaxcompress.training.pruning import cubic_sparsity as cubic_sparsity
+from jaxcompress.training.pruning import finalize as finalize
+from jaxcompress.training.pruning import pruned as pruned
+from jaxcompress.training.qat import fake_quant as fake_quant
+
+__all__ = ["clustered", "cubic_sparsity", "fake_quant", "finalize", "pruned"]

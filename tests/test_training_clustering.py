@@ -1,0 +1,221 @@
+"""Centroid fine-tuning: per-cluster gradient sums, frozen indices, real training."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxcompress as jc
+from jaxcompress.data import load_digits
+from jaxcompress.demo import fit_classifier
+from jaxcompress.models import LeNet300100, LeNet300100NNX
+
+
+def _xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@functools.cache
+def _trained_lenet():
+    """LeNet-300-100 trained briefly on digits (cached across tests)."""
+    images, labels = load_digits()
+    model = LeNet300100()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
+    params = fit_classifier(model, params, images, labels, epochs=2, learning_rate=1e-3, seed=0)
+    return model, params, images[:256], labels[:256]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_centroid_gradient_is_segment_sum_of_weight_gradients(per_channel):
+    w = jax.random.normal(jax.random.key(1), (12, 5))
+    target = jax.random.normal(jax.random.key(2), (12, 5))
+    c = jc.cluster(k=4, per_channel=per_channel, where="w")({"w": w})[0]["w"]
+
+    def loss_dense(dense):
+        return jnp.sum(jnp.sin(dense) * target)
+
+    grads = jax.grad(lambda leaf: loss_dense(leaf.materialize()), allow_int=True)(c)
+    weight_grad = jax.grad(loss_dense)(c.materialize())
+    codes = c.codes().astype(jnp.int32)
+    if per_channel:
+        expected = jax.vmap(
+            lambda g, i: jax.ops.segment_sum(g, i, num_segments=c.k), in_axes=(1, 1)
+        )(weight_grad, codes)
+    else:
+        expected = jax.ops.segment_sum(weight_grad.ravel(), codes.ravel(), num_segments=c.k)
+    assert grads.codebook.shape == c.codebook.shape
+    np.testing.assert_allclose(grads.codebook, expected, rtol=1e-5, atol=1e-6)
+    assert grads.indices.dtype == jax.dtypes.float0
+
+
+def test_indices_fixed_and_loss_decreases_on_lenet():
+    model, params, images, labels = _trained_lenet()
+    clustered_params = jc.cluster(bits=4)(params)[0]
+    assert isinstance(clustered_params["dense1"]["kernel"], jc.Clustered)
+    tx = jc.training.clustered(optax.sgd(1e-3))
+    state = tx.init(clustered_params)
+
+    def loss(p):
+        return _xent(model.apply({"params": jc.materialize(p)}, images), labels)
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss, allow_int=True)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    p, losses = clustered_params, []
+    for _ in range(6):
+        p, state, value = step(p, state)
+        losses.append(float(value))
+    assert losses == sorted(losses, reverse=True), losses
+    assert float(loss(p)) < losses[0] - 1e-3
+    for name in ("dense1", "dense2", "dense3"):
+        before, after = clustered_params[name]["kernel"], p[name]["kernel"]
+        assert isinstance(after, jc.Clustered)
+        np.testing.assert_array_equal(after.indices, before.indices)
+        assert after.indices.dtype == jnp.uint8
+        assert not np.array_equal(after.codebook, before.codebook)
+        # Still one of k values per entry: the compression is preserved.
+        assert len(np.unique(np.asarray(after.materialize()))) <= after.k
+
+
+def test_prune_then_cluster_fine_tunes_and_zeros_stay_zero():
+    model, params, images, labels = _trained_lenet()
+    compressed = jc.chain(jc.prune(0.8), jc.cluster(bits=4))(params)[0]
+    kernel = compressed["dense1"]["kernel"]
+    assert isinstance(kernel, jc.Sparse) and isinstance(kernel.values, jc.Clustered)
+    zeros_before = np.asarray(kernel.materialize()) == 0
+    tx = jc.training.clustered(optax.sgd(1e-3))
+    state = tx.init(compressed)
+
+    def loss(p):
+        return _xent(model.apply({"params": jc.materialize(p)}, images), labels)
+
+    @jax.jit
+    def step(p, s):
+        grads = jax.grad(loss, allow_int=True)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    p = compressed
+    for _ in range(5):
+        p, state = step(p, state)
+    assert float(loss(p)) < float(loss(compressed))
+    after = p["dense1"]["kernel"]
+    np.testing.assert_array_equal(after.mask, kernel.mask)
+    np.testing.assert_array_equal(after.values.indices, kernel.values.indices)
+    dense = np.asarray(after.materialize())
+    assert np.all(dense[zeros_before] == 0)
+    assert not np.array_equal(after.values.codebook, kernel.values.codebook)
+
+
+def test_update_without_params_and_with_adam():
+    params = jc.cluster(k=2)({"w": jnp.array([[0.0, 1.0], [1.0, 0.0]]), "b": jnp.ones(2)})[0]
+    grads = jax.grad(lambda p: jnp.sum(jc.materialize(p)["w"]) + jnp.sum(p["b"]), allow_int=True)(
+        params
+    )
+    with jax.numpy_dtype_promotion("standard"):
+        tx = jc.training.clustered(optax.adam(0.1))
+        state = tx.init(params)
+        updates, state = tx.update(grads, state)
+        new = optax.apply_updates(params, updates)
+    assert updates["w"].indices.dtype == jnp.uint8
+    assert not np.any(updates["w"].indices)
+    np.testing.assert_array_equal(new["w"].indices, params["w"].indices)
+    assert np.all(np.asarray(new["w"].codebook) < np.asarray(params["w"].codebook))
+    assert np.all(np.asarray(new["b"]) < 1.0)
+
+
+def test_linen_train_state():
+    model, params, images, labels = _trained_lenet()
+    compressed = jc.cluster(bits=3)(params)[0]
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=compressed, tx=jc.training.clustered(optax.sgd(1e-3))
+    )
+
+    @jax.jit
+    def step(state):
+        def loss(p):
+            return _xent(state.apply_fn({"params": jc.materialize(p)}, images), labels)
+
+        value, grads = jax.value_and_grad(loss, allow_int=True)(state.params)
+        return state.apply_gradients(grads=grads), value
+
+    state, first = step(state)
+    for _ in range(4):
+        state, last = step(state)
+    assert float(last) < float(first)
+    np.testing.assert_array_equal(
+        state.params["dense2"]["kernel"].indices, compressed["dense2"]["kernel"].indices
+    )
+
+
+def test_nnx_model_with_clustered_params():
+    model = LeNet300100NNX(rngs=nnx.Rngs(0))
+    images, labels = load_digits()
+    images, labels = images[:256], labels[:256]
+    graphdef, params = nnx.split(model, nnx.Param)
+    compressed = jc.cluster(bits=4)(params)[0]
+    tx = jc.training.clustered(optax.sgd(1e-3))
+    opt_state = tx.init(compressed)
+
+    def loss(p):
+        return _xent(nnx.merge(graphdef, jc.materialize(p))(images), labels)
+
+    @jax.jit
+    def step(p, s):
+        value, grads = jax.value_and_grad(loss, allow_int=True)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    p, opt_state, first = step(compressed, opt_state)
+    for _ in range(4):
+        p, opt_state, last = step(p, opt_state)
+    assert float(last) < float(first)
+    np.testing.assert_array_equal(
+        p["dense1"]["kernel"].get_value().indices,
+        compressed["dense1"]["kernel"].get_value().indices,
+    )
+
+
+def test_data_parallel_matches_unsharded(mesh8):
+    model, params, images, labels = _trained_lenet()
+    compressed = jc.cluster(bits=4)(params)[0]
+    tx = jc.training.clustered(optax.sgd(1e-3))
+
+    def loss(p, x, y):
+        return _xent(model.apply({"params": jc.materialize(p)}, x), y)
+
+    @jax.jit
+    def step(p, s, x, y):
+        grads = jax.grad(loss, allow_int=True)(p, x, y)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    def run(p, x, y):
+        s = tx.init(p)
+        for _ in range(3):
+            p, s = step(p, s, x, y)
+        return p
+
+    expected = run(compressed, images, labels)
+    replicated = NamedSharding(mesh8, P())
+    batch = NamedSharding(mesh8, P("data"))
+    with jax.set_mesh(mesh8):
+        sharded = run(
+            jax.device_put(compressed, replicated),
+            jax.device_put(images, batch),
+            jax.device_put(labels, batch),
+        )
+    for name in ("dense1", "dense2", "dense3"):
+        got, want = sharded[name]["kernel"], expected[name]["kernel"]
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.codebook, want.codebook, rtol=1e-5, atol=1e-6)

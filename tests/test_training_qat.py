@@ -1,0 +1,141 @@
+"""Fake quantization: forward equals the quantize round trip, STE backward, no drift."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxcompress as jc
+from jaxcompress.data import load_digits
+from jaxcompress.models import LeNet300100
+
+LAYOUTS = [
+    dict(axis=None),
+    dict(axis=-1),
+    dict(axis=0),
+    dict(axis=-1, group_size=8),
+    dict(axis=None, group_size=16),
+    dict(axis=-1, symmetric=False),
+    dict(axis=-1, calibration="percentile", percentile=90.0),
+    dict(axis=-1, calibration="mse", scale_dtype=jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("options", LAYOUTS)
+def test_forward_equals_quantize_round_trip(bits, options):
+    params = {
+        "kernel": jax.random.normal(jax.random.key(bits), (32, 6)),
+        "bias": jnp.ones(6),
+    }
+    fake = jc.training.fake_quant(bits, **options)(params)
+    restored = jc.materialize(jc.quantize(bits, **options)(params)[0])
+    np.testing.assert_array_equal(fake["kernel"], restored["kernel"])
+    assert fake["kernel"].dtype == params["kernel"].dtype
+    assert fake["bias"] is params["bias"]
+    # Under jit, XLA turns the division by the level count into a multiplication, so
+    # jitted scales can differ from eager ones by an ulp: compare jit with jit.
+    jitted = jax.jit(jc.training.fake_quant(bits, **options))(params)
+    converted = jax.jit(lambda p: jc.materialize(jc.quantize(bits, **options)(p)[0]))(params)
+    np.testing.assert_array_equal(jitted["kernel"], converted["kernel"])
+
+
+def test_ste_identity_inside_range_zero_when_clipped():
+    w = jnp.concatenate([jnp.linspace(-1.0, 1.0, 30), jnp.array([5.0, -6.0])]).reshape(4, 8)
+    fq = jc.training.fake_quant(4, axis=None, calibration="percentile", percentile=90.0)
+    cotangent = jax.random.normal(jax.random.key(0), w.shape)
+    grad = jax.grad(lambda p: jnp.sum(fq(p)["kernel"] * cotangent))({"kernel": w})["kernel"]
+    q = jc.quantize(4, axis=None, calibration="percentile", percentile=90.0)
+    scale = float(q({"kernel": w})[0]["kernel"].scale[0, 0])
+    clipped = np.abs(np.asarray(w)) > 7.5 * scale  # beyond the last level's rounding cell
+    assert clipped.sum() >= 2  # the outliers are clipped
+    np.testing.assert_array_equal(np.asarray(grad)[~clipped], np.asarray(cotangent)[~clipped])
+    assert np.all(np.asarray(grad)[clipped] == 0)
+
+
+def test_absmax_keeps_every_gradient():
+    w = jax.random.normal(jax.random.key(3), (16, 4))
+    grad = jax.grad(lambda p: jnp.sum(jc.training.fake_quant(3)(p)["kernel"]))({"kernel": w})
+    np.testing.assert_array_equal(grad["kernel"], jnp.ones_like(w))
+
+
+def test_sparse_leaf_keeps_zeros_and_matches_quantize():
+    w = jax.random.normal(jax.random.key(4), (8, 8))
+    pruned = jc.prune(0.5)({"kernel": w})[0]
+    fake = jc.training.fake_quant(4)(pruned)["kernel"]
+    assert isinstance(fake, jc.Sparse)
+    restored = jc.materialize(jc.quantize(4)(pruned)[0])["kernel"]
+    np.testing.assert_array_equal(fake.materialize(), restored)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="fake_quant: bits"):
+        jc.training.fake_quant(9)
+    with pytest.raises(ValueError, match="group_size=5"):
+        jc.training.fake_quant(4, group_size=5)({"kernel": jnp.ones((4, 4))})
+
+
+def _qat(model, params, images, labels, fq, steps, state=None):
+    state = state or train_state.TrainState.create(
+        apply_fn=model.apply, params=params, tx=optax.sgd(0.1, momentum=0.9)
+    )
+
+    @jax.jit
+    def step(state, x, y):
+        def loss(p):
+            logits = state.apply_fn({"params": fq(p)}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        value, grads = jax.value_and_grad(loss)(state.params)
+        return state.apply_gradients(grads=grads), value
+
+    losses = []
+    for _ in range(steps):
+        state, value = step(state, images, labels)
+        losses.append(float(value))
+    return state, losses
+
+
+def test_qat_then_convert_has_no_drift():
+    images, labels = load_digits()
+    images, labels = images[:256], labels[:256]
+    model = LeNet300100()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
+    options = dict(axis=-1, group_size=4)
+    fq = jc.training.fake_quant(4, **options)
+    state, losses = _qat(model, params, images, labels, fq, steps=15)
+    assert losses[-1] < losses[0] - 0.1
+    fake_logits = jax.jit(lambda p, x: model.apply({"params": fq(p)}, x))(state.params, images)
+    converted = jax.jit(jc.quantize(4, **options))(state.params)[0]
+    assert isinstance(converted["dense1"]["kernel"], jc.Quantized)
+    logits = jax.jit(lambda p, x: model.apply({"params": jc.materialize(p)}, x))(converted, images)
+    np.testing.assert_array_equal(logits, fake_logits)
+
+
+def test_data_parallel_matches_unsharded(mesh8):
+    images, labels = load_digits()
+    images, labels = images[:64], labels[:64]
+    model = LeNet300100()
+    params = model.init(jax.random.key(1), jnp.zeros((1, 64)))["params"]
+    fq = jc.training.fake_quant(8)
+    expected, _ = _qat(model, params, images, labels, fq, steps=3)
+    with jax.set_mesh(mesh8):
+        replicated = jax.device_put(params, NamedSharding(mesh8, P()))
+        batch = NamedSharding(mesh8, P("data"))
+        got, _ = _qat(
+            model,
+            replicated,
+            jax.device_put(images, batch),
+            jax.device_put(labels, batch),
+            fq,
+            steps=3,
+        )
+    for path, want in jax.tree_util.tree_leaves_with_path(expected.params):
+        have = got.params
+        for key in path:
+            have = have[key.key]
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
