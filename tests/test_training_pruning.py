@@ -287,3 +287,47 @@ def test_out_of_range_schedule_under_jit_keeps_one_entry():
     _, state = tx.update(params, state, params)
     _, state = jax.jit(tx.update)(params, state, params)  # step 1: sparsity 1.5, traced
     assert int(jnp.sum(state.masks["w"])) == 1
+
+
+def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from jaxcompress.data import load_digits
+    from jaxcompress.models import LeNet300100
+
+    images, labels = load_digits(split="train")
+    model = LeNet300100()
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    schedule = jc.training.cubic_sparsity(0.8, begin=0, end=12)
+    tx = jc.training.pruned(optax.sgd(0.1, momentum=0.9), schedule, every=4)
+
+    @jax.jit
+    def step(params, state, i):
+        batch = jax.lax.dynamic_slice_in_dim(images, i * 32, 32)
+        target = jax.lax.dynamic_slice_in_dim(labels, i * 32, 32)
+
+        def loss(p):
+            logits = model.apply({"params": p}, batch)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    def run(params, state, start, stop):
+        for i in range(start, stop):
+            params, state = step(params, state, i)
+        return params, state
+
+    uninterrupted, _ = run(params, tx.init(params), 0, 16)
+    half_params, half_state = run(params, tx.init(params), 0, 9)
+    checkpointer = ocp.StandardCheckpointer()
+    target = {"params": half_params, "opt_state": half_state}
+    checkpointer.save(tmp_path / "step9", target)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "step9", target)
+    assert isinstance(restored["opt_state"], type(half_state))
+    resumed, _ = run(restored["params"], restored["opt_state"], 9, 16)
+    for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The resumed run kept pruning: exactly floor(0.8 * n) zeros in each kernel at the end.
+    assert int((resumed["dense2"]["kernel"] == 0).sum()) == 24000
