@@ -331,3 +331,14 @@ def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(got, want)
     # The resumed run kept pruning: exactly floor(0.8 * n) zeros in each kernel at the end.
     assert int((resumed["dense2"]["kernel"] == 0).sum()) == 24000
+
+
+@pytest.mark.parametrize("size", [7, 100, 1000, 19200, 30000, 120 * 84, 784 * 300])
+@pytest.mark.parametrize("value", [0.0, 0.1, 0.29, 0.5, 0.8, 0.9, 0.95, 0.999])
+def test_schedule_counts_match_prune_on_the_decimal(size, value):
+    # A schedule value float32(s) prunes floor(s * n) of the decimal s, like jc.prune(s);
+    # float32(0.9) * 19200 is 17279.9995 in float32 and must still count 17280.
+    schedule_count = jc.training.pruning._schedule_count
+    expected = min(math.floor(Fraction(str(value)) * size), size - 1)
+    assert int(schedule_count(jnp.float32(value), size)) == expected
+    assert int(jax.jit(schedule_count, static_argnums=1)(jnp.float32(value), size)) == expected

@@ -122,19 +122,18 @@ def cubic_sparsity(
 def _schedule_count(sparsity: jax.Array, size: int) -> jax.Array:
     """How many of ``size`` entries a (possibly traced) float32 sparsity prunes.
 
-    The count is ``#{k in 1..size : float32(k / size) <= s}``: ``floor(s * size)`` with
-    ``s`` read as the decimal its float32 value stands for, so a schedule at
-    ``float32(0.29)`` prunes 29 of 100 entries, as ``jaxcompress.prune(0.29)`` does.
-    The float32 product is within one of the answer, so four candidates decide it.
+    ``floor(s * size)`` with ``s`` read as the short decimal its float32 value prints
+    as, so a schedule at ``float32(0.9)`` prunes 17280 of 19200 entries and one at
+    ``float32(0.29)`` 29 of 100, as ``jaxcompress.prune`` does. The float32 product
+    falls just short of such integers (``float32(0.9) * 19200 = 17279.9995``), so it
+    is raised by 2**-21 relative (8 float32 ulps, more than the product's rounding)
+    before the floor. Testing ``float32(c / size) <= s`` instead fails on XLA's CPU
+    division, which is not correctly rounded.
     """
     s = jnp.asarray(sparsity).astype(jnp.float32)
-    n = jnp.float32(size)
-    estimate = jnp.floor(s * n).astype(jnp.int32)
-    base = jnp.clip(estimate - 2, 0, size)
-    candidates = base + 1 + jnp.arange(4, dtype=jnp.int32)
-    ok = (candidates <= size) & (candidates.astype(jnp.float32) / n <= s)
+    scaled = s * jnp.float32(size) * jnp.float32(1.0 + 2.0**-21)
     # Under jit an out-of-range schedule cannot raise: keep at least one entry.
-    return jnp.clip(base + ok.sum(dtype=jnp.int32), 0, size - 1)
+    return jnp.clip(jnp.floor(scaled).astype(jnp.int32), 0, size - 1)
 
 
 def _check_schedule_value(value: Any, step: Any) -> None:
