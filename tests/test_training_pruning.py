@@ -249,6 +249,55 @@ def test_data_parallel_step_equals_unsharded(mesh8):
         assert np.all(got[~np.asarray(mask)] == 0.0)
 
 
+def test_pmap_step_equals_single_device_step():
+    # pmap over the 8 fake devices: each device takes 1/8 of the batch, gradients are
+    # averaged with pmean, and the wrapper recomputes identical masks on every device.
+    model = LeNet300100()
+    images, labels = _digits()
+    images, labels = images[:64], labels[:64]
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    tx = jc.training.pruned(
+        optax.sgd(0.1), jc.training.cubic_sparsity(0.5, begin=0, end=2), every=1
+    )
+
+    def grads_of(params, x, y):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return jax.grad(loss_fn)(params)
+
+    def apply(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    single = jax.jit(lambda p, s, x, y: apply(p, s, grads_of(p, x, y)))
+    parallel = jax.pmap(
+        lambda p, s, x, y: apply(p, s, jax.lax.pmean(grads_of(p, x, y), "devices")),
+        axis_name="devices",
+    )
+    devices = jax.local_device_count()
+
+    def replicate(tree):
+        return jax.tree.map(lambda a: jnp.stack([a] * devices), tree)
+
+    reference = (params, tx.init(params))
+    replicated = (replicate(params), replicate(tx.init(params)))
+    x = images.reshape(devices, -1, images.shape[-1])
+    y = labels.reshape(devices, -1)
+    for _ in range(3):
+        reference = single(*reference, images, labels)
+        replicated = parallel(*replicated, x, y)
+    for got, want in zip(
+        jax.tree.leaves(replicated[0]), jax.tree.leaves(reference[0]), strict=True
+    ):
+        for device in range(devices):
+            np.testing.assert_allclose(got[device], want, rtol=1e-5, atol=1e-6)
+    for path, mask in reference[1].masks.items():
+        for device in range(devices):
+            np.testing.assert_array_equal(replicated[1].masks[path][device], mask)
+
+
 def test_bad_input():
     params = _params()
     grads = _grads(params, 0)
