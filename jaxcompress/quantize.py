@@ -44,7 +44,7 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _encode_with_range(v, scale, zero, bits: int):
+def _encode(v, scale, zero, bits: int):
     """Unsigned codes (as float32) of ``v``, and where rounding needed no clipping."""
     if zero is None:
         qmax = 2 ** (bits - 1) - 1
@@ -54,11 +54,6 @@ def _encode_with_range(v, scale, zero, bits: int):
     raw = jnp.round(v / scale + zero)
     clipped = jnp.clip(raw, 0, 2**bits - 1)
     return clipped, raw == clipped
-
-
-def _encode(v, scale, zero, bits: int):
-    """Unsigned codes (as float32) of ``v`` for a given scale and zero point."""
-    return _encode_with_range(v, scale, zero, bits)[0]
 
 
 def _decode(codes, scale, zero, bits: int):
@@ -112,7 +107,7 @@ def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
-        codes = _encode(v, scale, zero, bits)
+        codes = _encode(v, scale, zero, bits)[0]
         return jnp.sum(jnp.square(_decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
 
     ratios = jnp.asarray(_MSE_RATIOS)
@@ -140,45 +135,22 @@ def quantize_view(
     calibration: str,
     percentile: float,
     scale_dtype,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
     """Quantizes ``v`` with one scale per slice reduced over ``axes``.
 
     Returns:
-        ``(codes, scale, zero_point)``: uint8 codes shaped like ``v``; scale (in
-        ``scale_dtype``) and zero point (``None`` if symmetric) with ``axes`` kept as 1.
+        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``v``; scale (in
+        ``scale_dtype``) and zero point (``None`` if symmetric) with ``axes`` kept as 1;
+        and where rounding needed no clipping (where quantization-aware training lets
+        the gradient through).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> codes, scale, zero = quantize_view(jnp.array([[-1.0, 0.5, 1.0]]), (0, 1), bits=2,
-        ...     symmetric=True, calibration="absmax", percentile=99.9, scale_dtype=jnp.float32)
-        >>> codes.tolist(), scale.tolist(), zero
-        ([[1, 2, 3]], [[1.0]], None)
-    """
-    codes, scale, zero, _ = _quantize_view_full(
-        v,
-        axes,
-        bits=bits,
-        symmetric=symmetric,
-        calibration=calibration,
-        percentile=percentile,
-        scale_dtype=scale_dtype,
-    )
-    return codes, scale, zero
-
-
-def _quantize_view_full(
-    v: jax.Array,
-    axes: tuple[int, ...],
-    *,
-    bits: int,
-    symmetric: bool,
-    calibration: str,
-    percentile: float,
-    scale_dtype,
-):
-    """:func:`quantize_view` plus a mask of the entries that rounding did not clip.
-
-    The mask is where quantization-aware training lets the gradient through.
+        >>> codes, scale, zero, inside = quantize_view(jnp.array([[-1.0, 0.5, 1.0]]), (0, 1),
+        ...     bits=2, symmetric=True, calibration="absmax", percentile=99.9,
+        ...     scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
+        ([[1, 2, 3]], [[1.0]], None, True)
     """
     v = v.astype(jnp.float32)
     if calibration == "percentile":
@@ -213,7 +185,7 @@ def _quantize_view_full(
     if not symmetric:
         exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
         zero = jnp.where(constant, exact_zero, zero)
-    codes, inside = _encode_with_range(v, scale, zero, bits)
+    codes, inside = _encode(v, scale, zero, bits)
     zero = None if zero is None else zero.astype(scale_dtype)
     return codes.astype(jnp.uint8), scale.astype(scale_dtype), zero, inside
 
@@ -261,10 +233,10 @@ def quantize_codes(
     if groups == 1:
         # Reduce in place over every axis but the channel one: no reshape of the weight.
         axes = tuple(d for d in range(len(shape)) if d != axis)
-        codes, scale, zero, inside = _quantize_view_full(weight, axes, **options)
+        codes, scale, zero, inside = quantize_view(weight, axes, **options)
     else:
         view = to_groups(weight, axis, group_size)
-        codes, scale, zero, inside = _quantize_view_full(view, (1,), **options)
+        codes, scale, zero, inside = quantize_view(view, (1,), **options)
         codes = from_groups(codes, shape, axis)
         inside = from_groups(inside, shape, axis)
     scale = scale.reshape(groups, channels)
