@@ -25,7 +25,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +41,6 @@ EPOCHS = 40
 EXTRA_EPOCHS = 10
 EXTRA_LR = 3e-4
 BITS = (4, 3)
-BATCH = 64  # as fit_classifier
 METHODS = ("PTQ", f"dense +{EXTRA_EPOCHS} ep, then PTQ", f"QAT {EXTRA_EPOCHS} ep")
 
 
@@ -51,39 +49,6 @@ def _models():
         "LeNet-300-100": (LeNet300100(), True),
         "LeNet-5": (LeNet5(), False),
     }
-
-
-def finetune(model, params, images, labels, *, forward_params, seed, progress, task):
-    """``EXTRA_EPOCHS`` of Adam (``EXTRA_LR``) where the loss sees ``forward_params(p)``.
-
-    With ``forward_params`` the identity this is plain dense training; with
-    ``jc.training.fake_quant(bits)`` it is QAT. Same batches and data order as
-    ``fit_classifier``.
-    """
-    optimizer = optax.adam(EXTRA_LR)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = model.apply({"params": forward_params(p)}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    order_rng = np.random.default_rng(seed)
-    steps_per_epoch = len(labels) // BATCH
-    # optax's Adam bias correction mixes float and int32 counts.
-    with jax.numpy_dtype_promotion("standard"):
-        for _ in range(EXTRA_EPOCHS):
-            permutation = order_rng.permutation(len(labels))
-            for batch in range(steps_per_epoch):
-                index = permutation[batch * BATCH : (batch + 1) * BATCH]
-                params, opt_state = step(params, opt_state, images[index], labels[index])
-            progress.advance(task)
-    return params
 
 
 def main() -> None:
@@ -122,16 +87,17 @@ def main() -> None:
                     ratios[f"{label} | {ptq}"] = jc.summarize(params, compressed).ratio
 
                     progress.update(task, description=f"{model_name} seed {seed}: int{bits} dense")
-                    more = finetune(
+                    more = fit_classifier(
                         model,
                         params,
                         train_x,
                         train_y,
-                        forward_params=lambda p: p,
+                        epochs=EXTRA_EPOCHS,
+                        learning_rate=EXTRA_LR,
                         seed=seed,
-                        progress=progress,
-                        task=task,
+                        forward=None,
                     )
+                    progress.advance(task, EXTRA_EPOCHS)
                     compressed, _ = quantize(more)
                     accs.setdefault(f"{label} | {extra}", []).append(
                         accuracy(model, compressed, test_x, test_y)
@@ -139,16 +105,17 @@ def main() -> None:
                     ratios[f"{label} | {extra}"] = jc.summarize(more, compressed).ratio
 
                     progress.update(task, description=f"{model_name} seed {seed}: int{bits} QAT")
-                    trained = finetune(
+                    trained = fit_classifier(
                         model,
                         params,
                         train_x,
                         train_y,
-                        forward_params=fq,
+                        epochs=EXTRA_EPOCHS,
+                        learning_rate=EXTRA_LR,
                         seed=seed,
-                        progress=progress,
-                        task=task,
+                        forward=fq,
                     )
+                    progress.advance(task, EXTRA_EPOCHS)
                     compressed, _ = quantize(trained)
                     accs.setdefault(f"{label} | {qat}", []).append(
                         accuracy(model, compressed, test_x, test_y)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,6 +87,7 @@ def fit_classifier(
     learning_rate: float,
     seed: int,
     masks: Any = None,
+    forward: Callable[[Any], Any] | None = None,
     progress: Progress | None = None,
     description: str = "training",
 ) -> Any:
@@ -101,6 +103,8 @@ def fit_classifier(
         seed: seed of the data order.
         masks: optional pytree of 0/1 arrays like ``params``; gradients and weights are
             multiplied by it, so masked weights stay exactly zero.
+        forward: optional ``params -> params`` applied inside the loss, for example
+            ``jaxcompress.training.fake_quant(4)`` for quantization-aware training.
         progress: a ``rich`` progress display to advance once per epoch.
         description: the progress bar's label.
 
@@ -125,7 +129,7 @@ def fit_classifier(
     @jax.jit
     def step(params, opt_state, x, y):
         def loss_fn(p):
-            logits = model.apply({"params": p}, x)
+            logits = model.apply({"params": forward(p) if forward else p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         grads = jax.tree.map(jnp.multiply, jax.grad(loss_fn)(params), masks)
