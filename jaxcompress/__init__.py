@@ -21,6 +21,15 @@ from jaxcompress.arrays import Quantized as Quantized
 from jaxcompress.arrays import Sparse as Sparse
 from jaxcompress.arrays import is_compressed as is_compressed
 from jaxcompress.cluster import cluster as cluster
+from jaxcompress.io.errors import FileFormatError as FileFormatError
+from jaxcompress.io.files import FileReport as FileReport
+from jaxcompress.io.files import inspect_file as inspect_file
+from jaxcompress.io.files import load as load
+from jaxcompress.io.files import save as save
+from jaxcompress.io.interop import export_dense as export_dense
+from jaxcompress.io.interop import read_msgpack as read_msgpack
+from jaxcompress.io.interop import read_safetensors as read_safetensors
+from jaxcompress.io.interop import write_safetensors as write_safetensors
 from jaxcompress.prune import prune as prune
 from jaxcompress.quantize import quantize as quantize
 from jaxcompress.report import LeafReport as LeafReport
@@ -38,21 +47,30 @@ __version__ = "0.1.0"
 __all__ = [
     "Clustered",
     "CompressedArray",
+    "FileFormatError",
+    "FileReport",
     "LeafReport",
     "Quantized",
     "Report",
     "Sparse",
     "Transform",
     "chain",
+    "export_dense",
     "cluster",
     "filters",
+    "inspect_file",
     "is_compressed",
+    "load",
     "masked",
     "materialize",
     "nbytes",
     "partition",
     "prune",
     "quantize",
+    "read_msgpack",
+    "read_safetensors",
+    "save",
     "summarize",
     "training",
+    "write_safetensors",
 ]

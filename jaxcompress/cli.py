@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from jaxcompress.cli_bench import add_bench_command, run_bench
+from jaxcompress.cli_files import add_file_commands, run_compress, run_export, run_inspect
+
 
 def _sparsity(text: str) -> float:
     value = float(text)
@@ -22,25 +25,39 @@ def _sparsity(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jaxcompress", description="Model compression for JAX and Flax."
+        prog="jaxcompress",
+        description=(
+            "Model compression for JAX and Flax: prune, quantize and cluster parameter "
+            "pytrees, and store them in compact, checked files. Run "
+            "`jaxcompress COMMAND --help` for each command's options."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="train LeNet-300-100 on the embedded digits, prune it, and report",
+        help="Deep Compression of LeNet-300-100 on the embedded digits, saved to a file",
         description=(
-            "Train LeNet-300-100 on the embedded 8x8 digits, prune its kernels one-shot, "
-            "fine-tune with the mask fixed, and print sizes and accuracies."
+            "Deep Compression on the embedded 8x8 digits: train LeNet-300-100, prune it "
+            "gradually (cubic schedule), cluster the kept weights into 2**bits shared "
+            "values, fine-tune the centroids, and save the result with entropy coding. "
+            "Prints accuracy and bytes after each stage, and a per-layer table."
         ),
     )
     demo.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     demo.add_argument(
-        "--sparsity", type=_sparsity, default=0.9, help="fraction of kernel entries to prune"
+        "--sparsity", type=_sparsity, default=0.92, help="fraction of kernel entries to prune"
     )
     demo.add_argument("--scope", choices=("global", "layer"), default="global")
+    demo.add_argument("--bits", type=int, default=5, help="cluster index bits (default 5)")
     demo.add_argument("--epochs", type=int, default=40, help="dense training epochs")
-    demo.add_argument("--finetune-epochs", type=int, default=40, help="masked fine-tune epochs")
+    demo.add_argument("--prune-epochs", type=int, default=30, help="gradual pruning epochs")
+    demo.add_argument("--finetune-epochs", type=int, default=10, help="centroid fine-tuning epochs")
+    demo.add_argument(
+        "-o", "--output", default=None, help="the .jxc file to write (default: a temp dir)"
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_file_commands(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -65,28 +82,73 @@ def _run_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             sparsity=args.sparsity,
             scope=args.scope,
+            bits=args.bits,
             epochs=args.epochs,
+            prune_epochs=args.prune_epochs,
             finetune_epochs=args.finetune_epochs,
+            output=args.output,
             progress=progress,
         )
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
     console = Console()
-    console.print(result.report.table(title="LeNet-300-100 on digits: per-leaf summary"))
-    headline = Table(title="Result", show_header=False, box=box.SIMPLE)
-    headline.add_column(justify="left")
-    headline.add_column(justify="right")
-    headline.add_row("dense test accuracy", f"{result.dense_accuracy:.2%}")
-    headline.add_row("pruned test accuracy", f"{result.compressed_accuracy:.2%}")
-    headline.add_row("kernel sparsity", f"{result.sparsity:.0%} ({result.scope})")
-    headline.add_row(
-        "size", f"{result.report.original_bytes:,} B -> {result.report.compressed_bytes:,} B"
+    console.print(_layer_table(result))
+    console.print(_stage_table(result))
+    console.print(
+        f"saved {result.file.path} ({result.file.file_bytes:,} B, header "
+        f"{result.file.header_bytes:,} B) in {result.seconds:.1f} s; "
+        f"inspect it with `jaxcompress inspect {result.file.path}`"
     )
-    headline.add_row("compression ratio", f"{result.ratio:.2f}x")
-    headline.add_row("wall time", f"{result.seconds:.1f} s")
-    console.print(headline)
     return 0
+
+
+def _layer_table(result) -> Table:
+    table = Table(
+        title="LeNet-300-100 on digits: bytes per layer",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for column in ("leaf", "kept", "bits", "dense", "P", "P+Q", "file", "ratio"):
+        table.add_column(column, justify="left" if column == "leaf" else "right", no_wrap=True)
+    for row in result.layers:
+        table.add_row(
+            row.path,
+            f"{row.kept:.1%}",
+            "-" if row.index_bits is None else str(row.index_bits),
+            f"{row.dense_bytes:,}",
+            f"{row.pruned_bytes:,}",
+            f"{row.clustered_bytes:,}",
+            f"{row.file_bytes:,}",
+            f"{row.dense_bytes / row.file_bytes:.1f}x",
+        )
+    return table
+
+
+def _stage_table(result) -> Table:
+    table = Table(title="Stages", box=box.SIMPLE_HEAD)
+    for column in ("stage", "test accuracy", "bytes", "ratio"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    dense = result.stage_bytes["dense"]
+    labels = {
+        "dense": "dense",
+        "pruned": f"pruned {result.sparsity:.0%} ({result.scope}, gradual)",
+        "clustered": f"+ k-means {result.bits}-bit, int8 biases",
+        "fine-tuned": "+ centroid fine-tuning",
+    }
+    for name, label in labels.items():
+        size = result.stage_bytes[name]
+        table.add_row(
+            label, f"{result.stage_accuracies[name]:.2%}", f"{size:,}", f"{dense / size:.1f}x"
+        )
+    table.add_row(
+        "saved file (rANS coded, with header)",
+        f"{result.compressed_accuracy:.2%}",
+        f"{result.stage_bytes['file']:,}",
+        f"{result.ratio:.1f}x",
+    )
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,15 +161,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit status.
 
     Example:
-        >>> main(["demo", "--epochs", "1", "--finetune-epochs", "1", "--json"])
+        >>> main(["demo", "--epochs", "1", "--prune-epochs", "1", "--finetune-epochs", "1",
+        ...       "--json"])
         ... # doctest: +ELLIPSIS
         {"dense_accuracy": ...}
         0
     """
-    args = _parser().parse_args(argv)
-    if args.command == "demo":
-        return _run_demo(args)
-    raise AssertionError(f"unhandled command {args.command}")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "demo": _run_demo,
+        "compress": run_compress,
+        "inspect": run_inspect,
+        "export": run_export,
+        "bench": run_bench,
+    }
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, OSError) as error:
+        # Bad input (a damaged file, a bad recipe, a missing path) gets one clear line.
+        parser.exit(2, f"jaxcompress {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

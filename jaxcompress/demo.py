@@ -1,29 +1,57 @@
-"""The ``jaxcompress demo`` job: train LeNet-300-100 on digits, prune it, fine-tune, report.
+"""The ``jaxcompress demo`` job: Deep Compression of LeNet-300-100 on the embedded digits.
 
-Everything runs on the embedded digits data, so the demo needs no network.
+Train dense, prune gradually, cluster the kept weights, fine-tune the centroids, and
+save the result with :func:`jaxcompress.save`. Everything runs on the embedded digits
+data, so the demo needs no network.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from rich.progress import Progress
 
 from jaxcompress.arrays import Sparse, is_compressed
+from jaxcompress.classifier import fit_classifier
 from jaxcompress.data import load_digits
+from jaxcompress.filters import path_to_str
+from jaxcompress.io.files import FileReport, save
 from jaxcompress.models import LeNet300100
+from jaxcompress.pipeline import deep_compression
 from jaxcompress.prune import prune
 from jaxcompress.report import Report, summarize
-from jaxcompress.runtime import materialize
+from jaxcompress.runtime import nbytes
 
-_BATCH = 64
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One parameter leaf through the pipeline's stages.
+
+    Attributes:
+        path: the leaf path.
+        shape: its shape.
+        kept: fraction of entries kept by pruning (1.0 for unpruned leaves).
+        index_bits: bits per stored value (cluster index or quantized code), or ``None``.
+        dense_bytes: float32 bytes.
+        pruned_bytes: bytes after pruning (kept values + bitmap).
+        clustered_bytes: bytes after clustering or quantization (bit-packed in memory).
+        file_bytes: bytes in the saved file (relative indices, rANS-coded streams).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    kept: float
+    index_bits: int | None
+    dense_bytes: int
+    pruned_bytes: int
+    clustered_bytes: int
+    file_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,202 +59,166 @@ class DemoResult:
     """What the demo measured.
 
     Attributes:
-        dense_accuracy: test accuracy of the trained dense model.
-        compressed_accuracy: test accuracy of the pruned, fine-tuned model.
+        stage_accuracies: test accuracy after each stage (``dense``, ``pruned``,
+            ``clustered``, ``fine-tuned``).
+        stage_bytes: bytes after each stage (in memory) and of the saved ``file``.
         sparsity: fraction of kernel entries pruned.
         scope: ``"layer"`` or ``"global"``.
-        ratio: original bytes over true compressed bytes, whole parameter tree.
-        report: the per-leaf :class:`~jaxcompress.Report`.
+        bits: cluster index bits for the kernels.
+        layers: one :class:`LayerRow` per parameter leaf.
+        report: the per-leaf :class:`~jaxcompress.Report` of dense against fine-tuned.
+        file: the :class:`~jaxcompress.FileReport` of the saved file.
         seed: the seed used for init and data order.
         seconds: wall time of the whole run.
     """
 
-    dense_accuracy: float
-    compressed_accuracy: float
+    stage_accuracies: dict[str, float]
+    stage_bytes: dict[str, int]
     sparsity: float
     scope: str
-    ratio: float
+    bits: int
+    layers: tuple[LayerRow, ...]
     report: Report
+    file: FileReport
     seed: int
     seconds: float
+
+    @property
+    def dense_accuracy(self) -> float:
+        """Test accuracy of the trained dense model."""
+        return self.stage_accuracies["dense"]
+
+    @property
+    def compressed_accuracy(self) -> float:
+        """Test accuracy of the final (fine-tuned, saved) model."""
+        return self.stage_accuracies["fine-tuned"]
+
+    @property
+    def ratio(self) -> float:
+        """Dense bytes over the saved file's bytes (header included)."""
+        return self.stage_bytes["dense"] / self.stage_bytes["file"]
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain values for JSON."""
         return {
             "dense_accuracy": self.dense_accuracy,
             "compressed_accuracy": self.compressed_accuracy,
+            "stage_accuracies": self.stage_accuracies,
+            "stage_bytes": self.stage_bytes,
             "sparsity": self.sparsity,
             "scope": self.scope,
+            "bits": self.bits,
             "ratio": self.ratio,
-            "original_bytes": self.report.original_bytes,
-            "compressed_bytes": self.report.compressed_bytes,
+            "original_bytes": self.stage_bytes["dense"],
+            "compressed_bytes": self.stage_bytes["file"],
+            "output": self.file.path,
             "seed": self.seed,
             "seconds": self.seconds,
+            "layers": [
+                {**dataclasses.asdict(row), "shape": list(row.shape)} for row in self.layers
+            ],
             "report": self.report.to_dict(),
+            "file": self.file.to_dict(),
         }
 
 
-def _keep_masks(compressed: Any) -> Any:
-    """1.0 where a weight is kept, 0.0 where pruned; all ones for untouched leaves."""
-
-    def mask_of(leaf):
-        if isinstance(leaf, Sparse):
-            return leaf.keep_mask().astype(leaf.dtype)
-        return jnp.ones_like(leaf)
-
-    return jax.tree.map(mask_of, compressed, is_leaf=is_compressed)
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)
+    return {path_to_str(key_path): leaf for key_path, leaf in flat}
 
 
-def fit_classifier(
-    model: Any,
-    params: Any,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    epochs: int,
-    learning_rate: float,
-    seed: int,
-    masks: Any = None,
-    forward: Callable[[Any], Any] | None = None,
-    progress: Progress | None = None,
-    description: str = "training",
-) -> Any:
-    """Trains a flax linen classifier with Adam and softmax cross-entropy.
-
-    Args:
-        model: a linen module whose ``apply({"params": p}, x)`` returns logits.
-        params: its initial parameters.
-        images: training inputs.
-        labels: int32 class labels.
-        epochs: passes over the data, in full batches of 64 (the remainder is dropped).
-        learning_rate: Adam's step size.
-        seed: seed of the data order.
-        masks: optional pytree of 0/1 arrays like ``params``; gradients and weights are
-            multiplied by it, so masked weights stay exactly zero.
-        forward: optional ``params -> params`` applied inside the loss, for example
-            ``jaxcompress.training.fake_quant(4)`` for quantization-aware training.
-        progress: a ``rich`` progress display to advance once per epoch.
-        description: the progress bar's label.
-
-    Returns:
-        The trained parameters.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from jaxcompress.models import LeNet300100
-        >>> model = LeNet300100()
-        >>> params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
-        >>> images, labels = np.zeros((64, 64), np.float32), np.zeros(64, np.int32)
-        >>> trained = fit_classifier(model, params, images, labels, epochs=1,
-        ...                          learning_rate=1e-3, seed=0)
-        >>> jax.tree.structure(trained) == jax.tree.structure(params)
-        True
-    """
-    optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
-    masks = masks if masks is not None else jax.tree.map(jnp.ones_like, params)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = model.apply({"params": forward(p) if forward else p}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.tree.map(jnp.multiply, jax.grad(loss_fn)(params), masks)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        # Re-applying the mask keeps pruned weights exactly zero.
-        params = jax.tree.map(jnp.multiply, optax.apply_updates(params, updates), masks)
-        return params, opt_state
-
-    order_rng = np.random.default_rng(seed)
-    steps_per_epoch = len(labels) // _BATCH
-    task = progress.add_task(description, total=epochs) if progress else None
-    # optax's Adam bias correction mixes float and int32 counts; keep standard promotion
-    # here so the demo also runs for users who switched on strict promotion.
-    with jax.numpy_dtype_promotion("standard"):
-        for _ in range(epochs):
-            permutation = order_rng.permutation(len(labels))
-            for batch in range(steps_per_epoch):
-                index = permutation[batch * _BATCH : (batch + 1) * _BATCH]
-                params, opt_state = step(params, opt_state, images[index], labels[index])
-            if progress is not None:
-                progress.advance(task)
-    return params
-
-
-def accuracy(model: Any, params: Any, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of ``model`` with (dense or compressed) ``params``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from jaxcompress.models import LeNet300100
-        >>> model = LeNet300100()
-        >>> params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
-        >>> images, labels = np.zeros((4, 64), np.float32), np.zeros(4, np.int32)
-        >>> 0.0 <= accuracy(model, params, images, labels) <= 1.0
-        True
-    """
-    logits = jax.jit(model.apply)({"params": materialize(params)}, images)
-    return float(jnp.mean(jnp.argmax(logits, axis=-1) == labels))
+def _layer_rows(dense: Any, sparse: Any, shared: Any, file: FileReport) -> tuple[LayerRow, ...]:
+    pruned_leaves, shared_leaves = _leaves_by_path(sparse), _leaves_by_path(shared)
+    stored = {leaf.path: leaf.stored_bytes for leaf in file.leaves}
+    rows = []
+    for path, weight in _leaves_by_path(dense).items():
+        pruned_leaf, final = pruned_leaves[path], shared_leaves[path]
+        kept = pruned_leaf.density if isinstance(pruned_leaf, Sparse) else 1.0
+        inner = final.values if isinstance(final, Sparse) else final
+        bits = getattr(inner, "bits", None)  # Clustered index or Quantized code width
+        rows.append(
+            LayerRow(
+                path=path,
+                shape=tuple(weight.shape),
+                kept=kept,
+                index_bits=bits,
+                dense_bytes=nbytes(weight),
+                pruned_bytes=nbytes(pruned_leaf),
+                clustered_bytes=nbytes(final),
+                file_bytes=stored[path],
+            )
+        )
+    return tuple(rows)
 
 
 def run_demo(
     *,
     seed: int = 0,
-    sparsity: float = 0.9,
+    sparsity: float = 0.92,
     scope: str = "global",
+    bits: int = 5,
     epochs: int = 40,
-    finetune_epochs: int = 40,
+    prune_epochs: int = 30,
+    finetune_epochs: int = 10,
+    output: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> DemoResult:
-    """Trains LeNet-300-100 on the embedded digits, prunes it, fine-tunes it, measures it.
+    """Deep Compression of LeNet-300-100 on the embedded digits, saved to a file.
 
-    The steps: train dense; :func:`jaxcompress.prune` the kernels one-shot; fine-tune the
-    kept weights with the mask fixed; prune again (the pruned weights are exactly zero,
-    so the mask does not change) to get the final :class:`~jaxcompress.Sparse` tree.
+    The steps (see :func:`jaxcompress.pipeline.deep_compression`): train dense; prune
+    gradually to ``sparsity`` with the cubic schedule; cluster the kept kernel values
+    to ``2**bits`` shared values and the biases to 8 bits; fine-tune the centroids;
+    :func:`jaxcompress.save` with entropy coding.
 
     Args:
         seed: seed for initialization and data order.
         sparsity: fraction of kernel entries to prune, in ``[0, 1)``.
         scope: ``"global"`` (one threshold over all kernels) or ``"layer"``.
+        bits: cluster index bits for the kernels, 1 to 8.
         epochs: dense training epochs.
-        finetune_epochs: masked fine-tuning epochs after pruning.
+        prune_epochs: gradual pruning epochs.
+        finetune_epochs: centroid fine-tuning epochs.
+        output: where to save; by default a new temporary directory.
         progress: a ``rich`` progress display to report training on, or ``None``.
 
     Returns:
         A :class:`DemoResult`.
 
     Example:
-        >>> result = run_demo(sparsity=0.8, epochs=2, finetune_epochs=1)
-        >>> result.sparsity, result.ratio > 3
-        (0.8, True)
+        >>> result = run_demo(sparsity=0.8, epochs=2, prune_epochs=2, finetune_epochs=1)
+        >>> result.sparsity, result.ratio > 10, os.path.exists(result.file.path)
+        (0.8, True, True)
     """
-    prune_tx = prune(sparsity, scope=scope)  # validates sparsity and scope before training
+    prune(sparsity, scope=scope)  # validates sparsity and scope before training
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}")
     start = time.perf_counter()
-    train_images, train_labels = load_digits(split="train")
-    test_images, test_labels = load_digits(split="test")
+    train, test = load_digits(split="train"), load_digits(split="test")
     model = LeNet300100()
-    params = model.init(jax.random.key(seed), train_images[:1])["params"]
-    fit = dict(progress=progress, seed=seed)
+    params = model.init(jax.random.key(seed), train[0][:1])["params"]
     dense = fit_classifier(
-        model, params, train_images, train_labels,
-        epochs=epochs, learning_rate=1e-3, description="dense training", **fit,
+        model, params, *train, epochs=epochs, learning_rate=1e-3, seed=seed,
+        progress=progress, description="dense training",
     )  # fmt: skip
-    one_shot, _ = prune_tx(dense)
-    tuned = fit_classifier(
-        model, materialize(one_shot), train_images, train_labels,
-        epochs=finetune_epochs, learning_rate=1e-3, masks=_keep_masks(one_shot),
-        description="masked fine-tune", **fit,
+    stages = deep_compression(
+        model, dense, train, test, sparsity=sparsity, scope=scope, bits=bits,
+        prune_epochs=prune_epochs, finetune_epochs=finetune_epochs, seed=seed,
+        progress=progress,
     )  # fmt: skip
-    compressed, _ = prune_tx(tuned)
-    report = summarize(dense, compressed)
+    final = stages[-1].params
+    path = Path(output) if output else Path(tempfile.mkdtemp()) / "lenet-300-100.jxc"
+    file = save(path, final, metadata={"model": "LeNet-300-100", "data": "UCI digits 8x8"})
+    stage_bytes = {stage.name: nbytes(stage.params) for stage in stages}
+    stage_bytes["file"] = file.file_bytes
     return DemoResult(
-        dense_accuracy=accuracy(model, dense, test_images, test_labels),
-        compressed_accuracy=accuracy(model, compressed, test_images, test_labels),
+        stage_accuracies={stage.name: stage.accuracy for stage in stages},
+        stage_bytes=stage_bytes,
         sparsity=float(sparsity),
         scope=scope,
-        ratio=report.ratio,
-        report=report,
+        bits=bits,
+        layers=_layer_rows(dense, stages[1].params, final, file),
+        report=summarize(dense, final),
+        file=file,
         seed=seed,
         seconds=time.perf_counter() - start,
     )

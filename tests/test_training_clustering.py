@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
+from jaxcompress.classifier import fit_classifier
 from jaxcompress.data import load_digits
-from jaxcompress.demo import fit_classifier
 from jaxcompress.models import LeNet300100, LeNet300100NNX
 
 
@@ -254,3 +254,76 @@ def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
     for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+def test_pmap_step_equals_single_device_step():
+    # pmap over the 8 fake devices: each device takes 1/8 of the batch and the codebook
+    # gradients are averaged with pmean; the indices' float0 cotangents are not reduced.
+    model, params, images, labels = _trained_lenet()
+    compressed = jc.cluster(bits=4)(params)[0]
+    tx = jc.training.clustered(optax.sgd(1e-3))
+
+    def grads_of(p, x, y):
+        def loss(p):
+            return _xent(model.apply({"params": jc.materialize(p)}, x), y)
+
+        return jax.value_and_grad(loss, allow_int=True)(p)[1]
+
+    def apply(p, s, grads):
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    def pmean_floats(grads):
+        return jax.tree.map(
+            lambda g: jax.lax.pmean(g, "devices") if jnp.issubdtype(g.dtype, jnp.inexact) else g,
+            grads,
+        )
+
+    single = jax.jit(lambda p, s, x, y: apply(p, s, grads_of(p, x, y)))
+    parallel = jax.pmap(
+        lambda p, s, x, y: apply(p, s, pmean_floats(grads_of(p, x, y))), axis_name="devices"
+    )
+    devices = jax.local_device_count()
+    reference = (compressed, tx.init(compressed))
+    replicated = jax.tree.map(lambda a: jnp.stack([a] * devices), reference)
+    x = images.reshape(devices, -1, images.shape[-1])
+    y = labels.reshape(devices, -1)
+    for _ in range(3):
+        reference = single(*reference, images, labels)
+        replicated = parallel(*replicated, x, y)
+    for name in ("dense1", "dense2", "dense3"):
+        got, want = replicated[0][name]["kernel"], reference[0][name]["kernel"]
+        assert isinstance(got, jc.Clustered)
+        assert got.indices.dtype == want.indices.dtype == jnp.uint8
+        for device in range(devices):
+            np.testing.assert_array_equal(got.indices[device], want.indices)
+            np.testing.assert_array_equal(got.indices[device], compressed[name]["kernel"].indices)
+            np.testing.assert_allclose(got.codebook[device], want.codebook, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                replicated[0][name]["bias"][device],
+                reference[0][name]["bias"],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        assert not np.array_equal(want.codebook, compressed[name]["kernel"].codebook)
+
+
+def test_quantized_leaves_train_their_scales_and_keep_their_codes():
+    """A symmetric Quantized leaf has a None zero point: structure, not a frozen leaf."""
+    w = jax.random.normal(jax.random.key(3), (8, 6))
+    params = {"q": jc.quantize(4, where="q")({"q": w})[0]["q"], "b": jnp.zeros(6)}
+    assert params["q"].zero_point is None
+    target = jax.random.normal(jax.random.key(4), (8, 6))
+
+    def loss(p):
+        dense = jc.materialize(p)
+        return jnp.sum(jnp.square(dense["q"] + dense["b"][None, :] - target))
+
+    tx = jc.training.clustered(optax.sgd(1e-4))  # a scale's gradient sums code * grad
+    state = tx.init(params)
+    grads = jax.grad(loss, allow_int=True)(params)
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["q"].codes, params["q"].codes)
+    assert not np.array_equal(new["q"].scale, params["q"].scale)
+    assert float(loss(new)) < float(loss(params))

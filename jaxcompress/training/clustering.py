@@ -112,7 +112,9 @@ def clustered(inner: optax.GradientTransformation) -> optax.GradientTransformati
                 treedef, [p if k else None for p, k in zip(param_leaves, keep, strict=True)]
             )
         inner_updates, inner_state = inner.update(grads, state.inner, trainable_params)
-        inner_leaves = jax.tree_util.tree_leaves(inner_updates, is_leaf=lambda x: x is None)
+        # Up to the gradient's structure: a None child inside a leaf (a symmetric
+        # Quantized leaf's zero point) is structure, not a frozen leaf's placeholder.
+        inner_leaves = treedef.flatten_up_to(inner_updates)
         leaves = [
             u if k else _frozen_update(g, p)
             for u, k, g, p in zip(inner_leaves, keep, grad_leaves, param_leaves, strict=True)

@@ -1,0 +1,1 @@
+"""Files: compact save/load, entropy coding and interop with other checkpoint formats."""

@@ -1,0 +1,177 @@
+"""The compress, inspect, export and bench subcommands, run as real subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import serialization
+
+import jaxcompress as jc
+from jaxcompress.io.checkpoints import read_checkpoint
+from jaxcompress.io.interop import read_safetensors
+from jaxcompress.models import LeNet300100
+from jaxcompress.recipes import RecipeError, parse_recipe
+
+RECIPE = """\
+# Deep Compression's first two stages.
+[[transform]]
+kind = "prune"
+sparsity = 0.9
+scope = "layer"
+
+[[transform]]
+kind = "cluster"
+bits = 4
+where = ["dense1", "dense2"]
+"""
+
+
+def _cli(*args, cwd=None):
+    command = [sys.executable, "-m", "jaxcompress.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def lenet_params():
+    model = LeNet300100()
+    return model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, lenet_params):
+    folder = tmp_path_factory.mktemp("ckpt")
+    jc.export_dense(folder / "lenet.safetensors", lenet_params)
+    (folder / "recipe.toml").write_text(RECIPE)
+    return folder
+
+
+def test_compress_inspect_export_round_trip(checkpoint, lenet_params, tmp_path):
+    out = tmp_path / "lenet.jxc"
+    run = _cli(
+        "compress",
+        checkpoint / "lenet.safetensors",
+        "--recipe",
+        checkpoint / "recipe.toml",
+        "-o",
+        out,
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    expected, _ = parse_recipe(RECIPE)(lenet_params)
+    restored = jc.load(out)
+    for layer in ("dense1", "dense2"):
+        assert isinstance(restored[layer]["kernel"], jc.Sparse)
+        assert isinstance(restored[layer]["kernel"].values, jc.Clustered)
+    assert isinstance(restored["dense3"]["kernel"].values, jax.Array)
+    dense, want = jc.materialize(restored), jc.materialize(expected)
+    for layer in ("dense1", "dense2", "dense3"):
+        np.testing.assert_array_equal(dense[layer]["kernel"], want[layer]["kernel"])
+    assert result["file"]["file_bytes"] == out.stat().st_size
+    assert result["report"]["ratio"] > 5
+
+    run = _cli("inspect", out, "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["file_bytes"] == out.stat().st_size
+    table = _cli("inspect", out)
+    assert "dense1/kernel" in table.stdout and "entropy bound" in table.stdout
+
+    run = _cli("export", out, "-o", tmp_path / "dense.safetensors", "--json")
+    assert run.returncode == 0, run.stderr
+    exported = read_safetensors(tmp_path / "dense.safetensors")
+    np.testing.assert_array_equal(exported["dense1"]["kernel"], dense["dense1"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        (
+            '[[transform]]\nkind = "prune"\nsparsity = 0.5\n\n[[transform]]\nkind = "shrink"\n',
+            "recipe.toml:6: unknown transform kind 'shrink'",
+        ),
+        (
+            '[[transform]]\nkind = "cluster"\nbitz = 4\n',
+            "recipe.toml:3: cluster has no option 'bitz'",
+        ),
+        ('[[transform]]\nkind = "quantize"\nbits = 13\n', "recipe.toml:1: quantize: "),
+        ('[[transform]]\nkind = "prune"\nsparsity = 0.5\nwhere = 3\n', "recipe.toml:4: where must"),
+        ("[[transform]\n", "invalid TOML"),
+        ("[settings]\nx = 1\n", "unknown table 'settings'"),
+    ],
+)
+def test_bad_recipes_name_the_line_and_write_nothing(checkpoint, tmp_path, recipe, message):
+    (tmp_path / "recipe.toml").write_text(recipe)
+    out = tmp_path / "out.jxc"
+    run = _cli(
+        "compress",
+        checkpoint / "lenet.safetensors",
+        "--recipe",
+        tmp_path / "recipe.toml",
+        "-o",
+        out,
+    )
+    assert run.returncode == 2
+    assert message in run.stderr, run.stderr
+    assert not out.exists()
+    with pytest.raises(RecipeError):
+        parse_recipe(recipe, source="recipe.toml")
+
+
+def test_compress_on_a_non_checkpoint_says_what_it_expected(checkpoint, tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    run = _cli(
+        "compress",
+        tmp_path / "notes.txt",
+        "--recipe",
+        checkpoint / "recipe.toml",
+        "-o",
+        tmp_path / "o.jxc",
+    )
+    assert run.returncode == 2
+    assert "not a checkpoint; expected a jaxcompress file (.jxc), a safetensors file" in run.stderr
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
+    run = _cli("inspect", tmp_path / "bad.safetensors")
+    assert run.returncode == 2 and "not a jaxcompress file" in run.stderr
+    assert not (tmp_path / "o.jxc").exists()
+
+
+def test_read_checkpoint_reads_every_format(tmp_path, lenet_params):
+    (tmp_path / "p.msgpack").write_bytes(serialization.to_bytes(lenet_params))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "orbax", lenet_params)
+    checkpointer.wait_until_finished()
+    jc.save(tmp_path / "p.jxc", lenet_params)
+    jc.export_dense(tmp_path / "p.safetensors", lenet_params)
+    for name in ("p.msgpack", "orbax", "p.jxc", "p.safetensors"):
+        tree = read_checkpoint(tmp_path / name)
+        np.testing.assert_array_equal(
+            np.asarray(tree["dense2"]["kernel"]), np.asarray(lenet_params["dense2"]["kernel"])
+        )
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_help_reads_like_documentation():
+    run = _cli("--help")
+    assert run.returncode == 0
+    for command in ("demo", "compress", "inspect", "export", "bench"):
+        assert command in run.stdout
+    run = _cli("compress", "--help")
+    assert "[[transform]]" in run.stdout and "--recipe" in run.stdout
+    assert "entropy bound" in _cli("inspect", "--help").stdout
+    assert "OPENBLAS_CORETYPE" in _cli("bench", "--help").stdout
+
+
+def test_bench_lists_the_suite_and_rejects_unknown_names(tmp_path):
+    run = _cli("bench", "--list")
+    assert run.returncode == 0, run.stderr
+    assert "quantizers" in run.stdout and "kmeans_vs_sklearn" in run.stdout
+    run = _cli("bench", "no_such_benchmark")
+    assert run.returncode == 2 and "unknown benchmark 'no_such_benchmark'" in run.stderr
+    run = _cli("bench", "--list", cwd=tmp_path)  # falls back to the checkout's folder
+    assert run.returncode == 0 and "quantizers" in run.stdout
