@@ -23,9 +23,10 @@ import numpy as np
 from jaxcompress.io import ans
 from jaxcompress.io.errors import FileFormatError
 
-# An rANS stream costs its entropy plus lane states and a frequency table.
+# An rANS stream costs its entropy plus lane states and a frequency table (estimates
+# used only to rank the mask candidates; the final choice compares real sizes).
 _RANS_SLACK = 1.01
-_RANS_FIXED_BYTES = 64
+_RANS_FIXED_BYTES = 16
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -58,8 +59,9 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
 
 
-def _rans_estimate(entropy_bits: float) -> float:
-    return entropy_bits / 8 * _RANS_SLACK + _RANS_FIXED_BYTES
+def _rans_estimate(entropy_bits: float, used_symbols: int = 2) -> float:
+    # The frequency table costs about a byte per used symbol.
+    return entropy_bits / 8 * _RANS_SLACK + _RANS_FIXED_BYTES + used_symbols
 
 
 def _encoded(
@@ -68,7 +70,8 @@ def _encoded(
     """The smaller of ``raw`` (bit-packed) and the rANS coding of ``symbols``."""
     entropy_bits = ans.empirical_entropy_bits(symbols, alphabet)
     record: dict[str, Any] = {"coding": "packed", "entropy_bits": entropy_bits}
-    if entropy and _rans_estimate(entropy_bits) < raw.nbytes:
+    # Encoding is cheap, so whenever the entropy leaves room, try it and compare.
+    if entropy and entropy_bits / 8 < raw.nbytes:
         coded = ans.encode(symbols, alphabet)
         if len(coded) < raw.nbytes:
             return {**record, "coding": "rans"}, coded
@@ -180,16 +183,17 @@ def encode_mask(
         raw = pack_bits(gap_symbols, gap_bits)
         candidates.append((raw.nbytes, "gaps", gap_bits, False, gap_symbols, raw))
         if entropy:
-            estimate = _rans_estimate(ans.empirical_entropy_bits(gap_symbols, 2**gap_bits))
-            candidates.append((estimate, "gaps", gap_bits, True, gap_symbols, raw))
-    # The smallest raw form always competes, so an rANS estimate can't make it worse.
+            bits = ans.empirical_entropy_bits(gap_symbols, 2**gap_bits)
+            used = int(np.count_nonzero(np.bincount(gap_symbols, minlength=2**gap_bits)))
+            candidates.append(
+                (_rans_estimate(bits, used), "gaps", gap_bits, True, gap_symbols, raw)
+            )
+    # The smallest raw form always competes, so an rANS estimate can't make it worse;
+    # the three best rANS estimates are encoded for real, as the estimates are rough.
     best_raw = min((c for c in candidates if not c[3]), key=lambda c: c[0])
-    best = min(candidates, key=lambda c: c[0])
+    finalists = [best_raw] + sorted((c for c in candidates if c[3]), key=lambda c: c[0])[:3]
     chosen = []
-    for _, encoding, gap_bits, coded, stream, raw in {
-        id(best): best,
-        id(best_raw): best_raw,
-    }.values():
+    for _, encoding, gap_bits, coded, stream, raw in finalists:
         alphabet = 2 if encoding == "bitmap" else 2**gap_bits
         record, payload = _encoded(stream, alphabet, raw, coded)
         record = {**record, "encoding": encoding, "symbols": int(stream.size)}
