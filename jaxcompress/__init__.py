@@ -13,13 +13,17 @@ Example:
     6.91
 """
 
+from jaxcompress import decomposition as decomposition
 from jaxcompress import filters as filters
 from jaxcompress import training as training
 from jaxcompress.arrays import Clustered as Clustered
 from jaxcompress.arrays import CompressedArray as CompressedArray
+from jaxcompress.arrays import LowRank as LowRank
 from jaxcompress.arrays import Quantized as Quantized
 from jaxcompress.arrays import Sparse as Sparse
 from jaxcompress.arrays import is_compressed as is_compressed
+from jaxcompress.calibrate import InputStats as InputStats
+from jaxcompress.calibrate import calibrate as calibrate
 from jaxcompress.cluster import cluster as cluster
 from jaxcompress.io.errors import FileFormatError as FileFormatError
 from jaxcompress.io.files import FileReport as FileReport
@@ -30,6 +34,9 @@ from jaxcompress.io.interop import export_dense as export_dense
 from jaxcompress.io.interop import read_msgpack as read_msgpack
 from jaxcompress.io.interop import read_safetensors as read_safetensors
 from jaxcompress.io.interop import write_safetensors as write_safetensors
+from jaxcompress.lowrank import low_rank as low_rank
+from jaxcompress.projections import lda as lda
+from jaxcompress.projections import pca as pca
 from jaxcompress.prune import prune as prune
 from jaxcompress.quantize import quantize as quantize
 from jaxcompress.report import LeafReport as LeafReport
@@ -49,22 +56,29 @@ __all__ = [
     "CompressedArray",
     "FileFormatError",
     "FileReport",
+    "InputStats",
     "LeafReport",
+    "LowRank",
     "Quantized",
     "Report",
     "Sparse",
     "Transform",
+    "calibrate",
     "chain",
-    "export_dense",
     "cluster",
+    "decomposition",
+    "export_dense",
     "filters",
     "inspect_file",
     "is_compressed",
+    "lda",
     "load",
+    "low_rank",
     "masked",
     "materialize",
     "nbytes",
     "partition",
+    "pca",
     "prune",
     "quantize",
     "read_msgpack",

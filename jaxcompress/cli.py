@@ -45,12 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     demo.add_argument(
-        "--sparsity", type=_sparsity, default=0.92, help="fraction of kernel entries to prune"
+        "--sparsity", type=_sparsity, default=0.94, help="fraction of kernel entries to prune"
     )
     demo.add_argument("--scope", choices=("global", "layer"), default="global")
-    demo.add_argument("--bits", type=int, default=5, help="cluster index bits (default 5)")
+    demo.add_argument("--bits", type=int, default=4, help="cluster index bits (default 4)")
     demo.add_argument("--epochs", type=int, default=40, help="dense training epochs")
-    demo.add_argument("--prune-epochs", type=int, default=30, help="gradual pruning epochs")
+    demo.add_argument("--prune-epochs", type=int, default=60, help="gradual pruning epochs")
     demo.add_argument("--finetune-epochs", type=int, default=10, help="centroid fine-tuning epochs")
     demo.add_argument(
         "-o", "--output", default=None, help="the .jxc file to write (default: a temp dir)"

@@ -123,7 +123,7 @@ def test_entropy_coded_streams_are_within_two_percent_of_entropy(tmp_path):
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     rows=st.integers(1, 12),

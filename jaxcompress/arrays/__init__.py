@@ -15,5 +15,6 @@ from jaxcompress.arrays.base import as_dense as as_dense
 from jaxcompress.arrays.base import is_compressed as is_compressed
 from jaxcompress.arrays.base import leaf_nbytes as leaf_nbytes
 from jaxcompress.arrays.clustered import Clustered as Clustered
+from jaxcompress.arrays.lowrank import LowRank as LowRank
 from jaxcompress.arrays.quantized import Quantized as Quantized
 from jaxcompress.arrays.sparse import Sparse as Sparse

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jaxcompress.arrays import is_compressed
+from jaxcompress.arrays.lowrank import factor_shardings
 from jaxcompress.filters import path_to_str
 from jaxcompress.io import container, treecodec
 from jaxcompress.io.errors import FileFormatError
@@ -155,12 +156,20 @@ def _placer(sharding: ShardingSpec) -> treecodec.Place:
     lookup = _sharding_lookup(sharding)
 
     def place(array: np.ndarray, path: str, node: dict) -> jax.Array:
-        dense_path = path.removesuffix("/values")
+        lowrank = node.get("type") == "lowrank"
+        # A LowRank factor comes as ``<leaf>/u`` or ``<leaf>/v``.
+        dense_path, _, factor = path.rpartition("/") if lowrank else (path, "", "")
+        dense_path = dense_path.removesuffix("/values")
         dense_shape = tuple(node["shape"])
         dense = lookup(dense_path, dense_shape)
         if dense is None:
             return jnp.asarray(np.array(array))
-        target = _child_sharding(dense, array, dense_shape, path)
+        if lowrank and isinstance(dense, NamedSharding):
+            references = factor_shardings(dense, dense_shape, node["fan_in_axes"])
+            reference = references[0] if factor == "u" else references[1]
+            target = NamedSharding(dense.mesh, spec_for(array.shape, reference))
+        else:
+            target = _child_sharding(dense, array, dense_shape, path)
         # Each device reads only its slice of the (memory-mapped) buffer.
         return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
@@ -230,8 +239,8 @@ class FileLeaf:
 
     Attributes:
         path: the leaf path (``a/b/kernel``).
-        kind: ``array``, ``sparse``, ``clustered`` or ``quantized`` (``sparse+clustered``
-            when nested).
+        kind: ``array``, ``sparse``, ``clustered``, ``quantized`` or ``lowrank``
+            (``sparse+clustered`` when nested).
         shape: the dense shape.
         dtype: the dense dtype name.
         dense_bytes: bytes of the dense array.
@@ -373,11 +382,13 @@ def _leaf_summary(node: dict, lengths: list[int]) -> tuple[str, int, float, list
             if label == "gaps":
                 label += str(record.get("gap_bits"))
             parts.append(f"{name}={label + '/' if label else ''}{record.get('coding')}")
-    for name in ("codebook", "scale", "zero_point"):
+    for name in ("codebook", "scale", "zero_point", "u", "v"):
         child = node.get(name)
         if isinstance(child, dict):
             length = lengths[child["buffer"]]
             stored, bound = stored + length, bound + length
+            if name in ("u", "v"):
+                parts.append(f"{name}=raw")
     if kind == "array":
         length = lengths[node["buffer"]]
         stored, bound = stored + length, bound + length

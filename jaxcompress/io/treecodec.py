@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
-from jaxcompress.arrays import Clustered, CompressedArray, Quantized, Sparse
+from jaxcompress.arrays import Clustered, CompressedArray, LowRank, Quantized, Sparse
+from jaxcompress.arrays.lowrank import matrix_shape
 from jaxcompress.arrays.quantized import group_layout
 from jaxcompress.io import streams
 from jaxcompress.io.errors import FileFormatError
@@ -117,6 +118,14 @@ def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: 
             "codes": _stream_node(record, payload, add),
             "scale": _array_node(leaf.scale, add, _join(path, "scale")),
             "zero_point": None if zero is None else _array_node(zero, add, _join(path, "zero")),
+        }
+    if isinstance(leaf, LowRank):
+        return {
+            "type": "lowrank",
+            **common,
+            "fan_in_axes": leaf.fan_in_axes,
+            "u": _array_node(leaf.u, add, _join(path, "u")),
+            "v": _array_node(leaf.v, add, _join(path, "v")),
         }
     raise TypeError(f"{path}: cannot save compressed leaf type {type(leaf).__name__}")
 
@@ -366,10 +375,40 @@ def _decode_quantized(node, get, place, path):
     )
 
 
+def _decode_lowrank(node, get, place, path):
+    shape, dtype = _dense_header(node, path)
+    fan_in_axes = _field(
+        node,
+        "fan_in_axes",
+        path,
+        lambda a: _is_int(a, 1) and a < len(shape),
+        f"an integer 1 to {len(shape) - 1} for shape {shape}",
+    )
+    m, n = matrix_shape(shape, fan_in_axes)
+    factors = {}
+    for name in ("u", "v"):
+        factor = _read_array(node.get(name), get, _join(path, name))
+        if not jnp.issubdtype(factor.dtype, jnp.floating):
+            raise _fail(path, f"{name} has dtype {factor.dtype}; factors are floating-point")
+        factors[name] = factor
+    u, v = factors["u"], factors["v"]
+    if u.ndim != 2 or u.shape[0] != m or u.shape[1] < 1:
+        raise _fail(path, f"u has shape {tuple(u.shape)}, expected ({m}, rank >= 1)")
+    _expect_shape(v, (u.shape[1], n), path, "v")
+    return LowRank(
+        u=place(u, _join(path, "u"), node),
+        v=place(v, _join(path, "v"), node),
+        shape=shape,
+        dtype=dtype,
+        fan_in_axes=fan_in_axes,
+    )
+
+
 _COMPRESSED = {
     "sparse": _decode_sparse,
     "clustered": _decode_clustered,
     "quantized": _decode_quantized,
+    "lowrank": _decode_lowrank,
 }
 
 
