@@ -29,7 +29,9 @@ which spin for a while after finishing, are parked and do not compete with it. A
 scikit-learn solver whose first call is over 3x slower than the fastest one seen
 for the row is not repeated (it is marked "1 run"; it cannot be the fastest).
 Explained variance is compared as the sum of ``explained_variance_ratio`` over the
-k components: "equal" means ours is at least the peer's minus 1e-4.
+k components: "equal" means ours is at least the peer's minus 1e-4. A breakdown per
+shape times the two pieces of the covariance paths on both sides: the covariance
+(ours: centering plus the blocked XLA product; NumPy: ``x.T @ x``) and the ``eigh``.
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/pca_vs_sklearn.py``
 (``--quick``: the 10000 x 784 shape only; ``--repeats N``).
@@ -49,7 +51,7 @@ import numpy as np
 import sklearn
 from sklearn.decomposition import PCA
 
-from jaxcompress.decomposition import _auto_method, _sketch_covariance, pca_fit
+from jaxcompress.decomposition import _auto_method, _gram, _sketch_covariance, pca_fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table, write  # noqa: E402
@@ -99,6 +101,29 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def breakdown(x: np.ndarray, xj: jax.Array, repeats: int) -> dict:
+    """Where the time of the covariance paths goes: the d x d covariance (ours: centering
+    and the blocked XLA product; scikit-learn: NumPy ``x.T @ x``, a BLAS ``syrk``, which
+    it corrects for the mean afterwards) and the d x d ``eigh`` (jax vs NumPy)."""
+    n = x.shape[0]
+    covariance = jax.jit(lambda x: _gram(x - jnp.mean(x, axis=0)[None, :]) / (n - 1))
+    eigh = jax.jit(jnp.linalg.eigh)
+    cov = jax.block_until_ready(covariance(xj))
+    jax.block_until_ready(eigh(cov))
+    cov_np = np.asarray(cov)
+    parts = {
+        "ours_covariance_s": lambda: jax.block_until_ready(covariance(xj)),
+        "numpy_syrk_s": lambda: x.T @ x,
+        "jax_eigh_s": lambda: jax.block_until_ready(eigh(cov)),
+        "numpy_eigh_s": lambda: np.linalg.eigh(cov_np),
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            times[name].append(timed(fn)[0])
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def run_row(x: np.ndarray, xj: jax.Array, k: int, repeats: int, carried: dict) -> dict:
@@ -194,8 +219,14 @@ def main() -> None:
         x = make_data(n, d)
         generate_s = time.perf_counter() - start
         transfer_s, xj = timed(lambda x=x: jnp.asarray(x).block_until_ready())
-        shapes.append({"n": n, "d": d, "generate_s": generate_s, "host_to_device_s": transfer_s})
-        print(f"{n}x{d}: generated in {generate_s:.1f} s, host-to-device {transfer_s:.3f} s")
+        parts = breakdown(x, xj, args.repeats)
+        shapes.append(
+            {"n": n, "d": d, "generate_s": generate_s, "host_to_device_s": transfer_s, **parts}
+        )
+        print(
+            f"{n}x{d}: generated in {generate_s:.1f} s, host-to-device {transfer_s:.3f} s; "
+            + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in parts.items())
+        )
         carried: dict = {}
         for k in ks:
             rows.append(run_row(x, xj, k, args.repeats, carried))
@@ -256,7 +287,10 @@ def main() -> None:
                 for s in all_solvers
             ],
             f"{ev['ours_full']:.6f}",
-            *[f"{ev[s]:.6f}" if s in ev else "-" for s in all_solvers],
+            *[
+                "-" if s not in ev else "(timed at first k)" if np.isnan(ev[s]) else f"{ev[s]:.6f}"
+                for s in all_solvers
+            ],
         ]
 
     met = sum(r["target_met"] for r in rows)
@@ -275,6 +309,32 @@ def main() -> None:
         "## Summary",
         "",
         markdown_table(header, [fmt(r) for r in rows]),
+        "",
+        "## Where the time goes (covariance paths)",
+        "",
+        "Both covariance paths are one d x d covariance plus a d x d eigendecomposition "
+        "(ours replaces the latter by a sketch when k is small). Medians of the same "
+        "interleaved timing:",
+        "",
+        markdown_table(
+            [
+                "n x d",
+                "ours covariance ms (center + blocked XLA matmul)",
+                "NumPy x.T @ x ms (syrk)",
+                "jax eigh ms",
+                "NumPy eigh ms",
+            ],
+            [
+                [
+                    f"{s['n']} x {s['d']}",
+                    _ms(s["ours_covariance_s"]),
+                    _ms(s["numpy_syrk_s"]),
+                    _ms(s["jax_eigh_s"]),
+                    _ms(s["numpy_eigh_s"]),
+                ]
+                for s in shapes
+            ],
+        ),
         "",
         "## Speedup of ours over each scikit-learn solver, and explained variance",
         "",

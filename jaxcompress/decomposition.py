@@ -17,9 +17,10 @@ Everything runs in float32, or in float64 when the input is float64 and
 scikit-learn's sign convention (``svd_flip`` on the rows of ``Vt``): in each
 component the entry largest in absolute value is positive.
 
-Rows of ``x`` may be sharded over a mesh (``Auto`` or ``Explicit`` axes): the
-row reductions become all-reductions, and the few steps that need a whole matrix
-(QR of the ``n x l`` sketch, the SVD of a wide ``x``) gather it first.
+Rows of ``x`` may be sharded over a mesh (``Auto`` or ``Explicit`` axes): every
+reduction over rows (means, covariances, the small Gram matrices that orthonormalize
+a sketch) becomes an all-reduce to a replicated result; only the exact SVD of a wide
+``x`` (``method="full"`` with ``n <= d``) gathers ``x`` first.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ _PCA_METHODS = ("auto", "full", "randomized")
 # lda(shrinkage=None) adds this ridge, relative to the mean within-class variance.
 _AUTO_RIDGE = 1e-6
 # "auto" picks "full" when max(n, d) <= _AUTO_MIN_SIZE or k >= _AUTO_FRACTION * min(n, d)
-# (scikit-learn's rule), and for n >= d when _AUTO_TALL_WIDTH * width > d.
+# (scikit-learn's rule), and for n >= d when width > _AUTO_WIDTH_PER_D3 * d³: there the
+# exact O(d³) eigh (about 4.5e-11 d³ s) is cheaper than the covariance sketch's
+# iterations (about 4e-4 s per sketch column), both measured on a 2-core CPU.
 _AUTO_MIN_SIZE = 500
 _AUTO_FRACTION = 0.8
-_AUTO_TALL_WIDTH = 4
+_AUTO_WIDTH_PER_D3 = 1.1e-7
 # Flops of a thin (width-column) pass over x, relative to the covariance product's.
-_PASS_COST = 2.0
+_PASS_COST = 2.5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -389,7 +392,11 @@ def _pca_sketch_data(
     x: jax.Array, key: jax.Array, k: int, center: bool, width: int, n_iter: int
 ) -> tuple[PCAResult, jax.Array]:
     """Halko et al. (2011), Algorithms 4.4 + 5.1, on the centered data: ``2 n_iter + 3``
-    passes over ``x`` with ``width = k + oversamples`` columns."""
+    passes over ``x`` with ``width = k + oversamples`` columns.
+
+    The passes back to feature space are written ``qᵀ x`` (``(width, d)``), not
+    ``xᵀ q``: on CPU, XLA runs the latter about 5x slower (it relayouts ``x``).
+    """
     n, d = x.shape
     xc, mean = _center(x, center)
     total = jnp.sum(xc * xc) / (n - 1)
@@ -397,7 +404,7 @@ def _pca_sketch_data(
     q = _orthonormal(_mm(xc, omega))
 
     def power(_: int, q: jax.Array) -> jax.Array:
-        z = _orthonormal(_tmm(xc, q))  # (d, width)
+        z = _orthonormal(_tmm(q, xc).T)  # (d, width), from qᵀ xc
         return _orthonormal(_mm(xc, z))  # (n, width)
 
     q = _orthonormal(jax.lax.fori_loop(0, n_iter, power, q), passes=1, robust=False)
@@ -439,15 +446,17 @@ def _pca_sketch_covariance(
 def _sketch_covariance(n: int, d: int, width: int, n_iter: int) -> bool:
     """Whether "randomized" sketches the covariance rather than the data: when ``n >= d``
     and one ``2 n d²`` covariance costs less than the ``2 n_iter + 3`` passes of
-    ``2 n d width`` each, counting a pass at _PASS_COST times its flops (measured: thin
-    products run at a fraction of the speed of the square one)."""
+    ``2 n d width`` each, counting a pass at _PASS_COST times its flops. Measured on
+    100000 x 1024 float32 (2-core CPU): a power iteration (two thin passes of width
+    26 and their orthonormalizations) runs at about 100 GFLOP/s, the blocked
+    covariance at about 250."""
     return n >= d and d <= _PASS_COST * (2 * n_iter + 3) * width
 
 
 def _auto_method(n: int, d: int, k: int, width: int) -> str:
     if max(n, d) <= _AUTO_MIN_SIZE or k >= _AUTO_FRACTION * min(n, d):
         return "full"
-    if n >= d and _AUTO_TALL_WIDTH * width > d:
+    if n >= d and width > _AUTO_WIDTH_PER_D3 * d**3:
         return "full"
     return "randomized"
 
@@ -474,14 +483,15 @@ def pca_fit(
     * ``"randomized"`` -- Halko, Martinsson & Tropp (2011): a Gaussian sketch of
       ``l`` columns, ``n_iter`` power iterations re-orthonormalized on both sides,
       then a Rayleigh-Ritz step. When ``n >= d`` and the covariance is cheaper than
-      the ``2 n_iter + 3`` thin passes over ``x`` (``d <= 2 (2 n_iter + 3) l``), the
+      the ``2 n_iter + 3`` thin passes over ``x`` (``d <= 2.5 (2 n_iter + 3) l``), the
       sketch is of the covariance: one pass over ``x``, then only ``O(d² l)`` work per
       iteration and no ``O(d³)`` eigh. Otherwise the passes are over ``x`` itself.
       Accurate when the spectrum decays past ``k``.
     * ``"auto"`` -- ``"full"`` when ``max(n, d) <= 500`` or ``k >= 0.8 min(n, d)``
-      (scikit-learn's rule), and also when ``n >= d`` and ``l > d / 4`` (there the
-      exact ``eigh`` costs about as much as the sketch's iterations); otherwise
-      ``"randomized"``. Measured in ``benchmarks/pca_vs_sklearn.py``.
+      (scikit-learn's rule), and also when ``n >= d`` and ``l > 1.1e-7 d³`` (e.g.
+      ``l > 53`` for ``d = 784``, ``l > 118`` for ``d = 1024``: there the exact
+      ``eigh`` costs less than the sketch's iterations, as measured on CPU);
+      otherwise ``"randomized"``. See ``benchmarks/pca_vs_sklearn.py``.
 
     Computes in float32 (float64 when ``x`` is float64 and ``jax_enable_x64`` is
     on). Under :func:`jax.jit`, mark ``n_components`` (and the other options) static;

@@ -113,8 +113,13 @@ def test_pca_randomized_matches_sklearn_on_low_rank_data(n, d, path):
 
 
 def test_pca_auto_and_default_key():
-    x = spectrum_data(800, 60, SCALES, seed=2)
-    a = pca_fit(x, 4)  # auto -> randomized (covariance sketch), key(0)
+    from jaxcompress.decomposition import _auto_method
+
+    assert _auto_method(10000, 784, 16, 26) == "randomized"  # covariance sketch
+    assert _auto_method(10000, 784, 256, 266) == "full"  # eigh cheaper than the sketch
+    assert _auto_method(800, 24, 4, 14) == "full"  # small
+    x = spectrum_data(64, 600, SCALES, seed=2)  # wide: data sketch
+    a = pca_fit(x, 4)
     b = pca_fit(x, 4, method="randomized", key=jax.random.key(0))
     np.testing.assert_array_equal(a.components, b.components)
     full = pca_fit(x, 4, method="full")
@@ -151,8 +156,8 @@ def test_sketch_rule():
     # The covariance is sketched when it costs less than 2 n_iter + 3 thin passes.
     from jaxcompress.decomposition import _sketch_covariance
 
-    assert _sketch_covariance(10000, 784, 74, 7)
-    assert not _sketch_covariance(10000, 784, 14, 7)  # 2 * 17 * 14 = 476 < 784
+    assert _sketch_covariance(10000, 1024, 26, 7)
+    assert not _sketch_covariance(10000, 1024, 14, 7)  # 2.5 * 17 * 14 = 595 < 1024
     assert not _sketch_covariance(300, 784, 74, 7)  # wide: always the data
 
 
