@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -16,11 +17,13 @@ Run one benchmark script, or all of them, from the benchmarks/ folder of a sourc
 checkout (benchmarks are not installed with the package). Each script compares
 jaxcompress with its baseline side by side in one run and writes markdown and JSON
 to benchmarks/results/. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are unset for the run
-so baselines get their full BLAS speed. Arguments after the name go to the script.
+so baselines get their full BLAS speed. Options of this command go before the name;
+everything after the name goes to the script.
 
   jaxcompress bench --list
   jaxcompress bench quantizers
   jaxcompress bench kmeans_vs_sklearn --quick
+  jaxcompress bench --json quantizers     # one JSON object: status and results file
 """
 
 _BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -37,6 +40,11 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("name", nargs="?", help="benchmark to run (default: all)")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed to the script")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout (the list, or each run's status and results)",
+    )
     bench.add_argument(
         "--dir",
         default=None,
@@ -87,6 +95,9 @@ def run_bench(args: argparse.Namespace) -> int:
     """Lists or runs benchmarks; returns the first failing exit status, or 0."""
     folder = _benchmarks_dir(args.dir)
     names = available(folder)
+    if args.list and args.json:
+        print(json.dumps({"folder": str(folder), "benchmarks": names}))
+        return 0
     if args.list:
         table = Table(title=f"benchmarks in {folder}")
         table.add_column("name")
@@ -100,11 +111,22 @@ def run_bench(args: argparse.Namespace) -> int:
     selected = [args.name] if args.name else list(names)
     environment = {k: v for k, v in os.environ.items() if k not in _BLAS_OVERRIDES}
     console = Console(stderr=True)
+    runs = []
     for name in selected:
         console.rule(f"benchmark {name}")
         command = [sys.executable, str(folder / f"{name}.py"), *args.script_args]
-        status = subprocess.run(command, env=environment, cwd=folder.parent).returncode
+        # With --json the scripts' own output goes to stderr, keeping stdout pure JSON.
+        output = sys.stderr if args.json else None
+        status = subprocess.run(
+            command, env=environment, cwd=folder.parent, stdout=output
+        ).returncode
+        results = folder / "results" / f"{name}.json"
+        runs.append(
+            {"name": name, "status": status, "results": str(results) if results.exists() else None}
+        )
         if status:
             console.print(f"[red]{name} failed with exit status {status}[/red]")
-            return status
-    return 0
+            break
+    if args.json:
+        print(json.dumps({"folder": str(folder), "runs": runs}))
+    return runs[-1]["status"] if runs else 0

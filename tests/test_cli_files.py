@@ -175,3 +175,26 @@ def test_bench_lists_the_suite_and_rejects_unknown_names(tmp_path):
     assert run.returncode == 2 and "unknown benchmark 'no_such_benchmark'" in run.stderr
     run = _cli("bench", "--list", cwd=tmp_path)  # falls back to the checkout's folder
     assert run.returncode == 0 and "quantizers" in run.stdout
+    listed = json.loads(_cli("bench", "--list", "--json").stdout)
+    assert "deep_compression" in listed["benchmarks"]
+
+
+def test_bench_runs_a_script_and_reports_json(tmp_path):
+    folder = tmp_path / "benchmarks"
+    (folder / "results").mkdir(parents=True)
+    script = (
+        '"""Does it run?"""\n'
+        "import json, os, pathlib\n"
+        "assert 'OPENBLAS_CORETYPE' not in os.environ\n"
+        "print('noise on stdout')\n"
+        "pathlib.Path(__file__).parent.joinpath('results', 'tiny.json').write_text('{}')\n"
+    )
+    (folder / "tiny.py").write_text(script)
+    # Options go before the name; everything after it is the script's.
+    run = _cli("bench", "--json", "--dir", folder, "tiny")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["runs"] == [
+        {"name": "tiny", "status": 0, "results": str(folder / "results" / "tiny.json")}
+    ]
+    assert "noise on stdout" in run.stderr
