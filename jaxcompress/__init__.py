@@ -15,13 +15,21 @@ Example:
 
 from jaxcompress import decomposition as decomposition
 from jaxcompress import filters as filters
+from jaxcompress import minilm as minilm
+from jaxcompress import parallel as parallel
+from jaxcompress import sharding as sharding
 from jaxcompress import training as training
+from jaxcompress.accelerate import Accelerated as Accelerated
+from jaxcompress.accelerate import Plan as Plan
+from jaxcompress.accelerate import accelerate as accelerate
 from jaxcompress.arrays import Clustered as Clustered
 from jaxcompress.arrays import CompressedArray as CompressedArray
 from jaxcompress.arrays import LowRank as LowRank
 from jaxcompress.arrays import Quantized as Quantized
 from jaxcompress.arrays import Sparse as Sparse
 from jaxcompress.arrays import is_compressed as is_compressed
+from jaxcompress.arrays.serving import ClusteredMatrix as ClusteredMatrix
+from jaxcompress.arrays.serving import QuantizedMatrix as QuantizedMatrix
 from jaxcompress.calibrate import InputStats as InputStats
 from jaxcompress.calibrate import calibrate as calibrate
 from jaxcompress.cluster import cluster as cluster
@@ -35,6 +43,9 @@ from jaxcompress.io.interop import read_msgpack as read_msgpack
 from jaxcompress.io.interop import read_safetensors as read_safetensors
 from jaxcompress.io.interop import write_safetensors as write_safetensors
 from jaxcompress.lowrank import low_rank as low_rank
+from jaxcompress.parallel import data_parallel as data_parallel
+from jaxcompress.parallel import pmap_apply as pmap_apply
+from jaxcompress.parallel import tensor_parallel_specs as tensor_parallel_specs
 from jaxcompress.projections import lda as lda
 from jaxcompress.projections import pca as pca
 from jaxcompress.prune import prune as prune
@@ -44,6 +55,7 @@ from jaxcompress.report import Report as Report
 from jaxcompress.report import summarize as summarize
 from jaxcompress.runtime import materialize as materialize
 from jaxcompress.runtime import nbytes as nbytes
+from jaxcompress.sharding import shardings_like as shardings_like
 from jaxcompress.transforms import Transform as Transform
 from jaxcompress.transforms import chain as chain
 from jaxcompress.transforms import masked as masked
@@ -52,20 +64,26 @@ from jaxcompress.transforms import partition as partition
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accelerated",
     "Clustered",
+    "ClusteredMatrix",
     "CompressedArray",
     "FileFormatError",
     "FileReport",
     "InputStats",
     "LeafReport",
     "LowRank",
+    "Plan",
     "Quantized",
+    "QuantizedMatrix",
     "Report",
     "Sparse",
     "Transform",
+    "accelerate",
     "calibrate",
     "chain",
     "cluster",
+    "data_parallel",
     "decomposition",
     "export_dense",
     "filters",
@@ -76,15 +94,21 @@ __all__ = [
     "low_rank",
     "masked",
     "materialize",
+    "minilm",
     "nbytes",
+    "parallel",
     "partition",
     "pca",
+    "pmap_apply",
     "prune",
     "quantize",
     "read_msgpack",
     "read_safetensors",
     "save",
+    "sharding",
+    "shardings_like",
     "summarize",
+    "tensor_parallel_specs",
     "training",
     "write_safetensors",
 ]

@@ -39,6 +39,8 @@ __all__ = [
     "ConvInfo",
     "WeightUse",
     "capture",
+    "bind_equation",
+    "evaluate",
     "fan_in_axes",
     "fan_in_by_path",
     "input_features",
@@ -625,15 +627,19 @@ def capture(
     return captured
 
 
-def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[Any]:
-    env: dict[Any, Any] = {}
-    for var, val in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args, strict=True):
-        env[var] = val
+def _environment(jaxpr, consts, args) -> tuple[dict[Any, Any], Callable[[Any], Any]]:
+    """The variable environment of a jaxpr's inputs, and its reader (literals inline)."""
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
 
     def read(v: Any) -> Any:
         return v.val if isinstance(v, jex.Literal) else env[v]
+
+    return env, read
+
+
+def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[Any]:
+    env, read = _environment(jaxpr, consts, args)
 
     for i, eqn in enumerate(jaxpr.eqns):
         site = (*prefix, i)
@@ -645,14 +651,7 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
             for operand in wanted.get(site, ()):
                 if eqn.primitive.name in (DOT, CONV):
                     captured[(site, operand)] = invals[operand]
-            bind_params = eqn.primitive.get_bind_params(eqn.params)
-            ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
-            if ctx is None:
-                out = eqn.primitive.bind(*invals, **bind_params)
-            else:
-                with ctx:
-                    out = eqn.primitive.bind(*invals, **bind_params)
-            outs = out if eqn.primitive.multiple_results else [out]
+            outs = bind_equation(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
             if not isinstance(var, jex.DropVar):
                 env[var] = val
@@ -747,3 +746,80 @@ def input_features(use: WeightUse, activation: jax.Array) -> tuple[jax.Array, li
     values = values.transpose(*range(n_rows), *(n_rows + j for j in order))
     m = math.prod(size for _, size in atoms)
     return values.reshape(*rows_shape, m), row_dims
+
+
+def evaluate(
+    closed_jaxpr: Any,
+    args: Sequence[Any],
+    *,
+    special: Callable[[Any], bool],
+    rule: Callable[[Any, list[Any]], list[Any]],
+) -> list[Any]:
+    """Evaluates a jaxpr, handing equations that touch ``special`` values to ``rule``.
+
+    Values for which ``special(value)`` is true (stand-ins for compressed weights, say)
+    never reach a primitive: a call-like equation (``jit``, ``remat``, custom
+    derivatives) that receives one is inlined, and any other equation that receives
+    one is evaluated by ``rule(eqn, input_values)``, which returns the list of its
+    outputs (special or not). Every other equation is bound as traced. Call it inside
+    :func:`jax.jit` so the interpretation happens once, at trace time.
+
+    Args:
+        closed_jaxpr: the program (from :func:`trace_jaxpr` or :func:`jax.make_jaxpr`).
+        args: its inputs, special values included.
+        special: marks the values ``rule`` must handle.
+        rule: evaluates one equation with special inputs.
+
+    Returns:
+        The program's outputs.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> jaxpr = jax.make_jaxpr(lambda w, x: jnp.tanh(x @ w))(jnp.ones((2, 2)), jnp.ones(2))
+        >>> tagged = ("scaled identity", 3.0)
+        >>> def rule(eqn, vals):  # x @ w with w = 3 * identity
+        ...     return [vals[0] * vals[1][1]]
+        >>> out, = evaluate(jaxpr, [tagged, jnp.ones(2)], special=lambda v: isinstance(v, tuple),
+        ...                 rule=rule)
+        >>> [round(float(v), 3) for v in out]
+        [0.995, 0.995]
+    """
+    return _evaluate(closed_jaxpr.jaxpr, list(closed_jaxpr.consts), list(args), special, rule)
+
+
+def bind_equation(eqn: Any, invals: list[Any]) -> list[Any]:
+    """Applies one jaxpr equation's primitive to ``invals``: the list of its outputs.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> eqn = jax.make_jaxpr(jnp.sin)(1.0).jaxpr.eqns[0]
+        >>> [round(float(v), 3) for v in bind_equation(eqn, [0.5])]
+        [0.479]
+    """
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if ctx is None:
+        out = eqn.primitive.bind(*invals, **bind_params)
+    else:
+        with ctx:
+            out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _evaluate(jaxpr, consts, args, special, rule) -> list[Any]:
+    env, read = _environment(jaxpr, consts, args)
+
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if not any(special(v) for v in invals):
+            outs = bind_equation(eqn, invals)
+        else:
+            sub = _sub_jaxpr(eqn)
+            if sub is not None:
+                outs = _evaluate(sub[0], sub[1], invals, special, rule)
+            else:
+                outs = rule(eqn, invals)
+        for var, val in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(var, jex.DropVar):
+                env[var] = val
+    return [read(v) for v in jaxpr.outvars]

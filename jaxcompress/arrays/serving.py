@@ -1,0 +1,290 @@
+"""Serving layouts: compressed matrices stored output-major for fast inference.
+
+:class:`Quantized` and :class:`Clustered` keep their codes laid out like the dense
+weight ``(K, N)`` (inputs first), which is what saving, sharding and materializing
+want. Integer and blocked matrix products want the transpose, ``(N, K)``: each output
+channel's codes contiguous along the contracted axis. Measured on this project's
+2-core CPU (AVX-512 VNNI), an int8 ``(64, 4096) x (4096, 4096)`` product took 3.7 ms
+with ``(N, K)`` codes, 6.0 ms with ``(K, N)`` codes and 43 ms when the transpose was
+done inside ``jit`` (dense float32: 6.8 ms). So the transpose is done once, by
+:func:`to_serving`, not on every call.
+
+Both classes are compressed leaves: ``materialize`` gives the same dense array as
+the leaf they came from, so any code path that does not know them still works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
+from jaxcompress.arrays.clustered import Clustered
+from jaxcompress.arrays.quantized import Quantized, group_layout
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "scale", "offset"],
+    meta_fields=["shape", "dtype", "bits", "packed"],
+)
+@dataclasses.dataclass(frozen=True, repr=False)
+class QuantizedMatrix(CompressedArray):
+    """Linear codes of a ``(K, N)`` matrix view, stored output-major as signed integers.
+
+    ``W[k, n] = (q[n, k] - offset[g, n]) * scale[g, n]`` for ``k`` in group ``g``.
+    Codes of up to 4 bits are packed two per byte, biased by 8: byte ``j`` of a row
+    holds ``q[j] + 8`` in its low nibble and ``q[j + K/2] + 8`` in its high nibble, so
+    each half of the row unpacks to a contiguous half of the contracted axis.
+
+    Attributes:
+        codes: ``(N, K)`` int8, or ``(N, K // 2)`` uint8 when ``packed``.
+        scale: ``(G, N)`` float32 scales.
+        offset: ``(G, N)`` float32 zero-point offsets, or ``None`` (symmetric codes).
+        shape: the dense shape (static); ``K`` is the product of all but its last axis.
+        dtype: the dense dtype (static).
+        bits: bits per code (static).
+        packed: whether two codes share a byte (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+        >>> leaf = jc.quantize(bits=8, axis=-1)({"w": w})[0]["w"]
+        >>> serving = to_serving(leaf)
+        >>> serving.codes.shape, bool(jnp.all(serving.materialize() == leaf.materialize()))
+        ((3, 4), True)
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    bits: int
+    packed: bool
+
+    kind = "quantized_matrix"
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.offset is None else leaf_nbytes(self.offset)
+        return leaf_nbytes(self.codes) + leaf_nbytes(self.scale) + extra
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(K, N)``."""
+        return math.prod(self.shape[:-1]), self.shape[-1]
+
+    @property
+    def groups(self) -> int:
+        """``G``, the number of scale groups along ``K``."""
+        return int(self.scale.shape[0])
+
+    def signed_codes(self) -> jax.Array:
+        """The ``(N, K)`` int8 codes, unpacked."""
+        if not self.packed:
+            return self.codes
+        return jnp.concatenate(unpack_nibbles(self.codes), axis=1)
+
+    def materialize(self) -> jax.Array:
+        k, n = self.matrix_shape
+        groups = self.groups
+        codes = self.signed_codes().astype(jnp.float32).reshape(n, groups, k // groups)
+        offset = 0.0 if self.offset is None else self.offset.T[:, :, None]
+        dense = (codes - offset) * self.scale.T[:, :, None]
+        return dense.reshape(n, k).T.reshape(self.shape).astype(self.dtype)
+
+    def layout_child(self) -> jax.Array:
+        return self.codes
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedMatrix(shape={self.shape}, bits={self.bits}, groups={self.groups}, "
+            f"packed={self.packed})"
+        )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["indices", "codebook"],
+    meta_fields=["shape", "dtype", "bits"],
+)
+@dataclasses.dataclass(frozen=True, repr=False)
+class ClusteredMatrix(CompressedArray):
+    """Cluster indices of a ``(K, N)`` matrix view, stored output-major as uint8.
+
+    Attributes:
+        indices: ``(N, K)`` uint8 codebook indices.
+        codebook: ``(k,)`` shared, or ``(N, k)`` per output channel.
+        shape: the dense shape (static).
+        dtype: the dense dtype (static).
+        bits: index bits of the source leaf (static).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+        >>> leaf = jc.cluster(k=4)({"w": w})[0]["w"]
+        >>> serving = to_serving(leaf)
+        >>> serving.indices.shape, bool(jnp.all(serving.materialize() == leaf.materialize()))
+        ((3, 4), True)
+    """
+
+    indices: jax.Array
+    codebook: jax.Array
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    bits: int
+
+    kind = "clustered_matrix"
+
+    @property
+    def nbytes(self) -> int:
+        return leaf_nbytes(self.indices) + leaf_nbytes(self.codebook)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(K, N)``."""
+        return math.prod(self.shape[:-1]), self.shape[-1]
+
+    def materialize(self) -> jax.Array:
+        dense_t = lookup(self.codebook, self.indices)
+        return dense_t.T.reshape(self.shape).astype(self.dtype)
+
+    def layout_child(self) -> jax.Array:
+        return self.indices
+
+    def __repr__(self) -> str:
+        return f"ClusteredMatrix(shape={self.shape}, k={self.codebook.shape[-1]})"
+
+
+def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Signed codes ``(first half, second half)`` of a packed uint8 array, as int8.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> low, high = unpack_nibbles(jnp.array([0x9F], jnp.uint8))  # nibbles 15 and 9
+        >>> low.tolist(), high.tolist()
+        ([7], [1])
+    """
+    eight = jnp.int8(8)
+    low = (packed & jnp.uint8(0xF)).astype(jnp.int8) - eight
+    high = jnp.right_shift(packed, jnp.uint8(4)).astype(jnp.int8) - eight
+    return low, high
+
+
+def lookup(codebook: jax.Array, indices: jax.Array) -> jax.Array:
+    """Codebook values of ``(N, k)`` indices, with a shared or per-row codebook.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lookup(jnp.array([0.5, 2.0]), jnp.array([[1, 0]], jnp.uint8)).tolist()
+        [[2.0, 0.5]]
+    """
+    idx = indices.astype(jnp.int32)
+    if codebook.ndim == 1:
+        return jnp.take(codebook, idx, mode="clip")
+    return jnp.take_along_axis(codebook, idx, axis=1, mode="clip")
+
+
+def _pack_nibbles(signed: jax.Array) -> jax.Array:
+    half = signed.shape[1] // 2
+    biased = (signed + jnp.int8(8)).astype(jnp.uint8)
+    return biased[:, :half] | jnp.left_shift(biased[:, half:], jnp.uint8(4))
+
+
+def servable(leaf: object) -> bool:
+    """Whether :func:`to_serving` has a layout for ``leaf``.
+
+    That is a :class:`Quantized` leaf with channels on its last axis (or one scale for
+    the whole tensor), or a :class:`Clustered` leaf, of rank 2 or more.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> servable(jc.quantize(bits=8, axis=-1)({"w": jnp.ones((4, 4))})[0]["w"])
+        True
+    """
+    if isinstance(leaf, Quantized):
+        ndim = len(leaf.shape)
+        per_tensor = leaf.axis is None and leaf.group_size is None
+        last = leaf.axis is not None and leaf.axis % ndim == ndim - 1
+        return ndim >= 2 and (per_tensor or last)
+    return isinstance(leaf, Clustered) and len(leaf.shape) >= 2
+
+
+def to_serving(leaf: Quantized | Clustered) -> QuantizedMatrix | ClusteredMatrix:
+    """The output-major serving layout of a quantized or clustered weight.
+
+    Run it once, outside ``jit`` or inside: it reorders the codes, it does not
+    change any value. :func:`jaxcompress.accelerate` does it for a whole pytree with
+    ``prepare``.
+
+    Args:
+        leaf: a leaf for which :func:`servable` is true.
+
+    Returns:
+        A :class:`QuantizedMatrix` or :class:`ClusteredMatrix` that materializes to
+        the same dense array.
+
+    Raises:
+        ValueError: when the leaf has no serving layout.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> leaf = jc.quantize(bits=4, axis=-1)({"w": jnp.ones((8, 2))})[0]["w"]
+        >>> to_serving(leaf).codes.shape  # 4-bit codes, two per byte
+        (2, 4)
+    """
+    if not servable(leaf):
+        raise ValueError(f"no serving layout for {leaf!r}")
+    k = math.prod(leaf.shape[:-1])
+    n = leaf.shape[-1]
+    if isinstance(leaf, Clustered):
+        indices = leaf.codes().reshape(k, n).T
+        return ClusteredMatrix(indices, leaf.codebook, leaf.shape, leaf.dtype, leaf.bits)
+    half = 2 ** (leaf.bits - 1)
+    signed = (leaf.unpacked_codes().astype(jnp.int16) - half).reshape(k, n).T.astype(jnp.int8)
+    groups, _, _ = group_layout(leaf.shape, leaf.axis, leaf.group_size)
+    scale = jnp.broadcast_to(leaf.scale.astype(jnp.float32), (groups, n))
+    offset = None
+    if leaf.zero_point is not None:
+        offset = jnp.broadcast_to(leaf.zero_point.astype(jnp.float32) - half, (groups, n))
+    packed = leaf.bits <= 4 and k % 2 == 0
+    codes = _pack_nibbles(signed) if packed else signed
+    return QuantizedMatrix(codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed)
+
+
+def clustered_on_int8_grid(leaf: Clustered) -> QuantizedMatrix:
+    """A clustered weight re-expressed as 8-bit codes: each centroid rounded to an int8 grid.
+
+    The grid step is ``max|codebook| / 127`` (per output channel for per-channel
+    codebooks), so every weight moves by at most half a step. This trades exactness
+    (and half the memory of 4-bit indices) for the integer-dot route: XLA looks up a
+    codebook on the fly far slower than it multiplies int8 codes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+        >>> leaf = jc.cluster(k=4)({"w": w})[0]["w"]
+        >>> grid = clustered_on_int8_grid(leaf)
+        >>> bool(jnp.max(jnp.abs(grid.materialize() - leaf.materialize())) <= 0.5 / 127)
+        True
+    """
+    k = math.prod(leaf.shape[:-1])
+    n = leaf.shape[-1]
+    codebook = leaf.codebook.astype(jnp.float32)
+    peak = jnp.max(jnp.abs(codebook), axis=-1, keepdims=True)
+    step = jnp.where(peak > 0, peak / 127.0, jnp.ones_like(peak))
+    table = jnp.clip(jnp.round(codebook / step), -127, 127).astype(jnp.int8)
+    codes = lookup(table, leaf.codes().reshape(k, n).T)
+    scale = jnp.broadcast_to(step.reshape(1, -1), (1, n))
+    return QuantizedMatrix(codes, scale, None, leaf.shape, leaf.dtype, 8, False)

@@ -1,0 +1,69 @@
+"""Two processes (4 CPU devices each) run a compressed model on one 8-device mesh.
+
+Each starts ``tests/multihost_worker.py``, which joins ``jax.distributed`` with gloo
+CPU collectives, places the model with ``jaxcompress.sharding.place`` and gathers the
+logits; they must equal the same forward pass computed here in one process.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import multihost_worker as worker  # tests/ is on sys.path: it has no __init__.py
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _child_env() -> dict:
+    # 4 devices per process instead of conftest's 8.
+    flags = [
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
+    flags.append("--xla_force_host_platform_device_count=4")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "logits.npy"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(port), str(i), str(out)],
+            env=_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    try:
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=TIMEOUT_S)
+            results.append((proc.returncode, stderr))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        logs = "\n".join(f"--- process {i}:\n{p.communicate()[1]}" for i, p in enumerate(procs))
+        pytest.fail(f"workers did not finish in {TIMEOUT_S} s\n{logs}")
+    if any(code == worker.NO_COLLECTIVES for code, _ in results):
+        pytest.skip(next(err for code, err in results if code == worker.NO_COLLECTIVES))
+    for i, (code, stderr) in enumerate(results):
+        assert code == 0, f"process {i} exited with {code}:\n{stderr}"
+
+    want = jax.jit(worker.forward)(worker.compressed_model(), worker.batch())
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)
