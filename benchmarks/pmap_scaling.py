@@ -114,8 +114,9 @@ def main() -> None:
         )
         print(rows[-1], file=sys.stderr, flush=True)
 
-    device = f"{devices[0].device_kind} ({jax.default_backend()}), {len(devices)} device(s)"
-    backend = jax.default_backend()
+    kind, backend = devices[0].device_kind, jax.default_backend()
+    name = backend if kind == backend else f"{kind} ({backend})"
+    device = f"{name}, {len(devices)} device(s)"
     plot_name = f"pmap_scaling_{backend}.png"
     _plot(data, RESULTS / plot_name, device)
     table = markdown_table(

@@ -71,23 +71,24 @@ def test_exact_routes_equal_the_materialize_path(name):
 @pytest.mark.parametrize("name", ["int8 per-channel", "int4 per-channel", "k-means shared"])
 def test_int8_route_is_within_the_stated_tolerance(name):
     compressed, _ = COMPRESSIONS[name](PARAMS)
-    reference = apply_mlp(jc.materialize(compressed), X)
+    x = jax.random.normal(jax.random.key(5), (64, 32))  # packed 4-bit codes: >= 64 rows
+    reference = apply_mlp(jc.materialize(compressed), x)
     fast = jc.accelerate(apply_mlp)
-    out = fast(fast.prepare(compressed), X)
+    out = fast(fast.prepare(compressed), x)
     assert set(fast.last_plan.routes().values()) == {"int8"}
-    assert _relative(out, reference) < 0.02
+    assert _relative(out, reference) < 0.03  # the tolerance accelerate's docstring states
 
 
 @pytest.mark.parametrize("route", ["int8", "blocked", "dequantize", "materialize"])
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 9])
 def test_forced_routes_agree_at_every_batch_size(route, batch):
     compressed, _ = jc.quantize(bits=4, axis=-1)(PARAMS)
-    x = X[:batch]
+    x = jax.random.normal(jax.random.key(6), (batch, 32))
     reference = apply_mlp(jc.materialize(compressed), x)
     fast = jc.accelerate(apply_mlp, route=route)
     out = fast(fast.prepare(compressed), x)
     assert set(fast.last_plan.routes().values()) == {route}
-    tolerance = 0.02 if route == "int8" else 1e-5
+    tolerance = 0.03 if route == "int8" else 1e-5
     assert _relative(out, reference) < tolerance
 
 
@@ -223,3 +224,14 @@ def test_prepared_leaves_place_by_the_dense_specs(mesh8):
     assert codes.sharding.spec[0] == "model"
     x = jax.device_put(X, jc.data_parallel(mesh8))
     np.testing.assert_allclose(fast(placed, x), fast(served, X), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_codes_take_the_blocked_route_at_small_batches():
+    compressed, _ = jc.quantize(bits=4, axis=-1)(PARAMS)
+    fast = jc.accelerate(apply_mlp)
+    served = fast.prepare(compressed)
+    small = fast.explain(served, X[:2])
+    assert set(small.routes().values()) == {"blocked"}
+    assert "packed 4-bit" in small.decisions[0].note
+    large = fast.explain(served, jnp.zeros((64, 32)))
+    assert set(large.routes().values()) == {"int8"}
