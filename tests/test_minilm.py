@@ -256,3 +256,17 @@ def test_trace_uses_finds_every_dense_kernel(minilm):
         (use,) = uses[path]
         assert use.primitive == "dot_general"
         assert use.contracting_axes == (0,) and use.free_axes == (1,)
+
+
+def test_compressed_encoder_round_trips_through_save_and_load(minilm, reference, embed, tmp_path):
+    params, config, _ = minilm
+    ids, mask = reference["input_ids"][:4], reference["attention_mask"][:4]
+    compressed, _ = jax.jit(jc.quantize(4, group_size=128, where=r"layer_\d+/.*/kernel"))(params)
+    path = tmp_path / "minilm.jxc"
+    jc.save(path, compressed)
+    loaded = jc.load(path)
+    assert isinstance(loaded["layer_3"]["output"]["kernel"], jc.Quantized)
+    assert jc.nbytes(loaded) == jc.nbytes(compressed)
+    np.testing.assert_array_equal(
+        embed(loaded, ids, mask, config=config), embed(compressed, ids, mask, config=config)
+    )

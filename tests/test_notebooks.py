@@ -18,7 +18,12 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 COLAB = ROOT / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
-EXPECTED = {"01_quickstart.ipynb", "02_training_loop.ipynb", "03_pmap_benchmark.ipynb"}
+EXPECTED = {
+    "01_quickstart.ipynb",
+    "02_training_loop.ipynb",
+    "03_pmap_benchmark.ipynb",
+    "04_real_model.ipynb",
+}
 CELL_TIMEOUT_S = 600
 
 
@@ -27,7 +32,7 @@ def _read(path):
 
 
 def test_the_notebooks_are_there():
-    assert len(NOTEBOOKS) >= 3
+    assert len(NOTEBOOKS) >= 4
     assert {path.name for path in NOTEBOOKS} >= EXPECTED
 
 
