@@ -1,4 +1,4 @@
-"""Unstructured magnitude pruning into :class:`~jaxcompress.Sparse` leaves."""
+"""Unstructured pruning (magnitude, Wanda, SparseGPT) into :class:`~jaxcompress.Sparse` leaves."""
 
 from __future__ import annotations
 
@@ -13,11 +13,26 @@ import numpy as np
 
 from jaxcompress._validate import check_selected_leaf, is_traced
 from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.lowrank import matrix_shape
+from jaxcompress.data_aware import (
+    _relative_output_error,
+    check_block_size,
+    check_damp,
+    leaf_gram,
+    mesh_scope,
+    prefix_counts,
+    require_data,
+    sparsegpt,
+    wanda_keep,
+    wanda_scores,
+)
 from jaxcompress.filters import Filter, kernels
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
 _SCOPES = ("layer", "global")
+_IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
+_COMPARISONS = ("layer", "output")
 
 
 def _check_sparsity(sparsity: object) -> Fraction:
@@ -199,29 +214,140 @@ def global_pruned_counts(weights: list[jax.Array], sparsity: float) -> list[int]
     return [int(count) for count in global_counts(weights, total_pruned)]
 
 
-def prune(sparsity: float, *, scope: str = "layer", where: Filter = kernels) -> Transform:
-    """Unstructured magnitude pruning.
+@functools.partial(jax.jit, static_argnames=("fan_in", "importance", "comparison", "block"))
+def _data_aware_mask(weight, gram, counts, *, fan_in, importance, comparison, damp, block):
+    """``(values, keep, stats)`` of one leaf under a data-aware importance, as one program.
+
+    ``counts`` (traced, so every sparsity shares the program): the layer's total for
+    Wanda's layer group, per-column counts for its output group, per-block counts for
+    SparseGPT.
+    """
+    shape = tuple(weight.shape)
+    m, n = matrix_shape(shape, fan_in)
+    matrix = unsharded(weight).reshape(m, n)
+    gram = unsharded(gram)
+    if importance == "wanda":
+        keep = wanda_keep(matrix, gram, counts, comparison=comparison)
+        stats = {
+            "relative_output_error": _relative_output_error(
+                matrix.astype(jnp.float32), jnp.where(keep, matrix, 0.0).astype(jnp.float32), gram
+            )
+        }
+        values = weight
+    else:
+        with mesh_scope(matrix):
+            values, keep, stats = sparsegpt(matrix, gram, counts, damp=damp, block_size=block)
+        values = values.astype(weight.dtype).reshape(shape)
+    return values, keep.reshape(shape), stats
+
+
+@functools.partial(jax.jit, static_argnames=("nnz",))
+def _sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
+    """:func:`sparse_from_mask` (the same leaf), by a stable sort: it compiles faster."""
+    weight, keep = unsharded(weight), unsharded(keep)
+    kept_index = jnp.argsort(jnp.logical_not(keep.reshape(-1)), stable=True)[:nnz]
+    mask = jnp.packbits(keep, axis=-1, bitorder="little")
+    return Sparse(weight.reshape(-1)[kept_index], mask, tuple(weight.shape), np.dtype(weight.dtype))
+
+
+def _data_aware_leaf(weight, gram, *, fan_in, count, importance, comparison, fraction, options):
+    """Prunes one leaf with a data-aware importance: ``(Sparse, stats)``."""
+    shape = tuple(weight.shape)
+    m, n = matrix_shape(shape, fan_in)
+    if importance == "sparsegpt":
+        block = min(options["block_size"], m)
+        rows = [min(block, m - start) for start in range(0, m, block)]
+        counts = prefix_counts(fraction, rows, n)
+    elif comparison == "output":
+        counts = prefix_counts(fraction, [1] * n, m)
+    else:
+        counts = count
+    values, keep, stats = _data_aware_mask(
+        weight,
+        gram,
+        jnp.asarray(counts, _int_dtype()),
+        fan_in=fan_in,
+        importance=importance,
+        comparison=comparison,
+        damp=jnp.float32(options["damp"]),
+        block=options["block_size"],
+    )
+    if importance == "sparsegpt":
+        stats = {"damp": options["damp"], **stats}
+    return _sparse_from_mask(values, keep, nnz=math.prod(shape) - count), stats
+
+
+def prune(
+    sparsity: float,
+    *,
+    scope: str = "layer",
+    importance: str = "magnitude",
+    comparison: str = "layer",
+    damp: float = 0.01,
+    block_size: int = 128,
+    where: Filter = kernels,
+) -> Transform:
+    """Unstructured pruning by magnitude, or by calibration data (Wanda, SparseGPT).
 
     Each selected leaf becomes a :class:`~jaxcompress.Sparse` leaf holding its kept
-    values and a bit-packed mask.
+    values and a bit-packed mask. The data-aware importances read each weight's
+    input statistics from ``data=`` (a pytree from :func:`jaxcompress.calibrate`) and
+    work on its ``(m, n)`` matrix view: ``m`` input features (the fan-in the
+    statistics were taken over: ``in`` for a Dense ``(in, out)`` kernel, ``h * w * in``
+    for a conv kernel) by ``n`` outputs. See :mod:`jaxcompress.data_aware`.
 
     Args:
         sparsity: fraction of entries to zero, in ``[0, 1)``.
         scope: ``"layer"`` zeroes exactly ``floor(sparsity * n)`` entries of each
-            selected leaf. ``"global"`` applies one magnitude threshold across all
-            selected leaves, zeroing exactly ``floor(sparsity * total)`` entries in all;
-            it needs concrete arrays (each leaf's storage size depends on the data),
-            so call it outside ``jit``.
+            selected leaf. ``"global"`` applies one threshold (on magnitudes, or on
+            Wanda scores) across all selected leaves, zeroing exactly
+            ``floor(sparsity * total)`` entries in all; it needs concrete arrays (each
+            leaf's storage size depends on the data), so call it outside ``jit``. Not
+            supported with ``importance="sparsegpt"`` or ``comparison="output"``.
+        importance: which entries go:
+
+            * ``"magnitude"``: the smallest ``|w|`` (ties by row-major index).
+            * ``"wanda"``: the smallest ``|W_ij| · √E[x_i²]`` (Wanda; the RMS of input
+              feature ``i`` is the root of the Gram's diagonal). Values are kept as they
+              are. With unit activation norms this is exactly magnitude pruning.
+            * ``"sparsegpt"``: SparseGPT. The rows (input features) are swept in
+              blocks of ``block_size``; at each block's start, the block's entries with
+              the least ``w² / [H⁻¹]_jj`` (OBS saliency, from the upper Cholesky factor
+              of the inverse damped Gram ``H = G + damp · mean(diag G) · I``) are chosen,
+              over all the block's rows and outputs; then each row is pruned in turn and
+              its error is fed into the rows not yet pruned, so the kept weights change
+              to compensate. Each block prunes ``floor`` or ``ceil`` of its share of
+              ``sparsity`` so that the layer total is exactly
+              ``floor(sparsity * size)``.
+
+        comparison: Wanda's comparison group. ``"layer"`` ranks the whole leaf (exact
+            ``floor(sparsity * size)``, like magnitude pruning). ``"output"`` ranks each
+            output column on its own, as the Wanda paper does: column ``j`` of ``m``
+            entries prunes ``floor((j+1)·s·m) − floor(j·s·m)`` (``floor(s·m)`` or one
+            more), so the leaf's total is still exactly ``floor(sparsity * size)``. Only
+            with ``importance="wanda"``.
+        damp: SparseGPT's damping, relative to the mean diagonal of the Gram (the
+            absolute ``λ`` is reported in the stats).
+        block_size: SparseGPT's rows per block (mask selection and lazy updates).
         where: which leaves to prune; by default :func:`jaxcompress.filters.kernels`
             (floating leaves with ndim >= 2), so biases and norms are left alone.
 
     Returns:
-        A transform returning ``(compressed, stats)``, where ``stats`` maps each
-        pruned leaf path to ``{"pruned": count, "size": n}``.
+        A transform ``tx(params, *, key=None, data=None)`` returning
+        ``(compressed, stats)``, where ``stats`` maps each pruned leaf path to
+        ``{"pruned": count, "size": n}``; with ``"wanda"`` also
+        ``"relative_output_error"`` (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``, ``E`` the change of
+        the weight), with ``"sparsegpt"`` also ``"damp"``, ``"damping"`` (the ``λ``
+        added) and ``"factorized"`` (whether the Cholesky factors were finite).
 
     Raises:
-        ValueError: sparsity outside ``[0, 1)``, an unknown scope, a selected scalar,
-            zero-size or non-finite leaf, or global scope under ``jit``.
+        ValueError: sparsity outside ``[0, 1)``, an unknown scope, importance or
+            comparison, a bad ``damp`` or ``block_size``; a selected scalar,
+            zero-size or non-finite leaf; global scope under ``jit`` or with
+            SparseGPT; a data-aware importance without ``data=``, without statistics
+            for a selected leaf, or with statistics whose feature size fits no fan-in
+            of the leaf; a SparseGPT Gram that is not positive definite even after
+            damping (outside ``jit``). Errors name the transform and the leaf.
         TypeError: a selected integer, boolean or already-compressed leaf.
 
     Example:
@@ -232,33 +358,113 @@ def prune(sparsity: float, *, scope: str = "layer", where: Filter = kernels) -> 
         >>> pruned, stats = jax.jit(jc.prune(0.5))(params)
         >>> pruned["dense"]["kernel"].nnz, int(stats["dense/kernel"]["pruned"])
         (6, 6)
+
+        Data-aware pruning of a small model with calibration statistics:
+
+        >>> from jaxcompress.models import LeNet300100
+        >>> model = LeNet300100()
+        >>> x = jax.random.normal(jax.random.key(0), (64, 64))
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> data = jc.calibrate(lambda p, x: model.apply({"params": p}, x), params, [x])
+        >>> pruned, stats = jc.prune(0.5, importance="sparsegpt")(params, data=data)
+        >>> pruned["dense1"]["kernel"].nnz, int(stats["dense1/kernel"]["pruned"])
+        (9600, 9600)
+        >>> pruned, stats = jax.jit(jc.prune(0.5, importance="wanda"))(params, data=data)
+        >>> float(stats["dense2/kernel"]["relative_output_error"]) < 0.5
+        True
     """
     fraction = _check_sparsity(sparsity)
     if scope not in _SCOPES:
         raise ValueError(f"prune: scope must be one of {_SCOPES}, got {scope!r}")
+    if importance not in _IMPORTANCES:
+        raise ValueError(f"prune: importance must be one of {_IMPORTANCES}, got {importance!r}")
+    if comparison not in _COMPARISONS:
+        raise ValueError(f"prune: comparison must be one of {_COMPARISONS}, got {comparison!r}")
+    if comparison == "output" and importance != "wanda":
+        raise ValueError(
+            f"prune: comparison='output' is Wanda's per-output group; it needs "
+            f"importance='wanda', got importance={importance!r}"
+        )
+    if scope == "global" and importance == "sparsegpt":
+        raise ValueError(
+            "prune: scope='global' is not supported with importance='sparsegpt' (its "
+            "saliencies change as earlier rows are pruned); use scope='layer'"
+        )
+    if scope == "global" and comparison == "output":
+        raise ValueError("prune: scope='global' cannot be combined with comparison='output'")
+    options = {
+        "damp": check_damp("prune", damp),
+        "block_size": check_block_size("prune", block_size),
+    }
     name = f"prune({float(fraction)!r}, scope={scope})"
+    if importance != "magnitude":
+        name = f"prune({float(fraction)!r}, scope={scope}, importance={importance})"
 
     def apply(params, *, key=None, data=None):
+        by_path = (
+            require_data(name, f"importance={importance!r}", data)
+            if importance != "magnitude"
+            else {}
+        )
         selected, entries, treedef = select_leaves(params, where)
         weights = [check_selected_leaf(name, entry.path, entry.leaf) for entry in selected]
+        grams = [None] * len(weights)
+        if importance != "magnitude":
+            option = f"importance={importance!r}"
+            grams = [
+                leaf_gram(name, option, entry.path, by_path, tuple(weight.shape))
+                for entry, weight in zip(selected, weights, strict=True)
+            ]
         if scope == "global":
-            if any(is_traced(w) for w in weights):
+            if any(is_traced(w) for w in weights) or any(
+                g is not None and is_traced(g[0]) for g in grams
+            ):
                 raise ValueError(
                     "prune: scope='global' needs concrete arrays, since each leaf's storage "
                     "size depends on the data; call it outside jax.jit or use scope='layer'"
                 )
-            counts = global_pruned_counts(weights, float(fraction))
+            if importance == "wanda":
+                scores = [
+                    wanda_scores(unsharded(w).reshape(m, n), unsharded(g))
+                    for w, (g, _, m, n) in zip(weights, grams, strict=True)
+                ]
+                counts = global_pruned_counts(scores, float(fraction))
+            else:
+                counts = global_pruned_counts(weights, float(fraction))
         else:
             counts = [math.floor(fraction * math.prod(w.shape)) for w in weights]
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for entry, weight, count in zip(selected, weights, counts, strict=True):
-            sparse = magnitude_sparse(weight, count)
+        for entry, weight, gram, count in zip(selected, weights, grams, counts, strict=True):
+            leaf_stats = {"pruned": count, "size": math.prod(weight.shape)}
+            if importance == "magnitude":
+                sparse = magnitude_sparse(weight, count)
+            else:
+                sparse, extra = _data_aware_leaf(
+                    weight,
+                    gram[0],
+                    fan_in=gram[1],
+                    count=count,
+                    importance=importance,
+                    comparison=comparison,
+                    fraction=fraction,
+                    options=options,
+                )
+                if (
+                    "factorized" in extra
+                    and not is_traced(extra["factorized"])
+                    and not bool(extra["factorized"])
+                ):
+                    raise ValueError(
+                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                    )
+                leaf_stats.update(extra)
             reference = named_sharding_of(weight)
             leaves[entry.index] = jax.tree.map(
                 functools.partial(place_like, reference=reference), sparse
             )
-            stats[entry.path] = {"pruned": count, "size": math.prod(weight.shape)}
+            stats[entry.path] = leaf_stats
         return jax.tree_util.tree_unflatten(treedef, leaves), stats
 
     return Transform(apply, name)

@@ -26,15 +26,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress._validate import check_values_to_compress
+from jaxcompress._validate import check_values_to_compress, is_traced
 from jaxcompress.arrays import Quantized, Sparse
 from jaxcompress.arrays.quantized import from_groups, group_layout, to_groups
 from jaxcompress.bitpack import pack
+from jaxcompress.data_aware import (
+    check_block_size,
+    check_damp,
+    gptq,
+    leaf_gram,
+    mesh_scope,
+    require_data,
+)
 from jaxcompress.filters import Filter, kernels
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
+_METHODS = ("rtn", "gptq")
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 # Clipping ratios searched by calibration="mse", largest first so ties keep more range.
 _MSE_RATIOS = np.linspace(1.0, 0.01, 100, dtype=np.float32)
@@ -373,6 +382,65 @@ def check_options(
     )
 
 
+def _gptq_layout(name: str, path: str, shape, axis, group_size, fan_in: int) -> None:
+    """Raises unless the leaf's scale layout lines up with its matrix view's rows."""
+    if axis is None and group_size is None:
+        return
+    if axis == len(shape) - 1 and fan_in == len(shape) - 1:
+        return
+    raise ValueError(
+        f"{name}: method='gptq' quantizes the rows of the matrix view (the {fan_in} leading "
+        f"input axes of leaf {path!r} of shape {tuple(shape)}, from its calibration "
+        "statistics) one at a time, so the scales must be per output channel of a kernel "
+        "whose inputs are all its axes but the last (axis=-1, with or without group_size) "
+        f"or per tensor (axis=None without group_size); got axis={axis}, "
+        f"group_size={group_size}"
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group_size", "gptq_options", "options"))
+def _gptq_array(weight, gram, damp, *, axis, group_size, gptq_options, options) -> tuple:
+    """One leaf quantized by GPTQ, as one program: ``(Quantized, stats)``.
+
+    ``gptq_options`` and ``options`` are tuples of ``(name, value)`` (hashable).
+    """
+    gptq_options, options = dict(gptq_options), dict(options)
+    original = weight
+    shape = tuple(weight.shape)
+    weight = unsharded(weight)
+    m = gram.shape[0]
+    # Starting scales: those of round-to-nearest on the original weights. They are
+    # kept per channel / per tensor and, with act_order, as static groups; otherwise
+    # each group's scale is recomputed from the error-updated rows.
+    _, scale, zero, _ = quantize_codes(weight, axis=axis, group_size=group_size, **options)
+    dynamic = group_size is not None and not gptq_options["act_order"]
+    with mesh_scope(weight):
+        codes, scale, zero, restored, extra = gptq(
+            weight.reshape(m, -1),
+            unsharded(gram),
+            scale,
+            zero,
+            group_size=group_size,
+            dynamic_groups=dynamic,
+            damp=damp,
+            **gptq_options,
+            **options,
+        )
+    quantized = Quantized(
+        codes=pack(codes.reshape(shape), options["bits"]),
+        scale=scale,
+        zero_point=zero,
+        shape=shape,
+        dtype=np.dtype(weight.dtype),
+        bits=options["bits"],
+        axis=axis,
+        group_size=group_size,
+    )
+    restored = restored.astype(original.dtype).reshape(shape)  # what materialize() gives
+    errors = _error_stats(original, restored, options["bits"])
+    return quantized, {**errors, **extra}
+
+
 def quantize(
     bits: int = 8,
     *,
@@ -382,6 +450,10 @@ def quantize(
     calibration: str = "absmax",
     percentile: float = 99.9,
     scale_dtype=jnp.float32,
+    method: str = "rtn",
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
     where: Filter = kernels,
 ) -> Transform:
     """Linear quantization of each selected leaf to ``bits``-bit codes.
@@ -391,7 +463,19 @@ def quantize(
     scale (and, if asymmetric, one zero point) per channel or group. A selected
     :class:`~jaxcompress.Sparse` leaf keeps its mask and gets its kept values
     quantized per tensor (or in groups of ``group_size`` along the values; ``axis``
-    is ignored there), so pruned zeros stay exact.
+    is ignored there), so pruned zeros stay exact (``method="rtn"`` only).
+
+    With ``method="gptq"`` (Frantar et al. 2022) the codes are chosen against the
+    weight's calibration inputs (``data=`` from :func:`jaxcompress.calibrate`): the
+    rows of its ``(m, n)`` matrix view (the ``m`` input features it contracts; ``in``
+    of a Dense ``(in, out)`` kernel, ``h * w * in`` of a conv kernel) are rounded one
+    at a time, and each row's rounding error is fed into the rows not yet rounded
+    through the upper Cholesky factor of the damped inverse Gram
+    ``(G + damp · mean(diag G) · I)⁻¹``, which lowers the layer's output error
+    ``‖X W − X Ŵ‖`` (not the weight error). The result has exactly the layout of
+    round-to-nearest (same scale shapes, same ``nbytes``); its codes decode with its
+    stored scales. With an identity Gram and ``damp=0`` it *is* round-to-nearest.
+    See :mod:`jaxcompress.data_aware`.
 
     Args:
         bits: bits per code, an integer from 2 to 8.
@@ -411,18 +495,42 @@ def quantize(
         percentile: the percentile for ``calibration="percentile"``, in ``(50, 100]``.
         scale_dtype: float32, float16 or bfloat16; scales (and zero points) are
             stored, counted and decoded in it.
+        method: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``data=``). GPTQ
+            supports ``axis=-1`` (with or without ``group_size``) on a kernel whose
+            calibrated inputs are all its axes but the last (Dense, conv), and
+            ``axis=None`` without ``group_size`` on any calibrated kernel; per-channel
+            and per-tensor scales are those of round-to-nearest on the original
+            weights, and a group's scale is computed (with ``calibration``) from the
+            current, error-updated weights when the sweep reaches the group.
+        damp: GPTQ's damping, relative to the mean diagonal of the Gram; the absolute
+            ``λ`` added is reported in the stats. ``0`` needs a positive definite Gram.
+        block_size: GPTQ's rows per block of lazy updates (the result does not depend
+            on it beyond float rounding).
+        act_order: GPTQ only: round the rows in order of decreasing ``diag(G)`` (the
+            most active inputs first), then put the codes back in place. With
+            ``group_size`` the group scales are static: computed from the original
+            weights, as AutoGPTQ's ``static_groups``, so the stored groups stay
+            contiguous.
         where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
 
     Returns:
-        A transform returning ``(compressed, stats)``, where ``stats`` maps each
-        quantized leaf path to ``{"bits", "relative_error", "max_abs_error"}``
-        (the errors as scalar arrays, so it works under ``jit``).
+        A transform ``tx(params, *, key=None, data=None)`` returning
+        ``(compressed, stats)``, where ``stats`` maps each quantized leaf path to
+        ``{"bits", "relative_error", "max_abs_error"}`` (the errors as scalar arrays, so
+        it works under ``jit``); with GPTQ also ``"damp"``, ``"damping"`` (the ``λ``
+        added to the Gram's diagonal), ``"factorized"`` (whether the Cholesky factors
+        were finite) and ``"relative_output_error"`` (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``).
 
     Raises:
         ValueError: bad ``bits``, ``axis``, ``group_size``, ``calibration``,
-            ``percentile`` or ``scale_dtype``; a selected scalar, zero-size or
-            non-finite leaf; an axis or group size that does not fit a leaf.
-        TypeError: a selected integer, boolean or (non-sparse) compressed leaf.
+            ``percentile``, ``scale_dtype``, ``method``, ``damp``, ``block_size``;
+            ``act_order`` without GPTQ; a selected scalar, zero-size or non-finite
+            leaf; an axis or group size that does not fit a leaf; GPTQ without
+            ``data=``, without statistics for a leaf, with statistics whose feature
+            size fits no fan-in of the leaf, with a scale layout it does not support,
+            or (outside ``jit``) with a Gram not positive definite after damping.
+        TypeError: a selected integer, boolean or (non-sparse) compressed leaf; a
+            ``Sparse`` leaf with GPTQ.
 
     Example:
         >>> import jax
@@ -434,6 +542,21 @@ def quantize(
         1152
         >>> float(stats["dense/kernel"]["relative_error"])
         0.0
+
+        GPTQ with calibration statistics of a small model:
+
+        >>> from jaxcompress.models import LeNet300100
+        >>> model = LeNet300100()
+        >>> x = jax.random.normal(jax.random.key(0), (64, 64))
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> data = jc.calibrate(lambda p, x: model.apply({"params": p}, x), params, [x])
+        >>> tx = jc.quantize(4, group_size=4, method="gptq")
+        >>> compressed, stats = jax.jit(tx)(params, data=data)
+        >>> compressed["dense1"]["kernel"]
+        Quantized(shape=(64, 300), dtype=float32, bits=4, axis=1, group_size=4)
+        >>> rtn, rtn_stats = jc.quantize(4, group_size=4)(params)
+        >>> compressed["dense1"]["kernel"].nbytes == rtn["dense1"]["kernel"].nbytes
+        True
     """
     options = check_options(
         "quantize",
@@ -445,28 +568,72 @@ def quantize(
         percentile=percentile,
         scale_dtype=scale_dtype,
     )
+    if method not in _METHODS:
+        raise ValueError(f"quantize: method must be one of {_METHODS}, got {method!r}")
+    if not isinstance(act_order, bool | np.bool_):
+        raise ValueError(f"quantize: act_order must be a bool, got {act_order!r}")
+    if act_order and method != "gptq":
+        raise ValueError("quantize: act_order=True only applies to method='gptq'")
+    damp_value = check_damp("quantize", damp)
+    gptq_options = {
+        "block_size": check_block_size("quantize", block_size),
+        "act_order": bool(act_order),
+    }
     bits, group_size = options["bits"], options.pop("group_size")
     options.pop("axis")
     name = f"quantize({bits}, axis={axis}, group_size={group_size}, symmetric={bool(symmetric)})"
+    if method == "gptq":
+        name = name[:-1] + f", method=gptq{', act_order=True' if act_order else ''})"
 
     def apply(params, *, key=None, data=None):
+        by_path = require_data(name, "method='gptq'", data) if method == "gptq" else {}
         selected, entries, treedef = select_leaves(params, where)
         # Every leaf is checked before anything is computed, so nothing is half done.
         plans = []
         for entry in selected:
+            if method == "gptq" and isinstance(entry.leaf, Sparse):
+                raise TypeError(
+                    f"{name}: leaf {entry.path!r} is Sparse; GPTQ needs the dense matrix "
+                    "(its kept values have no row layout): use method='rtn' for it "
+                    "(exclude it with where=) or quantize before pruning"
+                )
             values = check_values_to_compress(name, entry.path, entry.leaf)
             # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
             leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
             layout = _leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
-            plans.append((entry, values, layout))
+            gram = None
+            if method == "gptq":
+                shape = tuple(values.shape)
+                gram, fan_in, _, _ = leaf_gram(name, "method='gptq'", entry.path, by_path, shape)
+                _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
+            plans.append((entry, values, layout, gram))
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for entry, weight, leaf_axis in plans:
-            quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
+        for entry, weight, leaf_axis, gram in plans:
+            if gram is None:
+                quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
+            else:
+                quantized, extra = _gptq_array(
+                    weight,
+                    gram,
+                    jnp.float32(damp_value),
+                    axis=leaf_axis,
+                    group_size=group_size,
+                    gptq_options=tuple(sorted(gptq_options.items())),
+                    options=tuple(sorted(options.items())),
+                )
+                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
+                    raise ValueError(
+                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                    )
+                extra = {**extra, "bits": bits, "damp": damp_value}
             quantized = jax.tree.map(
                 functools.partial(place_like, reference=named_sharding_of(weight)), quantized
             )
-            stats[entry.path] = _error_stats(weight, quantized.materialize(), bits)
+            if gram is None:
+                extra = _error_stats(weight, quantized.materialize(), bits)
+            stats[entry.path] = extra
             if isinstance(entry.leaf, Sparse):
                 quantized = Sparse(quantized, entry.leaf.mask, entry.leaf.shape, entry.leaf.dtype)
             leaves[entry.index] = quantized
