@@ -16,8 +16,9 @@ LayerNorms stay dense float32 unless the recipe says otherwise.
   calibration sentences (SVD-LLM).
 - combined: see ``COMBINED`` below; the target is >= 6x smaller than the dense tree
   (whole params tree, ``jc.nbytes``) at mean cosine >= 0.98.
-- 2:4 sparsity and structured head / unit pruning at 25 %: listed as not built yet (no
-  such transforms exist in jaxcompress so far).
+- 2:4: ``prune_nm("2:4")``, 2 of every 4 inputs of each output kept (magnitude).
+- structured head / unit pruning at 25 %: listed as not built yet (no such transform
+  exists in jaxcompress so far).
 
 Sentences: first sentences of the docstrings of the public functions and classes of
 numpy, scipy and a fixed list of Python standard-library modules, as installed
@@ -205,7 +206,6 @@ COMBINED = jc.chain(
 )
 
 NOT_BUILT = (
-    ("2:4 sparsity", "needs an N:M (2:4) pruning transform"),
     ("structured heads 25 %", "needs structured (head) pruning"),
     ("structured FFN units 25 %", "needs structured (unit) pruning"),
 )
@@ -390,6 +390,10 @@ def recipes(calibration_data: Callable[[], Any]) -> dict[str, tuple[str, Callabl
         "prune 50 %": (
             "`prune(0.5)`",
             plain(jc.prune(0.5, where=MATRICES)),
+        ),
+        "2:4": (
+            '`prune_nm("2:4")`',
+            plain(jc.prune_nm("2:4", where=MATRICES)),
         ),
         "low rank 50 % (whitened)": (
             "`low_rank(rank=mn // (2(m + n)), whiten=True)`, calibrated",
@@ -653,8 +657,8 @@ def report(rows: list[dict], dense_row: dict, facts: dict[str, Any]) -> str:
         f"length rounded up to {CALIBRATION_STEP} tokens and pooled by row count (the "
         "fewer than 8 padding positions per sentence are counted in the statistics).",
         "",
-        "**Not built yet**: 2:4 sparsity and structured head/unit pruning at 25 % need "
-        "transforms jaxcompress does not have yet; they are listed, not faked.",
+        "**Not built yet**: structured head/unit pruning at 25 % needs a transform "
+        "jaxcompress does not have yet; it is listed, not faked.",
     ]
     return "\n".join(lines)
 

@@ -43,6 +43,7 @@ from jaxcompress.io.interop import read_msgpack as read_msgpack
 from jaxcompress.io.interop import read_safetensors as read_safetensors
 from jaxcompress.io.interop import write_safetensors as write_safetensors
 from jaxcompress.lowrank import low_rank as low_rank
+from jaxcompress.nm import prune_nm as prune_nm
 from jaxcompress.parallel import data_parallel as data_parallel
 from jaxcompress.parallel import pmap_apply as pmap_apply
 from jaxcompress.parallel import tensor_parallel_specs as tensor_parallel_specs
@@ -101,6 +102,7 @@ __all__ = [
     "pca",
     "pmap_apply",
     "prune",
+    "prune_nm",
     "quantize",
     "read_msgpack",
     "read_safetensors",
