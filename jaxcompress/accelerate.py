@@ -46,6 +46,7 @@ from jaxcompress.arrays.serving import (
     clustered_on_int8_grid,
     servable,
     to_serving,
+    uniform_codebook_as_quantized,
 )
 from jaxcompress.filters import path_to_str
 from jaxcompress.graph import CONV, DOT, bind_equation, evaluate, trace_jaxpr
@@ -370,7 +371,9 @@ class Accelerated:
         :class:`~jaxcompress.Quantized` / :class:`~jaxcompress.Clustered` leaf to the
         output-major layout the fast kernels read (packing 4-bit codes two per byte).
         Quantized values are unchanged: ``materialize`` of a prepared leaf equals the
-        original. A clustered leaf is, with ``int8_activations`` (the default), put on
+        original. A clustered leaf whose codebook is evenly spaced becomes exact linear
+        codes (:func:`~jaxcompress.arrays.serving.uniform_codebook_as_quantized`); any
+        other clustered leaf is, with ``int8_activations`` (the default), put on
         an int8 grid (:func:`~jaxcompress.arrays.serving.clustered_on_int8_grid`: each
         weight moves by at most ``max|codebook| / 254``, and it then holds one byte per
         weight) so it can take the integer route; without, its indices are kept
@@ -386,8 +389,12 @@ class Accelerated:
         """
 
         def one(leaf: Any) -> Any:
-            if isinstance(leaf, Clustered) and servable(leaf) and self.int8_activations:
-                return clustered_on_int8_grid(leaf)
+            if isinstance(leaf, Clustered) and servable(leaf):
+                exact = uniform_codebook_as_quantized(leaf)
+                if exact is not None:
+                    return exact
+                if self.int8_activations:
+                    return clustered_on_int8_grid(leaf)
             return to_serving(leaf) if servable(leaf) else leaf
 
         return jax.tree.map(one, params, is_leaf=is_compressed)

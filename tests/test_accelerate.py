@@ -235,3 +235,22 @@ def test_packed_codes_take_the_blocked_route_at_small_batches():
     assert "packed 4-bit" in small.decisions[0].note
     large = fast.explain(served, jnp.zeros((64, 32)))
     assert set(large.routes().values()) == {"int8"}
+
+
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_an_evenly_spaced_codebook_is_served_as_exact_linear_codes(int8_activations):
+    # Weights on a 16-level grid: k-means finds exactly those levels, evenly spaced.
+    grid = jnp.round(PARAMS["dense1"]["kernel"] * 20) / 20
+    levels = jnp.clip(grid, -0.35, 0.4)
+    params = {**PARAMS, "dense1": {**PARAMS["dense1"], "kernel": levels}}
+    clustered, _ = jc.cluster(bits=4, where=r"dense1/kernel")(params)
+    fast = jc.accelerate(apply_mlp, int8_activations=int8_activations)
+    served = fast.prepare(clustered)
+    assert isinstance(served["dense1"]["kernel"], jc.QuantizedMatrix)
+    np.testing.assert_allclose(
+        jc.materialize(served)["dense1"]["kernel"], levels, rtol=1e-6, atol=1e-7
+    )
+    x = jax.random.normal(jax.random.key(7), (64, 32))
+    out = fast(served, x)
+    tolerance = 0.03 if int8_activations else 1e-5
+    assert _relative(out, apply_mlp(jc.materialize(clustered), x)) < tolerance

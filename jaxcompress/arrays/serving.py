@@ -288,3 +288,55 @@ def clustered_on_int8_grid(leaf: Clustered) -> QuantizedMatrix:
     codes = lookup(table, leaf.codes().reshape(k, n).T)
     scale = jnp.broadcast_to(step.reshape(1, -1), (1, n))
     return QuantizedMatrix(codes, scale, None, leaf.shape, leaf.dtype, 8, False)
+
+
+def uniform_codebook_as_quantized(
+    leaf: Clustered, *, tolerance: float = 1e-6
+) -> QuantizedMatrix | None:
+    """A clustered weight whose codebook is evenly spaced, as exact linear codes.
+
+    A sorted codebook ``c_j = c_0 + j * step`` (one, or one per output channel) makes
+    ``W = c_0 + index * step``, which is linear quantization with scale ``step`` and a
+    zero point, so it can take the integer route without the int8-grid rounding of
+    :func:`clustered_on_int8_grid`. Needs a concrete codebook (call it outside ``jit``).
+
+    Args:
+        leaf: a :class:`Clustered` leaf for which :func:`servable` is true.
+        tolerance: how far (relative to the largest centroid) a spacing may stray.
+
+    Returns:
+        The :class:`QuantizedMatrix`, or ``None`` when the codebook is not uniform.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jnp.array([[0.0, 0.5], [1.0, 1.5]])
+        >>> leaf = jc.cluster(k=4)({"w": w})[0]["w"]  # the four values are evenly spaced
+        >>> q = uniform_codebook_as_quantized(leaf)
+        >>> uneven = jc.cluster(k=3)({"w": jnp.array([[0.0, 1.0], [3.0, 3.0]])})[0]["w"]
+        >>> q.materialize().tolist(), uniform_codebook_as_quantized(uneven)
+        ([[0.0, 0.5], [1.0, 1.5]], None)
+    """
+    codebook = np.asarray(leaf.codebook, np.float64)
+    rows = codebook.reshape(-1, codebook.shape[-1])
+    if rows.shape[1] < 2:
+        return None
+    steps = np.diff(rows, axis=1)
+    step = steps.mean(axis=1)
+    scale_of = np.maximum(np.abs(rows).max(axis=1), 1e-30)
+    if (step <= 0).any() or (
+        np.abs(steps - step[:, None]).max(axis=1) > tolerance * scale_of
+    ).any():
+        return None
+    k = math.prod(leaf.shape[:-1])
+    n = leaf.shape[-1]
+    half = 2 ** (leaf.bits - 1)
+    signed = (leaf.codes().astype(jnp.int16) - half).reshape(k, n).T.astype(jnp.int8)
+    offset = -rows[:, 0] / step - half
+    scale = np.broadcast_to(step.astype(np.float32).reshape(1, -1), (1, n))
+    offset = np.broadcast_to(offset.astype(np.float32).reshape(1, -1), (1, n))
+    packed = leaf.bits <= 4 and k % 2 == 0
+    codes = _pack_nibbles(signed) if packed else signed
+    return QuantizedMatrix(
+        codes, jnp.asarray(scale), jnp.asarray(offset), leaf.shape, leaf.dtype, leaf.bits, packed
+    )
