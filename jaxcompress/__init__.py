@@ -30,6 +30,7 @@ from jaxcompress.arrays import Sparse as Sparse
 from jaxcompress.arrays import is_compressed as is_compressed
 from jaxcompress.arrays.serving import ClusteredMatrix as ClusteredMatrix
 from jaxcompress.arrays.serving import QuantizedMatrix as QuantizedMatrix
+from jaxcompress.blocks import prune_blocks as prune_blocks
 from jaxcompress.calibrate import InputStats as InputStats
 from jaxcompress.calibrate import calibrate as calibrate
 from jaxcompress.cluster import cluster as cluster
@@ -56,11 +57,17 @@ from jaxcompress.report import Report as Report
 from jaxcompress.report import summarize as summarize
 from jaxcompress.runtime import materialize as materialize
 from jaxcompress.runtime import nbytes as nbytes
+from jaxcompress.sensitivity import SensitivityReport as SensitivityReport
+from jaxcompress.sensitivity import sensitivity as sensitivity
 from jaxcompress.sharding import shardings_like as shardings_like
 from jaxcompress.transforms import Transform as Transform
 from jaxcompress.transforms import chain as chain
 from jaxcompress.transforms import masked as masked
 from jaxcompress.transforms import partition as partition
+from jaxcompress.units import GroupResult as GroupResult
+from jaxcompress.units import UnitStats as UnitStats
+from jaxcompress.units import coupled_groups as coupled_groups
+from jaxcompress.units import prune_units as prune_units
 
 __version__ = "0.1.0"
 
@@ -71,6 +78,7 @@ __all__ = [
     "CompressedArray",
     "FileFormatError",
     "FileReport",
+    "GroupResult",
     "InputStats",
     "LeafReport",
     "LowRank",
@@ -78,12 +86,15 @@ __all__ = [
     "Quantized",
     "QuantizedMatrix",
     "Report",
+    "SensitivityReport",
     "Sparse",
     "Transform",
+    "UnitStats",
     "accelerate",
     "calibrate",
     "chain",
     "cluster",
+    "coupled_groups",
     "data_parallel",
     "decomposition",
     "export_dense",
@@ -102,11 +113,14 @@ __all__ = [
     "pca",
     "pmap_apply",
     "prune",
+    "prune_blocks",
     "prune_nm",
+    "prune_units",
     "quantize",
     "read_msgpack",
     "read_safetensors",
     "save",
+    "sensitivity",
     "sharding",
     "shardings_like",
     "summarize",
