@@ -282,6 +282,24 @@ def _cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean()
 
 
+def _split_batch(batch: Any, several: bool, importance: str) -> tuple[tuple[Any, ...], Any]:
+    """``(input args, targets or None)`` of one ``data=`` batch.
+
+    ``several`` says whether the model takes several inputs (a tuple ``example_input``);
+    then an input batch is a tuple of them, and ``(inputs tuple, targets)`` adds targets.
+    """
+    pair = isinstance(batch, tuple) and len(batch) == 2
+    if several:
+        pair = pair and isinstance(batch[0], tuple)
+    if importance == "taylor" and not pair:
+        raise ValueError(
+            "prune_units: importance='taylor' needs data= batches of (inputs, targets)"
+        )
+    if pair:
+        return _as_args(batch[0]), batch[1]
+    return _as_args(batch), None
+
+
 def _data_scores(
     programs: _Programs,
     groups: list[Group],
@@ -290,20 +308,13 @@ def _data_scores(
     batches: Iterable[Any],
     importance: str,
     loss_fn: Callable[[Any, Any], jax.Array],
+    several: bool,
 ) -> dict[str, np.ndarray]:
     totals = {g.name: np.zeros(g.size) for g in groups}
     count = 0
     leaves = jax.tree_util.tree_leaves(params)
     for batch in batches:
-        if importance == "taylor" or (isinstance(batch, tuple) and len(batch) == 2):
-            if not (isinstance(batch, tuple) and len(batch) == 2):
-                raise ValueError(
-                    "prune_units: importance='taylor' needs data= batches of (inputs, targets)"
-                )
-            inputs, targets = batch
-        else:
-            inputs, targets = batch, None
-        args = _as_args(inputs)
+        args, targets = _split_batch(batch, several, importance)
         coupling = programs.get(args)
         atoms = {_group_by_key(coupling, key_of[g.name]).atom: g for g in groups}
         sites = {atom: coupling.sites.get(atom, ()) for atom in atoms}
@@ -393,7 +404,9 @@ def prune_units(
         where: only groups produced by a selected leaf are pruned. Selecting a leaf
             that no group cuts (an embedding table gathered from) is an error.
         data: batches for ``"activation"`` (inputs, or ``(inputs, targets)``) and
-            ``"taylor"`` (``(inputs, targets)``); may also be passed when calling.
+            ``"taylor"`` (``(inputs, targets)``); may also be passed when calling. For
+            a model of several inputs (a tuple ``example_input``) the inputs of a batch
+            are a tuple too.
         loss_fn: ``loss_fn(outputs, targets)`` for ``"taylor"``; by default softmax
             cross-entropy with integer labels.
 
@@ -452,7 +465,10 @@ def prune_units(
             if batches is None:
                 raise ValueError(f"{name}: importance={importance!r} needs data= batches")
             keys = {g.name: coupling.key(g) for g in chosen}
-            scores = _data_scores(programs, chosen, keys, params, batches, importance, loss)
+            several = isinstance(example_input, tuple)
+            scores = _data_scores(
+                programs, chosen, keys, params, batches, importance, loss, several
+            )
         else:
             power = 1 if importance == "l1" else 2
             scores = {g.name: _weight_scores(coupling, g, leaves, power) for g in chosen}

@@ -356,3 +356,24 @@ def test_where_selecting_a_leaf_with_no_structural_axis_is_an_error():
         jc.prune_units(0.5, apply_fn=apply, example_input=ids, where="embed")(params)
     thinned, _ = jc.prune_units(0.5, apply_fn=apply, example_input=ids, where="^a$")(params)
     assert thinned["a"].shape == (4, 3) and thinned["embed"].shape == (10, 4)
+
+
+def test_models_of_several_inputs_take_tuples_of_inputs_as_data():
+    def apply(p, x, scale):
+        return jnp.maximum(x @ p["a"], 0) * scale[:, None] @ p["b"]
+
+    params = {"a": jax.random.normal(jax.random.key(0), (4, 6)), "b": jnp.ones((6, 2))}
+    x, scale = jax.random.normal(jax.random.key(1), (3, 4)), jnp.array([1.0, 2.0, 3.0])
+    batches = [(x, scale), (2 * x, scale)]
+    _, stats = jc.prune_units(
+        0.5, importance="activation", apply_fn=apply, example_input=(x, scale), data=batches
+    )(params)
+    a = np.asarray(params["a"])
+    expected = np.mean(
+        [
+            np.abs(np.maximum(np.asarray(b[0]) @ a, 0) * np.asarray(scale)[:, None]).mean(0)
+            for b in batches
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(stats["a"].scores, expected, rtol=1e-5)
