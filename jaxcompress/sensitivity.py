@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import itertools
 import math
 import numbers
@@ -43,6 +42,7 @@ from jaxcompress.filters import Filter, compile_filter, everything, kernels
 from jaxcompress.prune import magnitude_keep_mask, prune, pruned_count
 from jaxcompress.runtime import materialize
 from jaxcompress.transforms import Transform, chain, flatten_leaves, masked, select_leaves
+from jaxcompress.units import coupled_groups, prune_units
 
 __all__ = ["SensitivityReport", "sensitivity"]
 
@@ -596,8 +596,7 @@ def _magnitude_layers(params: Any, where: Filter) -> tuple[dict[str, int], Calla
 def _unit_layers(
     apply_fn: Callable, params: Any, where: Filter, example_input: Any
 ) -> tuple[dict[str, int], Callable]:
-    units = importlib.import_module("jaxcompress.units")
-    groups = list(units.coupled_groups(apply_fn, params, example_input))
+    groups = coupled_groups(apply_fn, params, example_input)
     if where is kernels:
         chosen = [group for group in groups if group.prunable]
     else:
@@ -606,7 +605,7 @@ def _unit_layers(
         leaves = {entry.path: entry.leaf for entry in flatten_leaves(params)[0]}
 
         def selected(group: Any) -> bool:
-            paths = getattr(group, "producers", None) or (group.name,)
+            paths = group.producers
             return any(path in leaves and select(path, leaves[path]) for path in paths)
 
         chosen = [group for group in groups if group.prunable and selected(group)]
@@ -622,7 +621,7 @@ def _unit_layers(
     sizes = {group.name: int(group.size) for group in chosen}
 
     def pruned(layer: str, level: float) -> Any:
-        tx = units.prune_units({layer: level}, apply_fn=apply_fn, example_input=example_input)
+        tx = prune_units({layer: level}, apply_fn=apply_fn, example_input=example_input)
         _, stats = tx(params)
         return stats.masked(params)
 
@@ -690,7 +689,6 @@ def sensitivity(
             strictly increasing; ``where`` selecting nothing; ``"units"`` without
             ``example_input`` or ``apply_fn``; ``eval_fn`` returning a non-scalar or
             non-finite value (the message names the layer and level, or the baseline).
-        ImportError: ``"units"`` when :mod:`jaxcompress.units` is not available.
 
     Example:
         >>> import jax.numpy as jnp

@@ -397,14 +397,13 @@ def test_report_is_checked_on_construction():
 
 
 def test_units_method(model, trained, accuracy, digits):
-    units = pytest.importorskip("jaxcompress.units")
     (images, _), _ = digits
     example = images[:8]
 
     def apply_fn(params, x):
         return model.apply({"params": params}, x)
 
-    groups = [g for g in units.coupled_groups(apply_fn, trained, example) if g.prunable]
+    groups = [g for g in jc.coupled_groups(apply_fn, trained, example) if g.prunable]
     report = jc.sensitivity(
         apply_fn, trained, accuracy, method="units", example_input=example,
         levels=(0.25, 0.5), progress=False,
@@ -415,12 +414,12 @@ def test_units_method(model, trained, accuracy, digits):
     assert report.baseline == float(accuracy(trained))
     for name in report.layers:
         for level, metric in zip(report.levels, report.metrics[name], strict=True):
-            tx = units.prune_units({name: level}, apply_fn=apply_fn, example_input=example)
+            tx = jc.prune_units({name: level}, apply_fn=apply_fn, example_input=example)
             _, stats = tx(trained)
             assert metric == float(accuracy(stats.masked(trained))), (name, level)
     allocation = report.allocate(0.3)
     assert abs(_pruned_share(report, allocation) - 0.3) <= 1e-6
-    thinned, _ = units.prune_units(allocation, apply_fn=apply_fn, example_input=example)(trained)
+    thinned, _ = jc.prune_units(allocation, apply_fn=apply_fn, example_input=example)(trained)
     assert jax.tree.structure(thinned) == jax.tree.structure(trained)
     with pytest.raises(ValueError, match="prune_units"):
         report.as_transform(0.3)
