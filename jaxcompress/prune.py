@@ -64,8 +64,9 @@ def magnitude_keep_mask(weight: jax.Array, num_pruned: int | jax.Array) -> jax.A
 
     Ties are broken deterministically: among equal magnitudes the entry with the
     lower row-major index is pruned first. ``num_pruned`` may be traced (for example a
-    count from a sparsity schedule inside a jitted training step), since the mask is
-    read off each entry's magnitude rank rather than sliced by the count.
+    count from a sparsity schedule inside a jitted training step). The threshold is
+    found by a two-pass radix selection over histograms of the magnitudes' bit
+    patterns (:func:`kth_smallest_key`), so nothing is sorted.
 
     Args:
         weight: a floating-point array with at least one dimension.
@@ -79,19 +80,80 @@ def magnitude_keep_mask(weight: jax.Array, num_pruned: int | jax.Array) -> jax.A
         >>> magnitude_keep_mask(jnp.array([[3.0, -1.0], [1.0, 2.0]]), 2).tolist()
         [[True, False], [False, True]]
     """
-    keep, _ = _keep_and_order(weight, num_pruned)
-    return keep
-
-
-def _keep_and_order(weight: jax.Array, num_pruned: int | jax.Array):
-    size = math.prod(weight.shape)
-    # Ranking needs the whole leaf in one piece.
     weight = unsharded(weight)
-    order = jnp.argsort(jnp.abs(weight.reshape(-1)), stable=True)
-    # The inverse permutation gives each entry its rank; the lowest ranks are pruned.
-    rank = jnp.zeros((size,), _int_dtype()).at[order].set(jnp.arange(size, dtype=_int_dtype()))
-    keep = rank >= jnp.asarray(num_pruned, _int_dtype())
-    return keep.reshape(weight.shape), order
+    return _keep_mask(magnitude_keys(weight), jnp.asarray(num_pruned, _int_dtype())).reshape(
+        weight.shape
+    )
+
+
+def magnitude_keys(values: jax.Array) -> jax.Array:
+    """``|values|`` as uint32 keys that sort like the magnitudes (flattened, row-major).
+
+    The float32 bit pattern of a non-negative float orders like the float itself, so
+    selection can count and bin integer keys; float16 and bfloat16 widen exactly.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> k = magnitude_keys(jnp.array([-2.0, 0.5, 1.0]))
+        >>> (k[1] < k[2]) & (k[2] < k[0])
+        Array(True, dtype=bool)
+    """
+    magnitudes = jnp.abs(values.reshape(-1).astype(jnp.float32))
+    return jax.lax.bitcast_convert_type(magnitudes, jnp.uint32)
+
+
+_DIGIT_BITS = 16
+_BINS = 1 << _DIGIT_BITS
+
+
+def kth_smallest_key(keys: list[jax.Array], k: jax.Array) -> jax.Array:
+    """The ``k``-th smallest uint32 key over all arrays (``k >= 1``; 0 for ``k == 0``).
+
+    Two passes of a radix selection: a histogram of the high 16 bits of every key
+    finds the bin holding the ``k``-th key; a histogram of the low 16 bits of the keys
+    in that bin finds the key. Memory is two histograms of 65536 counts whatever the
+    number of keys, and arrays are binned one by one, never concatenated.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> keys = [jnp.array([5, 70000, 3], jnp.uint32), jnp.array([9], jnp.uint32)]
+        >>> [int(kth_smallest_key(keys, jnp.int32(k))) for k in (1, 2, 3, 4)]
+        [3, 5, 9, 70000]
+    """
+    counts = _int_dtype()
+    high = sum(
+        jnp.zeros(_BINS, counts).at[(x >> _DIGIT_BITS).astype(jnp.int32)].add(1) for x in keys
+    )
+    cumulative = jnp.cumsum(high)
+    bin_ = jnp.searchsorted(cumulative, k, side="left").astype(jnp.int32)
+    bin_ = jnp.minimum(bin_, _BINS - 1)
+    below = cumulative[bin_] - high[bin_]
+    low = sum(
+        jnp.zeros(_BINS + 1, counts)
+        .at[
+            jnp.where(
+                (x >> _DIGIT_BITS).astype(jnp.int32) == bin_,
+                (x & (_BINS - 1)).astype(jnp.int32),
+                _BINS,
+            )
+        ]
+        .add(1)[:_BINS]
+        for x in keys
+    )
+    digit = jnp.searchsorted(below + jnp.cumsum(low), k, side="left").astype(jnp.uint32)
+    digit = jnp.minimum(digit, jnp.uint32(_BINS - 1))
+    return (bin_.astype(jnp.uint32) << _DIGIT_BITS) | digit
+
+
+@jax.jit
+def _keep_mask(keys: jax.Array, num_pruned: jax.Array) -> jax.Array:
+    threshold = kth_smallest_key([keys], num_pruned)
+    below = keys < threshold
+    tied = keys == threshold
+    # Entries tied at the threshold are pruned in row-major order until the count is met.
+    ties_to_prune = num_pruned - jnp.sum(below, dtype=_int_dtype())
+    tie_rank = jnp.cumsum(tied, dtype=_int_dtype()) - 1
+    return ~below & ~(tied & (tie_rank < ties_to_prune))
 
 
 def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
@@ -110,9 +172,22 @@ def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
     """
     weight = unsharded(weight)
     keep = unsharded(keep)
-    kept_index = jnp.flatnonzero(keep.reshape(-1), size=nnz)
+    if is_traced(weight) or is_traced(keep):
+        kept_index = jnp.flatnonzero(keep.reshape(-1), size=nnz)
+        values = weight.reshape(-1)[kept_index]
+    else:
+        # One program per leaf shape, not per kept count: with a global threshold every
+        # leaf keeps a different count, and compiling once per leaf dominated big models.
+        values = jax.lax.slice(_kept_values_first(weight, keep), (0,), (nnz,))
     mask = jnp.packbits(keep, axis=-1, bitorder="little")
-    return Sparse(weight.reshape(-1)[kept_index], mask, tuple(weight.shape), np.dtype(weight.dtype))
+    return Sparse(values, mask, tuple(weight.shape), np.dtype(weight.dtype))
+
+
+@jax.jit
+def _kept_values_first(weight: jax.Array, keep: jax.Array) -> jax.Array:
+    """``weight``'s kept values in row-major order, then filler up to the full size."""
+    kept_index = jnp.flatnonzero(keep.reshape(-1), size=keep.size, fill_value=0)
+    return weight.reshape(-1)[kept_index]
 
 
 def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
@@ -140,33 +215,18 @@ def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
 
 
 @jax.jit
-def _global_threshold_counts(sorted_magnitudes: list[jax.Array], total_pruned: jax.Array):
-    """Per-leaf counts below and at the global magnitude threshold.
-
-    Binary search over float32 bit patterns (ordered like the non-negative
-    floats they encode) for the smallest ``t`` with ``#{|w| <= t} >= total_pruned``.
-    Each leaf is only searched, never concatenated with the others.
-    """
-
-    def count_at_most(bits):
-        threshold = jax.lax.bitcast_convert_type(bits, jnp.float32)
-        return sum(
-            jnp.searchsorted(m, threshold, side="right").astype(_int_dtype())
-            for m in sorted_magnitudes
-        )
-
-    def step(_, bounds):
-        low, high = bounds
-        middle = low + (high - low) // 2
-        enough = count_at_most(middle) >= total_pruned
-        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
-
-    infinity_bits = jnp.uint32(0x7F800000)
-    low, _ = jax.lax.fori_loop(0, 32, step, (jnp.uint32(0), infinity_bits))
-    threshold = jax.lax.bitcast_convert_type(low, jnp.float32)
-    below = [jnp.searchsorted(m, threshold, side="left") for m in sorted_magnitudes]
-    at_most = [jnp.searchsorted(m, threshold, side="right") for m in sorted_magnitudes]
-    return threshold, below, at_most
+def _global_counts(keys: list[jax.Array], total: jax.Array) -> list[jax.Array]:
+    threshold = kth_smallest_key(keys, total)
+    below = [jnp.sum(x < threshold, dtype=_int_dtype()) for x in keys]
+    tied = [jnp.sum(x == threshold, dtype=_int_dtype()) for x in keys]
+    ties_left = total - sum(below)
+    counts = []
+    # Ties at the threshold go to the earlier leaves first.
+    for strictly_below, at in zip(below, tied, strict=True):
+        from_ties = jnp.minimum(at, ties_left)
+        ties_left = ties_left - from_ties
+        counts.append(strictly_below + from_ties)
+    return counts
 
 
 def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> list[jax.Array]:
@@ -174,26 +234,17 @@ def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> li
 
     Exactly ``total_pruned`` entries are pruned over all weights (which may be traced).
     Entries tied at the threshold are pruned in leaf order, then row-major order
-    (within a leaf, :func:`magnitude_keep_mask` breaks the ties).
+    (within a leaf, :func:`magnitude_keep_mask` breaks the ties). The threshold comes
+    from a streaming radix selection (:func:`kth_smallest_key`): each weight is binned
+    on its own, never sorted or concatenated with the others.
 
     Example:
         >>> import jax.numpy as jnp
         >>> [int(c) for c in global_counts([jnp.array([1.0, 2.0]), jnp.array([1.0, 9.0])], 2)]
         [1, 1]
     """
-    magnitudes = [jnp.sort(jnp.abs(unsharded(w)).reshape(-1).astype(jnp.float32)) for w in weights]
-    total = jnp.asarray(total_pruned, _int_dtype())
-    _, below, at_most = _global_threshold_counts(magnitudes, total)
-    below = [count.astype(_int_dtype()) for count in below]
-    at_most = [count.astype(_int_dtype()) for count in at_most]
-    ties_left = total - sum(below)
-    counts = []
-    # Ties at the threshold go to the earlier leaves first.
-    for strictly_below, at_or_below in zip(below, at_most, strict=True):
-        from_ties = jnp.minimum(at_or_below - strictly_below, ties_left)
-        ties_left = ties_left - from_ties
-        counts.append(strictly_below + from_ties)
-    return counts
+    keys = [magnitude_keys(unsharded(w)) for w in weights]
+    return _global_counts(keys, jnp.asarray(total_pruned, _int_dtype()))
 
 
 def global_pruned_counts(weights: list[jax.Array], sparsity: float) -> list[int]:
