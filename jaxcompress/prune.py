@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from fractions import Fraction
 
 import jax
@@ -106,13 +107,34 @@ _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 
 
-def kth_smallest_key(keys: list[jax.Array], k: jax.Array) -> jax.Array:
+def _high_histogram(keys: jax.Array) -> jax.Array:
+    return jnp.zeros(_BINS, _int_dtype()).at[(keys >> _DIGIT_BITS).astype(jnp.int32)].add(1)
+
+
+def _low_histogram(keys: jax.Array, high_bin: jax.Array) -> jax.Array:
+    in_bin = (keys >> _DIGIT_BITS).astype(jnp.int32) == high_bin
+    low = jnp.where(in_bin, (keys & (_BINS - 1)).astype(jnp.int32), _BINS)
+    return jnp.zeros(_BINS + 1, _int_dtype()).at[low].add(1)[:_BINS]
+
+
+def _select_bin(histogram: jax.Array, k: jax.Array, below: jax.Array):
+    """The first bin whose cumulative count (after ``below``) reaches ``k``."""
+    cumulative = below + jnp.cumsum(histogram)
+    index = jnp.minimum(jnp.searchsorted(cumulative, k, side="left"), _BINS - 1)
+    return index.astype(jnp.int32), cumulative[index] - histogram[index]
+
+
+def kth_smallest_key(
+    keys: list[jax.Array], k: jax.Array, *, to_keys: Callable[[jax.Array], jax.Array] | None = None
+) -> jax.Array:
     """The ``k``-th smallest uint32 key over all arrays (``k >= 1``; 0 for ``k == 0``).
 
     Two passes of a radix selection: a histogram of the high 16 bits of every key
     finds the bin holding the ``k``-th key; a histogram of the low 16 bits of the keys
     in that bin finds the key. Memory is two histograms of 65536 counts whatever the
-    number of keys, and arrays are binned one by one, never concatenated.
+    number of keys, and arrays are binned one at a time, never concatenated. With
+    ``to_keys``, ``keys`` are arrays that ``to_keys`` turns into keys inside each pass
+    (so the keys of only one array exist at a time).
 
     Example:
         >>> import jax.numpy as jnp
@@ -120,29 +142,27 @@ def kth_smallest_key(keys: list[jax.Array], k: jax.Array) -> jax.Array:
         >>> [int(kth_smallest_key(keys, jnp.int32(k))) for k in (1, 2, 3, 4)]
         [3, 5, 9, 70000]
     """
-    counts = _int_dtype()
-    high = sum(
-        jnp.zeros(_BINS, counts).at[(x >> _DIGIT_BITS).astype(jnp.int32)].add(1) for x in keys
-    )
-    cumulative = jnp.cumsum(high)
-    bin_ = jnp.searchsorted(cumulative, k, side="left").astype(jnp.int32)
-    bin_ = jnp.minimum(bin_, _BINS - 1)
-    below = cumulative[bin_] - high[bin_]
-    low = sum(
-        jnp.zeros(_BINS + 1, counts)
-        .at[
-            jnp.where(
-                (x >> _DIGIT_BITS).astype(jnp.int32) == bin_,
-                (x & (_BINS - 1)).astype(jnp.int32),
-                _BINS,
-            )
-        ]
-        .add(1)[:_BINS]
-        for x in keys
-    )
-    digit = jnp.searchsorted(below + jnp.cumsum(low), k, side="left").astype(jnp.uint32)
-    digit = jnp.minimum(digit, jnp.uint32(_BINS - 1))
-    return (bin_.astype(jnp.uint32) << _DIGIT_BITS) | digit
+    convert = to_keys or _identity
+    k = jnp.asarray(k, _int_dtype())
+    high = sum(_jit_high(convert, x) for x in keys)
+    high_bin, below = _select_bin(high, k, jnp.zeros((), _int_dtype()))
+    low = sum(_jit_low(convert, x, high_bin) for x in keys)
+    low_bin, _ = _select_bin(low, k, below)
+    return (high_bin.astype(jnp.uint32) << _DIGIT_BITS) | low_bin.astype(jnp.uint32)
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_high(convert: Callable, x: jax.Array) -> jax.Array:
+    return _high_histogram(convert(x))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_low(convert: Callable, x: jax.Array, high_bin: jax.Array) -> jax.Array:
+    return _low_histogram(convert(x), high_bin)
 
 
 @jax.jit
@@ -214,19 +234,11 @@ def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
     return sparse_from_mask(weight, keep, size - num_pruned)
 
 
-@jax.jit
-def _global_counts(keys: list[jax.Array], total: jax.Array) -> list[jax.Array]:
-    threshold = kth_smallest_key(keys, total)
-    below = [jnp.sum(x < threshold, dtype=_int_dtype()) for x in keys]
-    tied = [jnp.sum(x == threshold, dtype=_int_dtype()) for x in keys]
-    ties_left = total - sum(below)
-    counts = []
-    # Ties at the threshold go to the earlier leaves first.
-    for strictly_below, at in zip(below, tied, strict=True):
-        from_ties = jnp.minimum(at, ties_left)
-        ties_left = ties_left - from_ties
-        counts.append(strictly_below + from_ties)
-    return counts
+@functools.partial(jax.jit, static_argnums=0)
+def _below_and_tied(convert: Callable, x: jax.Array, threshold: jax.Array):
+    keys = convert(x)
+    below = jnp.sum(keys < threshold, dtype=_int_dtype())
+    return below, jnp.sum(keys == threshold, dtype=_int_dtype())
 
 
 def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> list[jax.Array]:
@@ -243,8 +255,20 @@ def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> li
         >>> [int(c) for c in global_counts([jnp.array([1.0, 2.0]), jnp.array([1.0, 9.0])], 2)]
         [1, 1]
     """
-    keys = [magnitude_keys(unsharded(w)) for w in weights]
-    return _global_counts(keys, jnp.asarray(total_pruned, _int_dtype()))
+    weights = [unsharded(w) for w in weights]
+    total = jnp.asarray(total_pruned, _int_dtype())
+    threshold = kth_smallest_key(weights, total, to_keys=magnitude_keys)
+    counts, ties_left = (
+        [],
+        total - sum(_below_and_tied(magnitude_keys, w, threshold)[0] for w in weights),
+    )
+    # Ties at the threshold go to the earlier leaves first.
+    for w in weights:
+        below, tied = _below_and_tied(magnitude_keys, w, threshold)
+        from_ties = jnp.minimum(tied, ties_left)
+        ties_left = ties_left - from_ties
+        counts.append(below + from_ties)
+    return counts
 
 
 def global_pruned_counts(weights: list[jax.Array], sparsity: float) -> list[int]:
