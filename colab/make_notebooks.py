@@ -1073,11 +1073,187 @@ def real_model() -> list[nbformat.NotebookNode]:
     ]
 
 
+# ---------------------------------------------------------------------------------------
+# 05: structured pruning
+# ---------------------------------------------------------------------------------------
+
+
+def structured_pruning() -> list[nbformat.NotebookNode]:
+    return [
+        *opening(
+            "05_structured_pruning.ipynb",
+            "Structured pruning: a physically smaller model, found by tracing",
+            """
+            Unstructured zeros save bytes but rarely time. Removing whole units (Dense
+            outputs, conv channels, attention heads) leaves *smaller dense matrices*,
+            which are faster on any hardware. `jc.prune_units` finds which axes must be
+            cut together by reading the traced computation, the way Torch-Pruning's
+            DepGraph does for PyTorch, so it needs no layer rules: a Dense layer's
+            output units go with its bias and the next layer's input rows, conv
+            channels with their BatchNorm statistics, residual branches with each
+            other, attention heads across query, key, value and output.
+            """,
+        ),
+        code(
+            """
+            %matplotlib inline
+            import jax.numpy as jnp
+            import matplotlib.pyplot as plt
+            import numpy as np
+            import optax
+            from IPython.display import Markdown, display
+
+            import jaxcompress as jc
+            from jaxcompress.classifier import accuracy, fit_classifier
+            from jaxcompress.data import load_digits
+            from jaxcompress.models import LeNet300100
+            """,
+            SHOW_TABLE,
+        ),
+        md(
+            """
+            ## A trained model and its coupled groups
+
+            LeNet-300-100 on the embedded 8x8 digits. `jc.coupled_groups` traces
+            `apply(params, x)` and lists each group of units that must go together, with
+            why a group is left whole (here the output layer: its units are the logits).
+            """
+        ),
+        code(
+            """
+            train_x, train_y = load_digits(split="train")
+            test_x, test_y = load_digits(split="test")
+            model = LeNet300100()
+            params = model.init(jax.random.key(0), train_x[:1])["params"]
+            epochs = 8 if SMALL else 20
+            params = fit_classifier(model, params, train_x, train_y, epochs=epochs, learning_rate=1e-3, seed=0)
+
+
+            def apply(p, x):
+                return model.apply({"params": p}, x)
+
+
+            example = train_x[:64]
+            groups = jc.coupled_groups(apply, params, example)
+            show_table(
+                ["group", "units", "slices cut together", "left whole because"],
+                [
+                    [g.name, g.size, ", ".join(f"{p}[{a}]" for p, a in g.members), g.reason or ""]
+                    for g in groups
+                ],
+            )
+            dense_accuracy = accuracy(model, params, test_x, test_y)
+            print(f"dense test accuracy: {dense_accuracy:.2%}")
+            """
+        ),
+        md(
+            """
+            ## Remove half of every hidden layer's units
+
+            `thinned` has the same structure as `params`, with smaller arrays.
+            `stats.apply_fn` runs it: the traced program replayed with the new shapes
+            (a linen module would refuse parameters of other shapes). It equals the
+            dense model with the removed units' weights zeroed (`stats.masked`).
+            """
+        ),
+        code(
+            """
+            tx = jc.prune_units(0.5, importance="l2", apply_fn=apply, example_input=example)
+            thinned, stats = tx(params)
+            print(jax.tree.map(jnp.shape, thinned))
+            display(Markdown(stats.table()))
+            run_thinned = jax.jit(stats.apply_fn)
+            gap = jnp.max(jnp.abs(run_thinned(thinned, test_x) - apply(stats.masked(params), test_x)))
+            print(f"max |thinned - masked dense| = {float(gap):.2e}")
+
+
+            def thinned_accuracy(tree):
+                return float(jnp.mean(jnp.argmax(run_thinned(tree, test_x), -1) == test_y))
+
+
+            print(f"thinned, no fine-tune: {thinned_accuracy(thinned):.2%}")
+            """
+        ),
+        md(
+            """
+            ## Fine-tune the thinned model
+
+            The thinned tree trains like any pytree: differentiate through
+            `stats.apply_fn`.
+            """
+        ),
+        code(
+            """
+            optimizer = optax.adam(1e-3)
+
+
+            @jax.jit
+            def step(tree, opt_state, x, y):
+                def loss_fn(t):
+                    logits = stats.apply_fn(t, x)
+                    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+                loss, grads = jax.value_and_grad(loss_fn)(tree)
+                updates, opt_state = optimizer.update(grads, opt_state)
+                return optax.apply_updates(tree, updates), opt_state, loss
+
+
+            tuned, opt_state = thinned, optimizer.init(thinned)
+            order = np.random.default_rng(0)
+            for _ in range(3 if SMALL else 10):
+                perm = order.permutation(len(train_y))
+                for start in range(0, len(perm) - 63, 64):
+                    batch = perm[start : start + 64]
+                    tuned, opt_state, loss = step(tuned, opt_state, train_x[batch], train_y[batch])
+            print(f"thinned + fine-tune: {thinned_accuracy(tuned):.2%}")
+            """
+        ),
+        md(
+            """
+            ## Which layer can lose more? Sensitivity and a budget
+
+            `jc.sensitivity(..., method="units")` prunes one group at a time at each
+            level and records the metric; `allocate` then spreads a global budget where
+            it costs least, and the result feeds `prune_units` directly.
+            """
+        ),
+        code(
+            """
+            def eval_fn(p):
+                return accuracy(model, p, train_x[:512], train_y[:512])
+
+
+            by_units = {"method": "units", "example_input": example}
+            report = jc.sensitivity(apply, params, eval_fn, levels=(0.25, 0.5, 0.75, 0.9), **by_units)
+            display(Markdown(report.table()))
+            report.plot()
+            plt.show()
+            allocation = report.allocate(0.6)
+            print({name: round(float(f), 3) for name, f in allocation.items()})
+            rows = []
+            for label, fraction in (("uniform 60 %", 0.6), ("allocated, 60 % overall", allocation)):
+                tree, pruned = jc.prune_units(fraction, apply_fn=apply, example_input=example)(params)
+                logits = jax.jit(pruned.apply_fn)(tree, test_x)
+                rows.append(
+                    [
+                        label,
+                        ", ".join(f"{g.size - g.removed}/{g.size}" for g in pruned.groups),
+                        f"{float(jnp.mean(jnp.argmax(logits, -1) == test_y)):.2%}",
+                        f"{pruned.flops[0] / pruned.flops[1]:.2f}x",
+                    ]
+                )
+            show_table(["pruning", "units kept", "test accuracy (no fine-tune)", "fewer FLOPs"], rows)
+            """
+        ),
+    ]
+
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": quickstart,
     "02_training_loop.ipynb": training_loop,
     "03_pmap_benchmark.ipynb": pmap_benchmark,
     "04_real_model.ipynb": real_model,
+    "05_structured_pruning.ipynb": structured_pruning,
 }
 
 

@@ -23,6 +23,7 @@ EXPECTED = {
     "02_training_loop.ipynb",
     "03_pmap_benchmark.ipynb",
     "04_real_model.ipynb",
+    "05_structured_pruning.ipynb",
 }
 CELL_TIMEOUT_S = 600
 
