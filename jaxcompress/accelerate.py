@@ -17,6 +17,9 @@ leaf                 route
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
 
+A ``Quantized`` leaf with AWQ input scales has no serving layout yet: ``prepare``
+leaves it as it is and it takes the ``materialize`` route (exact).
+
 ``Quantized`` and ``Clustered`` leaves get their fast routes after
 ``prepare(params)`` converts them, once, to the output-major serving layout
 (:mod:`jaxcompress.arrays.serving`); unprepared, they are materialized. Every
@@ -205,6 +208,8 @@ class _Router:
         leaf = weight.leaf
         if isinstance(leaf, Quantized | Clustered) and servable(leaf):
             return "not prepared: call prepare(params) once for the fast routes"
+        if isinstance(leaf, Quantized) and leaf.input_scale is not None:
+            return "AWQ input scales: no serving layout, dense weight"
         if op not in (DOT, CONV):
             return f"used by {op}"
         if isinstance(leaf, LowRank | QuantizedMatrix | ClusteredMatrix):

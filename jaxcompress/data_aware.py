@@ -336,14 +336,15 @@ def _relative_output_error(w: jax.Array, q: jax.Array, gram: jax.Array) -> jax.A
     return jnp.where(denominator > 0, jnp.sqrt(jnp.maximum(numerator, 0.0) / safe), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
+@functools.partial(jax.jit, static_argnames=("block_size", "nm"))
 def sparsegpt(
     matrix: jax.Array,
     gram: jax.Array,
-    block_counts: jax.Array,
+    block_counts: jax.Array | None,
     *,
     damp: float | jax.Array,
     block_size: int,
+    nm: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
     """SparseGPT on an ``(m, n)`` matrix view: ``(values, keep, stats)``.
 
@@ -352,6 +353,12 @@ def sparsegpt(
     ``W_ij² / U_ii²`` (the OBS saliency, ``U_ii² = [H⁻¹]_ii`` after the earlier
     rows; dead inputs score 0) are chosen for pruning, over all its rows and outputs,
     ties in row-major order. Then each row is pruned and its error fed forward.
+
+    With ``nm=(N, M)`` (``M`` dividing ``m``) the mask is N:M along the rows instead,
+    as SparseGPT does for semi-structured sparsity: when the sweep reaches the first
+    row of each run of ``M`` rows, each output column keeps the ``N`` of those rows
+    with the highest saliency, scored on the current, error-updated weights (ties
+    keep the lower row); ``block_counts`` is then unused (pass ``None``).
 
     Returns:
         ``values``: the updated weights (float32, zero where pruned); ``keep``: the
@@ -364,6 +371,9 @@ def sparsegpt(
         >>> values, keep, _ = sparsegpt(w, jnp.eye(2), jnp.array([2]), damp=0.0, block_size=128)
         >>> keep.tolist(), values.tolist()
         ([[False, True], [True, False]], [[0.0, -2.0], [3.0, 0.0]])
+        >>> _, keep, _ = sparsegpt(w, jnp.eye(2), None, damp=0.0, block_size=128, nm=(1, 2))
+        >>> keep.tolist()
+        [[False, True], [True, False]]
     """
     w = matrix.astype(jnp.float32)
     m, n = w.shape
@@ -373,7 +383,7 @@ def sparsegpt(
     dead_padded = jnp.zeros((padded,), bool).at[:m].set(dead)
     real = jnp.arange(padded) < m
     diagonal = jnp.diagonal(upper)
-    counts = jnp.asarray(block_counts)
+    counts = None if nm is not None else jnp.asarray(block_counts)
 
     def block_fn(start, w, carry):
         values, keep = carry
@@ -387,13 +397,30 @@ def sparsegpt(
         chosen = _rank_keep(score, counts[start // block])
         return values, lax.dynamic_update_slice_in_dim(keep, chosen, start, axis=0)
 
+    def choose_run(args):
+        # Imported here: nm imports this module.
+        from jaxcompress.nm import nm_keep_mask
+
+        kept, run = nm
+        r, err, u_block, w, keep = args
+        rows = lax.dynamic_slice_in_dim(w, r, run, axis=0)
+        rows = rows - _dot(lax.dynamic_slice_in_dim(u_block, r, run, axis=1).T, err)
+        d = lax.dynamic_slice_in_dim(diagonal, r, run)
+        score = jnp.square(rows) / jnp.square(d)[:, None]
+        score = jnp.where(lax.dynamic_slice_in_dim(dead_padded, r, run)[:, None], 0.0, score)
+        return lax.dynamic_update_slice_in_dim(keep, nm_keep_mask(score, kept, run), r, axis=0)
+
     def row_fn(r, w_row, err, u_block, w, carry):
         values, keep = carry
+        if nm is not None:
+            starts = (r % nm[1] == 0) & (r < m)
+            keep = lax.cond(starts, choose_run, lambda args: args[-1], (r, err, u_block, w, keep))
         q = jnp.where(lax.dynamic_index_in_dim(keep, r, axis=0, keepdims=False), w_row, 0.0)
         return q, (lax.dynamic_update_index_in_dim(values, q, r, axis=0), keep)
 
     start = (jnp.zeros((padded, n), jnp.float32), jnp.ones((padded, n), bool))
-    values, keep = _sweep(w_padded, upper, block, row_fn, start, block_fn)
+    chooser = None if nm is not None else block_fn
+    values, keep = _sweep(w_padded, upper, block, row_fn, start, chooser)
     values, keep = values[:m], keep[:m]
     stats = {
         "damping": damping,

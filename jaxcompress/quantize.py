@@ -18,6 +18,7 @@ exactly; nothing is ever divided by zero.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -25,10 +26,12 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jaxcompress._validate import check_values_to_compress, is_traced
 from jaxcompress.arrays import Quantized, Sparse
-from jaxcompress.arrays.quantized import from_groups, group_layout, to_groups
+from jaxcompress.arrays.quantized import decode, from_groups, group_layout, to_groups
+from jaxcompress.awq import awq_search
 from jaxcompress.bitpack import pack
 from jaxcompress.data_aware import (
     check_block_size,
@@ -39,11 +42,11 @@ from jaxcompress.data_aware import (
     require_data,
 )
 from jaxcompress.filters import Filter, kernels
-from jaxcompress.sharding import named_sharding_of, place_like, unsharded
+from jaxcompress.sharding import input_scale_spec, named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
-_METHODS = ("rtn", "gptq")
+_METHODS = ("rtn", "gptq", "awq")
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 # Clipping ratios searched by calibration="mse", largest first so ties keep more range.
 _MSE_RATIOS = np.linspace(1.0, 0.01, 100, dtype=np.float32)
@@ -441,6 +444,50 @@ def _gptq_array(weight, gram, damp, *, axis, group_size, gptq_options, options) 
     return quantized, {**errors, **extra}
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "group_size", "fan_in", "grid", "options"))
+def _awq_array(weight, gram, *, axis, group_size, fan_in, grid, options) -> tuple:
+    """One leaf quantized by AWQ, as one program: ``(Quantized, stats)``.
+
+    ``options`` is a tuple of ``(name, value)`` (hashable).
+    """
+    options = dict(options)
+    original = weight
+    shape = tuple(weight.shape)
+    weight = unsharded(weight)
+    layout = dict(shape=shape, axis=axis, group_size=group_size, bits=options["bits"])
+
+    def quantizer(scaled):
+        codes, scale, zero, _ = quantize_codes(scaled, axis=axis, group_size=group_size, **options)
+        return codes, scale, zero
+
+    def decoder(codes, scale, zero):
+        return decode(codes, scale, zero, dtype=jnp.float32, **layout)
+
+    with mesh_scope(weight):
+        (codes, scale, zero, input_scale), extra = awq_search(
+            weight,
+            unsharded(gram),
+            fan_in=fan_in,
+            grid=grid,
+            scale_dtype=options["scale_dtype"],
+            quantize=quantizer,
+            decode=decoder,
+        )
+    quantized = Quantized(
+        codes=pack(codes, options["bits"]),
+        scale=scale,
+        zero_point=zero,
+        shape=shape,
+        dtype=np.dtype(weight.dtype),
+        bits=options["bits"],
+        axis=axis,
+        group_size=group_size,
+        input_scale=input_scale,
+    )
+    errors = _error_stats(original, quantized.materialize(), options["bits"])
+    return quantized, {**errors, **extra}
+
+
 def quantize(
     bits: int = 8,
     *,
@@ -454,6 +501,7 @@ def quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    awq_grid: int = 20,
     where: Filter = kernels,
 ) -> Transform:
     """Linear quantization of each selected leaf to ``bits``-bit codes.
@@ -477,6 +525,26 @@ def quantize(
     stored scales. With an identity Gram and ``damp=0`` it *is* round-to-nearest.
     See :mod:`jaxcompress.data_aware`.
 
+    With ``method="awq"`` (activation-aware weight quantization, Lin et al. 2023; also
+    with ``data=``) each row ``i`` of the matrix view is multiplied by a scale
+    ``s_i = a_i ** alpha`` (normalised by ``√(max s · min s)``) before the usual
+    quantizer (same ``bits``, ``axis``, ``group_size``, ``symmetric``, ``calibration``)
+    rounds it, and divided by it again on decoding: ``Ŵ = diag(s)⁻¹ Q(diag(s) W)``.
+    (What is stored is ``r = 1 / s`` in ``scale_dtype``: the quantizer rounds the
+    float32 quotient ``W / r`` and decoding multiplies by ``r``, a correctly rounded
+    float32 product on every backend, so ``Ŵ = diag(r) Q(diag(r)⁻¹ W)``.)
+    ``a_i`` is input ``i``'s RMS ``√G_ii`` from the calibration Gram (AWQ's paper uses
+    its mean ``|x_i|``, which the statistics do not keep). ``alpha`` is chosen per leaf
+    from ``awq_grid`` even steps on ``[0, 1]`` for the least output error
+    ``tr(Eᵀ G E)``, ``E = Ŵ − W``; ``alpha = 0`` is round-to-nearest exactly, so
+    AWQ's output error is never above it. The scales are *stored*, not folded into
+    the preceding op: the leaf is a :class:`~jaxcompress.Quantized` with an
+    ``input_scale`` child (``r``) shaped like the weight's input axes (``in`` of a
+    Dense kernel, ``(h, w, in)`` of a conv kernel; counted by ``nbytes``, saved by
+    :func:`jaxcompress.save`), and it materializes to ``Ŵ``.
+    :func:`jaxcompress.accelerate` serves such a leaf dense (its ``materialize``
+    route). See :mod:`jaxcompress.awq`.
+
     Args:
         bits: bits per code, an integer from 2 to 8.
         axis: ``None`` for one scale per tensor; an axis index for one scale per index
@@ -495,7 +563,8 @@ def quantize(
         percentile: the percentile for ``calibration="percentile"``, in ``(50, 100]``.
         scale_dtype: float32, float16 or bfloat16; scales (and zero points) are
             stored, counted and decoded in it.
-        method: ``"rtn"`` (round to nearest) or ``"gptq"`` (needs ``data=``). GPTQ
+        method: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (both need
+            ``data=``). AWQ takes every layout round-to-nearest does. GPTQ
             supports ``axis=-1`` (with or without ``group_size``) on a kernel whose
             calibrated inputs are all its axes but the last (Dense, conv), and
             ``axis=None`` without ``group_size`` on any calibrated kernel; per-channel
@@ -511,6 +580,8 @@ def quantize(
             ``group_size`` the group scales are static: computed from the original
             weights, as AutoGPTQ's ``static_groups``, so the stored groups stay
             contiguous.
+        awq_grid: AWQ only: how many values of ``alpha``, evenly spaced on ``[0, 1]``
+            (``1``: only ``alpha = 0``, round-to-nearest with unit input scales).
         where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
 
     Returns:
@@ -519,18 +590,22 @@ def quantize(
         ``{"bits", "relative_error", "max_abs_error"}`` (the errors as scalar arrays, so
         it works under ``jit``); with GPTQ also ``"damp"``, ``"damping"`` (the ``λ``
         added to the Gram's diagonal), ``"factorized"`` (whether the Cholesky factors
-        were finite) and ``"relative_output_error"`` (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``).
+        were finite) and ``"relative_output_error"`` (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``);
+        with AWQ also ``"alpha"`` (the chosen exponent), ``"relative_output_error"``
+        (AWQ's) and ``"rtn_relative_output_error"`` (round-to-nearest's, ``alpha = 0``).
 
     Raises:
         ValueError: bad ``bits``, ``axis``, ``group_size``, ``calibration``,
-            ``percentile``, ``scale_dtype``, ``method``, ``damp``, ``block_size``;
-            ``act_order`` without GPTQ; a selected scalar, zero-size or non-finite
-            leaf; an axis or group size that does not fit a leaf; GPTQ without
-            ``data=``, without statistics for a leaf, with statistics whose feature
-            size fits no fan-in of the leaf, with a scale layout it does not support,
-            or (outside ``jit``) with a Gram not positive definite after damping.
+            ``percentile``, ``scale_dtype``, ``method``, ``damp``, ``block_size``,
+            ``awq_grid``; ``act_order`` without GPTQ; ``awq_grid`` without AWQ; a
+            selected scalar, zero-size or non-finite leaf; an axis or group size that
+            does not fit a leaf; GPTQ or AWQ without ``data=``, without statistics for
+            a leaf, with statistics whose feature size fits no fan-in of the leaf
+            (or, outside ``jit``, a Gram with NaN or Inf); GPTQ with a scale layout it
+            does not support, or (outside ``jit``) with a Gram not positive definite
+            after damping.
         TypeError: a selected integer, boolean or (non-sparse) compressed leaf; a
-            ``Sparse`` leaf with GPTQ.
+            ``Sparse`` leaf with GPTQ or AWQ.
 
     Example:
         >>> import jax
@@ -557,6 +632,18 @@ def quantize(
         >>> rtn, rtn_stats = jc.quantize(4, group_size=4)(params)
         >>> compressed["dense1"]["kernel"].nbytes == rtn["dense1"]["kernel"].nbytes
         True
+
+        AWQ: the same codes and scales plus one stored scale per input feature:
+
+        >>> tx = jc.quantize(4, group_size=4, method="awq", where="dense1/kernel")
+        >>> awq, awq_stats = tx(params, data=data)
+        >>> awq["dense1"]["kernel"]
+        Quantized(shape=(64, 300), dtype=float32, bits=4, axis=1, group_size=4, input_scale=(64,))
+        >>> awq["dense1"]["kernel"].nbytes - rtn["dense1"]["kernel"].nbytes  # 64 float32
+        256
+        >>> s = awq_stats["dense1/kernel"]
+        >>> bool(s["relative_output_error"] <= s["rtn_relative_output_error"])
+        True
     """
     options = check_options(
         "quantize",
@@ -574,6 +661,10 @@ def quantize(
         raise ValueError(f"quantize: act_order must be a bool, got {act_order!r}")
     if act_order and method != "gptq":
         raise ValueError("quantize: act_order=True only applies to method='gptq'")
+    if isinstance(awq_grid, bool) or not isinstance(awq_grid, numbers.Integral) or awq_grid < 1:
+        raise ValueError(f"quantize: awq_grid must be a positive integer, got {awq_grid!r}")
+    if awq_grid != 20 and method != "awq":
+        raise ValueError(f"quantize: awq_grid={awq_grid} only applies to method='awq'")
     damp_value = check_damp("quantize", damp)
     gptq_options = {
         "block_size": check_block_size("quantize", block_size),
@@ -584,34 +675,49 @@ def quantize(
     name = f"quantize({bits}, axis={axis}, group_size={group_size}, symmetric={bool(symmetric)})"
     if method == "gptq":
         name = name[:-1] + f", method=gptq{', act_order=True' if act_order else ''})"
+    if method == "awq":
+        name = name[:-1] + f", method=awq, awq_grid={int(awq_grid)})"
+    data_aware = method in ("gptq", "awq")
+    option = f"method={method!r}"
 
     def apply(params, *, key=None, data=None):
-        by_path = require_data(name, "method='gptq'", data) if method == "gptq" else {}
+        by_path = require_data(name, option, data) if data_aware else {}
         selected, entries, treedef = select_leaves(params, where)
         # Every leaf is checked before anything is computed, so nothing is half done.
         plans = []
         for entry in selected:
-            if method == "gptq" and isinstance(entry.leaf, Sparse):
+            if data_aware and isinstance(entry.leaf, Sparse):
                 raise TypeError(
-                    f"{name}: leaf {entry.path!r} is Sparse; GPTQ needs the dense matrix "
-                    "(its kept values have no row layout): use method='rtn' for it "
+                    f"{name}: leaf {entry.path!r} is Sparse; {method.upper()} needs the dense "
+                    "matrix (its kept values have no row layout): use method='rtn' for it "
                     "(exclude it with where=) or quantize before pruning"
                 )
             values = check_values_to_compress(name, entry.path, entry.leaf)
             # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
             leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
             layout = _leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
-            gram = None
-            if method == "gptq":
+            gram, fan_in = None, None
+            if data_aware:
                 shape = tuple(values.shape)
-                gram, fan_in, _, _ = leaf_gram(name, "method='gptq'", entry.path, by_path, shape)
-                _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
-            plans.append((entry, values, layout, gram))
+                gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
+                if method == "gptq":
+                    _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
+            plans.append((entry, values, layout, gram, fan_in))
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for entry, weight, leaf_axis, gram in plans:
+        for entry, weight, leaf_axis, gram, fan_in in plans:
             if gram is None:
                 quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
+            elif method == "awq":
+                quantized, extra = _awq_array(
+                    weight,
+                    gram,
+                    axis=leaf_axis,
+                    group_size=group_size,
+                    fan_in=fan_in,
+                    grid=int(awq_grid),
+                    options=tuple(sorted(options.items())),
+                )
             else:
                 quantized, extra = _gptq_array(
                     weight,
@@ -628,9 +734,12 @@ def quantize(
                         f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
                     )
                 extra = {**extra, "bits": bits, "damp": damp_value}
-            quantized = jax.tree.map(
-                functools.partial(place_like, reference=named_sharding_of(weight)), quantized
-            )
+            reference = named_sharding_of(weight)
+            quantized = jax.tree.map(functools.partial(place_like, reference=reference), quantized)
+            if reference is not None and quantized.input_scale is not None:
+                spec = input_scale_spec(tuple(quantized.input_scale.shape), reference)
+                inputs = place_like(quantized.input_scale, NamedSharding(reference.mesh, spec))
+                quantized = dataclasses.replace(quantized, input_scale=inputs)
             if gram is None:
                 extra = _error_stats(weight, quantized.materialize(), bits)
             stats[entry.path] = extra

@@ -168,6 +168,28 @@ def _scale_spec(
     return PartitionSpec(*kept)
 
 
+def input_scale_spec(scale_shape: tuple[int, ...], reference: NamedSharding) -> PartitionSpec:
+    """Spec of a ``Quantized`` leaf's ``input_scale``: the weight's spec on its leading axes.
+
+    The scales (AWQ's, one per input feature) are shaped like the weight's first
+    ``len(scale_shape)`` axes, so each keeps the mesh axes of its weight axis where
+    its length divides, and rows of the weight and their scales sit together.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(jax.devices()[:1], ("x",))
+        >>> input_scale_spec((4,), NamedSharding(mesh, P("x", None)))
+        P('x',)
+    """
+    spec = tuple(reference.spec) + (None,) * len(scale_shape)
+    kept = [
+        entry if entry is not None and dim % _devices_along(reference.mesh, entry) == 0 else None
+        for dim, entry in zip(scale_shape, spec, strict=False)
+    ]
+    return PartitionSpec(*kept)
+
+
 def _child_shardings(leaf: Any, ref: NamedSharding) -> Any:
     """``leaf`` with each array child replaced by its ``NamedSharding``."""
     # Imported here: the array types import this module for `unsharded`.
@@ -190,7 +212,12 @@ def _child_shardings(leaf: Any, ref: NamedSharding) -> Any:
     if isinstance(leaf, Quantized):
         scale = named(_scale_spec(leaf.shape, leaf.axis, tuple(leaf.scale.shape), ref))
         zero = None if leaf.zero_point is None else scale
-        return dataclasses.replace(leaf, codes=like(leaf.codes), scale=scale, zero_point=zero)
+        inputs = leaf.input_scale
+        if inputs is not None:
+            inputs = named(input_scale_spec(tuple(inputs.shape), ref))
+        return dataclasses.replace(
+            leaf, codes=like(leaf.codes), scale=scale, zero_point=zero, input_scale=inputs
+        )
     if isinstance(leaf, Clustered):
         return dataclasses.replace(
             leaf, indices=like(leaf.indices), codebook=named(PartitionSpec())
@@ -247,7 +274,9 @@ def shardings_like(
       values follow that vector's spec by these same rules;
     * codebooks and per-tensor scales are replicated; per-channel and per-group
       ``(G, C)`` scales (and zero points) put ``C`` on the channel axis' mesh axes
-      and ``G`` on those of the leading non-channel axis, where they divide;
+      and ``G`` on those of the leading non-channel axis, where they divide; AWQ's
+      ``input_scale`` (shaped like the weight's leading axes) keeps the weight's
+      spec on those axes (:func:`input_scale_spec`);
     * ``LowRank`` ``u`` takes the mesh axes of the weight's fan-in axes on its rows
       and ``v`` those of its fan-out axes on its columns (see
       :func:`jaxcompress.arrays.lowrank.factor_shardings`);

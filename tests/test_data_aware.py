@@ -387,7 +387,7 @@ def test_bad_options_and_unsupported_layouts_raise():
     with pytest.raises(ValueError, match="block_size must be"):
         jc.quantize(4, method="gptq", block_size=0)
     with pytest.raises(ValueError, match="method must be one of"):
-        jc.quantize(4, method="awq")
+        jc.quantize(4, method="hqq")
     with pytest.raises(ValueError, match="act_order=True only applies"):
         jc.quantize(4, act_order=True)
     with pytest.raises(ValueError, match="scope='global' needs concrete"):

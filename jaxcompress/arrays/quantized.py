@@ -17,7 +17,7 @@ from jaxcompress.sharding import unsharded
 def _quantized_pytree(cls: type) -> type:
     return jax.tree_util.register_dataclass(
         cls,
-        data_fields=["codes", "scale", "zero_point"],
+        data_fields=["codes", "scale", "zero_point", "input_scale"],
         meta_fields=["shape", "dtype", "bits", "axis", "group_size"],
     )
 
@@ -137,6 +137,25 @@ def decode(
     return dense.astype(dtype)
 
 
+def scale_inputs(dense: jax.Array, input_scale: jax.Array) -> jax.Array:
+    """``dense`` (float32) times per-input-feature scales along its leading axes.
+
+    ``input_scale`` has the shape of ``dense``'s first ``input_scale.ndim`` axes. It is
+    one float32 multiplication (correctly rounded on every backend, unlike a division),
+    so :meth:`Quantized.materialize`, the AWQ search of :func:`jaxcompress.quantize`
+    and any reader of a saved file give the same bits.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> scale_inputs(jnp.ones((2, 3)), jnp.array([1.0, 0.25])).tolist()
+        [[1.0, 1.0, 1.0], [0.25, 0.25, 0.25]]
+    """
+    # Replicated first: it broadcasts against the dense array's own layout on any mesh.
+    r = unsharded(input_scale).astype(jnp.float32)
+    r = r.reshape(tuple(r.shape) + (1,) * (dense.ndim - r.ndim))
+    return dense.astype(jnp.float32) * r
+
+
 @_quantized_pytree
 @dataclasses.dataclass(frozen=True, repr=False)
 class Quantized(CompressedArray):
@@ -158,9 +177,16 @@ class Quantized(CompressedArray):
         axis: the channel axis (non-negative) or ``None`` for per-tensor (static).
         group_size: entries per group along the contracted dimension, or ``None``
             for one group per channel (static).
+        input_scale: ``None``, or one positive factor ``r_i`` per input feature,
+            shaped like the weight's leading (fan-in) axes, ``shape[:k]`` with
+            ``1 <= k < ndim`` (a Dense ``(in, out)`` kernel's rows), in the scale
+            dtype. Entry ``(i, ...)`` decodes as ``(code - zero_point) * scale * r_i``.
+            AWQ (:func:`jaxcompress.quantize` with ``method="awq"``) stores
+            ``r = 1 / s``: the codes encode ``diag(s) W``.
 
-    An entry decodes as ``(code - zero_point) * scale``, computed in float32 and cast
-    to ``dtype``. ``nbytes`` is the packed codes plus the scales and zero points.
+    An entry decodes as ``(code - zero_point) * scale`` (times its input scale, when
+    there is one), computed in float32 and cast to ``dtype``. ``nbytes`` is the packed
+    codes plus the scales, zero points and input scales.
 
     Example:
         >>> import jax.numpy as jnp
@@ -182,6 +208,7 @@ class Quantized(CompressedArray):
     bits: int
     axis: int | None
     group_size: int | None
+    input_scale: jax.Array | None = None
 
     kind = "quantized"
 
@@ -193,14 +220,16 @@ class Quantized(CompressedArray):
     @property
     def nbytes(self) -> int:
         total = leaf_nbytes(self.codes) + leaf_nbytes(self.scale)
-        return total + (0 if self.zero_point is None else leaf_nbytes(self.zero_point))
+        total += 0 if self.zero_point is None else leaf_nbytes(self.zero_point)
+        return total + (0 if self.input_scale is None else leaf_nbytes(self.input_scale))
 
     def unpacked_codes(self) -> jax.Array:
         """The unsigned codes as uint8, shaped like the dense array."""
         return unpack(self.codes, self.bits, self.shape[-1])
 
     def materialize(self) -> jax.Array:
-        return decode(
+        scaled = self.input_scale is not None
+        dense = decode(
             self.unpacked_codes(),
             self.scale,
             self.zero_point,
@@ -208,14 +237,20 @@ class Quantized(CompressedArray):
             axis=self.axis,
             group_size=self.group_size,
             bits=self.bits,
-            dtype=self.dtype,
+            dtype=jnp.float32 if scaled else self.dtype,
         )
+        if not scaled:
+            return dense
+        return scale_inputs(dense, self.input_scale).astype(self.dtype)
 
     def layout_child(self) -> jax.Array:
         return self.codes
 
     def __repr__(self) -> str:
+        extra = ""
+        if self.input_scale is not None:
+            extra = f", input_scale={tuple(self.input_scale.shape)}"
         return (
             f"Quantized(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
-            f"bits={self.bits}, axis={self.axis}, group_size={self.group_size})"
+            f"bits={self.bits}, axis={self.axis}, group_size={self.group_size}{extra})"
         )

@@ -203,7 +203,8 @@ def servable(leaf: object) -> bool:
     """Whether :func:`to_serving` has a layout for ``leaf``.
 
     That is a :class:`Quantized` leaf with channels on its last axis (or one scale for
-    the whole tensor), or a :class:`Clustered` leaf, of rank 2 or more.
+    the whole tensor) and no AWQ ``input_scale``, or a :class:`Clustered` leaf, of
+    rank 2 or more. (An AWQ leaf is served by materializing it, which is exact.)
 
     Example:
         >>> import jax.numpy as jnp
@@ -212,6 +213,8 @@ def servable(leaf: object) -> bool:
         True
     """
     if isinstance(leaf, Quantized):
+        if leaf.input_scale is not None:
+            return False
         ndim = len(leaf.shape)
         per_tensor = leaf.axis is None and leaf.group_size is None
         last = leaf.axis is not None and leaf.axis % ndim == ndim - 1

@@ -382,7 +382,7 @@ def _leaf_summary(node: dict, lengths: list[int]) -> tuple[str, int, float, list
             if label == "gaps":
                 label += str(record.get("gap_bits"))
             parts.append(f"{name}={label + '/' if label else ''}{record.get('coding')}")
-    for name in ("codebook", "scale", "zero_point", "u", "v"):
+    for name in ("codebook", "scale", "zero_point", "input_scale", "u", "v"):
         child = node.get(name)
         if isinstance(child, dict):
             length = lengths[child["buffer"]]

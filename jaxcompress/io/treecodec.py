@@ -109,7 +109,7 @@ def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: 
             np.asarray(leaf.codes), bits=leaf.bits, shape=leaf.shape, entropy=entropy
         )
         zero = leaf.zero_point
-        return {
+        node = {
             "type": "quantized",
             **common,
             "bits": leaf.bits,
@@ -119,6 +119,12 @@ def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: 
             "scale": _array_node(leaf.scale, add, _join(path, "scale")),
             "zero_point": None if zero is None else _array_node(zero, add, _join(path, "zero")),
         }
+        if leaf.input_scale is not None:  # AWQ; absent otherwise, so other files are unchanged
+            node["input_scale"] = _array_node(leaf.input_scale, add, _join(path, "input_scale"))
+            # Its own type, so a reader that predates input scales refuses the node
+            # instead of decoding the codes without them.
+            node["type"] = "quantized_input_scaled"
+        return node
     if isinstance(leaf, LowRank):
         return {
             "type": "lowrank",
@@ -297,7 +303,7 @@ def _decode_sparse(node, get, place, path):
         if values.dtype != dtype:
             raise _fail(values_path, f"dtype {values.dtype} differs from the leaf's {dtype}")
         values = place(values, path, node)
-    elif values_node.get("type") in ("clustered", "quantized"):
+    elif values_node.get("type") in ("clustered", "quantized", "quantized_input_scaled"):
         values = decode_node(values_node, get, place, values_path)
     else:
         raise _fail(values_path, "sparse values must be an array, clustered or quantized node")
@@ -359,6 +365,12 @@ def _decode_quantized(node, get, place, path):
         zero = _read_array(zero, get, _join(path, "zero_point"))
         _expect_shape(zero, scale.shape, path, "zero_point")
         zero = place(zero, path, node)
+    inputs = node.get("input_scale")
+    if (node.get("type") == "quantized_input_scaled") != (inputs is not None):
+        raise _fail(path, "input_scale must be present exactly in a quantized_input_scaled node")
+    if inputs is not None:
+        inputs = _input_scale(inputs, get, path, shape)
+        inputs = place(inputs, path, node)
     record = _stream(node, "codes", path)
     codes = streams.decode_codes(
         record, get(record.get("buffer"), path), bits=bits, shape=shape, where=path
@@ -372,7 +384,24 @@ def _decode_quantized(node, get, place, path):
         bits=bits,
         axis=axis,
         group_size=group_size,
+        input_scale=inputs,
     )
+
+
+def _input_scale(node: Any, get: GetBuffer, path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """AWQ's input scales: the weight's leading axes, floating, finite and positive."""
+    inputs = _read_array(node, get, _join(path, "input_scale"))
+    if not 1 <= inputs.ndim < len(shape) or tuple(inputs.shape) != shape[: inputs.ndim]:
+        raise _fail(
+            path,
+            f"input_scale has shape {tuple(inputs.shape)}, expected the leading axes of {shape}",
+        )
+    if not jnp.issubdtype(inputs.dtype, jnp.floating):
+        raise _fail(path, f"input_scale has dtype {inputs.dtype}; it must be floating-point")
+    values = inputs.astype(np.float32)
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise _fail(path, "input_scale must be finite and positive")
+    return inputs
 
 
 def _decode_lowrank(node, get, place, path):
@@ -408,6 +437,7 @@ _COMPRESSED = {
     "sparse": _decode_sparse,
     "clustered": _decode_clustered,
     "quantized": _decode_quantized,
+    "quantized_input_scaled": _decode_quantized,
     "lowrank": _decode_lowrank,
 }
 
