@@ -34,6 +34,7 @@ from jaxcompress.blocks import prune_blocks as prune_blocks
 from jaxcompress.calibrate import InputStats as InputStats
 from jaxcompress.calibrate import calibrate as calibrate
 from jaxcompress.cluster import cluster as cluster
+from jaxcompress.cluster import fisher_diagonal as fisher_diagonal
 from jaxcompress.io.errors import FileFormatError as FileFormatError
 from jaxcompress.io.files import FileReport as FileReport
 from jaxcompress.io.files import inspect_file as inspect_file
@@ -99,6 +100,7 @@ __all__ = [
     "decomposition",
     "export_dense",
     "filters",
+    "fisher_diagonal",
     "inspect_file",
     "is_compressed",
     "lda",

@@ -8,24 +8,37 @@ iteration into ``k - 1`` binary searches: ``O(k log n)`` per iteration, never an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec
 
-from jaxcompress._validate import check_values_to_compress
+from jaxcompress._validate import check_values_to_compress, is_traced
 from jaxcompress.arrays import Clustered, Sparse
 from jaxcompress.bitpack import pack
-from jaxcompress.filters import Filter, kernels
+from jaxcompress.calibrate import InputStats
+from jaxcompress.data_aware import (
+    _relative_output_error,
+    check_block_size,
+    check_damp,
+    leaf_gram,
+    mesh_scope,
+    require_data,
+)
+from jaxcompress.filters import Filter, kernels, path_to_str
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
 _INITS = ("linear", "density", "kmeans++", "random")
-_METHODS = ("lloyd", "optimal")
+_METHODS = ("lloyd", "optimal", "gptq")
+_WEIGHTS = (None, "hessian", "fisher")
 _KEYED_INITS = ("kmeans++", "random")
 # "optimal" runs its exact DP on at most this many weighted points (bins).
 _OPTIMAL_POINTS = 2048
@@ -129,7 +142,8 @@ def _lloyd(
             counts = weight_prefix[edges[1:]] - weight_prefix[edges[:-1]]
         sums = prefix[edges[1:]] - prefix[edges[:-1]]
         # An empty cluster keeps its old centroid instead of becoming 0 / 0 ...
-        means = sums / jnp.maximum(counts, 1.0)
+        # (weighted counts may be below 1; integer counts divide as they are).
+        means = sums / jnp.where(counts > 0, counts, 1.0)
         updated = jnp.where(counts > 0, means, centroids)
         # ... except that one empty centroid per iteration moves into the widest heavy
         # cluster, between its mean and its farther end (as scikit-learn relocates
@@ -213,13 +227,18 @@ def _weighted_points(sorted_y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _optimal_centroids(sorted_y: jax.Array, k: int) -> jax.Array:
-    """Exact weighted 1-D k-means of :func:`_weighted_points` by dynamic programming.
+    """Exact weighted 1-D k-means of :func:`_weighted_points` by dynamic programming."""
+    return _optimal_of_points(*_weighted_points(sorted_y), k)
+
+
+def _optimal_of_points(points: jax.Array, weights: jax.Array, k: int) -> jax.Array:
+    """Exact k-means of sorted ``points`` with ``weights`` (sorted centroids).
 
     ``best[j][i]`` is the least cost of the first ``i`` points in ``j`` clusters;
     clusters are contiguous runs (allowed empty), so
-    ``best[j][i] = min_m best[j-1][m] + cost(m, i)``, an ``O(k P^2)`` vectorized DP.
+    ``best[j][i] = min_m best[j-1][m] + cost(m, i)``, an ``O(k P^2)`` vectorized DP
+    on prefix sums of ``w``, ``w x`` and ``w x²``.
     """
-    points, weights = _weighted_points(sorted_y)
     count = points.shape[0]
     w = _prefix_sum(weights)
     s1 = _prefix_sum(weights * points)
@@ -584,62 +603,116 @@ def cluster_array(
     tol: float = 1e-6,
     codebook_dtype: jax.typing.DTypeLike = jnp.float32,
     key: jax.Array | None = None,
+    weights: jax.Array | None = None,
+    gram: jax.Array | None = None,
+    damp: float | jax.Array = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
 ) -> tuple[Clustered, dict]:
     """Clusters one array into a :class:`~jaxcompress.Clustered` leaf.
 
-    The arguments are those of :func:`cluster`, already validated. Works under ``jit``.
+    The arguments are those of :func:`cluster`, already validated, plus the data:
+    ``weights`` (shaped like ``weight``) are each entry's sensitivity for weighted
+    k-means (see :mod:`jaxcompress.weighted_kmeans`); ``gram`` is the ``(m, m)`` input
+    Gram of ``weight``'s matrix view ``weight.reshape(m, -1)``, which
+    ``method="gptq"`` sweeps (and which adds ``"relative_output_error"`` to the
+    stats). Works under ``jit``.
 
     Returns:
         ``(leaf, stats)`` with stats ``{"k", "inertia", "relative_error",
-        "iterations", "distinct"}`` (arrays, except ``k``).
+        "iterations", "distinct"}`` (arrays, except ``k``); with ``weights`` also
+        ``"weighted_relative_error"``, with ``gram`` ``"relative_output_error"``, with
+        ``method="gptq"`` ``"damping"`` and ``"factorized"``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> leaf, stats = cluster_array(jnp.array([[0.0, 0.1], [2.0, 2.1]]), k=2)
         >>> [round(c, 3) for c in leaf.codebook.tolist()], int(stats["iterations"]) > 0
         ([0.05, 2.05], True)
+        >>> leaf, _ = cluster_array(jnp.array([[0.0, 0.1], [2.0, 2.1]]), k=2,
+        ...                         weights=jnp.array([[1.0, 3.0], [1.0, 1.0]]))
+        >>> [round(c, 3) for c in leaf.codebook.tolist()]
+        [0.075, 2.05]
     """
     shape = tuple(weight.shape)
     per_channel = per_channel and len(shape) >= 2
-    histogram = not per_channel and _uses_histogram(math.prod(shape), method, init)
+    gptq = method == "gptq"
+    # GPTQ fits its codebook as method="lloyd" does, then sweeps the rows.
+    fit_method = "lloyd" if gptq else method
+    data_aware = gptq or weights is not None
+    histogram = (
+        not per_channel and not data_aware and _uses_histogram(math.prod(shape), method, init)
+    )
     if not histogram:
         # Sorting (and per-channel regrouping) needs the leaf in one piece.
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
     bits = max(1, (k - 1).bit_length())
-    fit = functools.partial(
-        _fit,
+    options = dict(
         k=k,
         init=init,
-        method=method,
+        method=fit_method,
         max_iter=max_iter,
         tol=tol,
         codebook_dtype=np.dtype(codebook_dtype),
     )
-    if per_channel:
-        channels = values.reshape(-1, shape[-1]).T
-        keys = None if key is None else jax.random.split(key, shape[-1])
-        if method == "optimal":
-            # The DP holds a P x P table; one channel at a time bounds the memory.
-            codebook, iterations, distinct = jax.lax.map(
-                lambda a: fit(a[0], a[1]), (channels, keys)
-            )
+    fit = functools.partial(_fit, **options)
+    if weights is not None:
+        # Imported here: weighted_kmeans builds on this module.
+        from jaxcompress.weighted_kmeans import fit_weighted
+
+        weights = unsharded(weights).astype(jnp.float32).reshape(shape)
+        weighted_fit = functools.partial(fit_weighted, **options)
+
+    def fit_one(x, w, key):
+        return fit(x, key) if w is None else weighted_fit(x, w, key)
+
+    with mesh_scope(weight) if data_aware else contextlib.nullcontext():
+        if per_channel:
+            channels = values.reshape(-1, shape[-1]).T
+            keys = None if key is None else jax.random.split(key, shape[-1])
+            channel_weights = None if weights is None else weights.reshape(-1, shape[-1]).T
+            if method == "optimal":
+                # The DP holds a P x P table; one channel at a time bounds the memory.
+                codebook, iterations, distinct = jax.lax.map(
+                    lambda a: fit_one(*a), (channels, channel_weights, keys)
+                )
+            else:
+                codebook, iterations, distinct = jax.vmap(fit_one)(channels, channel_weights, keys)
+            iterations, distinct = jnp.max(iterations), jnp.min(distinct)
+        elif histogram:
+            # Kept in its own shape (and sharding): nothing here flattens or gathers it.
+            codebook, iterations, distinct = fit(values, key, histogram=True)
+        elif weights is None:
+            codebook, iterations, distinct = fit(values.reshape(-1), key, histogram=False)
         else:
-            codebook, iterations, distinct = jax.vmap(fit)(channels, keys)
-        codes = jax.vmap(_assign)(channels, codebook).T.reshape(shape)
-        channel = jnp.arange(shape[-1], dtype=jnp.int32)
-        flat = codes.reshape(-1, shape[-1]).astype(jnp.int32)
-        approx = codebook.astype(jnp.float32)[channel[None, :], flat].reshape(shape)
-        iterations, distinct = jnp.max(iterations), jnp.min(distinct)
-    elif histogram:
-        # Kept in its own shape (and sharding): nothing here flattens or gathers it.
-        codebook, iterations, distinct = fit(values, key, histogram=True)
-        low, high = jnp.min(values), jnp.max(values)
-        codes, inertia = _assign_blocks(values, codebook, low, high)
-    else:
-        codebook, iterations, distinct = fit(values.reshape(-1), key, histogram=False)
-        codes = _assign(values, codebook)
-        approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
+            codebook, iterations, distinct = weighted_fit(
+                values.reshape(-1), weights.reshape(-1), key
+            )
+        extra = {}
+        if gptq:
+            from jaxcompress.weighted_kmeans import codebook_gptq
+
+            codes, approx, extra = codebook_gptq(
+                values.reshape(gram.shape[0], -1),
+                unsharded(gram),
+                codebook,
+                damp=damp,
+                block_size=block_size,
+                act_order=act_order,
+            )
+            codes, approx = codes.reshape(shape), approx.reshape(shape)
+        elif per_channel:
+            codes = jax.vmap(_assign)(channels, codebook).T.reshape(shape)
+            channel = jnp.arange(shape[-1], dtype=jnp.int32)
+            flat = codes.reshape(-1, shape[-1]).astype(jnp.int32)
+            approx = codebook.astype(jnp.float32)[channel[None, :], flat].reshape(shape)
+        elif histogram:
+            low, high = jnp.min(values), jnp.max(values)
+            codes, inertia = _assign_blocks(values, codebook, low, high)
+        else:
+            codes = _assign(values, codebook)
+            approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
     if not histogram:
         inertia = jnp.sum(jnp.square(values - approx))
     norm = jnp.sqrt(jnp.sum(jnp.square(values)))
@@ -652,7 +725,18 @@ def cluster_array(
         "iterations": iterations,
         "distinct": distinct,
     }
-    return leaf, stats
+    if weights is not None:
+        w = jnp.maximum(weights, 0.0)
+        total = jnp.sum(w * jnp.square(values))
+        safe = jnp.where(total > 0, total, 1.0)
+        error = jnp.sum(w * jnp.square(values - approx))
+        stats["weighted_relative_error"] = jnp.where(total > 0, jnp.sqrt(error / safe), 0.0)
+    if gram is not None and not gptq:
+        m = gram.shape[0]
+        stats["relative_output_error"] = _relative_output_error(
+            values.reshape(m, -1), approx.reshape(m, -1), unsharded(gram)
+        )
+    return leaf, {**stats, **extra}
 
 
 # Compiled once per shape and options, so eager calls do not retrace the loops;
@@ -667,6 +751,8 @@ _cluster_compiled = jax.jit(
         "max_iter",
         "tol",
         "codebook_dtype",
+        "block_size",
+        "act_order",
     ),
 )
 
@@ -694,6 +780,106 @@ def _placed(leaf: Clustered, reference) -> Clustered:
     )
 
 
+def _data_leaves(data: Any) -> dict[str, Any]:
+    """The leaves of a ``data=`` pytree by path, :class:`InputStats` kept whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        data, is_leaf=lambda x: isinstance(x, InputStats)
+    )
+    return {path_to_str(path): leaf for path, leaf in flat}
+
+
+def _leaf_gram(name: str, option: str, path: str, found: Any, by_path: dict, shape) -> jax.Array:
+    """The Gram of leaf ``path`` from calibration statistics (``found`` is what ``data=``
+    holds at that path), with errors naming it."""
+    if found is not None and not isinstance(found, InputStats):
+        raise ValueError(
+            f"{name}: {option} reads calibration statistics (InputStats from "
+            f"jaxcompress.calibrate) for leaf {path!r}, but data= holds an array of shape "
+            f"{tuple(getattr(found, 'shape', ()))} there; a per-weight Fisher diagonal goes "
+            "with weights='fisher'"
+        )
+    gram, _, _, _ = leaf_gram(name, option, path, by_path, shape)
+    return gram
+
+
+def _fisher_weights(name: str, path: str, found: Any, shape) -> jax.Array:
+    """The Fisher diagonal of leaf ``path`` from ``data=``, checked against its shape."""
+    if found is None:
+        raise ValueError(
+            f"{name}: weights='fisher' but data= has no Fisher diagonal for leaf {path!r}; "
+            "give an array shaped like it (see jaxcompress.fisher_diagonal) or "
+            "exclude it with where="
+        )
+    if isinstance(found, InputStats):
+        raise ValueError(
+            f"{name}: weights='fisher' needs the Fisher diagonal of leaf {path!r} (an array "
+            f"of its shape {tuple(shape)}), but data= holds calibration statistics "
+            "(InputStats) there; those are for weights='hessian' and method='gptq'"
+        )
+    found_shape = tuple(getattr(found, "shape", ()))
+    if found_shape != tuple(shape) or not jnp.issubdtype(
+        getattr(found, "dtype", np.float32), jnp.number
+    ):
+        raise ValueError(
+            f"{name}: the Fisher diagonal in data= for leaf {path!r} has shape {found_shape}, "
+            f"but the leaf has shape {tuple(shape)}; it needs one value per weight"
+        )
+    if not is_traced(found) and not bool(jnp.all(jnp.isfinite(found) & (found >= 0))):
+        raise ValueError(
+            f"{name}: the Fisher diagonal of leaf {path!r} has NaN, Inf or negative values"
+        )
+    return jnp.asarray(found)
+
+
+def _kept(values: jax.Array, sparse: Sparse) -> jax.Array:
+    """The entries of ``values`` (shaped like ``sparse``) at its kept positions, in order."""
+    keep = sparse.keep_mask().reshape(-1)
+    (index,) = jnp.nonzero(keep, size=sparse.nnz, fill_value=0)
+    return unsharded(values).reshape(-1)[index]
+
+
+def fisher_diagonal(
+    loss_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Iterable[Any]
+) -> Any:
+    """The per-weight Fisher diagonal for ``cluster(weights="fisher")``: mean squared gradients.
+
+    For each batch, ``jax.grad(loss_fn)(params, batch)`` is squared entry by entry;
+    the result is the mean over the batches, laid out like ``params`` (float32). With
+    one example per batch this is the empirical Fisher diagonal ``E[g²]`` (SqueezeLLM's
+    sensitivity); larger batches square each batch's mean gradient. The gradient is
+    compiled once per batch shape.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the parameter pytree (linen params, ``nnx.State``, dict) of floats.
+        batches: an iterable of batches, each passed to ``loss_fn`` as it is (an
+            array, a tuple of inputs and labels, ...).
+
+    Returns:
+        A pytree like ``params`` of float32 arrays: pass it as ``data=``.
+
+    Raises:
+        ValueError: ``batches`` is empty.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+        >>> batches = [jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 2.0]])]
+        >>> loss = lambda p, x: jnp.sum(x @ p["w"])
+        >>> fisher_diagonal(loss, params, batches)["w"].tolist()
+        [[0.5, 0.5], [2.0, 2.0]]
+    """
+    grad = jax.jit(jax.grad(loss_fn))
+    total, count = None, 0
+    for batch in batches:
+        squared = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grad(params, batch))
+        total = squared if total is None else jax.tree.map(jnp.add, total, squared)
+        count += 1
+    if total is None:
+        raise ValueError("fisher_diagonal: batches is empty; give at least one batch")
+    return jax.tree.map(lambda t: t / np.float32(count), total)
+
+
 def cluster(
     bits: int | None = None,
     *,
@@ -704,6 +890,10 @@ def cluster(
     max_iter: int = 1000,
     tol: float = 1e-6,
     codebook_dtype: jax.typing.DTypeLike = jnp.float32,
+    weights: str | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
     where: Filter = kernels,
 ) -> Transform:
     """Weight sharing: 1-D k-means of each selected leaf into a codebook and indices.
@@ -747,6 +937,33 @@ def cluster(
     ``rms_error <= optimal_rms_error + 2 h`` (``h = (max - min) / 2048``). It ignores
     ``init``. Its DP costs ``O(k * 2048^2)`` time and ``O(2048^2)`` memory.
 
+    ``weights=`` makes it sensitivity-weighted k-means (SqueezeLLM): the codebook
+    minimizes ``Σ s_ij (w_ij − ŵ_ij)²``. Assignments stay nearest-centroid, so
+    clusters are still runs of the sorted values and a centroid is its run's
+    ``Σ s w / Σ s`` from weighted prefix sums (``"optimal"``: the same DP on prefix
+    sums of ``s``, ``s w``, ``s w²``); weighted leaves always take the sorted path.
+    ``s`` comes from ``data=``: ``"hessian"`` weighs every entry of row ``i`` of the
+    ``(m, n)`` matrix view (input feature ``i``; ``m`` the fan-in read off the
+    statistics, as for GPTQ) by ``G_ii``, the diagonal of its input Gram from
+    :func:`jaxcompress.calibrate` (the OBS/GPTQ Hessian diagonal); ``"fisher"``
+    reads, for each leaf, an array of its shape holding the per-weight Fisher
+    diagonal (mean squared gradient), e.g. from :func:`fisher_diagonal`. Weights
+    are rescaled first (:func:`jaxcompress.weighted_kmeans.normalized_weights`), so
+    uniform weights give exactly plain k-means' codebook and indices. ``"linear"``
+    and ``"random"`` inits ignore the weights; ``"density"`` takes weighted quantiles
+    and ``"kmeans++"`` draws with probability ``~ s · D²``.
+
+    ``method="gptq"`` (GPTQ with codebook rounding) first fits the codebook as
+    ``"lloyd"`` does (with ``init`` and ``weights``), then sweeps the ``m`` rows of
+    the matrix view in blocks of ``block_size`` as :func:`jaxcompress.quantize`'s
+    GPTQ does, rounding each entry to its nearest codebook entry (its channel's, per
+    channel) instead of to a uniform grid and feeding each row's error into the rows
+    not yet rounded through the upper Cholesky factor of
+    ``(G + damp · mean(diag G) · I)⁻¹``. It needs ``data=`` calibration statistics,
+    lowers the layer's output error ``‖X W − X Ŵ‖`` rather than the weight error,
+    and keeps the layout and ``nbytes`` of plain clustering. With a diagonal Gram it
+    is plain nearest-centroid assignment of the fitted codebook.
+
     A leaf with at most ``k`` distinct values gets those values as its codebook
     (padded with the largest), so it is reconstructed exactly, and its stats get a
     ``"note"`` (outside ``jit``). On the histogram path this is decided from the
@@ -764,24 +981,46 @@ def cluster(
             ``key=``.
         per_channel: one codebook per output channel (the last axis), of shape
             ``(channels, k)``. Leaves with one dimension use one codebook.
-        method: ``"lloyd"`` or ``"optimal"``.
+        method: ``"lloyd"``, ``"optimal"`` or ``"gptq"`` (needs ``data=``
+            calibration statistics; not with a ``Sparse`` leaf or ``weights="fisher"``).
         max_iter: most Lloyd iterations.
         tol: stop when the largest centroid move is at most ``tol * (max - min)``.
         codebook_dtype: the dtype the codebook is stored in; indices are assigned to
             the nearest stored centroid.
+        weights: ``None`` (plain k-means), ``"hessian"`` (each weight by its input's
+            ``G_ii``; ``data=`` from :func:`jaxcompress.calibrate`) or ``"fisher"``
+            (``data=`` a pytree like the params holding each selected leaf's Fisher
+            diagonal, see :func:`fisher_diagonal`). A ``Sparse`` leaf's kept values
+            take the weights at their positions.
+        damp: GPTQ's damping, relative to the mean diagonal of the Gram; the absolute
+            ``λ`` added is reported in the stats. ``0`` needs a positive definite Gram.
+        block_size: GPTQ's rows per block of lazy updates (the result does not depend
+            on it beyond float rounding).
+        act_order: GPTQ only: round the rows in order of decreasing ``diag(G)``.
         where: which leaves to cluster; by default floating leaves with ndim >= 2.
 
     Returns:
         A transform ``tx(params, *, key=None, data=None)`` returning
         ``(compressed, stats)``; ``stats`` maps each clustered leaf path to
         ``{"k", "inertia", "relative_error", "iterations", "distinct"}`` (plus
-        ``"note"`` where there is something to say).
+        ``"note"`` where there is something to say); with ``weights`` also
+        ``"weighted_relative_error"`` (``√(Σ s e² / Σ s w²)``); with calibration
+        statistics (``"hessian"``, GPTQ) ``"relative_output_error"``
+        (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``); with GPTQ ``"damp"``, ``"damping"`` (the ``λ``
+        added) and ``"factorized"`` (whether the Cholesky factor was finite).
 
     Raises:
         ValueError: neither or both of ``bits`` and ``k``, ``k`` outside 2..256,
-            ``bits`` outside 1..8, an unknown ``init`` or ``method``, a missing
-            ``key`` for a random init, a selected scalar, empty or non-finite leaf.
-        TypeError: a selected integer leaf, or a compressed leaf other than ``Sparse``.
+            ``bits`` outside 1..8, an unknown ``init``, ``method`` or ``weights``,
+            ``method="gptq"`` with ``weights="fisher"``, ``act_order`` without GPTQ,
+            bad ``damp`` or ``block_size``, a missing ``key`` for a random init, a
+            selected scalar, empty or non-finite leaf; with ``weights`` or GPTQ: no
+            ``data=``, no statistics (or Fisher diagonal) for a selected leaf, the
+            wrong kind of them, statistics whose feature size fits no fan-in of the
+            leaf, a Fisher diagonal of another shape, or (outside ``jit``) non-finite
+            statistics or a Gram not positive definite after damping.
+        TypeError: a selected integer leaf, a compressed leaf other than ``Sparse``,
+            or a ``Sparse`` leaf with GPTQ.
 
     Example:
         >>> import jax
@@ -797,6 +1036,32 @@ def cluster(
         >>> pruned, _ = jc.chain(jc.prune(0.9), jc.cluster(bits=5))({"w": w})
         >>> type(pruned["w"].values).__name__
         'Clustered'
+
+        GPTQ with codebook rounding (here on a Hessian-weighted codebook), from the
+        calibration statistics of a layer with correlated inputs:
+
+        >>> model = lambda p, x: x @ p["dense"]["kernel"]
+        >>> x = jax.random.normal(jax.random.key(1), (256, 8)) @ jax.random.normal(
+        ...     jax.random.key(2), (8, 64))
+        >>> params = {"dense": {"kernel": w}}
+        >>> data = jc.calibrate(model, params, [x])
+        >>> tx = jc.cluster(bits=3, method="gptq", weights="hessian")
+        >>> gptq, gptq_stats = tx(params, data=data)
+        >>> plain, _ = jc.cluster(bits=3)(params)
+        >>> gptq["dense"]["kernel"].nbytes == plain["dense"]["kernel"].nbytes
+        True
+        >>> error = lambda t: float(jnp.linalg.norm(model(jc.materialize(t), x) - x @ w))
+        >>> error(gptq) < error(plain)
+        True
+
+        Fisher-weighted (SqueezeLLM) from squared gradients:
+
+        >>> from jaxcompress import fisher_diagonal
+        >>> loss = lambda p, x: jnp.mean(jnp.square(model(p, x)))
+        >>> fisher = fisher_diagonal(loss, params, [x[:128], x[128:]])
+        >>> squeezed, stats = jc.cluster(bits=3, weights="fisher")(params, data=fisher)
+        >>> sorted(stats["dense/kernel"])
+        ['distinct', 'inertia', 'iterations', 'k', 'relative_error', 'weighted_relative_error']
     """
     if (bits is None) == (k is None):
         raise ValueError(f"cluster: give exactly one of bits and k, got bits={bits!r}, k={k!r}")
@@ -812,6 +1077,20 @@ def cluster(
         raise ValueError(f"cluster: init must be one of {_INITS}, got {init!r}")
     if method not in _METHODS:
         raise ValueError(f"cluster: method must be one of {_METHODS}, got {method!r}")
+    if weights not in _WEIGHTS:
+        raise ValueError(f"cluster: weights must be one of {_WEIGHTS}, got {weights!r}")
+    if method == "gptq" and weights == "fisher":
+        raise ValueError(
+            "cluster: method='gptq' reads calibration statistics from data= and "
+            "weights='fisher' reads Fisher diagonals from it; one data= cannot hold both, "
+            "so use weights='hessian' (or None) with GPTQ"
+        )
+    if not isinstance(act_order, bool | np.bool_):
+        raise ValueError(f"cluster: act_order must be a bool, got {act_order!r}")
+    if act_order and method != "gptq":
+        raise ValueError("cluster: act_order=True only applies to method='gptq'")
+    damp_value = check_damp("cluster", damp)
+    block_size = check_block_size("cluster", block_size)
     max_iter = _check_positive_int("max_iter", max_iter)
     if max_iter < 1:
         raise ValueError(f"cluster: max_iter must be at least 1, got {max_iter!r}")
@@ -820,8 +1099,16 @@ def cluster(
     dtype = np.dtype(codebook_dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"cluster: codebook_dtype must be floating, got {dtype.name}")
-    needs_key = method == "lloyd" and init in _KEYED_INITS
+    needs_key = method != "optimal" and init in _KEYED_INITS
     name = f"cluster(k={k}, init={init}, method={method}, per_channel={per_channel})"
+    if weights is not None:
+        name = name[:-1] + f", weights={weights})"
+    if act_order:
+        name = name[:-1] + ", act_order=True)"
+    gptq = method == "gptq"
+    # The option that needs calibration statistics, for error messages.
+    stats_option = "method='gptq'" if gptq else "weights='hessian'"
+    needs_stats = gptq or weights == "hessian"
     options = dict(
         k=k,
         init=init,
@@ -831,21 +1118,73 @@ def cluster(
         tol=float(tol),
         codebook_dtype=dtype,
     )
+    if gptq:
+        options.update(block_size=block_size, act_order=bool(act_order))
 
     def apply(params, *, key=None, data=None):
         if needs_key and key is None:
             raise ValueError(f"cluster: init={init!r} draws random centroids; pass key=")
+        if weights == "fisher" and data is None:
+            raise ValueError(
+                f"{name}: weights='fisher' needs data=, a pytree laid out like the params "
+                "holding each selected leaf's Fisher diagonal (an array of the leaf's shape; "
+                "see jaxcompress.fisher_diagonal)"
+            )
+        by_path = require_data(name, stats_option, data) if needs_stats else {}
+        found = _data_leaves(data) if needs_stats or weights is not None else {}
         selected, entries, treedef = select_leaves(params, where)
-        # Validate every leaf before computing anything.
-        weights = [check_values_to_compress(name, entry.path, entry.leaf) for entry in selected]
-        keys = [None] * len(selected) if key is None else list(jax.random.split(key, len(selected)))
+        # Validate every leaf (and its data) before computing anything.
+        plans = []
+        for entry in selected:
+            values = check_values_to_compress(name, entry.path, entry.leaf)
+            sparse = entry.leaf if isinstance(entry.leaf, Sparse) else None
+            if gptq and sparse is not None:
+                raise TypeError(
+                    f"{name}: leaf {entry.path!r} is Sparse; GPTQ needs the dense matrix "
+                    "(its kept values have no row layout): use method='lloyd' for it "
+                    "(exclude it with where=) or cluster before pruning"
+                )
+            shape = tuple(entry.leaf.shape)
+            gram = None
+            if needs_stats:
+                gram = _leaf_gram(
+                    name, stats_option, entry.path, found.get(entry.path), by_path, shape
+                )
+            leaf_weights = None
+            if weights == "hessian":
+                diagonal = jnp.maximum(jnp.diagonal(gram).astype(jnp.float32), 0.0)
+                m = diagonal.shape[0]
+                leaf_weights = jnp.broadcast_to(diagonal[:, None], (m, math.prod(shape) // m))
+                leaf_weights = leaf_weights.reshape(shape)
+            elif weights == "fisher":
+                leaf_weights = _fisher_weights(name, entry.path, found.get(entry.path), shape)
+            plans.append((entry, values, sparse, gram, leaf_weights))
+        keys = [None] * len(plans) if key is None else list(jax.random.split(key, len(plans)))
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for entry, weight, leaf_key in zip(selected, weights, keys, strict=True):
-            sparse = entry.leaf if isinstance(entry.leaf, Sparse) else None
+        for (entry, weight, sparse, gram, leaf_weights), leaf_key in zip(plans, keys, strict=True):
+            data_args = {}
+            if leaf_weights is not None:
+                if sparse is not None:
+                    leaf_weights = _kept(leaf_weights, sparse)
+                data_args["weights"] = leaf_weights
+            if gram is not None and sparse is None:
+                data_args["gram"] = gram
+            if gptq:
+                data_args["damp"] = jnp.float32(damp_value)
             clustered, leaf_stats = _cluster_compiled(
-                weight, **{**options, "per_channel": per_channel and sparse is None}, key=leaf_key
+                weight,
+                **{**options, "per_channel": per_channel and sparse is None},
+                key=leaf_key,
+                **data_args,
             )
+            if gptq:
+                if not is_traced(leaf_stats["factorized"]) and not bool(leaf_stats["factorized"]):
+                    raise ValueError(
+                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                    )
+                leaf_stats["damp"] = damp_value
             reference = named_sharding_of(weight)
             clustered = _placed(clustered, reference)
             if sparse is not None:
