@@ -9,6 +9,7 @@ iteration into ``k - 1`` binary searches: ``O(k log n)`` per iteration, never an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import numbers
@@ -22,7 +23,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from jaxcompress._validate import check_values_to_compress, is_traced
 from jaxcompress.arrays import Clustered, Sparse
-from jaxcompress.bitpack import pack
+from jaxcompress.bitpack import pack, packed_length
 from jaxcompress.calibrate import InputStats
 from jaxcompress.data_aware import (
     _relative_output_error,
@@ -375,7 +376,14 @@ def _bin_of(x: jax.Array, low: jax.Array, width: jax.Array, bins: int):
     return which.astype(jnp.int32), offset
 
 
-def _histogram(x: jax.Array, bins: int):
+def _valid(x: jax.Array, count: jax.Array | None) -> jax.Array:
+    """1 for real entries, 0 for padding: the first ``count`` entries of a 1-D ``x`` are real."""
+    if count is None:
+        return jnp.ones_like(x)
+    return (jnp.arange(x.shape[0]) < count).astype(x.dtype)
+
+
+def _histogram(x: jax.Array, bins: int, count: jax.Array | None = None):
     """Equal-width histogram of ``x`` (any shape) in one pass: each bin's mean and count.
 
     Returns ``(points, counts, low, high, width)``: the bins' means (an empty bin
@@ -391,7 +399,8 @@ def _histogram(x: jax.Array, bins: int):
     def block_sums(block, low, width):
         which, offset = _bin_of(block, low, width, bins)
         # Counts and offsets in one scatter (one pass over the values).
-        both = jnp.stack([jnp.ones_like(block), offset], axis=-1)
+        valid = _valid(block, count)
+        both = jnp.stack([valid, offset * valid], axis=-1)
         sums = jnp.zeros((bins, 2), block.dtype).at[which].add(both, mode="promise_in_bounds")
         return (sums[:, 0], sums[:, 1]), (), ()
 
@@ -416,14 +425,15 @@ def _bin_ranges(x: jax.Array, low: jax.Array, width: jax.Array, bins: int):
     return smallest, largest
 
 
-def _cluster_sums(x: jax.Array, centroids: jax.Array, low, high, shift):
+def _cluster_sums(x: jax.Array, centroids: jax.Array, low, high, shift, count=None):
     """Each value's nearest centroid; per cluster the sum of ``x - shift`` and the count."""
     k = centroids.shape[0]
 
     def block_sums(block, centroids, low, high, shift):
         codes = _assign_fast(block, centroids, low, high)
         # Sums and counts in one scatter (one pass over the values).
-        both = jnp.stack([block - shift, jnp.ones_like(block)], axis=-1)
+        valid = _valid(block, count)
+        both = jnp.stack([(block - shift) * valid, valid], axis=-1)
         sums = jnp.zeros((k, 2), block.dtype).at[codes].add(both, mode="promise_in_bounds")
         return (sums[:, 0], sums[:, 1]), (), ()
 
@@ -431,7 +441,7 @@ def _cluster_sums(x: jax.Array, centroids: jax.Array, low, high, shift):
     return sums, sizes
 
 
-def _assign_blocks(x: jax.Array, codebook: jax.Array, low: jax.Array, high: jax.Array):
+def _assign_blocks(x: jax.Array, codebook: jax.Array, low: jax.Array, high: jax.Array, count=None):
     """Nearest codebook index of each value (uint8, shaped and sharded like ``x``) and the
     squared error of the clustered ``x``; shard by shard where ``x`` is split over
     ``Explicit`` mesh axes (jax refuses a table lookup indexed by a sharded array there)."""
@@ -439,7 +449,10 @@ def _assign_blocks(x: jax.Array, codebook: jax.Array, low: jax.Array, high: jax.
     def assign(block, codebook, low, high):
         codes = _assign_fast(block, codebook, low, high)
         approx = jnp.take(codebook.astype(jnp.float32), codes)
-        return codes.astype(jnp.uint8), jnp.sum(jnp.square(block - approx))
+        valid = _valid(block, count)
+        # Padding gets code 0, so its packed bits are the zeros an unpadded row ends with.
+        codes = jnp.where(valid > 0, codes, 0)
+        return codes.astype(jnp.uint8), jnp.sum(jnp.square(block - approx) * valid)
 
     split = _split_over(x)
     if split is None:
@@ -469,6 +482,7 @@ def _fit_histogram(
     max_iter: int,
     tol: float,
     codebook_dtype: np.dtype,
+    count: jax.Array | None = None,
 ):
     """Lloyd on a fine histogram of ``x``, then one exact Lloyd step on all of ``x``.
 
@@ -484,7 +498,7 @@ def _fit_histogram(
     """
     del key, method  # always "lloyd" with a deterministic init here
     bins = _HISTOGRAM_BINS
-    points, counts, low, high, width = _histogram(x, bins)
+    points, counts, low, high, width = _histogram(x, bins, count)
     occupied = jnp.sum(counts > 0, dtype=jnp.int32)
 
     def single_valued(x):
@@ -515,7 +529,7 @@ def _fit_histogram(
             start = (low - shift) + (high - low) * steps
         else:
             # The (i + 1/2)/k quantiles, each as the mean of the bin holding that rank.
-            n = x.size
+            n = x.size if count is None else count.astype(jnp.float32)
             quantile = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
             rank = jnp.round(quantile * (n - 1))
             cumulative = weight_prefix[1:]
@@ -527,7 +541,7 @@ def _fit_histogram(
 
         # One exact Lloyd step on all values: assign, then each cluster's exact mean.
         # Both halves can only lower the error of the binned centroids.
-        sums, sizes = _cluster_sums(x, centroids, low, high, shift)
+        sums, sizes = _cluster_sums(x, centroids, low, high, shift, count)
         means = jnp.where(sizes > 0, sums / jnp.maximum(sizes, 1.0) + shift, centroids)
         return jnp.sort(jnp.sort(means).astype(codebook_dtype)), iterations
 
@@ -539,15 +553,25 @@ def _uses_histogram(n: int, method: str, init: str) -> bool:
     return method == "lloyd" and init in _HISTOGRAM_INITS and n > _HISTOGRAM_MIN
 
 
-def _fit(x: jax.Array, key: jax.Array | None, *, histogram: bool | None = None, **options):
+def _fit(
+    x: jax.Array,
+    key: jax.Array | None,
+    *,
+    histogram: bool | None = None,
+    count: jax.Array | None = None,
+    **options,
+):
     """Clusters the float32 array ``x``; returns codebook, iterations, distinct count.
 
     ``histogram=None`` picks the histogram path for large leaves (see :func:`cluster`).
-    The sorted path needs ``x`` 1-D; the histogram path takes any shape.
+    The sorted path needs ``x`` 1-D; the histogram path takes any shape, and a 1-D
+    ``x`` whose entries after the first ``count`` are padding.
     """
     if histogram is None:
         histogram = _uses_histogram(x.size, options["method"], options["init"])
-    return (_fit_histogram if histogram else _fit_sorted)(x, key, **options)
+    if histogram:
+        return _fit_histogram(x, key, count=count, **options)
+    return _fit_sorted(x, key, **options)
 
 
 def _assign_fast(
@@ -608,6 +632,7 @@ def cluster_array(
     damp: float | jax.Array = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    count: jax.Array | None = None,
 ) -> tuple[Clustered, dict]:
     """Clusters one array into a :class:`~jaxcompress.Clustered` leaf.
 
@@ -616,7 +641,9 @@ def cluster_array(
     k-means (see :mod:`jaxcompress.weighted_kmeans`); ``gram`` is the ``(m, m)`` input
     Gram of ``weight``'s matrix view ``weight.reshape(m, -1)``, which
     ``method="gptq"`` sweeps (and which adds ``"relative_output_error"`` to the
-    stats). Works under ``jit``.
+    stats). ``count`` (histogram path only) says that a 1-D ``weight`` holds ``count``
+    real values followed by padding copies of its first value; the padding changes
+    nothing but the shape, and gets code 0. Works under ``jit``.
 
     Returns:
         ``(leaf, stats)`` with stats ``{"k", "inertia", "relative_error",
@@ -682,7 +709,7 @@ def cluster_array(
             iterations, distinct = jnp.max(iterations), jnp.min(distinct)
         elif histogram:
             # Kept in its own shape (and sharding): nothing here flattens or gathers it.
-            codebook, iterations, distinct = fit(values, key, histogram=True)
+            codebook, iterations, distinct = fit(values, key, histogram=True, count=count)
         elif weights is None:
             codebook, iterations, distinct = fit(values.reshape(-1), key, histogram=False)
         else:
@@ -709,13 +736,16 @@ def cluster_array(
             approx = codebook.astype(jnp.float32)[channel[None, :], flat].reshape(shape)
         elif histogram:
             low, high = jnp.min(values), jnp.max(values)
-            codes, inertia = _assign_blocks(values, codebook, low, high)
+            codes, inertia = _assign_blocks(values, codebook, low, high, count)
         else:
             codes = _assign(values, codebook)
             approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
     if not histogram:
         inertia = jnp.sum(jnp.square(values - approx))
-    norm = jnp.sqrt(jnp.sum(jnp.square(values)))
+    squares = jnp.square(values)
+    if count is not None:
+        squares = squares * _valid(values, count)
+    norm = jnp.sqrt(jnp.sum(squares))
     relative = jnp.where(norm > 0, jnp.sqrt(inertia) / jnp.maximum(norm, 1e-30), 0.0)
     leaf = Clustered(pack(codes, bits), codebook, shape, np.dtype(weight.dtype), bits)
     stats = {
@@ -755,6 +785,38 @@ _cluster_compiled = jax.jit(
         "act_order",
     ),
 )
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to one of 8 lengths per power of two (at most 1/8 more)."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def _pads_to_bucket(weight, sparse, data_args, options) -> bool:
+    """Whether a Sparse leaf's kept values go through the histogram path padded.
+
+    Under a global threshold every leaf keeps a different count of values, and
+    compiling the clustering once per count dominated big models; padded to a few
+    bucket lengths, leaves share programs. Only eager, unsharded, plain histogram runs.
+    """
+    return (
+        sparse is not None
+        and not data_args
+        and not is_traced(weight)
+        and len(getattr(weight, "sharding", None).device_set) == 1
+        and _uses_histogram(weight.shape[0], options["method"], options["init"])
+        and _bucket(weight.shape[0]) != weight.shape[0]
+    )
+
+
+def _cluster_padded(values: jax.Array, options: dict, key) -> tuple[Clustered, dict]:
+    """:func:`cluster_array` on 1-D ``values`` padded to a bucket length, then cut back."""
+    n = values.shape[0]
+    padded = jnp.concatenate([values, jnp.broadcast_to(values[:1], (_bucket(n) - n,))])
+    leaf, stats = _cluster_compiled(padded, **options, key=key, count=jnp.int32(n))
+    indices = jax.lax.slice(leaf.indices, (0,), (packed_length(n, leaf.bits),))
+    return dataclasses.replace(leaf, indices=indices, shape=(n,)), stats
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -1172,12 +1234,13 @@ def cluster(
                 data_args["gram"] = gram
             if gptq:
                 data_args["damp"] = jnp.float32(damp_value)
-            clustered, leaf_stats = _cluster_compiled(
-                weight,
-                **{**options, "per_channel": per_channel and sparse is None},
-                key=leaf_key,
-                **data_args,
-            )
+            leaf_options = {**options, "per_channel": per_channel and sparse is None}
+            if _pads_to_bucket(weight, sparse, data_args, leaf_options):
+                clustered, leaf_stats = _cluster_padded(weight, leaf_options, leaf_key)
+            else:
+                clustered, leaf_stats = _cluster_compiled(
+                    weight, **leaf_options, key=leaf_key, **data_args
+                )
             if gptq:
                 if not is_traced(leaf_stats["factorized"]) and not bool(leaf_stats["factorized"]):
                     raise ValueError(

@@ -398,3 +398,26 @@ def test_histogram_path_falls_back_to_an_exact_codebook():
     clustered, stats = jc.cluster(k=16)({"w": w})
     np.testing.assert_array_equal(clustered["w"].materialize(), w)
     assert stats["w"]["note"] == "4 distinct values < k=16: exact codebook"
+
+
+@pytest.mark.parametrize("init", ["linear", "density"])
+def test_sparse_values_padded_to_a_shared_length_cluster_bit_for_bit_as_unpadded(init):
+    # Kept counts that differ per leaf are padded to a few lengths so leaves share one
+    # compiled program; the padding must change nothing.
+    from jaxcompress.cluster import _bucket, _cluster_compiled
+
+    weight = jax.random.normal(jax.random.key(3), (700, 300))
+    pruned, _ = jc.prune(0.37)({"w": weight})
+    sparse = pruned["w"]
+    assert _bucket(sparse.nnz) != sparse.nnz  # the padded path is the one tested
+    clustered, stats = jc.cluster(bits=4, init=init)(pruned)
+    reference, reference_stats = _cluster_compiled(
+        sparse.values, k=16, init=init, per_channel=False, method="lloyd",
+        max_iter=1000, tol=1e-6, codebook_dtype=np.dtype("float32"),
+    )  # fmt: skip
+    got = clustered["w"].values
+    assert got.shape == reference.shape == (sparse.nnz,)
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(reference.indices))
+    np.testing.assert_array_equal(np.asarray(got.codebook), np.asarray(reference.codebook))
+    for name in ("inertia", "relative_error", "iterations"):
+        assert float(stats["w"][name]) == float(reference_stats[name]), name
