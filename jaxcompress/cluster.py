@@ -34,6 +34,7 @@ from jaxcompress.data_aware import (
     require_data,
 )
 from jaxcompress.filters import Filter, kernels, path_to_str
+from jaxcompress.progress import leaf_bytes, over_leaves
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
@@ -957,6 +958,7 @@ def cluster(
     block_size: int = 128,
     act_order: bool = False,
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """Weight sharing: 1-D k-means of each selected leaf into a codebook and indices.
 
@@ -1061,6 +1063,8 @@ def cluster(
         act_order: GPTQ only: round the rows in order of decreasing ``diag(G)``.
         where: which leaves to cluster; by default floating leaves with ndim >= 2.
 
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
     Returns:
         A transform ``tx(params, *, key=None, data=None)`` returning
         ``(compressed, stats)``; ``stats`` maps each clustered leaf path to
@@ -1224,7 +1228,12 @@ def cluster(
         keys = [None] * len(plans) if key is None else list(jax.random.split(key, len(plans)))
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for (entry, weight, sparse, gram, leaf_weights), leaf_key in zip(plans, keys, strict=True):
+        for (entry, weight, sparse, gram, leaf_weights), leaf_key in over_leaves(
+            list(zip(plans, keys, strict=True)),
+            sizes=[leaf_bytes(plan[1]) for plan in plans],
+            description=name,
+            enabled=progress and not any(is_traced(plan[1]) for plan in plans),
+        ):
             data_args = {}
             if leaf_weights is not None:
                 if sparse is not None:

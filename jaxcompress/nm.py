@@ -32,6 +32,7 @@ from jaxcompress.data_aware import (
     wanda_scores,
 )
 from jaxcompress.filters import Filter, kernels
+from jaxcompress.progress import leaf_bytes, over_leaves
 from jaxcompress.prune import sparse_from_mask
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
@@ -88,6 +89,7 @@ def prune_nm(
     damp: float = 0.01,
     block_size: int = 128,
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """N:M sparsity along the contracted axis (``"2:4"``: 2 of every 4 inputs kept).
 
@@ -108,6 +110,8 @@ def prune_nm(
             depend on it beyond float rounding).
         where: which leaves; by default floating leaves with ndim >= 2.
 
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
     Returns:
         A transform returning ``(compressed, stats)``: each selected leaf becomes a
         :class:`~jaxcompress.Sparse` leaf; stats give ``pruned``, ``size``, ``n`` and
@@ -173,7 +177,12 @@ def prune_nm(
                     )
                 grams.append(gram)
         stats = {}
-        for entry, weight, gram in zip(selected, weights, grams, strict=True):
+        for entry, weight, gram in over_leaves(
+            list(zip(selected, weights, grams, strict=True)),
+            sizes=[leaf_bytes(w) for w in weights],
+            description=name,
+            enabled=progress and not any(is_traced(w) for w in weights),
+        ):
             shape = tuple(weight.shape)
             size = math.prod(shape)
             leaf_stats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}

@@ -28,6 +28,7 @@ from jaxcompress.data_aware import (
     wanda_scores,
 )
 from jaxcompress.filters import Filter, kernels
+from jaxcompress.progress import leaf_bytes, over_leaves
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
@@ -361,6 +362,7 @@ def prune(
     damp: float = 0.01,
     block_size: int = 128,
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """Unstructured pruning by magnitude, or by calibration data (Wanda, SparseGPT).
 
@@ -407,6 +409,8 @@ def prune(
         where: which leaves to prune; by default :func:`jaxcompress.filters.kernels`
             (floating leaves with ndim >= 2), so biases and norms are left alone.
 
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
     Returns:
         A transform ``tx(params, *, key=None, data=None)`` returning
         ``(compressed, stats)``, where ``stats`` maps each pruned leaf path to
@@ -510,7 +514,12 @@ def prune(
             counts = [math.floor(fraction * math.prod(w.shape)) for w in weights]
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for entry, weight, gram, count in zip(selected, weights, grams, counts, strict=True):
+        for entry, weight, gram, count in over_leaves(
+            list(zip(selected, weights, grams, counts, strict=True)),
+            sizes=[leaf_bytes(w) for w in weights],
+            description=name,
+            enabled=progress and not any(is_traced(w) for w in weights),
+        ):
             leaf_stats = {"pruned": count, "size": math.prod(weight.shape)}
             if importance == "magnitude":
                 sparse = magnitude_sparse(weight, count)

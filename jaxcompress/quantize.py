@@ -42,6 +42,7 @@ from jaxcompress.data_aware import (
     require_data,
 )
 from jaxcompress.filters import Filter, kernels
+from jaxcompress.progress import leaf_bytes, over_leaves
 from jaxcompress.sharding import input_scale_spec, named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
@@ -503,6 +504,7 @@ def quantize(
     act_order: bool = False,
     awq_grid: int = 20,
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """Linear quantization of each selected leaf to ``bits``-bit codes.
 
@@ -584,6 +586,8 @@ def quantize(
             (``1``: only ``alpha = 0``, round-to-nearest with unit input scales).
         where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
 
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
     Returns:
         A transform ``tx(params, *, key=None, data=None)`` returning
         ``(compressed, stats)``, where ``stats`` maps each quantized leaf path to
@@ -705,7 +709,12 @@ def quantize(
             plans.append((entry, values, layout, gram, fan_in))
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for entry, weight, leaf_axis, gram, fan_in in plans:
+        for entry, weight, leaf_axis, gram, fan_in in over_leaves(
+            plans,
+            sizes=[leaf_bytes(plan[1]) for plan in plans],
+            description=name,
+            enabled=progress and not any(is_traced(plan[1]) for plan in plans),
+        ):
             if gram is None:
                 quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
             elif method == "awq":

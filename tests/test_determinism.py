@@ -20,7 +20,6 @@ PARAMS = {
 RECIPES = {
     "prune+cluster": lambda: jc.chain(jc.prune(0.5), jc.cluster(bits=3, init="random")),
     "prune global": lambda: jc.prune(0.6, scope="global"),
-    "quantize int4 groups": lambda: jc.quantize(bits=4, axis=-1, group_size=16),
 }
 
 

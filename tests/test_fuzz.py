@@ -68,7 +68,7 @@ def _shapes_and_dtypes(tree):
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 @settings(
-    max_examples=20,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -100,7 +100,7 @@ def test_every_transform_ends_in_a_valid_tree_or_a_clear_error(tree, name, tmp_p
         )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees())
 def test_dense_trees_round_trip_through_files_bit_for_bit(tree, tmp_path_factory):
     import jax
