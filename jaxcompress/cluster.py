@@ -172,8 +172,13 @@ def _lloyd(
     return centroids, iterations
 
 
-def _kmeans_plus_plus(sorted_y: jax.Array, k: int, key: jax.Array) -> jax.Array:
-    """1-D k-means++ seeding: each new centroid drawn with probability ~ D(x)^2."""
+def _kmeans_plus_plus(
+    sorted_y: jax.Array, k: int, key: jax.Array, sorted_w: jax.Array | None = None
+) -> jax.Array:
+    """1-D k-means++ seeding: each new centroid drawn with probability ~ w · D(x)^2.
+
+    Without ``sorted_w`` every point weighs 1 (plain k-means++).
+    """
     n = sorted_y.shape[0]
     first_key, rest_key = jax.random.split(key)
     first = sorted_y[jax.random.randint(first_key, (), 0, n)]
@@ -181,9 +186,10 @@ def _kmeans_plus_plus(sorted_y: jax.Array, k: int, key: jax.Array) -> jax.Array:
 
     def pick(i, state):
         centroids, distance2 = state
-        total = jnp.sum(distance2)
+        mass = distance2 if sorted_w is None else sorted_w * distance2
+        total = jnp.sum(mass)
         u = jax.random.uniform(jax.random.fold_in(rest_key, i), (), sorted_y.dtype) * total
-        index = jnp.searchsorted(jnp.cumsum(distance2), u, side="right")
+        index = jnp.searchsorted(jnp.cumsum(mass), u, side="right")
         chosen = sorted_y[jnp.clip(index, 0, n - 1)]
         return centroids.at[i].set(chosen), jnp.minimum(distance2, jnp.square(sorted_y - chosen))
 

@@ -31,6 +31,7 @@ from jaxcompress.cluster import (
     _assign,
     _exact_codebook,
     _initial_centroids,
+    _kmeans_plus_plus,
     _lloyd,
     _optimal_of_points,
     _prefix_sum,
@@ -94,28 +95,6 @@ def _weighted_rank(weight_prefix: jax.Array, rank: jax.Array) -> jax.Array:
     return jnp.clip(index, 0, n - 1)
 
 
-def _kmeans_plus_plus(sorted_y, sorted_w, k: int, key: jax.Array) -> jax.Array:
-    """Weighted 1-D k-means++: the first centroid uniformly, each next with probability
-    ``~ w · D(x)²`` (with unit weights, exactly plain k-means++'s draws)."""
-    n = sorted_y.shape[0]
-    first_key, rest_key = jax.random.split(key)
-    first = sorted_y[jax.random.randint(first_key, (), 0, n)]
-    centroids = jnp.full((k,), first)
-
-    def pick(i, state):
-        centroids, distance2 = state
-        mass = sorted_w * distance2
-        total = jnp.sum(mass)
-        u = jax.random.uniform(jax.random.fold_in(rest_key, i), (), sorted_y.dtype) * total
-        index = jnp.searchsorted(jnp.cumsum(mass), u, side="right")
-        chosen = sorted_y[jnp.clip(index, 0, n - 1)]
-        return centroids.at[i].set(chosen), jnp.minimum(distance2, jnp.square(sorted_y - chosen))
-
-    distance2 = jnp.square(sorted_y - first)
-    centroids, _ = jax.lax.fori_loop(1, k, pick, (centroids, distance2))
-    return jnp.sort(centroids)
-
-
 def weighted_initial_centroids(
     sorted_y: jax.Array,
     sorted_w: jax.Array,
@@ -145,7 +124,7 @@ def weighted_initial_centroids(
         rank = jnp.round(quantile * (n - 1)) * (weight_prefix[-1] / n)
         return sorted_y[_weighted_rank(weight_prefix, rank)]
     if init == "kmeans++":
-        return _kmeans_plus_plus(sorted_y, sorted_w, k, key)
+        return _kmeans_plus_plus(sorted_y, k, key, sorted_w)
     return _initial_centroids(sorted_y, k, init, key)
 
 

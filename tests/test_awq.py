@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from calibration_stats import stats_of as _stats_of  # tests/ is on sys.path
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -20,18 +21,6 @@ from jaxcompress.io.errors import FileFormatError
 from jaxcompress.sharding import place, shardings_like
 
 M, N = 64, 32
-
-
-def _stats_of(x):
-    """InputStats of activations ``x`` (rows are samples), as calibration would give."""
-    x = np.asarray(x, np.float32)
-    return InputStats(
-        count=jnp.float32(x.shape[0]),
-        mean=jnp.asarray(x.mean(0)),
-        gram=jnp.asarray(x.T @ x / np.float32(x.shape[0])),
-        class_count=None,
-        class_mean=None,
-    )
 
 
 def _outlier_inputs(rows=512, features=M, seed=0):

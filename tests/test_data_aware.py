@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from calibration_stats import gram_stats as _gram_stats
+from calibration_stats import stats_of as _stats_of  # tests/ is on sys.path
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
@@ -20,29 +22,10 @@ from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
 from jaxcompress.arrays import Quantized, Sparse
-from jaxcompress.calibrate import InputStats
 from jaxcompress.data_aware import prefix_counts
 from jaxcompress.prune import magnitude_sparse
 
 M, N = 64, 32
-
-
-def _stats_of(x):
-    """InputStats of activations ``x`` (rows are samples), as calibration would give."""
-    x = np.asarray(x, np.float32)
-    return InputStats(
-        count=jnp.float32(x.shape[0]),
-        mean=jnp.asarray(x.mean(0)),
-        gram=jnp.asarray(x.T @ x / np.float32(x.shape[0])),
-        class_count=None,
-        class_mean=None,
-    )
-
-
-def _gram_stats(gram):
-    gram = jnp.asarray(gram, jnp.float32)
-    m = gram.shape[0]
-    return InputStats(jnp.float32(1), jnp.zeros(m), gram, None, None)
 
 
 def _correlated(rows=512, features=M, seed=0):

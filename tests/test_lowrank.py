@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from calibration_stats import stats_of as _stats_of  # tests/ is on sys.path
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,18 +36,6 @@ def _with_spectrum(sigma, m, n, seed=0):
     left = np.linalg.qr(rng.normal(size=(m, len(sigma))))[0]
     right = np.linalg.qr(rng.normal(size=(n, len(sigma))))[0]
     return jnp.asarray((left * np.asarray(sigma)) @ right.T, jnp.float32)
-
-
-def _stats_of(x):
-    """InputStats of activations ``x`` (rows are samples), as calibration would give."""
-    x = np.asarray(x, np.float32)
-    return InputStats(
-        count=jnp.float32(x.shape[0]),
-        mean=jnp.asarray(x.mean(0)),
-        gram=jnp.asarray(x.T @ x / np.float32(x.shape[0])),
-        class_count=None,
-        class_mean=None,
-    )
 
 
 def _correlated_inputs(rows, features, seed=0):
