@@ -52,15 +52,16 @@ Layout (varints are unsigned LEB128, multi-byte integers little-endian)::
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxcompress.io.errors import FileFormatError
 
-__all__ = ["decode", "empirical_entropy_bits", "encode"]
+__all__ = ["coded_size", "decode", "empirical_entropy_bits", "encode"]
 
 MAX_ALPHABET = 1 << 16
 MAX_LANES = 4096
@@ -118,7 +119,8 @@ def _check_symbols(symbols: Any, alphabet_size: Any) -> tuple[np.ndarray, int]:
                 f"symbol {int(high)} is out of range for alphabet_size={size} "
                 f"(symbols must be below it)"
             )
-    return array.astype(np.uint16), size
+    # The narrowest unsigned type (no copy when it already is): less memory to gather.
+    return array.astype(np.uint8 if size <= 256 else np.uint16, copy=False), size
 
 
 # ----------------------------------------------------------------------------- model
@@ -313,19 +315,78 @@ def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
     count = array.size
     if count == 0:
         return bytes([_EMPTY])
-    counts = np.bincount(array, minlength=size).astype(np.int64)
+    counts = np.bincount(array, minlength=size)
     used_symbols = np.flatnonzero(counts)
     if used_symbols.size == 1:
         return bytes([_CONSTANT]) + _varint(int(used_symbols[0]))
+    plan = _plan(counts, size)
+    initial = _initial_states(plan.header, count, size, plan.lanes)
+    coder = _encode_scalar if plan.lanes <= SCALAR_MAX_LANES else _encode_lanes
+    states, words = coder(array, plan.first, plan.freqs, plan.prob_bits, initial)
+    return plan.header + states.astype("<u8").tobytes() + words.astype("<u4").tobytes()
 
+
+def coded_size(counts: np.ndarray) -> int:
+    """About how many bytes :func:`encode` writes for a stream with this histogram.
+
+    Exact for empty and constant streams; for rANS it is the exact header and table
+    plus the model's payload estimate and the lane states, typically within a few
+    bytes per lane of the real size. It costs no pass over the symbols, so callers
+    can rank layouts (or skip coding) before encoding anything.
+
+    Args:
+        counts: 1-D histogram of the stream, ``counts[s]`` = occurrences of symbol
+            ``s``; its length is the alphabet size (1 to 65536).
+
+    Returns:
+        The estimated size in bytes.
+
+    Example:
+        >>> import numpy as np
+        >>> symbols = np.array([0, 0, 1, 0, 2, 0, 0, 1] * 500, dtype=np.uint8)
+        >>> coded_size(np.bincount(symbols, minlength=3)), len(encode(symbols, 3))
+        (664, 664)
+        >>> coded_size(np.array([0, 7, 0]))
+        2
+    """
+    counts = np.asarray(counts)
+    size = _check_alphabet_size(counts.size, ValueError)
+    used_symbols = np.flatnonzero(counts)
+    if used_symbols.size == 0:
+        return 1
+    if used_symbols.size == 1:
+        return 1 + len(_varint(int(used_symbols[0])))
+    plan = _plan(counts, size)
+    # A lane costs its 8-byte final state plus the ~31 bits its start state carries,
+    # less the payload its final state holds (log2 x is about uniform in [31, 63)):
+    # about 6 bytes.
+    return len(plan.header) + 6 * plan.lanes + math.ceil(plan.payload_bits / 8)
+
+
+class _Plan(NamedTuple):
+    """The model :func:`encode` picks for a histogram (at least two used symbols)."""
+
+    header: bytes
+    first: int
+    freqs: np.ndarray  # over the used span first..last
+    prob_bits: int
+    payload_bits: float
+    lanes: int
+
+
+def _plan(counts: np.ndarray, size: int) -> _Plan:
+    """The cheapest table (and its header) for a histogram with >= 2 used symbols."""
+    counts = counts.astype(np.int64)
+    count = int(counts.sum())
+    used_symbols = np.flatnonzero(counts)
     first, last = int(used_symbols[0]), int(used_symbols[-1])
     span_counts = counts[first : last + 1]
     while int(span_counts.max()) >= 1 << (_WEIGHT_BITS - 1):  # only for absurd counts
         span_counts = (span_counts + 1) >> 1
     span = last - first + 1
+    used = span_counts > 0
 
     def payload_bits(freqs: np.ndarray, prob_bits: int) -> float:
-        used = span_counts > 0
         return float(np.sum(span_counts[used] * (prob_bits - np.log2(freqs[used] * 1.0))))
 
     # Candidates (estimated bits, header byte, table field, frequencies, b, payload): a
@@ -351,10 +412,7 @@ def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
 
     lanes = _choose_lanes(payload, count)
     header = bytes([head]) + _varint(first) + _varint(span - 2) + field + _varint(lanes - 1)
-    initial = _initial_states(header, count, size, lanes)
-    coder = _encode_scalar if lanes <= SCALAR_MAX_LANES else _encode_lanes
-    states, words = coder(array - np.uint16(first), freqs, prob_bits, initial)
-    return header + states.astype("<u8").tobytes() + words.astype("<u4").tobytes()
+    return _Plan(header, first, freqs, prob_bits, payload, lanes)
 
 
 def _initial_states(header: bytes, count: int, alphabet_size: int, lanes: int) -> np.ndarray:
@@ -371,40 +429,62 @@ def _initial_states(header: bytes, count: int, alphabet_size: int, lanes: int) -
     return np.uint64(STATE_LOWER) + (z >> np.uint64(33))
 
 
+def _symbol_tables(
+    first: int, freqs: np.ndarray, prob_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frequency, start and spill limit per symbol value, plus a padding symbol.
+
+    Indexed by the symbol itself (entries below ``first`` are never used), so the
+    stream needs no shifted copy. The padding symbol ``first + span`` codes with
+    frequency M at start 0: x -> x, and never renormalizes as x < 2**63.
+    """
+    padding = first + freqs.size
+    freq_table = np.zeros(padding + 1, np.uint64)
+    freq_table[first:padding] = freqs
+    freq_table[padding] = 1 << prob_bits
+    start_table = np.zeros(padding + 1, np.uint64)
+    start_table[first:padding] = np.cumsum(freqs) - freqs
+    limit_table = freq_table << np.uint64(63 - prob_bits)  # spill when x >= f * 2**(63-b)
+    return freq_table, start_table, limit_table
+
+
 def _encode_lanes(
-    relative: np.ndarray, freqs: np.ndarray, prob_bits: int, initial: np.ndarray
+    symbols: np.ndarray, first: int, freqs: np.ndarray, prob_bits: int, initial: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Final states and the word stream (decoding order) for symbols ``relative``."""
-    count = relative.size
+    """Final states and the word stream (decoding order) for ``symbols``."""
+    count = symbols.size
     lanes = initial.size
     steps = -(-count // lanes)
-    # Per-symbol tables; a padding lane (beyond the end of a partial last step) codes
-    # with frequency M at start 0: x -> x, and never renormalizes as x < 2**63.
-    freq_table = np.append(freqs, 1 << prob_bits).astype(np.uint64)
-    start_table = np.append(np.cumsum(freqs) - freqs, 0).astype(np.uint64)
-    limit_table = freq_table << np.uint64(63 - prob_bits)  # spill when x >= f * 2**(63-b)
-    padding = freqs.size
+    freq_table, start_table, limit_table = _symbol_tables(first, freqs, prob_bits)
+    # x -> (x // f) * M + x % f + start  ==  x + (x // f) * (M - f) + start: one
+    # division and no remainder array.
+    gain_table = np.uint64(1 << prob_bits) - freq_table
+    padding = freq_table.size - 1
 
-    shift = np.uint64(prob_bits)
     word_bits = np.uint64(32)
     x = initial.copy()
+    quotient = np.empty_like(x)
     chunks = []
     block = max(1, _BLOCK_SYMBOLS // lanes)  # steps gathered at a time, to bound memory
     for block_end in range(steps, 0, -block):
         block_start = max(0, block_end - block)
-        index = relative[block_start * lanes : block_end * lanes].astype(np.intp)
+        index = symbols[block_start * lanes : block_end * lanes].astype(np.intp)
         missing = (block_end - block_start) * lanes - index.size
         if missing:
             index = np.append(index, np.full(missing, padding, index.dtype))
         index = index.reshape(-1, lanes)
-        freq_of, start_of, limit_of = freq_table[index], start_table[index], limit_table[index]
+        freq_of, gain_of = freq_table[index], gain_table[index]
+        start_of, limit_of = start_table[index], limit_table[index]
         for t in range(index.shape[0] - 1, -1, -1):
             spill = x >= limit_of[t]
-            if spill.any():
-                chunks.append(x[spill][::-1])
-                x = np.where(spill, x >> word_bits, x)
-            quotient, remainder = np.divmod(x, freq_of[t])
-            x = (quotient << shift) + remainder + start_of[t]
+            out = x[spill]
+            if out.size:
+                chunks.append(out[::-1])
+                x[spill] = out >> word_bits
+            np.floor_divide(x, freq_of[t], out=quotient)
+            quotient *= gain_of[t]
+            x += quotient
+            x += start_of[t]
     if chunks:
         words = np.concatenate(chunks)[::-1] & np.uint64(0xFFFFFFFF)
     else:
@@ -413,12 +493,12 @@ def _encode_lanes(
 
 
 def _encode_scalar(
-    relative: np.ndarray, freqs: np.ndarray, prob_bits: int, initial: np.ndarray
+    symbols: np.ndarray, first: int, freqs: np.ndarray, prob_bits: int, initial: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Same output as :func:`_encode_lanes`, with Python integers (faster for few lanes)."""
-    freq_list = freqs.tolist()
-    start_list = (np.cumsum(freqs) - freqs).tolist()
-    limit_list = [f << (63 - prob_bits) for f in freq_list]
+    freq_table, start_table, limit_table = _symbol_tables(first, freqs, prob_bits)
+    freq_list, start_list = freq_table.tolist(), start_table.tolist()
+    limit_list = limit_table.tolist()
     x = initial.tolist()
     lanes = len(x)
     words: list[int] = []
@@ -426,9 +506,9 @@ def _encode_scalar(
     # Symbol i is lane i % lanes of step i // lanes: going down i visits the steps
     # backwards and, within a step, the lanes in descending order, as the chunks do.
     for block_start in range(
-        (relative.size - 1) // _BLOCK_SYMBOLS * _BLOCK_SYMBOLS, -1, -_BLOCK_SYMBOLS
+        (symbols.size - 1) // _BLOCK_SYMBOLS * _BLOCK_SYMBOLS, -1, -_BLOCK_SYMBOLS
     ):
-        block = relative[block_start : block_start + _BLOCK_SYMBOLS].tolist()
+        block = symbols[block_start : block_start + _BLOCK_SYMBOLS].tolist()
         for i in range(len(block) - 1, -1, -1):
             lane = (block_start + i) % lanes
             s = block[i]
@@ -601,7 +681,7 @@ def decode(data: bytes | memoryview | np.ndarray, count: int, alphabet_size: int
         raise FileFormatError(
             f"rANS stream: {rest.size // 4} words for {count} symbols (at most one each)"
         )
-    words = rest.view("<u4").astype(np.uint64)
+    words = rest.view("<u4")  # widened a few at a time by the decoder
     symbols = (np.arange(span) + first).astype(dtype)
     coder = _decode_scalar if lanes <= SCALAR_MAX_LANES else _decode_lanes
     return coder(states, words, symbols, freqs, prob_bits, count, expected)
@@ -669,38 +749,49 @@ def _decode_lanes(
     lanes = x.size
     total = 1 << prob_bits
     starts = np.cumsum(freqs) - freqs
-    symbol_of_slot = np.repeat(symbols, freqs)
-    freq_of_slot = np.repeat(freqs, freqs).astype(np.uint64)
-    bias_of_slot = (np.arange(total) - np.repeat(starts, freqs)).astype(np.uint64)
-
-    steps = -(-count // lanes)
-    full_steps = count // lanes
-    out = np.empty((steps, lanes), symbol_of_slot.dtype)
-    slot_mask = np.uint64(total - 1)
-    shift = np.uint64(prob_bits)
-    word_bits = np.uint64(32)
-    lower = np.uint64(STATE_LOWER)
-    position, available = 0, words.size
-    for t in range(steps):
-        width = lanes if t < full_steps else count - full_steps * lanes
-        active = x if width == lanes else x[:width]
-        slot = active & slot_mask
-        out[t, :width] = symbol_of_slot[slot]
-        # x < 2**63 gives f * (x >> b) + slot - start < 2**63, and >= 2**(31 - b),
-        # so one 32-bit word always brings a state back into [2**31, 2**63).
-        active = freq_of_slot[slot] * (active >> shift) + bias_of_slot[slot]
-        refill = active < lower
-        needed = int(np.count_nonzero(refill))
-        if needed:
-            if position + needed > available:
-                raise FileFormatError(
-                    f"rANS stream: word stream ends early, at symbol {t * lanes} of {count}"
-                )
-            active[refill] = (active[refill] << word_bits) | words[position : position + needed]
-            position += needed
-        if width == lanes:
-            x = active
-        else:
-            x[:width] = active
-    _check_end(available - position, x, count, expected)
+    tables = (
+        np.repeat(symbols, freqs),  # symbol of each slot
+        np.repeat(freqs, freqs).astype(np.uint64),  # its frequency
+        (np.arange(total) - np.repeat(starts, freqs)).astype(np.uint64),  # slot - start
+    )
+    steps, full_steps = -(-count // lanes), count // lanes
+    out = np.empty((steps, lanes), symbols.dtype)
+    x = x.copy()
+    constants = (np.int64(total - 1), np.uint64(prob_bits), np.uint64(STATE_LOWER))
+    position = 0
+    for t in range(full_steps):
+        out[t], position = _decode_step(x, words, position, tables, constants)
+    if steps > full_steps:  # a partial last step: only the first lanes hold symbols
+        width = count - full_steps * lanes
+        out[full_steps, :width], position = _decode_step(
+            x[:width], words, position, tables, constants
+        )
+    _check_end(words.size - position, x, count, expected)
     return out.reshape(-1)[:count]
+
+
+def _decode_step(
+    x: np.ndarray,
+    words: np.ndarray,
+    position: int,
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray],
+    constants: tuple[np.int64, np.uint64, np.uint64],
+) -> tuple[np.ndarray, int]:
+    """One symbol per lane, updating ``x`` in place; the symbols and the next word."""
+    symbol_of_slot, freq_of_slot, bias_of_slot = tables
+    slot_mask, prob_bits, lower = constants
+    # x < 2**63, so its int64 view is the same number (and a valid gather index).
+    slot = x.view(np.int64) & slot_mask
+    x >>= prob_bits
+    x *= freq_of_slot[slot]
+    x += bias_of_slot[slot]
+    # x < 2**63 gives f * (x >> b) + slot - start < 2**63, and >= 2**(31 - b),
+    # so one 32-bit word always brings a state back into [2**31, 2**63).
+    refill = (x < lower).nonzero()[0]
+    if refill.size:
+        end = position + refill.size
+        if end > words.size:
+            raise FileFormatError("rANS stream: word stream ends early")
+        x[refill] = (x[refill] << np.uint64(32)) | words[position:end]
+        position = end
+    return symbol_of_slot[slot], position

@@ -8,9 +8,12 @@ A *mask* is stored as the packed bitmap or as relative indices, whichever is
 smaller, as in Deep Compression: each kept entry is written as the number of
 pruned entries before it, in ``b``-bit symbols, and a gap that does not fit emits
 the filler symbol ``2**b - 1`` ("skip ``2**b - 1`` entries") as often as needed.
-Either form may be entropy-coded. Every candidate's size is known before encoding
-(raw sizes exactly, rANS sizes from the empirical entropy), so only the winner
-(and, for rANS, the raw runner-up as a guard) is encoded.
+Either form may be entropy-coded. Every candidate's size is known before encoding,
+from one pass that histograms the gaps (raw sizes exactly, rANS sizes from
+:func:`jaxcompress.io.ans.coded_size`), so only the winner is built and encoded; an
+rANS winner is kept only if it really beats the smallest raw layout. The mask is
+unpacked a block at a time, so no temporary grows with the leaf beyond the
+winner's own symbols.
 """
 
 from __future__ import annotations
@@ -23,10 +26,27 @@ import numpy as np
 from jaxcompress.io import ans
 from jaxcompress.io.errors import FileFormatError
 
-# An rANS stream costs its entropy plus lane states and a frequency table (estimates
-# used only to rank the mask candidates; the final choice compares real sizes).
-_RANS_SLACK = 1.01
-_RANS_FIXED_BYTES = 16
+# Mask entries (and general-width codes) handled at a time, to bound temporaries.
+_CHUNK = 1 << 20
+# Gaps below this are histogrammed directly; longer ones (at most size / _GAP_CAP of
+# them) are kept as a list.
+_GAP_CAP = 1 << 12
+
+
+def _blocks(rows: int, width: int, align: int):
+    """``(row slice, column slice)`` blocks of about ``_CHUNK`` entries of a 2-D array.
+
+    Column blocks (for rows wider than ``_CHUNK``) start at multiples of ``align``.
+    """
+    if width > _CHUNK:
+        step = _CHUNK // align * align
+        for row in range(rows):
+            for column in range(0, width, step):
+                yield slice(row, row + 1), slice(column, column + step)
+    else:
+        step = max(1, _CHUNK // max(width, 1))
+        for row in range(0, rows, step):
+            yield slice(row, row + step), slice(None)
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -39,9 +59,27 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes, np.uint8)
     if bits == 8:
         return codes
-    planes = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)
-    stream = planes.reshape(*codes.shape[:-1], codes.shape[-1] * bits)
-    return np.packbits(stream, axis=-1, bitorder="little")
+    width = codes.shape[-1]
+    out = np.zeros((*codes.shape[:-1], -(-width * bits // 8)), np.uint8)
+    if out.size == 0:
+        return out
+    if 8 % bits == 0:
+        # Symbol j of each group of 8 // bits shares a byte at bit j * bits.
+        per = 8 // bits
+        for j in range(per):
+            part = codes[..., j::per] & np.uint8((1 << bits) - 1)
+            out[..., : part.shape[-1]] |= part << np.uint8(j * bits)
+        return out
+    # 3, 5, 6 or 7 bits: bit planes, a block at a time (8 codes fill `bits` bytes).
+    rows_in, rows_out = codes.reshape(-1, width), out.reshape(-1, out.shape[-1])
+    for rows, columns in _blocks(rows_in.shape[0], width, 8):
+        block = rows_in[rows, columns]
+        planes = (block[..., None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)
+        stream = planes.reshape(block.shape[0], -1)
+        packed = np.packbits(stream, axis=-1, bitorder="little")
+        first = (columns.start or 0) * bits // 8
+        rows_out[rows, first : first + packed.shape[-1]] = packed
+    return out
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -54,28 +92,44 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     packed = np.asarray(packed, np.uint8)
     if bits == 8:
         return packed[..., :count]
-    stream = np.unpackbits(packed, axis=-1, count=count * bits, bitorder="little")
-    planes = stream.reshape(*packed.shape[:-1], count, bits)
-    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    out = np.empty((*packed.shape[:-1], count), np.uint8)
+    if out.size == 0:
+        return out
+    low = np.uint8((1 << bits) - 1)
+    if 8 % bits == 0:
+        per = 8 // bits
+        for j in range(per):
+            part = out[..., j::per]
+            np.bitwise_and(packed[..., : part.shape[-1]] >> np.uint8(j * bits), low, out=part)
+        return out
+    rows_in, rows_out = packed.reshape(-1, packed.shape[-1]), out.reshape(-1, count)
+    for rows, columns in _blocks(rows_in.shape[0], count, 8):
+        first = columns.start or 0
+        block = rows_out[rows, columns]
+        raw = rows_in[rows, first * bits // 8 :]
+        stream = np.unpackbits(raw, axis=-1, count=block.shape[-1] * bits, bitorder="little")
+        planes = stream.reshape(block.shape[0], block.shape[-1], bits)
+        block[...] = (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    return out
 
 
-def _rans_estimate(entropy_bits: float, used_symbols: int = 2) -> float:
-    # The frequency table costs about a byte per used symbol.
-    return entropy_bits / 8 * _RANS_SLACK + _RANS_FIXED_BYTES + used_symbols
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Empirical entropy, in bits, of a stream with this histogram."""
+    counts = counts[counts > 0].astype(np.float64)
+    if counts.size <= 1:
+        return 0.0
+    return float(np.sum(counts * np.log2(counts.sum() / counts)))
 
 
-def _encoded(
-    symbols: np.ndarray, alphabet: int, raw: np.ndarray, entropy: bool
-) -> tuple[dict[str, Any], np.ndarray | bytes]:
-    """The smaller of ``raw`` (bit-packed) and the rANS coding of ``symbols``."""
-    entropy_bits = ans.empirical_entropy_bits(symbols, alphabet)
-    record: dict[str, Any] = {"coding": "packed", "entropy_bits": entropy_bits}
-    # Encoding is cheap, so whenever the entropy leaves room, try it and compare.
-    if entropy and entropy_bits / 8 < raw.nbytes:
-        coded = ans.encode(symbols, alphabet)
-        if len(coded) < raw.nbytes:
-            return {**record, "coding": "rans"}, coded
-    return record, raw
+def _rans_if_smaller(
+    symbols: np.ndarray, alphabet: int, counts: np.ndarray, limit: int
+) -> bytes | None:
+    """The rANS coding of ``symbols`` if it takes fewer than ``limit`` bytes, else None."""
+    # The size estimate is within a few bytes per lane: encode only where it can win.
+    if ans.coded_size(counts) >= limit:
+        return None
+    coded = ans.encode(symbols, alphabet)
+    return coded if len(coded) < limit else None
 
 
 def encode_codes(
@@ -91,7 +145,12 @@ def encode_codes(
         ('rans', True)
     """
     symbols = unpack_bits(packed, bits, shape[-1]).reshape(-1)
-    return _encoded(symbols, 2**bits, packed, entropy)
+    counts = np.bincount(symbols, minlength=2**bits)
+    record: dict[str, Any] = {"coding": "packed", "entropy_bits": _entropy_bits(counts)}
+    coded = _rans_if_smaller(symbols, 2**bits, counts, packed.nbytes) if entropy else None
+    if coded is None:
+        return record, packed
+    return {**record, "coding": "rans"}, coded
 
 
 def _fail(where: str, message: str) -> FileFormatError:
@@ -138,30 +197,115 @@ def decode_codes(
     return pack_bits(symbols.reshape(shape), bits)
 
 
-def _gap_symbols(positions: np.ndarray, gap_bits: int) -> np.ndarray:
+def _gap_symbols(gaps: np.ndarray, gap_bits: int) -> np.ndarray:
     """Relative-index symbols: each kept entry's gap, with fillers for long gaps."""
     filler = 2**gap_bits - 1
-    gaps = np.diff(positions, prepend=-1) - 1
     fillers = gaps // filler
     # Each kept entry becomes `fillers` filler symbols followed by the remainder.
-    counts = fillers + 1
-    symbols = np.full(int(counts.sum()), filler, np.uint8)
-    symbols[np.cumsum(counts) - 1] = gaps % filler
+    ends = np.cumsum(fillers + 1)
+    symbols = np.full(int(ends[-1]) if ends.size else 0, filler, np.uint8)
+    symbols[ends - 1] = gaps % filler
     return symbols
 
 
-def _positions(symbols: np.ndarray, gap_bits: int) -> np.ndarray:
+def _keep_of_gaps(symbols: np.ndarray, gap_bits: int, size: int, where: str) -> np.ndarray:
+    """The flat keep-mask that relative-index symbols describe, a block at a time."""
     filler = 2**gap_bits - 1
-    symbols = symbols.astype(np.int64)
-    is_filler = symbols == filler
-    advance = np.where(is_filler, filler, symbols + 1)
-    return np.cumsum(advance)[~is_filler] - 1
+    keep = np.zeros(size, bool)
+    last = -1  # the entry the previous symbol ended on
+    for start in range(0, symbols.size, _CHUNK):
+        block = symbols[start : start + _CHUNK].astype(np.int64)
+        is_filler = block == filler
+        ends = np.cumsum(np.where(is_filler, filler, block + 1)) + last
+        positions = ends[~is_filler]
+        if positions.size and positions[-1] >= size:
+            raise _fail(where, "relative indices run past the end of the leaf")
+        keep[positions] = True
+        last = int(ends[-1])
+    return keep
+
+
+class _MaskScan:
+    """One pass over a packed mask, a block at a time: kept count and gap histogram."""
+
+    def __init__(self, packed: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.packed, self.shape = packed, shape
+        self.size = math.prod(shape)
+        self.nnz = 0
+        self.short = np.zeros(_GAP_CAP, np.int64)  # histogram of gaps below the cap
+        longs = [np.zeros(0, np.int64)]
+        for gaps in self.gaps():
+            self.nnz += gaps.size
+            self.short += np.bincount(gaps[gaps < _GAP_CAP], minlength=_GAP_CAP)
+            longs.append(gaps[gaps >= _GAP_CAP])
+        self.long = np.concatenate(longs)
+
+    def keep_blocks(self):
+        """``(offset, keep bits as uint8)`` in order, about ``_CHUNK`` entries each."""
+        if self.size == 0:
+            return
+        width = self.shape[-1]
+        rows = self.packed.reshape(-1, self.packed.shape[-1])
+        for row_slice, columns in _blocks(rows.shape[0], width, 8):
+            first = columns.start or 0
+            count = min(columns.stop or width, width) - first
+            bits = np.unpackbits(
+                rows[row_slice, first // 8 :], axis=-1, count=count, bitorder="little"
+            )
+            yield row_slice.start * width + first, bits.reshape(-1)
+
+    def gaps(self):
+        """Each kept entry's count of pruned entries before it, a block at a time."""
+        last = -1
+        for offset, bits in self.keep_blocks():
+            positions = np.flatnonzero(bits) + offset
+            if positions.size:
+                yield np.diff(positions, prepend=last) - 1
+                last = int(positions[-1])
+
+    def gap_counts(self, gap_bits: int) -> np.ndarray:
+        """Histogram of the relative-index symbols for ``gap_bits``, from the gaps'."""
+        filler = 2**gap_bits - 1
+        gaps = np.arange(_GAP_CAP)
+        counts = np.bincount(gaps % filler, weights=self.short, minlength=filler + 1)
+        counts = np.rint(counts).astype(np.int64)  # float sums of ints < 2**53: exact
+        counts += np.bincount(self.long % filler, minlength=filler + 1)
+        counts[filler] = int(self.short @ (gaps // filler)) + int((self.long // filler).sum())
+        return counts
+
+
+def _mask_candidates(scan: _MaskScan, packed: np.ndarray, entropy: bool) -> list[tuple]:
+    """``(bytes, encoding, gap_bits, coded, counts)``: raw sizes exact, rANS estimated."""
+    bitmap_counts = np.array([scan.size - scan.nnz, scan.nnz])
+    candidates = [(packed.nbytes, "bitmap", 0, False, bitmap_counts)]
+    if entropy:
+        candidates.append((ans.coded_size(bitmap_counts), "bitmap", 0, True, bitmap_counts))
+    for gap_bits in range(1, 9):
+        counts = scan.gap_counts(gap_bits)
+        raw_bytes = math.ceil(int(counts.sum()) * gap_bits / 8)
+        candidates.append((raw_bytes, "gaps", gap_bits, False, counts))
+        if entropy:
+            candidates.append((ans.coded_size(counts), "gaps", gap_bits, True, counts))
+    return candidates
+
+
+def _mask_symbols(scan: _MaskScan, encoding: str, gap_bits: int) -> np.ndarray:
+    """The symbols of one mask layout: keep bits, or relative indices."""
+    if encoding == "bitmap":
+        parts = [bits for _, bits in scan.keep_blocks()]
+    else:
+        parts = [_gap_symbols(gaps, gap_bits) for gaps in scan.gaps()]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
 def encode_mask(
     packed: np.ndarray, *, shape: tuple[int, ...], entropy: bool
 ) -> tuple[dict[str, Any], np.ndarray | bytes]:
     """The record and payload of a packed keep-mask: bitmap or relative indices.
+
+    Every layout's size is known from one histogram pass (raw sizes exactly, rANS
+    sizes to within a few bytes per lane), so only the winner is built and encoded;
+    an rANS winner must still beat the smallest raw layout for real.
 
     Example:
         >>> keep = np.zeros((50, 80), bool); keep[::7, ::3] = True
@@ -170,39 +314,32 @@ def encode_mask(
         >>> record["encoding"], len(payload) < packed.nbytes
         ('gaps', True)
     """
-    keep = np.unpackbits(packed, axis=-1, count=shape[-1], bitorder="little").reshape(-1)
-    positions = np.flatnonzero(keep)
-    candidates = []  # (estimated bytes, encoding, gap_bits, symbols, raw payload)
-    symbols = keep.astype(np.uint8)
-    bitmap_entropy = ans.empirical_entropy_bits(symbols, 2)
-    candidates.append((packed.nbytes, "bitmap", 0, False, symbols, packed))
-    if entropy:
-        candidates.append((_rans_estimate(bitmap_entropy), "bitmap", 0, True, symbols, packed))
-    for gap_bits in range(1, 9):
-        gap_symbols = _gap_symbols(positions, gap_bits)
-        raw = pack_bits(gap_symbols, gap_bits)
-        candidates.append((raw.nbytes, "gaps", gap_bits, False, gap_symbols, raw))
-        if entropy:
-            bits = ans.empirical_entropy_bits(gap_symbols, 2**gap_bits)
-            used = int(np.count_nonzero(np.bincount(gap_symbols, minlength=2**gap_bits)))
-            candidates.append(
-                (_rans_estimate(bits, used), "gaps", gap_bits, True, gap_symbols, raw)
-            )
-    # The smallest raw form always competes, so an rANS estimate can't make it worse;
-    # the three best rANS estimates are encoded for real, as the estimates are rough.
+    scan = _MaskScan(packed, shape)
+    candidates = _mask_candidates(scan, packed, entropy)
+    best = min(candidates, key=lambda c: c[0])  # the first smallest: bitmap on ties
     best_raw = min((c for c in candidates if not c[3]), key=lambda c: c[0])
-    finalists = [best_raw] + sorted((c for c in candidates if c[3]), key=lambda c: c[0])[:3]
-    chosen = []
-    for _, encoding, gap_bits, coded, stream, raw in finalists:
+    payload = None
+    if best[3]:
+        _, encoding, gap_bits, _, counts = best
         alphabet = 2 if encoding == "bitmap" else 2**gap_bits
-        record, payload = _encoded(stream, alphabet, raw, coded)
-        record = {**record, "encoding": encoding, "symbols": int(stream.size)}
-        if encoding == "gaps":
-            record["gap_bits"] = gap_bits
-        chosen.append(
-            (len(payload) if isinstance(payload, bytes) else payload.nbytes, record, payload)
-        )
-    _, record, payload = min(chosen, key=lambda c: c[0])
+        symbols = _mask_symbols(scan, encoding, gap_bits)
+        payload = _rans_if_smaller(symbols, alphabet, counts, best_raw[0])
+        coding = "rans"
+    if payload is None:
+        _, encoding, gap_bits, _, counts = best_raw
+        coding = "packed"
+        if encoding == "bitmap":
+            payload = packed
+        else:
+            payload = pack_bits(_mask_symbols(scan, encoding, gap_bits), gap_bits)
+    record = {
+        "coding": coding,
+        "entropy_bits": _entropy_bits(counts),
+        "encoding": encoding,
+        "symbols": int(counts.sum()),
+    }
+    if encoding == "gaps":
+        record["gap_bits"] = gap_bits
     return record, payload
 
 
@@ -240,7 +377,7 @@ def decode_mask(
             # Re-packing clears any stray padding bits.
             packed, kept = np.packbits(bits, axis=-1, bitorder="little"), int(bits.sum())
         else:
-            keep = symbols.reshape(shape).astype(bool)
+            keep = symbols.reshape(shape).view(bool)  # symbols are 0 or 1: no copy
             packed, kept = np.packbits(keep, axis=-1, bitorder="little"), int(keep.sum())
     elif encoding == "gaps":
         gap_bits = record.get("gap_bits")
@@ -252,12 +389,9 @@ def decode_mask(
         if symbols is None:
             raw = _raw_array(data, (math.ceil(count * gap_bits / 8),), where)
             symbols = unpack_bits(raw, gap_bits, count)
-        positions = _positions(symbols, gap_bits)
-        if positions.size and positions[-1] >= size:
-            raise _fail(where, "relative indices run past the end of the leaf")
-        keep = np.zeros(size, bool)
-        keep[positions] = True
-        packed, kept = np.packbits(keep.reshape(shape), axis=-1, bitorder="little"), positions.size
+        keep = _keep_of_gaps(symbols, gap_bits, size, where)
+        packed = np.packbits(keep.reshape(shape), axis=-1, bitorder="little")
+        kept = int(np.count_nonzero(keep))
     else:
         raise _fail(where, f"unknown mask encoding {encoding!r}")
     if kept != nnz:
