@@ -29,6 +29,12 @@ from jaxcompress.data_aware import (
 )
 from jaxcompress.filters import Filter, kernels
 from jaxcompress.progress import leaf_bytes, over_leaves
+from jaxcompress.prune_sharded import (
+    below_and_tied,
+    magnitude_histogram,
+    sharded_magnitude_sparse,
+    split_layout,
+)
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms import Transform, select_leaves
 
@@ -89,10 +95,12 @@ def magnitude_keep_mask(weight: jax.Array, num_pruned: int | jax.Array) -> jax.A
 
 
 def magnitude_keys(values: jax.Array) -> jax.Array:
-    """``|values|`` as uint32 keys that sort like the magnitudes (flattened, row-major).
+    """``|values|`` as uint32 keys that sort like the magnitudes, shaped like ``values``.
 
     The float32 bit pattern of a non-negative float orders like the float itself, so
     selection can count and bin integer keys; float16 and bfloat16 widen exactly.
+    The shape is kept so that binning a sharded weight never reshapes (and so
+    gathers) it.
 
     Example:
         >>> import jax.numpy as jnp
@@ -100,7 +108,7 @@ def magnitude_keys(values: jax.Array) -> jax.Array:
         >>> (k[1] < k[2]) & (k[2] < k[0])
         Array(True, dtype=bool)
     """
-    magnitudes = jnp.abs(values.reshape(-1).astype(jnp.float32))
+    magnitudes = jnp.abs(values.astype(jnp.float32))
     return jax.lax.bitcast_convert_type(magnitudes, jnp.uint32)
 
 
@@ -145,15 +153,41 @@ def kth_smallest_key(
     """
     convert = to_keys or _identity
     k = jnp.asarray(k, _int_dtype())
-    high = sum(_jit_high(convert, x) for x in keys)
+    high = sum(_digit_histogram(convert, x, None) for x in keys)
     high_bin, below = _select_bin(high, k, jnp.zeros((), _int_dtype()))
-    low = sum(_jit_low(convert, x, high_bin) for x in keys)
+    low = sum(_digit_histogram(convert, x, high_bin) for x in keys)
     low_bin, _ = _select_bin(low, k, below)
     return (high_bin.astype(jnp.uint32) << _DIGIT_BITS) | low_bin.astype(jnp.uint32)
 
 
 def _identity(x: jax.Array) -> jax.Array:
     return x
+
+
+def _digit_histogram(convert: Callable, x: jax.Array, high_bin: jax.Array | None) -> jax.Array:
+    """The high-digit histogram (``high_bin`` None) or the low one within ``high_bin``.
+
+    A weight split over a mesh is binned block by block (magnitude keys only), so the
+    global threshold never gathers it.
+    """
+    layout = split_layout(x) if convert is magnitude_keys else None
+    if layout is not None:
+        mesh, spec = layout
+        low_pass = high_bin is not None
+        high = jnp.uint32(0) if high_bin is None else high_bin.astype(jnp.uint32)
+        histogram = magnitude_histogram(x, high, jnp.bool_(low_pass), mesh=mesh, spec=spec)
+        return histogram.astype(_int_dtype())
+    return _jit_high(convert, x) if high_bin is None else _jit_low(convert, x, high_bin)
+
+
+def _counts_at(convert: Callable, x: jax.Array, threshold: jax.Array):
+    """How many keys of ``x`` are below and tied with ``threshold``."""
+    layout = split_layout(x) if convert is magnitude_keys else None
+    if layout is not None:
+        mesh, spec = layout
+        below, tied = below_and_tied(x, threshold, mesh=mesh, spec=spec)
+        return below.astype(_int_dtype()), tied.astype(_int_dtype())
+    return _below_and_tied(convert, x, threshold)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -168,6 +202,7 @@ def _jit_low(convert: Callable, x: jax.Array, high_bin: jax.Array) -> jax.Array:
 
 @jax.jit
 def _keep_mask(keys: jax.Array, num_pruned: jax.Array) -> jax.Array:
+    keys = keys.reshape(-1)
     threshold = kth_smallest_key([keys], num_pruned)
     below = keys < threshold
     tied = keys == threshold
@@ -231,6 +266,10 @@ def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
         [[3.0, 0.0], [0.0, 2.0]]
     """
     size = math.prod(weight.shape)
+    layout = split_layout(weight)
+    if layout is not None and num_pruned < size:
+        # Block by block on the mesh: the weight is never gathered.
+        return sharded_magnitude_sparse(weight, num_pruned, layout)
     keep = magnitude_keep_mask(weight, num_pruned)
     return sparse_from_mask(weight, keep, size - num_pruned)
 
@@ -256,16 +295,17 @@ def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> li
         >>> [int(c) for c in global_counts([jnp.array([1.0, 2.0]), jnp.array([1.0, 9.0])], 2)]
         [1, 1]
     """
-    weights = [unsharded(w) for w in weights]
+    # Split weights are binned block by block; others whole (Explicit axes refuse that).
+    weights = [w if split_layout(w) is not None else unsharded(w) for w in weights]
     total = jnp.asarray(total_pruned, _int_dtype())
     threshold = kth_smallest_key(weights, total, to_keys=magnitude_keys)
     counts, ties_left = (
         [],
-        total - sum(_below_and_tied(magnitude_keys, w, threshold)[0] for w in weights),
+        total - sum(_counts_at(magnitude_keys, w, threshold)[0] for w in weights),
     )
     # Ties at the threshold go to the earlier leaves first.
     for w in weights:
-        below, tied = _below_and_tied(magnitude_keys, w, threshold)
+        below, tied = _counts_at(magnitude_keys, w, threshold)
         from_ties = jnp.minimum(tied, ties_left)
         ties_left = ties_left - from_ties
         counts.append(below + from_ties)

@@ -1,9 +1,14 @@
 """One of two processes that run a compressed MLP on a global 8-device CPU mesh.
 
-Started by ``tests/test_multihost.py`` as ``python multihost_worker.py PORT PROCESS_ID OUT``
-with 4 fake CPU devices per process. Process 0 writes the gathered logits to ``OUT``
-(a ``.npy`` path). The test imports :func:`compressed_model`, :func:`batch` and
-:func:`forward` to compute the same logits in one process.
+Started by ``tests/test_multihost.py`` as ``python multihost_worker.py PORT PROCESS_ID OUT
+MODE`` with 4 fake CPU devices per process. In ``forward`` mode process 0 writes the
+gathered logits to ``OUT`` (a ``.npy`` path); the test imports :func:`compressed_model`,
+:func:`batch` and :func:`forward` to compute the same logits in one process. In
+``save`` mode the processes compress a sharded model together (one global pruning
+threshold), save it (each process its own blocks), load it back onto the mesh, and
+process 0 writes every array of the compressed and the reloaded tree to ``OUT`` (a
+``.npz`` path, arrays in :func:`flat_arrays` order); the test compares them with
+:func:`save_chain` run in one process.
 """
 
 import sys
@@ -39,6 +44,30 @@ def compressed_model() -> dict:
     return jax.jit(compress)(params)[0]
 
 
+def dense_model() -> dict:
+    """An uncompressed 3-layer MLP, the same in every process."""
+    rng = np.random.default_rng(2)
+    sizes = [(WIDTH, 2 * WIDTH)] * 3  # one shape: one set of compiled programs
+    return {
+        f"dense{i}": {
+            "kernel": (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32),
+            "bias": (rng.normal(size=shape[1]) * 0.1).astype(np.float32),
+        }
+        for i, shape in enumerate(sizes, start=1)
+    }
+
+
+def save_chain() -> jc.Transform:
+    """Global magnitude pruning then 4-bit k-means on the kernels."""
+    kernels = "kernel$"
+    return jc.chain(jc.prune(0.6, scope="global", where=kernels), jc.cluster(bits=4, where=kernels))
+
+
+def flat_arrays(tree) -> list[np.ndarray]:
+    """Every array of a (compressed) tree, children included, in a fixed order."""
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
 def batch() -> np.ndarray:
     return np.random.default_rng(1).normal(size=(16, WIDTH)).astype(np.float32)
 
@@ -50,7 +79,7 @@ def forward(params: dict, x: jax.Array) -> jax.Array:
     return x @ dense["dense3"]["kernel"] + dense["dense3"]["bias"][None, :]
 
 
-def main(port: str, process_id: int, out: str) -> None:
+def _join(port: str, process_id: int) -> None:
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception as error:  # an option this jax does not know
@@ -63,6 +92,8 @@ def main(port: str, process_id: int, out: str) -> None:
     jax.config.update("jax_numpy_rank_promotion", "raise")
     assert (jax.device_count(), jax.local_device_count()) == (8, 4)
 
+
+def run_forward(process_id: int, out: str) -> None:
     from jax.experimental import multihost_utils
 
     from jaxcompress.parallel import data_parallel, tensor_parallel_specs
@@ -86,5 +117,44 @@ def main(port: str, process_id: int, out: str) -> None:
         np.save(out, np.asarray(logits))
 
 
+def run_save(process_id: int, out: str) -> None:
+    from pathlib import Path
+
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    dense = dense_model()
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, P("data", "model") if x.ndim == 2 else P("model")), dense
+    )
+    # Each process makes only its own devices' shards: nothing is global on one host.
+    sharded = jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        dense,
+        shardings,
+    )
+    assert not sharded["dense1"]["kernel"].is_fully_addressable
+    compressed, _ = save_chain()(sharded)
+    path = Path(out).with_suffix(".jxc")
+    jc.save(path, compressed)
+    assert Path(f"{path}.part1").exists()
+    loaded = jc.load(path, sharding=shardings)
+    assert loaded["dense1"]["kernel"].mask.sharding.spec == P("data", "model")
+    arrays = [
+        multihost_utils.process_allgather(x, tiled=True)
+        for tree in (compressed, loaded)
+        for x in jax.tree.leaves(tree)
+    ]
+    if process_id == 0:
+        np.savez(out, *[np.asarray(a) for a in arrays])
+
+
+def main(port: str, process_id: int, out: str, mode: str) -> None:
+    _join(port, process_id)
+    {"forward": run_forward, "save": run_save}[mode](process_id, out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

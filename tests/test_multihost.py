@@ -37,12 +37,11 @@ def _child_env() -> dict:
     return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
 
 
-def test_two_processes_equal_one(tmp_path):
-    out = tmp_path / "logits.npy"
+def _run_workers(out: Path, mode: str) -> None:
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), str(i), str(out)],
+            [sys.executable, str(WORKER), str(port), str(i), str(out), mode],
             env=_child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -65,5 +64,23 @@ def test_two_processes_equal_one(tmp_path):
     for i, (code, stderr) in enumerate(results):
         assert code == 0, f"process {i} exited with {code}:\n{stderr}"
 
+
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "logits.npy"
+    _run_workers(out, "forward")
     want = jax.jit(worker.forward)(worker.compressed_model(), worker.batch())
     np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_compress_save_and_load_bit_identical_to_one(tmp_path):
+    # One global threshold agreed across processes, each process saving only its
+    # own blocks, and a reload onto the mesh: all bit-identical to one process.
+    out = tmp_path / "arrays.npz"
+    _run_workers(out, "save")
+    want = worker.flat_arrays(worker.save_chain()(worker.dense_model())[0])
+    with np.load(out) as got:
+        arrays = [got[f"arr_{i}"] for i in range(len(got.files))]
+    assert len(arrays) == 2 * len(want)
+    for i, expected in enumerate(want + want):
+        assert arrays[i].dtype == expected.dtype
+        np.testing.assert_array_equal(arrays[i], expected)

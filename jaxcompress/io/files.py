@@ -22,7 +22,7 @@ from rich.table import Table
 from jaxcompress.arrays import is_compressed
 from jaxcompress.arrays.lowrank import factor_shardings
 from jaxcompress.filters import path_to_str
-from jaxcompress.io import container, treecodec
+from jaxcompress.io import container, shards, treecodec
 from jaxcompress.io.errors import FileFormatError
 from jaxcompress.report import _human_bytes
 from jaxcompress.sharding import spec_for
@@ -61,7 +61,11 @@ def save(
     and renamed into place, so an interrupted save leaves any old file intact. No
     pickle: the header is JSON and the body raw buffers, each with a CRC-32.
 
-    Sharded arrays are gathered to the host leaf by leaf (one leaf at a time).
+    An array split over devices (a leaf or a compressed leaf's child) is written
+    shard by shard, never gathered: each distinct shard once, from the device that
+    holds it. Under ``jax.distributed`` every process must call ``save`` with the
+    same tree: process 0 writes ``path`` and process ``p`` writes the blocks its
+    devices hold to ``path.part<p>``; keep those files together.
 
     Args:
         path: the file to write (``.jxc`` by convention).
@@ -95,24 +99,67 @@ def save(
         True
     """
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_compressed)
+    parts, part = jax.process_count(), jax.process_index()
+    save_id = _save_id() if parts > 1 else None
+    target = Path(path) if part == 0 else shards.part_path(path, part)
     with (
-        container.ContainerWriter(path) as writer,
-        _progress(progress, len(leaves), f"saving {Path(path).name}") as bar,
+        container.ContainerWriter(target) as writer,
+        _progress(progress and part == 0, len(leaves), f"saving {Path(path).name}") as bar,
+        shards.writing(shards.WriteSession(part=part, parts=parts, add=writer.add)) as session,
     ):
         task = bar.task_ids[0]
+        # Only process 0 writes the tree; the others write just their own blocks.
         root = treecodec.encode_node(
-            tree, writer.add, entropy=entropy, on_leaf=lambda _: bar.advance(task)
+            tree,
+            writer.add if part == 0 else _discard,
+            entropy=entropy,
+            on_leaf=lambda _: bar.advance(task),
         )
-        header = {
-            "format": FORMAT,
-            "version": container.VERSION,
-            "library": _library_version(),
-            "tree": root,
-            "metadata": metadata or {},
-            "buffers": writer.buffers,
-        }
-        writer.commit(header)
+        if part == 0:
+            header = {
+                "format": FORMAT,
+                "version": container.VERSION,
+                "library": _library_version(),
+                "tree": root,
+                "metadata": metadata or {},
+                "buffers": writer.buffers,
+            }
+            if parts > 1:
+                header.update(parts=parts, save_id=save_id)
+        else:
+            header = {
+                "format": shards.PART_FORMAT,
+                "part": part,
+                "parts": parts,
+                "save_id": save_id,
+                "blocks": session.records,
+                "buffers": writer.buffers,
+            }
+            writer.commit(header)
+        _sync_processes("jaxcompress.save: parts written")
+        if part == 0:
+            # The main file appears only once every part is in place.
+            writer.commit(header)
+    _sync_processes("jaxcompress.save: done")
     return inspect_file(path)
+
+
+def _discard(data: Any) -> int:
+    return -1
+
+
+def _save_id() -> int:
+    """A random number all processes agree on, tying the part files to their main file."""
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.uint32(np.random.randint(2**31))))
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _library_version() -> str:
@@ -198,7 +245,9 @@ def load(
             ``(path, dense_shape) -> Sharding | None`` places each leaf by its path.
             A compressed leaf's children are placed by the rules of
             :mod:`jaxcompress.sharding` for its dense sharding; each device gets only
-            its slice, read straight from the mapped file for bit-packed buffers.
+            its slice, read straight from the mapped file for bit-packed buffers and
+            for arrays saved shard by shard (only the blocks a device's slice touches
+            are decoded, from whichever process's part file holds them).
         progress: show a progress bar over the leaves.
 
     Returns:
@@ -219,8 +268,15 @@ def load(
     root = header.get("tree")
     count = len(treecodec.leaf_nodes(root))
     place = _placer(sharding)
+    parts = header.get("parts", 1)
+    if type(parts) is not int or parts < 1:
+        raise FileFormatError(f"{path}: header parts {parts!r} is not a positive integer")
+    reader = shards.PartReader(path, parts=parts, save_id=header.get("save_id"))
 
-    with _progress(progress, count, f"loading {Path(path).name}") as bar:
+    with (
+        _progress(progress, count, f"loading {Path(path).name}") as bar,
+        shards.reading(reader),
+    ):
         task = bar.task_ids[0]
 
         def get(index: Any, where: str) -> memoryview:
@@ -368,34 +424,69 @@ class FileReport:
         return buffer.getvalue()
 
 
-def _leaf_summary(node: dict, lengths: list[int]) -> tuple[str, int, float, list[str]]:
+SizeOf = Callable[[dict], int]
+
+
+def _sizes(path: str | os.PathLike, header: dict) -> SizeOf:
+    """Bytes stored for a buffer-holding node: a stream, an array or a blocks node.
+
+    Blocks in other processes' part files are counted from those files' headers.
+    """
+    lengths = [record["length"] for record in header["buffers"]]
+    part_headers = {
+        part: container.read_container(shards.part_path(path, part))[0]
+        for part in range(1, header.get("parts", 1))
+    }
+
+    def block_size(entry: dict) -> int:
+        if entry["part"] == 0:
+            return lengths[entry["buffer"]]
+        part = part_headers[entry["part"]]
+        return part["buffers"][part["blocks"][entry["slot"]]["buffer"]]["length"]
+
+    def size_of(record: dict) -> int:
+        if record.get("type") == "blocks":
+            return sum(block_size(entry) for entry in record["blocks"])
+        return lengths[record["buffer"]]
+
+    return size_of
+
+
+def _label(record: dict) -> str:
+    if record.get("type") == "blocks":
+        return f"{len(record['blocks'])} blocks"
+    label = record.get("encoding", "")
+    if label == "gaps":
+        label += str(record.get("gap_bits"))
+    return f"{label + '/' if label else ''}{record.get('coding')}"
+
+
+def _leaf_summary(node: dict, size_of: SizeOf) -> tuple[str, int, float, list[str]]:
     """``(kind, stored bytes, entropy bytes, encodings)`` of one leaf node."""
     kind = node["type"]
     stored, bound, parts = 0, 0.0, []
     for name in ("mask", "indices", "codes"):
         record = node.get(name)
         if isinstance(record, dict):
-            length = lengths[record["buffer"]]
+            length = size_of(record)
             stored += length
             bound += record.get("entropy_bits", length * 8) / 8
-            label = record.get("encoding", "")
-            if label == "gaps":
-                label += str(record.get("gap_bits"))
-            parts.append(f"{name}={label + '/' if label else ''}{record.get('coding')}")
+            parts.append(f"{name}={_label(record)}")
     for name in ("codebook", "scale", "zero_point", "input_scale", "u", "v"):
         child = node.get(name)
         if isinstance(child, dict):
-            length = lengths[child["buffer"]]
+            length = size_of(child)
             stored, bound = stored + length, bound + length
             if name in ("u", "v"):
                 parts.append(f"{name}=raw")
-    if kind == "array":
-        length = lengths[node["buffer"]]
+    if kind in ("array", "blocks"):
+        length = size_of(node)
         stored, bound = stored + length, bound + length
-        parts.append("raw")
+        parts.append("raw" if kind == "array" else _label(node))
+        kind = "array"
     values = node.get("values")
     if isinstance(values, dict):
-        inner_kind, inner_stored, inner_bound, inner_parts = _leaf_summary(values, lengths)
+        inner_kind, inner_stored, inner_bound, inner_parts = _leaf_summary(values, size_of)
         stored, bound = stored + inner_stored, bound + inner_bound
         parts += [f"values.{p}" if inner_kind != "array" else "values=raw" for p in inner_parts]
         if inner_kind != "array":
@@ -403,16 +494,17 @@ def _leaf_summary(node: dict, lengths: list[int]) -> tuple[str, int, float, list
     return kind, stored, bound, parts
 
 
-def _stream_totals(node: dict, lengths: list[int]) -> tuple[int, float]:
+def _stream_totals(node: dict, size_of: SizeOf) -> tuple[int, float]:
     stored, entropy = 0, 0.0
     for name in ("mask", "indices", "codes"):
         record = node.get(name)
         if isinstance(record, dict):
-            stored += lengths[record["buffer"]]
-            entropy += record.get("entropy_bits", 0.0) / 8
+            length = size_of(record)
+            stored += length
+            entropy += record.get("entropy_bits", length * 8) / 8
     values = node.get("values")
     if isinstance(values, dict):
-        inner = _stream_totals(values, lengths)
+        inner = _stream_totals(values, size_of)
         stored, entropy = stored + inner[0], entropy + inner[1]
     return stored, entropy
 
@@ -434,11 +526,11 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
         ('clustered', True)
     """
     header, _, header_bytes = container.read_container(path)
-    lengths = [record["length"] for record in header["buffers"]]
     leaves, stream_bytes, stream_entropy = [], 0, 0.0
     try:
+        size_of = _sizes(path, header)
         for leaf_path, node in treecodec.leaf_nodes(header.get("tree")):
-            kind, stored, bound, parts = _leaf_summary(node, lengths)
+            kind, stored, bound, parts = _leaf_summary(node, size_of)
             shape = tuple(node["shape"])
             dtype = jnp.dtype(node["dtype"])
             leaves.append(
@@ -453,14 +545,18 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
                     encoding=" ".join(parts),
                 )
             )
-            streams_stored, streams_entropy = _stream_totals(node, lengths)
+            streams_stored, streams_entropy = _stream_totals(node, size_of)
             stream_bytes += streams_stored
             stream_entropy += streams_entropy
     except (KeyError, TypeError, IndexError, ValueError) as error:
         raise FileFormatError(f"{path}: malformed header ({error!r})") from None
     return FileReport(
         path=str(path),
-        file_bytes=Path(path).stat().st_size,
+        file_bytes=sum(
+            file.stat().st_size
+            for file in [Path(path)]
+            + [shards.part_path(path, p) for p in range(1, header.get("parts", 1))]
+        ),
         header_bytes=header_bytes,
         leaves=tuple(leaves),
         stream_bytes=stream_bytes,

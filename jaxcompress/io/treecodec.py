@@ -4,8 +4,11 @@ Containers (dict, ``FrozenDict``, ``nnx.State``, list, tuple, ``None``, and the
 ``nnx`` variable types) become JSON nodes with their children; array leaves become
 ``{"type": "array", dtype, shape, buffer}``; compressed leaves record their static
 fields and store their children as arrays, code streams or masks
-(:mod:`jaxcompress.io.streams`). Decoding rebuilds only types from a fixed list,
-checks every field and every child's shape against the leaf's metadata, and raises
+(:mod:`jaxcompress.io.streams`). An array split over devices, a leaf or a child, is
+stored shard by shard instead (a ``blocks`` node, :mod:`jaxcompress.io.shards`), so
+nothing is gathered to save it and each device reads back only its block. Decoding
+rebuilds only types from a fixed list, checks every field and every child's shape
+against the leaf's metadata, and raises
 :class:`~jaxcompress.io.errors.FileFormatError` naming the leaf path otherwise.
 """
 
@@ -24,7 +27,7 @@ from flax.core import FrozenDict
 from jaxcompress.arrays import Clustered, CompressedArray, LowRank, Quantized, Sparse
 from jaxcompress.arrays.lowrank import matrix_shape
 from jaxcompress.arrays.quantized import group_layout
-from jaxcompress.io import streams
+from jaxcompress.io import shards, streams
 from jaxcompress.io.errors import FileFormatError
 
 # Only these dtypes are ever read back: no object or structured dtypes.
@@ -70,6 +73,9 @@ def _dtype_name(dtype: Any, path: str) -> str:
 
 
 def _array_node(x: Any, add: AddBuffer, path: str) -> dict[str, Any]:
+    if shards.is_split(x):
+        _dtype_name(x.dtype, path)
+        return shards.blocks_node(x, add, path, entropy=False)
     array = np.ascontiguousarray(np.asarray(x))
     name = _dtype_name(array.dtype, path)
     return {"type": "array", "dtype": name, "shape": list(array.shape), "buffer": add(array)}
@@ -79,34 +85,57 @@ def _stream_node(record: dict[str, Any], payload: Any, add: AddBuffer) -> dict[s
     return {**record, "buffer": add(payload)}
 
 
+def _code_stream(packed: Any, add: AddBuffer, path: str, entropy: bool, encode: Callable) -> dict:
+    """A bit-packed child's node: shard by shard where it is split, else one stream."""
+    if shards.is_split(packed):
+        return shards.blocks_node(packed, add, path, entropy=entropy)
+    return _stream_node(*encode(np.asarray(packed)), add)
+
+
 def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: bool) -> dict:
     common = {"shape": list(leaf.shape), "dtype": _dtype_name(leaf.dtype, path)}
     if isinstance(leaf, Sparse):
-        record, payload = streams.encode_mask(
-            np.asarray(leaf.mask), shape=leaf.shape, entropy=entropy
+        mask = _code_stream(
+            leaf.mask,
+            add,
+            path,
+            entropy,
+            lambda packed: streams.encode_mask(packed, shape=leaf.shape, entropy=entropy),
         )
         values = encode_node(leaf.values, add, _join(path, "values"), entropy=entropy)
         return {
             "type": "sparse",
             **common,
             "nnz": leaf.nnz,
-            "mask": _stream_node(record, payload, add),
+            "mask": mask,
             "values": values,
         }
     if isinstance(leaf, Clustered):
-        record, payload = streams.encode_codes(
-            np.asarray(leaf.indices), bits=leaf.bits, shape=leaf.shape, entropy=entropy
+        indices = _code_stream(
+            leaf.indices,
+            add,
+            path,
+            entropy,
+            lambda packed: streams.encode_codes(
+                packed, bits=leaf.bits, shape=leaf.shape, entropy=entropy
+            ),
         )
         return {
             "type": "clustered",
             **common,
             "bits": leaf.bits,
-            "indices": _stream_node(record, payload, add),
+            "indices": indices,
             "codebook": _array_node(leaf.codebook, add, _join(path, "codebook")),
         }
     if isinstance(leaf, Quantized):
-        record, payload = streams.encode_codes(
-            np.asarray(leaf.codes), bits=leaf.bits, shape=leaf.shape, entropy=entropy
+        codes = _code_stream(
+            leaf.codes,
+            add,
+            path,
+            entropy,
+            lambda packed: streams.encode_codes(
+                packed, bits=leaf.bits, shape=leaf.shape, entropy=entropy
+            ),
         )
         zero = leaf.zero_point
         node = {
@@ -115,7 +144,7 @@ def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: 
             "bits": leaf.bits,
             "axis": leaf.axis,
             "group_size": leaf.group_size,
-            "codes": _stream_node(record, payload, add),
+            "codes": codes,
             "scale": _array_node(leaf.scale, add, _join(path, "scale")),
             "zero_point": None if zero is None else _array_node(zero, add, _join(path, "zero")),
         }
@@ -255,10 +284,12 @@ def _dtype(node: dict, path: str) -> np.dtype:
     return _DTYPES[name]
 
 
-def _read_array(node: Any, get: GetBuffer, path: str) -> np.ndarray:
-    if not isinstance(node, dict) or node.get("type") != "array":
+def _read_array(node: Any, get: GetBuffer, path: str) -> np.ndarray | shards.BlockSource:
+    if not isinstance(node, dict) or node.get("type") not in ("array", "blocks"):
         raise _fail(path, "expected an array node")
     shape, dtype = _shape(node, path), _dtype(node, path)
+    if node["type"] == "blocks":
+        return shards.read_blocks(node, get, path, dtype=dtype, shape=shape)
     data = get(node.get("buffer"), path)
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
@@ -288,17 +319,38 @@ def _stream(node: dict, name: str, path: str) -> dict:
     return _field(node, name, path, lambda r: isinstance(r, dict), "a stream record")
 
 
+def _packed_blocks(record: dict, get: GetBuffer, path: str, packed_shape: tuple[int, ...]):
+    return shards.read_blocks(record, get, path, dtype=np.dtype(np.uint8), shape=packed_shape)
+
+
+def _decode_codes(
+    record: dict, get: GetBuffer, path: str, *, bits: int, shape: tuple[int, ...]
+) -> np.ndarray | shards.BlockSource:
+    """Bit-packed codes from one stream, or lazily from per-shard blocks."""
+    if record.get("type") == "blocks":
+        packed_shape = (*shape[:-1], math.ceil(shape[-1] * bits / 8))
+        return _packed_blocks(record, get, path, packed_shape)
+    return streams.decode_codes(
+        record, get(record.get("buffer"), path), bits=bits, shape=shape, where=path
+    )
+
+
 def _decode_sparse(node, get, place, path):
     shape, dtype = _dense_header(node, path)
     size = math.prod(shape)
     nnz = _field(node, "nnz", path, lambda n: _is_int(n) and n <= size, f"an integer 0 to {size}")
     record = _stream(node, "mask", path)
-    mask = streams.decode_mask(
-        record, get(record.get("buffer"), path), shape=shape, nnz=nnz, where=path
-    )
+    if record.get("type") == "blocks":
+        # Stored shard by shard: the kept count is not checked, as that would read
+        # every block (other processes' included); each block has its CRC.
+        mask = _packed_blocks(record, get, path, (*shape[:-1], math.ceil(shape[-1] / 8)))
+    else:
+        mask = streams.decode_mask(
+            record, get(record.get("buffer"), path), shape=shape, nnz=nnz, where=path
+        )
     values_path = _join(path, "values")
     values_node = _field(node, "values", path, lambda v: isinstance(v, dict), "a leaf node")
-    if values_node.get("type") == "array":
+    if values_node.get("type") in ("array", "blocks"):
         values = _read_array(values_node, get, values_path)
         if values.dtype != dtype:
             raise _fail(values_path, f"dtype {values.dtype} differs from the leaf's {dtype}")
@@ -324,10 +376,13 @@ def _decode_clustered(node, get, place, path):
     ):
         raise _fail(path, f"codebook shape {codebook.shape} does not fit {bits}-bit indices")
     record = _stream(node, "indices", path)
-    indices = streams.decode_codes(
-        record, get(record.get("buffer"), path), bits=bits, shape=shape, where=path
-    )
-    if k < 2**bits and streams.unpack_bits(indices, bits, shape[-1]).max(initial=0) >= k:
+    indices = _decode_codes(record, get, path, bits=bits, shape=shape)
+    # Indices stored shard by shard are not all read here (other processes hold some).
+    if (
+        k < 2**bits
+        and isinstance(indices, np.ndarray)
+        and streams.unpack_bits(indices, bits, shape[-1]).max(initial=0) >= k
+    ):
         raise _fail(path, f"an index points past the {k}-entry codebook")
     return Clustered(
         indices=place(indices, path, node),
@@ -371,10 +426,7 @@ def _decode_quantized(node, get, place, path):
     if inputs is not None:
         inputs = _input_scale(inputs, get, path, shape)
         inputs = place(inputs, path, node)
-    record = _stream(node, "codes", path)
-    codes = streams.decode_codes(
-        record, get(record.get("buffer"), path), bits=bits, shape=shape, where=path
-    )
+    codes = _decode_codes(_stream(node, "codes", path), get, path, bits=bits, shape=shape)
     return Quantized(
         codes=place(codes, path, node),
         scale=place(scale, path, node),
@@ -398,7 +450,7 @@ def _input_scale(node: Any, get: GetBuffer, path: str, shape: tuple[int, ...]) -
         )
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise _fail(path, f"input_scale has dtype {inputs.dtype}; it must be floating-point")
-    values = inputs.astype(np.float32)
+    values = np.asarray(inputs).astype(np.float32)
     if not (np.isfinite(values).all() and (values > 0).all()):
         raise _fail(path, "input_scale must be finite and positive")
     return inputs
@@ -513,7 +565,7 @@ def _decode_leaf(node: dict, kind: Any, get: GetBuffer, place: Place, path: str)
         if type(value) not in (bool, int, float):
             raise _fail(path, f"scalar value {value!r} is not a number")
         return value
-    if kind == "array":
+    if kind in ("array", "blocks"):
         return place(_read_array(node, get, path), path, node)
     if kind in _COMPRESSED:
         return _COMPRESSED[kind](node, get, place, path)
@@ -530,7 +582,7 @@ def leaf_nodes(node: Any, path: str = "") -> list[tuple[str, dict]]:
     if not isinstance(node, dict):
         return []
     kind = node.get("type")
-    if kind in ("array", *_COMPRESSED):
+    if kind in ("array", "blocks", *_COMPRESSED):
         return [(path, node)]
     if kind == "variable":
         return leaf_nodes(node.get("value"), path)
