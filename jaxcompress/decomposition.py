@@ -6,7 +6,8 @@ pytrees, with a ``transform(x) = (x - mean) @ components.T``:
 
 * :func:`pca_fit` -- principal components of ``x`` (``"full"``: an exact
   eigendecomposition of the ``d x d`` covariance for tall data, an SVD otherwise;
-  ``"randomized"``: Halko et al.'s randomized range finder; ``"auto"`` picks).
+  ``"randomized"``: randomized block Krylov for tall data, Halko et al.'s range
+  finder for wide data; ``"auto"`` picks).
 * :func:`pca_from_statistics` -- the same from count, mean and second moment.
 * :func:`lda_fit` -- Fisher's linear discriminants of labelled ``x``.
 * :func:`lda_from_statistics` -- the same from count, mean, second moment and the
@@ -51,14 +52,20 @@ _PCA_METHODS = ("auto", "full", "randomized")
 # lda(shrinkage=None) adds this ridge, relative to the mean within-class variance.
 _AUTO_RIDGE = 1e-6
 # "auto" picks "full" when max(n, d) <= _AUTO_MIN_SIZE or k >= _AUTO_FRACTION * min(n, d)
-# (scikit-learn's rule), and for n >= d when width > _AUTO_WIDTH_PER_D3 * d³: there the
-# exact O(d³) eigh (about 4.5e-11 d³ s) is cheaper than the covariance sketch's
-# iterations (about 4e-4 s per sketch column), both measured on a 2-core CPU.
+# (scikit-learn's rule), and for n >= d when the Krylov space is wider than
+# _AUTO_KRYLOV_FRACTION * d and cannot be built from passes over x: there the exact
+# O(d³) eigh costs about as much as the Krylov iterations on the covariance (measured on
+# 10000 x 784 float32, 2-core CPU: 480 Krylov columns took 80 % of the eigh path's time).
 _AUTO_MIN_SIZE = 500
 _AUTO_FRACTION = 0.8
-_AUTO_WIDTH_PER_D3 = 1.1e-7
-# Flops of a thin (width-column) pass over x, relative to the covariance product's.
-_PASS_COST = 2.5
+_AUTO_KRYLOV_FRACTION = 0.5
+# Krylov space of the tall "randomized" path: blocks of k rounded up to 16 columns, at
+# most _KRYLOV_MAX_BLOCK, and max(3 k, k + _KRYLOV_EXTRA) columns in all.
+_KRYLOV_MAX_BLOCK = 128
+_KRYLOV_EXTRA = 64
+# Time per flop of a thin product with x (16 to 128 columns), relative to the blocked
+# Gram matrix's, measured on 10000 x 784 float32 (2-core CPU).
+_PASS_COST = 1.6
 
 
 # --------------------------------------------------------------------------- helpers
@@ -413,52 +420,135 @@ def _pca_sketch_data(
     return _from_svd(s, vt, mean, total, n, k), jnp.isfinite(total)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "center", "width", "n_iter"))
-def _pca_sketch_covariance(
-    x: jax.Array, key: jax.Array, k: int, center: bool, width: int, n_iter: int
-) -> tuple[PCAResult, jax.Array]:
-    """Halko et al. (2011), Algorithms 4.4 + 5.3, on the ``d x d`` covariance: one pass
-    over ``x`` for the covariance, then ``n_iter + 1`` products with it, each
-    ``O(d² width)``, and a Rayleigh-Ritz step instead of a full ``O(d³)`` eigh."""
-    n, d = x.shape
-    xc, mean = _center(x, center)
-    cov = _gram(xc) / (n - 1)
-    omega = jax.random.normal(key, (d, width), x.dtype)
+def _krylov_shape(k: int, d: int, n_iter: int | None) -> tuple[int, int]:
+    """Block width and number of blocks of the tall "randomized" path's Krylov space.
 
-    def power(_: int, z: jax.Array) -> jax.Array:
-        return _orthonormal(_mm(cov, z))
+    The width is ``k`` rounded up to a multiple of 16 (at most 128; XLA's thin
+    products run slowest at odd widths); by default there are enough blocks for a
+    space of ``max(3 k, k + 64)`` columns, the smallest that matched the exact
+    explained-variance sum within 1e-5 on the benchmark's slowly decaying spectrum.
+    With ``n_iter`` there are ``n_iter + 1`` blocks. A space of ``d`` columns or more
+    is one block of ``d``: Rayleigh-Ritz on it is an exact eigendecomposition.
+    """
+    block = min(-(-k // 16) * 16, _KRYLOV_MAX_BLOCK)
+    blocks = -(-max(3 * k, k + _KRYLOV_EXTRA) // block) if n_iter is None else n_iter + 1
+    if block * blocks >= d:  # the space would be all of R^d: one block of d columns
+        return d, 1
+    return block, blocks
 
-    z = _orthonormal(jax.lax.fori_loop(0, n_iter + 1, power, omega), passes=1, robust=False)
-    values, vectors = jnp.linalg.eigh(_sym(_mm(_mm(z.T, cov), z)))  # Rayleigh-Ritz
-    variance = jnp.maximum(values[::-1][:k], 0.0)
-    components = _mm(z, vectors[:, ::-1][:, :k]).T
-    total = jnp.trace(cov)
-    result = PCAResult(
+
+def _krylov_on_data(n: int, d: int, block: int, blocks: int) -> bool:
+    """Whether the Krylov space is built from passes over ``x`` rather than from the
+    ``d x d`` covariance: its ``2 blocks - 1`` thin passes (``2 n d block`` flops
+    each) against the blocked Gram matrix's ``n d² (g + 1) / g`` for ``g`` column
+    blocks, a thin product's flop counted at _PASS_COST times a Gram flop."""
+    g = _gram_blocks(d)
+    return _PASS_COST * 2 * block * (2 * blocks - 1) <= d * (g + 1) / g
+
+
+def _auto_method(n: int, d: int, k: int) -> str:
+    if max(n, d) <= _AUTO_MIN_SIZE or k >= _AUTO_FRACTION * min(n, d):
+        return "full"
+    if n >= d:
+        block, blocks = _krylov_shape(k, d, None)
+        if block * blocks > _AUTO_KRYLOV_FRACTION * d and not _krylov_on_data(n, d, block, blocks):
+            return "full"
+    return "randomized"
+
+
+def _centered_moments(x: jax.Array, center: bool) -> tuple[jax.Array, jax.Array]:
+    """The mean and the total sum of squares about it, in two fused reads of ``x``
+    (no centered copy)."""
+    if not center:
+        return jnp.zeros((x.shape[1],), x.dtype), jnp.sum(x * x)
+    mean = jnp.mean(x, axis=0)
+    return mean, jnp.sum(jnp.square(x - mean[None, :]))
+
+
+def _next_block(image: jax.Array, blocks: list[jax.Array]) -> jax.Array:
+    """The next orthonormal Krylov block: ``image`` with the previous blocks projected
+    out, orthonormalized, and both again. Once the space has converged, what is left
+    after one projection is mostly rounding error along the previous blocks; the
+    second round removes it (block classical Gram-Schmidt, "twice is enough")."""
+    basis = jnp.concatenate(blocks, axis=1)
+    for _ in range(2):
+        image = _orthonormal(image - _mm(basis, _mm(basis.T, image)))
+    return image
+
+
+def _ritz(
+    basis: jax.Array, t: jax.Array, k: int, n: int, total: jax.Array, mean: jax.Array
+) -> PCAResult:
+    """Rayleigh-Ritz: the top ``k`` eigenpairs of ``t = basisᵀ A basis`` (``A`` the
+    scatter matrix, ``(n - 1)`` times the covariance), mapped back to feature space."""
+    values, vectors = jnp.linalg.eigh(_sym(t))  # ascending
+    variance = jnp.maximum(values[::-1][:k], 0.0) / (n - 1)
+    components = _mm(basis, vectors[:, ::-1][:, :k]).T
+    return PCAResult(
         components=_flip_signs(components),
         explained_variance=variance,
-        explained_variance_ratio=variance / total,
+        explained_variance_ratio=variance / (total / (n - 1)),
         mean=mean,
         singular_values=jnp.sqrt(variance * (n - 1)),
     )
-    return result, jnp.isfinite(total)
 
 
-def _sketch_covariance(n: int, d: int, width: int, n_iter: int) -> bool:
-    """Whether "randomized" sketches the covariance rather than the data: when ``n >= d``
-    and one ``2 n d²`` covariance costs less than the ``2 n_iter + 3`` passes of
-    ``2 n d width`` each, counting a pass at _PASS_COST times its flops. Measured on
-    100000 x 1024 float32 (2-core CPU): a power iteration (two thin passes of width
-    26 and their orthonormalizations) runs at about 100 GFLOP/s, the blocked
-    covariance at about 250."""
-    return n >= d and d <= _PASS_COST * (2 * n_iter + 3) * width
+@functools.partial(jax.jit, static_argnames=("k", "center", "block", "blocks"))
+def _pca_krylov_data(
+    x: jax.Array, key: jax.Array, k: int, center: bool, block: int, blocks: int
+) -> tuple[PCAResult, jax.Array]:
+    """Randomized block Krylov (Musco & Musco 2015) on the scatter ``A = xcᵀ xc`` of
+    the implicitly centered ``xc = x - mean``, with a Rayleigh-Ritz step on the whole
+    space: ``blocks - 1`` full passes over ``x`` and a final half pass.
+
+    A full pass is ``y = xc v`` then ``A v = (yᵀ x)ᵀ - mean (1ᵀ y)`` (two thin
+    products, written ``yᵀ x``: XLA runs ``xᵀ y`` about 5x slower on CPU); centering
+    costs only rank-one corrections, so ``x`` is never copied. ``basisᵀ A basis``
+    comes from the stored images, except the last block's ``yᵀ y``, which needs
+    only ``y``: a space of ``blocks`` blocks for ``2 blocks - 1`` thin products.
+    """
+    n, d = x.shape
+    mean, total = _centered_moments(x, center)
+    v = _orthonormal(jax.random.normal(key, (d, block), x.dtype))
+    vs, images = [], []
+    for _ in range(blocks - 1):
+        y = _mm(x, v) - _mm(mean, v)[None, :]
+        vs.append(v)
+        images.append((_tmm(y, x) - jnp.sum(y, axis=0)[:, None] * mean[None, :]).T)
+        v = _next_block(images[-1], vs)
+    y = _mm(x, v) - _mm(mean, v)[None, :]
+    vs.append(v)
+    basis = jnp.concatenate(vs, axis=1)
+    last = _tmm(y, y)
+    if images:
+        known = _mm(basis.T, jnp.concatenate(images, axis=1))  # (blocks b, (blocks-1) b)
+        t = jnp.concatenate([known, jnp.concatenate([known[-block:].T, last], axis=0)], axis=1)
+    else:
+        t = last
+    return _ritz(basis, t, k, n, total, mean), jnp.isfinite(total)
 
 
-def _auto_method(n: int, d: int, k: int, width: int) -> str:
-    if max(n, d) <= _AUTO_MIN_SIZE or k >= _AUTO_FRACTION * min(n, d):
-        return "full"
-    if n >= d and width > _AUTO_WIDTH_PER_D3 * d**3:
-        return "full"
-    return "randomized"
+@functools.partial(jax.jit, static_argnames=("k", "center", "block", "blocks"))
+def _pca_krylov_covariance(
+    x: jax.Array, key: jax.Array, k: int, center: bool, block: int, blocks: int
+) -> tuple[PCAResult, jax.Array]:
+    """Randomized block Krylov on the ``d x d`` scatter matrix: one pass over ``x`` for
+    the (blocked) Gram matrix, then ``blocks`` products of ``O(d² block)`` each and a
+    Rayleigh-Ritz step instead of a full ``O(d³)`` eigh."""
+    n, d = x.shape
+    xc, mean = _center(x, center)
+    scatter = _gram(xc)
+    v = _orthonormal(jax.random.normal(key, (d, block), x.dtype))
+    vs, images = [], []
+    for i in range(blocks):
+        vs.append(v)
+        images.append(_mm(scatter, v))
+        if i + 1 < blocks:
+            v = _next_block(images[-1], vs)
+    basis = jnp.concatenate(vs, axis=1)
+    t = _mm(basis.T, jnp.concatenate(images, axis=1))
+    total = jnp.trace(scatter)
+    return _ritz(basis, t, k, n, total, mean), jnp.isfinite(total)
 
 
 def pca_fit(
@@ -480,17 +570,23 @@ def pca_fit(
       ``O(d³)`` ``eigh``, the fast exact path for tall data (scikit-learn's
       ``svd_solver="covariance_eigh"``). Otherwise it takes the SVD of the centered
       ``x``.
-    * ``"randomized"`` -- Halko, Martinsson & Tropp (2011): a Gaussian sketch of
-      ``l`` columns, ``n_iter`` power iterations re-orthonormalized on both sides,
-      then a Rayleigh-Ritz step. When ``n >= d`` and the covariance is cheaper than
-      the ``2 n_iter + 3`` thin passes over ``x`` (``d <= 2.5 (2 n_iter + 3) l``), the
-      sketch is of the covariance: one pass over ``x``, then only ``O(d² l)`` work per
-      iteration and no ``O(d³)`` eigh. Otherwise the passes are over ``x`` itself.
-      Accurate when the spectrum decays past ``k``.
+    * ``"randomized"`` -- when ``n >= d``: randomized block Krylov (Musco & Musco
+      2015) from a Gaussian block, ``b`` = ``k`` rounded up to a multiple of 16 (at
+      most 128) columns per block and ``ceil(max(3 k, k + 64) / b)`` blocks, then a
+      Rayleigh-Ritz step on the whole space. The space is built from thin passes
+      over ``x`` with implicit centering (``x`` is read, never copied) when
+      ``1.6 * 2 b (2 blocks - 1) <= d (g + 1) / g`` (its flops against the blocked
+      Gram matrix's, ``g`` column blocks, a thin product's flop measured at 1.6 Gram
+      flops), else from the ``d x d`` covariance. A space of ``d`` columns or more is
+      exact. When ``n < d``: Halko, Martinsson & Tropp (2011), a Gaussian sketch of
+      ``l`` columns and ``n_iter`` power iterations re-orthonormalized on both sides.
+      Accurate when the spectrum decays past ``k``; on a spectrum without a gap
+      (the benchmark's) the default Krylov space still matches the exact
+      explained-variance sum within 1e-5.
     * ``"auto"`` -- ``"full"`` when ``max(n, d) <= 500`` or ``k >= 0.8 min(n, d)``
-      (scikit-learn's rule), and also when ``n >= d`` and ``l > 1.1e-7 d³`` (e.g.
-      ``l > 53`` for ``d = 784``, ``l > 118`` for ``d = 1024``: there the exact
-      ``eigh`` costs less than the sketch's iterations, as measured on CPU);
+      (scikit-learn's rule), and also when ``n >= d``, the Krylov space has more
+      than ``d / 2`` columns and would be built from the covariance (e.g. ``k = 256``,
+      ``d = 784``: there the exact ``eigh`` costs about as much, as measured on CPU);
       otherwise ``"randomized"``. See ``benchmarks/pca_vs_sklearn.py``.
 
     Computes in float32 (float64 when ``x`` is float64 and ``jax_enable_x64`` is
@@ -507,11 +603,12 @@ def pca_fit(
         center: Subtract the per-feature mean first (as PCA does). With ``False`` the
             mean is zeros and the components are the right singular vectors of ``x``
             itself; variances are then second moments about zero.
-        n_oversamples: Extra sketch columns of ``"randomized"`` (default 10, as
-            scikit-learn).
-        n_iter: Power iterations of ``"randomized"``; ``None`` means scikit-learn's
-            default, 7 if ``k < 0.1 min(n, d)`` else 4, doubled when the covariance
-            is sketched (an iteration then costs ``O(d² l)``, not a pass over ``x``).
+        n_oversamples: Extra sketch columns of ``"randomized"`` for ``n < d``
+            (default 10, as scikit-learn); the Krylov path sizes its space by ``k``.
+        n_iter: Iterations of ``"randomized"``. For ``n >= d``: the Krylov space has
+            ``n_iter + 1`` blocks (``None``: the default size above). For ``n < d``:
+            power iterations; ``None`` means scikit-learn's default, 7 if
+            ``k < 0.1 min(n, d)`` else 4.
 
     Returns:
         A :class:`PCAResult`.
@@ -546,17 +643,19 @@ def pca_fit(
         raise ValueError(f"{name}: n_oversamples must be an int >= 0, got {n_oversamples!r}")
     if n_iter is not None and (not _is_int(n_iter) or n_iter < 0):
         raise ValueError(f"{name}: n_iter must be an int >= 0 or None, got {n_iter!r}")
-    width = min(k + int(n_oversamples), n, d)
     if method == "auto":
-        method = _auto_method(n, d, k, width)
+        method = _auto_method(n, d, k)
     if method == "randomized":
         key = jax.random.key(0) if key is None else key
-        iterations = (7 if k < 0.1 * min(n, d) else 4) if n_iter is None else int(n_iter)
-        if _sketch_covariance(n, d, width, iterations):
-            if n_iter is None:
-                iterations *= 2
-            result, finite = _pca_sketch_covariance(x, key, k, center, width, iterations)
+        if n >= d:
+            block, blocks = _krylov_shape(k, d, n_iter)
+            krylov = (
+                _pca_krylov_data if _krylov_on_data(n, d, block, blocks) else _pca_krylov_covariance
+            )
+            result, finite = krylov(x, key, k, center, block, blocks)
         else:
+            width = min(k + int(n_oversamples), n, d)
+            iterations = (7 if k < 0.1 * min(n, d) else 4) if n_iter is None else int(n_iter)
             result, finite = _pca_sketch_data(x, key, k, center, width, iterations)
     elif n > d:
         result, finite = _pca_covariance(x, k, center)

@@ -92,17 +92,29 @@ def test_pca_full_matches_sklearn(n, d):
     )
 
 
+def _randomized_path(n, d, k):
+    from jaxcompress.decomposition import _krylov_on_data, _krylov_shape
+
+    if n < d:
+        return "wide-sketch"
+    block, blocks = _krylov_shape(k, d, None)
+    return "krylov-data" if _krylov_on_data(n, d, block, blocks) else "krylov-covariance"
+
+
 @pytest.mark.parametrize(
     ("n", "d", "path"),
-    [(800, 24, "covariance"), (64, 300, "data")],
-    ids=["tall-covariance-sketch", "wide-data-sketch"],
+    [
+        (800, 24, "krylov-covariance"),  # one block of all d columns: exact
+        (3000, 200, "krylov-covariance"),
+        (2000, 600, "krylov-data"),
+        (64, 300, "wide-sketch"),
+    ],
 )
-def test_pca_randomized_matches_sklearn_on_low_rank_data(n, d, path):
-    from jaxcompress.decomposition import _sketch_covariance
-
+@pytest.mark.parametrize("offset", [2.0, 300.0])
+def test_pca_randomized_matches_sklearn_on_low_rank_data(n, d, path, offset):
     k = 4
-    assert _sketch_covariance(n, d, k + 10, 7) == (path == "covariance")
-    x = spectrum_data(n, d, SCALES, noise=0.01, seed=1)
+    assert _randomized_path(n, d, k) == path
+    x = spectrum_data(n, d, SCALES, noise=0.01, offset=offset, seed=1)
     ours = pca_fit(x, k, method="randomized", key=jax.random.key(3))
     solver = "covariance_eigh" if n > d else "full"  # both exact in float64
     sk = PCA(k, svd_solver=solver).fit(x.astype(np.float64))
@@ -112,12 +124,46 @@ def test_pca_randomized_matches_sklearn_on_low_rank_data(n, d, path):
     )
 
 
+def decaying_data(n, d, offset, seed=0):
+    """The benchmark's spectrum: 128 directions with standard deviations ``3 * 0.97^i``
+    (no clear gap anywhere), isotropic noise 0.02 and a constant offset."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, 128)))[0].T
+    x = (rng.standard_normal((n, 128)) * 3.0 * 0.97 ** np.arange(128)) @ basis
+    return (x + 0.02 * rng.standard_normal((n, d)) + offset).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("d", "k", "path"),
+    [(600, 16, "krylov-data"), (600, 64, "krylov-covariance"), (1024, 64, "krylov-data")],
+)
+@pytest.mark.parametrize("offset", [1.0, 100.0])
+def test_pca_krylov_explained_variance_on_a_slow_spectrum(d, k, path, offset):
+    """The default Krylov space captures the exact explained variance (the benchmark's
+    acceptance test) even without a spectral gap, and with a mean far from zero."""
+    n = 4000
+    assert _randomized_path(n, d, k) == path
+    x = decaying_data(n, d, offset, seed=d + k)
+    ours = pca_fit(x, k, method="randomized")
+    exact = PCA(k, svd_solver="covariance_eigh").fit(x.astype(np.float64))
+    assert (
+        abs(float(ours.explained_variance_ratio.sum()) - exact.explained_variance_ratio_.sum())
+        < 1e-4
+    )
+    np.testing.assert_allclose(ours.mean, exact.mean_, rtol=1e-5, atol=1e-4 * offset)
+    # The leading components are well separated from their neighbours: they match.
+    np.testing.assert_allclose(ours.components[:4], exact.components_[:4], atol=5e-3)
+    np.testing.assert_allclose(ours.explained_variance, exact.explained_variance_, rtol=2e-2)
+
+
 def test_pca_auto_and_default_key():
     from jaxcompress.decomposition import _auto_method
 
-    assert _auto_method(10000, 784, 16, 26) == "randomized"  # covariance sketch
-    assert _auto_method(10000, 784, 256, 266) == "full"  # eigh cheaper than the sketch
-    assert _auto_method(800, 24, 4, 14) == "full"  # small
+    assert _auto_method(10000, 784, 16) == "randomized"  # Krylov on the data
+    assert _auto_method(10000, 784, 64) == "randomized"  # Krylov on the covariance
+    assert _auto_method(100000, 1024, 64) == "randomized"  # Krylov on the data
+    assert _auto_method(10000, 784, 256) == "full"  # eigh cheaper than 768 Krylov columns
+    assert _auto_method(800, 24, 4) == "full"  # small
     x = spectrum_data(64, 600, SCALES, seed=2)  # wide: data sketch
     a = pca_fit(x, 4)
     b = pca_fit(x, 4, method="randomized", key=jax.random.key(0))
@@ -152,13 +198,19 @@ def test_pca_from_statistics_equals_pca_fit():
     np.testing.assert_allclose(stats.singular_values, fitted.singular_values, rtol=1e-4)
 
 
-def test_sketch_rule():
-    # The covariance is sketched when it costs less than 2 n_iter + 3 thin passes.
-    from jaxcompress.decomposition import _sketch_covariance
+def test_krylov_rule():
+    # Blocks of k rounded up to 16; max(3 k, k + 64) columns; all of R^d as one block.
+    from jaxcompress.decomposition import _krylov_on_data, _krylov_shape
 
-    assert _sketch_covariance(10000, 1024, 26, 7)
-    assert not _sketch_covariance(10000, 1024, 14, 7)  # 2.5 * 17 * 14 = 595 < 1024
-    assert not _sketch_covariance(300, 784, 74, 7)  # wide: always the data
+    assert _krylov_shape(16, 784, None) == (16, 5)
+    assert _krylov_shape(64, 1024, None) == (64, 3)
+    assert _krylov_shape(300, 4096, None) == (128, 8)
+    assert _krylov_shape(16, 784, 2) == (16, 3)
+    assert _krylov_shape(4, 24, None) == (24, 1)
+    # Passes over x when 1.6 x their 2 n d b (2 blocks - 1) flops <= the Gram's n d² (5/4).
+    assert _krylov_on_data(10000, 1024, 64, 3)
+    assert not _krylov_on_data(10000, 784, 64, 3)
+    assert _krylov_on_data(10000, 784, 16, 5)
 
 
 @pytest.mark.parametrize("d", [7, 300, 601])
@@ -421,6 +473,8 @@ def test_sharded_rows_give_the_same_result():
     _check_sharded_pca(
         rows, spectrum_data(264, 256, SCALES, seed=8), {"method": "full"}
     )  # 2x2 blocks
+    for n, d in ((2000, 600), (3000, 200)):  # Krylov on the data, on the covariance
+        _check_sharded_pca(rows, spectrum_data(n, d, SCALES, seed=6), {"method": "randomized"})
     wide = spectrum_data(64, 300, SCALES, seed=5)
     _check_sharded_pca(rows, wide, {"method": "randomized"})  # sketch of the data
     _check_sharded_pca(rows, wide, {"method": "full"})  # SVD of a gathered wide x
