@@ -75,13 +75,12 @@ def _tied_weight(shape):
     ("shape", "spec"),
     [
         ((64, 128), P("data", "model")),
-        ((64, 128), P("model", "data")),
         ((64, 128), P(None, ("data", "model"))),
         ((3, 8, 16), P(None, "data", "model")),
         ((128,), P("data")),
     ],
 )
-@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.999])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.999])
 def test_sharded_prune_block_by_block_equals_one_device(mesh8, shape, spec, fraction):
     weight = _tied_weight(shape)
     sharded = jax.device_put({"w": weight}, NamedSharding(mesh8, spec))
