@@ -33,10 +33,10 @@ from jaxcompress.data_aware import (
     mesh_scope,
     require_data,
 )
-from jaxcompress.filters import Filter, kernels, path_to_str
+from jaxcompress.filters import Filter, compile_filter, kernels, path_to_str
 from jaxcompress.progress import leaf_bytes, over_leaves
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
-from jaxcompress.transforms import Transform, select_leaves
+from jaxcompress.transforms import LeafPass, Transform, select_leaves
 
 _INITS = ("linear", "density", "kmeans++", "random")
 _METHODS = ("lloyd", "optimal", "gptq")
@@ -611,7 +611,12 @@ def _assign_fast(
         return code
 
     def search(values):
-        return jnp.searchsorted(boundaries, values, side="right").astype(jnp.int32)
+        # searchsorted(boundaries, values, side="right") as k - 1 fused comparisons:
+        # a binary search would carry two value-sized index arrays through its loop.
+        code = jnp.zeros(values.shape, jnp.int32)
+        for j in range(boundaries.shape[0]):
+            code = code + (values >= boundaries[j]).astype(jnp.int32)
+        return code
 
     return jax.lax.cond(jnp.max(upto - below) <= span, table, search, values)
 
@@ -820,10 +825,21 @@ def _pads_to_bucket(weight, sparse, data_args, options) -> bool:
 def _cluster_padded(values: jax.Array, options: dict, key) -> tuple[Clustered, dict]:
     """:func:`cluster_array` on 1-D ``values`` padded to a bucket length, then cut back."""
     n = values.shape[0]
-    padded = jnp.concatenate([values, jnp.broadcast_to(values[:1], (_bucket(n) - n,))])
+    padded = _pad_with_first(values, size=_bucket(n))
     leaf, stats = _cluster_compiled(padded, **options, key=key, count=jnp.int32(n))
     indices = jax.lax.slice(leaf.indices, (0,), (packed_length(n, leaf.bits),))
     return dataclasses.replace(leaf, indices=indices, shape=(n,)), stats
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _pad_with_first(values: jax.Array, *, size: int) -> jax.Array:
+    """``values`` then copies of its first value up to ``size``, as one program.
+
+    Every kept count needs its own program; one (not three eager ops) holds less
+    compiled code per leaf.
+    """
+    n = values.shape[0]
+    return jnp.concatenate([values, jnp.broadcast_to(values[:1], (size - n,))])
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -1193,7 +1209,8 @@ def cluster(
     if gptq:
         options.update(block_size=block_size, act_order=bool(act_order))
 
-    def apply(params, *, key=None, data=None):
+    def check_call(key, data):
+        """``(by_path, found)``: the calibration statistics and ``data=`` leaves by path."""
         if needs_key and key is None:
             raise ValueError(f"cluster: init={init!r} draws random centroids; pass key=")
         if weights == "fisher" and data is None:
@@ -1204,74 +1221,95 @@ def cluster(
             )
         by_path = require_data(name, stats_option, data) if needs_stats else {}
         found = _data_leaves(data) if needs_stats or weights is not None else {}
+        return by_path, found
+
+    def plan_leaf(entry, by_path, found):
+        """Checks one selected leaf (and its data): ``(entry, values, sparse, gram, weights)``."""
+        values = check_values_to_compress(name, entry.path, entry.leaf)
+        sparse = entry.leaf if isinstance(entry.leaf, Sparse) else None
+        if gptq and sparse is not None:
+            raise TypeError(
+                f"{name}: leaf {entry.path!r} is Sparse; GPTQ needs the dense matrix "
+                "(its kept values have no row layout): use method='lloyd' for it "
+                "(exclude it with where=) or cluster before pruning"
+            )
+        shape = tuple(entry.leaf.shape)
+        gram = None
+        if needs_stats:
+            gram = _leaf_gram(name, stats_option, entry.path, found.get(entry.path), by_path, shape)
+        leaf_weights = None
+        if weights == "hessian":
+            diagonal = jnp.maximum(jnp.diagonal(gram).astype(jnp.float32), 0.0)
+            m = diagonal.shape[0]
+            leaf_weights = jnp.broadcast_to(diagonal[:, None], (m, math.prod(shape) // m))
+            leaf_weights = leaf_weights.reshape(shape)
+        elif weights == "fisher":
+            leaf_weights = _fisher_weights(name, entry.path, found.get(entry.path), shape)
+        return entry, values, sparse, gram, leaf_weights
+
+    def cluster_leaf(plan, leaf_key):
+        """One planned leaf clustered: ``(leaf, leaf stats)``."""
+        entry, weight, sparse, gram, leaf_weights = plan
+        data_args = {}
+        if leaf_weights is not None:
+            if sparse is not None:
+                leaf_weights = _kept(leaf_weights, sparse)
+            data_args["weights"] = leaf_weights
+        if gram is not None and sparse is None:
+            data_args["gram"] = gram
+        if gptq:
+            data_args["damp"] = jnp.float32(damp_value)
+        leaf_options = {**options, "per_channel": per_channel and sparse is None}
+        if _pads_to_bucket(weight, sparse, data_args, leaf_options):
+            clustered, leaf_stats = _cluster_padded(weight, leaf_options, leaf_key)
+        else:
+            clustered, leaf_stats = _cluster_compiled(
+                weight, **leaf_options, key=leaf_key, **data_args
+            )
+        if gptq:
+            if not is_traced(leaf_stats["factorized"]) and not bool(leaf_stats["factorized"]):
+                raise ValueError(
+                    f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                    f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                )
+            leaf_stats["damp"] = damp_value
+        reference = named_sharding_of(weight)
+        clustered = _placed(clustered, reference)
+        if sparse is not None:
+            clustered = Sparse(clustered, sparse.mask, sparse.shape, sparse.dtype)
+        distinct = leaf_stats["distinct"]
+        if not isinstance(distinct, jax.core.Tracer) and int(distinct) < k:
+            leaf_stats["note"] = f"{int(distinct)} distinct values < k={k}: exact codebook"
+        return clustered, leaf_stats
+
+    def apply(params, *, key=None, data=None):
+        by_path, found = check_call(key, data)
         selected, entries, treedef = select_leaves(params, where)
         # Validate every leaf (and its data) before computing anything.
-        plans = []
-        for entry in selected:
-            values = check_values_to_compress(name, entry.path, entry.leaf)
-            sparse = entry.leaf if isinstance(entry.leaf, Sparse) else None
-            if gptq and sparse is not None:
-                raise TypeError(
-                    f"{name}: leaf {entry.path!r} is Sparse; GPTQ needs the dense matrix "
-                    "(its kept values have no row layout): use method='lloyd' for it "
-                    "(exclude it with where=) or cluster before pruning"
-                )
-            shape = tuple(entry.leaf.shape)
-            gram = None
-            if needs_stats:
-                gram = _leaf_gram(
-                    name, stats_option, entry.path, found.get(entry.path), by_path, shape
-                )
-            leaf_weights = None
-            if weights == "hessian":
-                diagonal = jnp.maximum(jnp.diagonal(gram).astype(jnp.float32), 0.0)
-                m = diagonal.shape[0]
-                leaf_weights = jnp.broadcast_to(diagonal[:, None], (m, math.prod(shape) // m))
-                leaf_weights = leaf_weights.reshape(shape)
-            elif weights == "fisher":
-                leaf_weights = _fisher_weights(name, entry.path, found.get(entry.path), shape)
-            plans.append((entry, values, sparse, gram, leaf_weights))
+        plans = [plan_leaf(entry, by_path, found) for entry in selected]
         keys = [None] * len(plans) if key is None else list(jax.random.split(key, len(plans)))
         leaves = [entry.leaf for entry in entries]
         stats = {}
-        for (entry, weight, sparse, gram, leaf_weights), leaf_key in over_leaves(
+        for plan, leaf_key in over_leaves(
             list(zip(plans, keys, strict=True)),
             sizes=[leaf_bytes(plan[1]) for plan in plans],
             description=name,
             enabled=progress and not any(is_traced(plan[1]) for plan in plans),
         ):
-            data_args = {}
-            if leaf_weights is not None:
-                if sparse is not None:
-                    leaf_weights = _kept(leaf_weights, sparse)
-                data_args["weights"] = leaf_weights
-            if gram is not None and sparse is None:
-                data_args["gram"] = gram
-            if gptq:
-                data_args["damp"] = jnp.float32(damp_value)
-            leaf_options = {**options, "per_channel": per_channel and sparse is None}
-            if _pads_to_bucket(weight, sparse, data_args, leaf_options):
-                clustered, leaf_stats = _cluster_padded(weight, leaf_options, leaf_key)
-            else:
-                clustered, leaf_stats = _cluster_compiled(
-                    weight, **leaf_options, key=leaf_key, **data_args
-                )
-            if gptq:
-                if not is_traced(leaf_stats["factorized"]) and not bool(leaf_stats["factorized"]):
-                    raise ValueError(
-                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                    )
-                leaf_stats["damp"] = damp_value
-            reference = named_sharding_of(weight)
-            clustered = _placed(clustered, reference)
-            if sparse is not None:
-                clustered = Sparse(clustered, sparse.mask, sparse.shape, sparse.dtype)
-            distinct = leaf_stats["distinct"]
-            if not isinstance(distinct, jax.core.Tracer) and int(distinct) < k:
-                leaf_stats["note"] = f"{int(distinct)} distinct values < k={k}: exact codebook"
-            leaves[entry.index] = clustered
-            stats[entry.path] = leaf_stats
+            entry = plan[0]
+            leaves[entry.index], stats[entry.path] = cluster_leaf(plan, leaf_key)
         return jax.tree_util.tree_unflatten(treedef, leaves), stats
 
-    return Transform(apply, name)
+    def leafwise(params, data):
+        # Plain clustering needs nothing but the leaf; keys, calibration data and
+        # progress bars stay with the whole-tree order.
+        if needs_key or needs_stats or weights is not None or progress:
+            return None
+        select = compile_filter(where)
+
+        def step(entry):
+            return cluster_leaf(plan_leaf(entry, {}, {}), None)
+
+        return LeafPass(lambda entry: bool(select(entry.path, entry.leaf)), step)
+
+    return Transform(apply, name, leafwise)

@@ -27,7 +27,7 @@ from jaxcompress.data_aware import (
     wanda_keep,
     wanda_scores,
 )
-from jaxcompress.filters import Filter, kernels
+from jaxcompress.filters import Filter, compile_filter, kernels
 from jaxcompress.progress import leaf_bytes, over_leaves
 from jaxcompress.prune_sharded import (
     below_and_tied,
@@ -36,7 +36,7 @@ from jaxcompress.prune_sharded import (
     split_layout,
 )
 from jaxcompress.sharding import named_sharding_of, place_like, unsharded
-from jaxcompress.transforms import Transform, select_leaves
+from jaxcompress.transforms import LeafPass, Transform, select_leaves
 
 _SCOPES = ("layer", "global")
 _IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
@@ -270,8 +270,107 @@ def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
     if layout is not None and num_pruned < size:
         # Block by block on the mesh: the weight is never gathered.
         return sharded_magnitude_sparse(weight, num_pruned, layout)
+    if _on_one_device(weight):
+        return _compact_magnitude_sparse(weight, num_pruned)
     keep = magnitude_keep_mask(weight, num_pruned)
     return sparse_from_mask(weight, keep, size - num_pruned)
+
+
+def _on_one_device(x: jax.Array) -> bool:
+    """A concrete array held whole by one device (the eager, memory-bounded path)."""
+    if is_traced(x) or not isinstance(x, jax.Array):
+        return False
+    return len(x.sharding.device_set) == 1
+
+
+# Kept values are packed this many entries at a time, so no index array of the
+# leaf's size ever exists.
+_CHUNK = 1 << 16
+
+
+def _capacity(nnz: int, size: int) -> int:
+    """Room for ``nnz`` kept values: one of 8 lengths per power of two, at most ``size``.
+
+    Under a global threshold every leaf keeps a different count; rounding it up lets
+    leaves of one shape share a few programs instead of compiling one per count.
+    """
+    step = 1 << max(0, nnz.bit_length() - 4)
+    return max(1, min(size, -(-nnz // step) * step))
+
+
+def _compact_magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
+    """:func:`magnitude_sparse` of a weight on one device, in bounded memory.
+
+    One program per shape finds the mask (exactly :func:`magnitude_keep_mask`'s) and
+    packs it; a small one per shape and capacity writes the kept values chunk by
+    chunk. The only leaf-sized temporaries are the magnitude keys and the mask.
+    """
+    weight = unsharded(weight)
+    size = math.prod(weight.shape)
+    nnz = size - num_pruned
+    keep, mask = _magnitude_mask_and_bits(weight, jnp.asarray(num_pruned, _int_dtype()))
+    values = _kept_values(weight, keep, capacity=_capacity(nnz, size))
+    del keep
+    if values.shape[0] != nnz:
+        values = jax.lax.slice(values, (0,), (nnz,))
+    return Sparse(values, mask, tuple(weight.shape), np.dtype(weight.dtype))
+
+
+@jax.jit
+def _magnitude_mask_and_bits(weight: jax.Array, num_pruned: jax.Array):
+    """``(flat keep-mask, packed keep-mask)`` of :func:`magnitude_keep_mask`, as one program."""
+    keys = magnitude_keys(weight).reshape(-1)
+    threshold = kth_smallest_key([keys], num_pruned)
+    ties_to_prune = num_pruned - jnp.sum(keys < threshold, dtype=_int_dtype())
+    tied = jnp.sum(keys == threshold, dtype=_int_dtype())
+
+    def all_ties_pruned(keys):
+        return keys > threshold
+
+    def some_ties_kept(keys):
+        # As in _keep_mask: tied entries are pruned in row-major order.
+        below, at = keys < threshold, keys == threshold
+        tie_rank = jnp.cumsum(at, dtype=_int_dtype()) - 1
+        return ~below & ~(at & (tie_rank < ties_to_prune))
+
+    # Usually every tied entry goes (continuous weights tie only at the threshold
+    # itself), so the leaf-sized rank is rarely computed.
+    keep = jax.lax.cond(tied == ties_to_prune, all_ties_pruned, some_ties_kept, keys)
+    return keep, jnp.packbits(keep.reshape(weight.shape), axis=-1, bitorder="little")
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _kept_values(weight: jax.Array, keep: jax.Array, *, capacity: int) -> jax.Array:
+    return _kept_in_chunks(weight.reshape(-1), keep, capacity)
+
+
+def _kept_in_chunks(flat: jax.Array, keep: jax.Array, capacity: int) -> jax.Array:
+    """The entries of ``flat`` where ``keep``, in order, in ``capacity`` slots (zero filler).
+
+    A loop over chunks of ``_CHUNK`` entries: each chunk's kept values are scattered
+    to their positions after the values kept before it, so the temporaries are one
+    chunk long. The last chunk is read ending at the array's end; its entries that
+    an earlier chunk already covered are skipped.
+    """
+    n = flat.shape[0]
+    chunk = min(_CHUNK, n)
+    lanes = jnp.arange(chunk, dtype=jnp.int32)
+
+    def body(i, state):
+        out, offset = state
+        start = i * chunk
+        begin = jnp.minimum(start, n - chunk)
+        kept = jax.lax.dynamic_slice(keep, (begin,), (chunk,)) & (begin + lanes >= start)
+        values = jax.lax.dynamic_slice(flat, (begin,), (chunk,))
+        rank = jnp.cumsum(kept, dtype=jnp.int32) - 1
+        # Entries not kept go out of bounds and are dropped.
+        where = jnp.where(kept, offset + rank, capacity)
+        out = out.at[where].set(values, mode="drop")
+        return out, offset + jnp.sum(kept, dtype=jnp.int32)
+
+    out = jnp.zeros((capacity,), flat.dtype)
+    out, _ = jax.lax.fori_loop(0, -(-n // chunk), body, (out, jnp.int32(0)))
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -299,13 +398,11 @@ def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> li
     weights = [w if split_layout(w) is not None else unsharded(w) for w in weights]
     total = jnp.asarray(total_pruned, _int_dtype())
     threshold = kth_smallest_key(weights, total, to_keys=magnitude_keys)
-    counts, ties_left = (
-        [],
-        total - sum(_counts_at(magnitude_keys, w, threshold)[0] for w in weights),
-    )
+    # One counting pass per weight (each reads the whole weight).
+    at_threshold = [_counts_at(magnitude_keys, w, threshold) for w in weights]
+    counts, ties_left = [], total - sum(below for below, _ in at_threshold)
     # Ties at the threshold go to the earlier leaves first.
-    for w in weights:
-        below, tied = _counts_at(magnitude_keys, w, threshold)
+    for below, tied in at_threshold:
         from_ties = jnp.minimum(tied, ties_left)
         ties_left = ties_left - from_ties
         counts.append(below + from_ties)
@@ -519,7 +616,8 @@ def prune(
     if importance != "magnitude":
         name = f"prune({float(fraction)!r}, scope={scope}, importance={importance})"
 
-    def apply(params, *, key=None, data=None):
+    def plan(params, data):
+        """Selected entries, their checked weights, grams and prune counts."""
         by_path = (
             require_data(name, f"importance={importance!r}", data)
             if importance != "magnitude"
@@ -552,6 +650,40 @@ def prune(
                 counts = global_pruned_counts(weights, float(fraction))
         else:
             counts = [math.floor(fraction * math.prod(w.shape)) for w in weights]
+        return selected, entries, treedef, weights, grams, counts
+
+    def step(entry, weight, gram, count):
+        """One selected leaf pruned: ``(Sparse placed like the weight, leaf stats)``."""
+        leaf_stats = {"pruned": count, "size": math.prod(weight.shape)}
+        if importance == "magnitude":
+            sparse = magnitude_sparse(weight, count)
+        else:
+            sparse, extra = _data_aware_leaf(
+                weight,
+                gram[0],
+                fan_in=gram[1],
+                count=count,
+                importance=importance,
+                comparison=comparison,
+                fraction=fraction,
+                options=options,
+            )
+            if (
+                "factorized" in extra
+                and not is_traced(extra["factorized"])
+                and not bool(extra["factorized"])
+            ):
+                raise ValueError(
+                    f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                    f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                )
+            leaf_stats.update(extra)
+        reference = named_sharding_of(weight)
+        sparse = jax.tree.map(functools.partial(place_like, reference=reference), sparse)
+        return sparse, leaf_stats
+
+    def apply(params, *, key=None, data=None):
+        selected, entries, treedef, weights, grams, counts = plan(params, data)
         leaves = [entry.leaf for entry in entries]
         stats = {}
         for entry, weight, gram, count in over_leaves(
@@ -560,35 +692,32 @@ def prune(
             description=name,
             enabled=progress and not any(is_traced(w) for w in weights),
         ):
-            leaf_stats = {"pruned": count, "size": math.prod(weight.shape)}
-            if importance == "magnitude":
-                sparse = magnitude_sparse(weight, count)
-            else:
-                sparse, extra = _data_aware_leaf(
-                    weight,
-                    gram[0],
-                    fan_in=gram[1],
-                    count=count,
-                    importance=importance,
-                    comparison=comparison,
-                    fraction=fraction,
-                    options=options,
-                )
-                if (
-                    "factorized" in extra
-                    and not is_traced(extra["factorized"])
-                    and not bool(extra["factorized"])
-                ):
-                    raise ValueError(
-                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                    )
-                leaf_stats.update(extra)
-            reference = named_sharding_of(weight)
-            leaves[entry.index] = jax.tree.map(
-                functools.partial(place_like, reference=reference), sparse
-            )
-            stats[entry.path] = leaf_stats
+            leaves[entry.index], stats[entry.path] = step(entry, weight, gram, count)
         return jax.tree_util.tree_unflatten(treedef, leaves), stats
 
-    return Transform(apply, name)
+    def leafwise(params, data):
+        # Magnitude pruning needs nothing but the leaf (and, globally, the counts).
+        if importance != "magnitude" or progress:
+            return None
+        if params is None:
+            if scope == "global":
+                return None
+            select = compile_filter(where)
+
+            def layer_step(entry):
+                weight = check_selected_leaf(name, entry.path, entry.leaf)
+                count = math.floor(fraction * math.prod(weight.shape))
+                return step(entry, weight, None, count)
+
+            return LeafPass(lambda entry: bool(select(entry.path, entry.leaf)), layer_step)
+        selected, _, _, weights, grams, counts = plan(params, data)
+        if any(is_traced(w) for w in weights):
+            return None
+        todo = {
+            entry.index: (weight, gram, count)
+            for entry, weight, gram, count in zip(selected, weights, grams, counts, strict=True)
+        }
+        # Popped, so each planned weight is let go once its leaf is done.
+        return LeafPass(lambda entry: entry.index in todo, lambda e: step(e, *todo.pop(e.index)))
+
+    return Transform(apply, name, leafwise)

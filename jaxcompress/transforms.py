@@ -21,6 +21,33 @@ from jaxcompress.filters import Filter, compile_filter, path_to_str
 ApplyFn = Callable[..., tuple[Any, Any]]
 
 
+class LeafEntry(NamedTuple):
+    """One leaf of a pytree, with its normalized path and position in the flat list."""
+
+    index: int
+    path: str
+    leaf: Any
+
+
+class LeafPass(NamedTuple):
+    """A transform's work on one pytree, leaf by leaf (see :attr:`Transform.leafwise`).
+
+    Attributes:
+        select: ``select(entry)``, whether the transform changes this leaf, given the
+            leaf as it arrives (after the transforms before it in a :func:`chain`).
+        step: ``step(entry) -> (new_leaf, leaf_stats)`` for a selected leaf.
+
+    The transform's stats are then the dict from each selected leaf's path to its
+    ``leaf_stats``, in leaf order.
+    """
+
+    select: Callable[[LeafEntry], bool]
+    step: Callable[[LeafEntry], tuple[Any, Any]]
+
+
+LeafwiseFn = Callable[[Any, Any], "LeafPass | None"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """A compression transform: call it as ``tx(params, *, key=None, data=None)``.
@@ -28,6 +55,14 @@ class Transform:
     Attributes:
         apply: the function doing the work, with the calling convention above.
         name: a short description, shown in reports and reprs.
+        leafwise: optional, for transforms that work on each leaf on its own once
+            planned: ``leafwise(params, data) -> LeafPass | None``, the same work as
+            ``apply(params, data=data)`` (same leaves, same stats) split by leaf.
+            ``params`` is ``None`` when the input is not known yet (a later stage of
+            a :func:`chain`); return ``None`` where that is not possible (for example
+            a global criterion that needs every leaf first). :func:`chain` uses it to
+            run all its stages on one leaf before the next, so no intermediate tree
+            exists.
 
     Example:
         >>> import jax.numpy as jnp
@@ -40,17 +75,10 @@ class Transform:
 
     apply: ApplyFn
     name: str
+    leafwise: LeafwiseFn | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __call__(self, params: Any, *, key: jax.Array | None = None, data: Any = None):
         return self.apply(params, key=key, data=data)
-
-
-class LeafEntry(NamedTuple):
-    """One leaf of a pytree, with its normalized path and position in the flat list."""
-
-    index: int
-    path: str
-    leaf: Any
 
 
 def flatten_leaves(tree: Any) -> tuple[list[LeafEntry], jax.tree_util.PyTreeDef]:
@@ -98,6 +126,13 @@ def chain(*transforms: Transform) -> Transform:
     The key, if given, is split so each transform gets its own. Stats come back as
     a tuple with one entry per transform.
 
+    Without a key, on concrete arrays, where every transform supports it
+    (:attr:`Transform.leafwise`, as magnitude ``prune`` and plain ``cluster`` do),
+    the chain runs leaf by leaf: a global criterion is computed first from all
+    leaves, then each leaf goes through every stage before the next leaf starts. The
+    result and stats are identical; only one leaf's intermediate values exist at a
+    time instead of a whole intermediate tree.
+
     Args:
         *transforms: the transforms to apply, in order.
 
@@ -118,6 +153,9 @@ def chain(*transforms: Transform) -> Transform:
             raise TypeError(f"chain: argument {position} is not a transform: {tx!r}")
 
     def apply(params, *, key=None, data=None):
+        passes = _leaf_passes(transforms, params, key=key, data=data)
+        if passes is not None:
+            return _apply_leaf_by_leaf(passes, params)
         all_stats = []
         for tx, sub_key in zip(transforms, _split_key(key, len(transforms)), strict=True):
             params, stats = tx(params, key=sub_key, data=data)
@@ -126,6 +164,42 @@ def chain(*transforms: Transform) -> Transform:
 
     names = ", ".join(getattr(tx, "name", repr(tx)) for tx in transforms)
     return Transform(apply, f"chain({names})")
+
+
+def _leaf_passes(transforms, params, *, key, data) -> list[LeafPass] | None:
+    """Each transform's :class:`LeafPass` where the whole chain can run leaf by leaf."""
+    if len(transforms) < 2 or key is not None:
+        # Keys are split per transform and then per selected leaf of its input, which
+        # only the step-by-step order knows.
+        return None
+    leafwise = [getattr(tx, "leafwise", None) for tx in transforms]
+    if any(fn is None for fn in leafwise):
+        return None
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)):
+        # Under jit nothing is materialized stage by stage anyway.
+        return None
+    # Later stages first: they are cheap to ask, the first may plan over every leaf.
+    later = [fn(None, data) for fn in leafwise[1:]]
+    if any(leaf_pass is None for leaf_pass in later):
+        return None
+    first = leafwise[0](params, data)
+    return None if first is None else [first, *later]
+
+
+def _apply_leaf_by_leaf(passes: list[LeafPass], params: Any) -> tuple[Any, tuple]:
+    """Every pass on one leaf, then the next leaf; stats as the passes would give them."""
+    entries, treedef = flatten_leaves(params)
+    leaves = [entry.leaf for entry in entries]
+    all_stats = tuple({} for _ in passes)
+    for entry in entries:
+        leaf = entry.leaf
+        for leaf_pass, stats in zip(passes, all_stats, strict=True):
+            current = LeafEntry(entry.index, entry.path, leaf)
+            if leaf_pass.select(current):
+                leaf, stats[entry.path] = leaf_pass.step(current)
+        # The stage outputs before the last are dropped here, leaf by leaf.
+        leaves[entry.index] = leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves), all_stats
 
 
 class _Hidden:
