@@ -1,14 +1,14 @@
 """One of two processes that run a compressed MLP on a global 8-device CPU mesh.
 
-Started by ``tests/test_multihost.py`` as ``python multihost_worker.py PORT PROCESS_ID OUT
-MODE`` with 4 fake CPU devices per process. In ``forward`` mode process 0 writes the
-gathered logits to ``OUT`` (a ``.npy`` path); the test imports :func:`compressed_model`,
-:func:`batch` and :func:`forward` to compute the same logits in one process. In
-``save`` mode the processes compress a sharded model together (one global pruning
-threshold), save it (each process its own blocks), load it back onto the mesh, and
-process 0 writes every array of the compressed and the reloaded tree to ``OUT`` (a
-``.npz`` path, arrays in :func:`flat_arrays` order); the test compares them with
-:func:`save_chain` run in one process.
+Started by ``tests/test_multihost.py`` as ``python multihost_worker.py PORT PROCESS_ID OUT``
+with 4 fake CPU devices per process. First process 0 writes the gathered logits of a
+compressed model to ``OUT.logits.npy``; the test imports :func:`compressed_model`,
+:func:`batch` and :func:`forward` to compute the same logits in one process. Then the
+processes compress a sharded model together (one global pruning threshold), save it
+(each process its own blocks), load it back onto the mesh, and process 0 writes every
+array of the compressed and the reloaded tree to ``OUT.arrays.npz`` (in
+:func:`flat_arrays` order); the test compares them with :func:`save_chain` run in one
+process.
 """
 
 import sys
@@ -137,7 +137,7 @@ def run_save(process_id: int, out: str) -> None:
     )
     assert not sharded["dense1"]["kernel"].is_fully_addressable
     compressed, _ = save_chain()(sharded)
-    path = Path(out).with_suffix(".jxc")
+    path = Path(out).with_name("model.jxc")
     jc.save(path, compressed)
     assert Path(f"{path}.part1").exists()
     loaded = jc.load(path, sharding=shardings)
@@ -151,10 +151,12 @@ def run_save(process_id: int, out: str) -> None:
         np.savez(out, *[np.asarray(a) for a in arrays])
 
 
-def main(port: str, process_id: int, out: str, mode: str) -> None:
+def main(port: str, process_id: int, out: str) -> None:
+    # One jax.distributed start for both checks: starting the processes dominates.
     _join(port, process_id)
-    {"forward": run_forward, "save": run_save}[mode](process_id, out)
+    run_forward(process_id, f"{out}.logits.npy")
+    run_save(process_id, f"{out}.arrays.npz")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,8 +1,10 @@
 """Two processes (4 CPU devices each) run a compressed model on one 8-device mesh.
 
-Each starts ``tests/multihost_worker.py``, which joins ``jax.distributed`` with gloo
-CPU collectives, places the model with ``jaxcompress.sharding.place`` and gathers the
-logits; they must equal the same forward pass computed here in one process.
+Both start ``tests/multihost_worker.py`` once, which joins ``jax.distributed`` with
+gloo CPU collectives. It places a compressed model with ``jaxcompress.sharding.place``
+and gathers the logits, which must equal the same forward pass computed here in one
+process; then it compresses a sharded model in both processes, saves and reloads it,
+and every array must equal the one-process result bit for bit.
 """
 
 import os
@@ -37,11 +39,14 @@ def _child_env() -> dict:
     return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
 
 
-def _run_workers(out: Path, mode: str) -> None:
+@pytest.fixture(scope="module")
+def worker_outputs(tmp_path_factory) -> Path:
+    """Runs the two worker processes once; returns their output prefix."""
+    out = tmp_path_factory.mktemp("multihost") / "out"
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), str(i), str(out), mode],
+            [sys.executable, str(WORKER), str(port), str(i), str(out)],
             env=_child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -63,22 +68,20 @@ def _run_workers(out: Path, mode: str) -> None:
         pytest.skip(next(err for code, err in results if code == worker.NO_COLLECTIVES))
     for i, (code, stderr) in enumerate(results):
         assert code == 0, f"process {i} exited with {code}:\n{stderr}"
+    return out
 
 
-def test_two_processes_equal_one(tmp_path):
-    out = tmp_path / "logits.npy"
-    _run_workers(out, "forward")
+def test_two_processes_equal_one(worker_outputs):
     want = jax.jit(worker.forward)(worker.compressed_model(), worker.batch())
-    np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)
+    got = np.load(f"{worker_outputs}.logits.npy")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_compress_save_and_load_bit_identical_to_one(tmp_path):
+def test_two_processes_compress_save_and_load_bit_identical_to_one(worker_outputs):
     # One global threshold agreed across processes, each process saving only its
     # own blocks, and a reload onto the mesh: all bit-identical to one process.
-    out = tmp_path / "arrays.npz"
-    _run_workers(out, "save")
     want = worker.flat_arrays(worker.save_chain()(worker.dense_model())[0])
-    with np.load(out) as got:
+    with np.load(f"{worker_outputs}.arrays.npz") as got:
         arrays = [got[f"arr_{i}"] for i in range(len(got.files))]
     assert len(arrays) == 2 * len(want)
     for i, expected in enumerate(want + want):
