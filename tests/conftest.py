@@ -32,3 +32,25 @@ def mesh8(request):
     assert len(devices) == 8, "tests/conftest.py must set 8 fake CPU devices before jax loads"
     axis_type = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[request.param]
     return jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2, devices=devices)
+
+
+# Every compiled XLA:CPU program keeps about three memory mappings until its cache is
+# cleared; a test worker that compiles tens of thousands of programs reaches Linux's
+# vm.max_map_count (65530) and LLVM then fails with "Cannot allocate memory". Clearing
+# the caches between modules, once a worker holds many mappings, keeps it well below.
+_MAX_MAPPINGS = 30000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such limit to stay under
+        return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bounded_compiled_programs():
+    yield
+    if _mappings() > _MAX_MAPPINGS:
+        jax.clear_caches()
