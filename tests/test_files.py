@@ -236,7 +236,7 @@ def test_damaged_files_raise_clear_errors(tmp_path):
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_bytes_never_give_a_wrong_tree(tmp_path, data):
@@ -264,7 +264,7 @@ _JSON = st.recursive(
 
 
 @settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_headers_raise_only_file_format_errors(tmp_path, data):

@@ -68,7 +68,7 @@ def _shapes_and_dtypes(tree):
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 @settings(
-    max_examples=10,
+    max_examples=6,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

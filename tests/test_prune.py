@@ -206,7 +206,7 @@ def _weights(draw):
     return draw(hnp.arrays(np.float32, shape, elements=elements))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     weight=_weights(), sparsity=st.floats(0.0, 0.999), scope=st.sampled_from(["layer", "global"])
 )
