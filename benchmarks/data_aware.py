@@ -29,7 +29,7 @@ relative output error on the calibration inputs, ``√(tr(Eᵀ G E) / tr(Wᵀ G 
 >= 0.97, 50 % unstructured >= 0.97, 2:4 >= 0.95; the verdict is on each family's best
 data-aware row.
 
-**Digits**: LeNet-300-100 (``jaxcompress.models.LeNet300100``, flattened 64-pixel
+**Digits**: LeNet-300-100 (``jaxcompress.examples.models.LeNet300100``, flattened 64-pixel
 inputs; 40 epochs of Adam at 1e-3) and LeNet-5 (``LeNet5``, ``(8, 8, 1)`` images; 80
 epochs at 3e-3) are trained on the embedded digits' train split for seeds 0, 1, 2 and
 calibrated on the whole train split (1437 images, three batches). Every kernel (conv
@@ -68,12 +68,12 @@ import minilm as sentences  # noqa: E402
 from _results import markdown_table, write  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress.calibrate import stats_by_path  # noqa: E402
-from jaxcompress.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
-from jaxcompress.filters import path_to_str  # noqa: E402
-from jaxcompress.minilm import encode, load_minilm  # noqa: E402
-from jaxcompress.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.calibration.calibrate import stats_by_path  # noqa: E402
+from jaxcompress.core.paths import path_to_str  # noqa: E402
+from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.minilm import encode, load_minilm  # noqa: E402
+from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
 
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/data_aware.py"
 MATRICES = r"layer_\d+/.*/kernel"

@@ -1,6 +1,6 @@
 """Deep Compression (Han et al. 2016) on the embedded digits, beside the paper's table.
 
-Question: how far does ``jaxcompress.pipeline.deep_compression`` (gradual pruning, k-means
+Question: how far does ``jaxcompress.examples.pipeline.deep_compression`` (gradual pruning, k-means
 weight sharing with centroid fine-tuning, rANS-coded file) get on LeNet-300-100 and LeNet-5
 trained on the embedded 8x8 digits, stage by stage (P, P+Q, P+Q+entropy coding) and layer by
 layer, and does it reach the target of >= 30x total compression (file, header included) at
@@ -42,12 +42,12 @@ import _results  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
 from jaxcompress.arrays import Sparse, is_compressed  # noqa: E402
-from jaxcompress.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
-from jaxcompress.filters import path_to_str  # noqa: E402
+from jaxcompress.core.paths import path_to_str  # noqa: E402
+from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.examples.pipeline import deep_compression  # noqa: E402
 from jaxcompress.io import container, treecodec  # noqa: E402
-from jaxcompress.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.pipeline import deep_compression  # noqa: E402
 
 SEEDS = (0, 1, 2)
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/deep_compression.py"
@@ -609,14 +609,15 @@ def main() -> None:
         )
 
     body = (
-        "Deep Compression (`jaxcompress.pipeline.deep_compression`) on the embedded digits "
+        "Deep Compression (`jaxcompress.examples.pipeline.deep_compression`) on the embedded "
+        "digits "
         "(1437 train / 360 test images, 8x8; one test image is 0.28 points), seeds "
         f"{list(SEEDS)}. Stages: **P** gradual cubic pruning (`jc.training.pruned`, global "
         "or per-layer magnitude threshold over the kernels), **Q** k-means weight sharing of "
         "the kept kernel values (`jc.cluster(bits)`, one codebook per kernel) with 8-bit "
         "biases, then centroid fine-tuning (`jc.training.clustered`); the final tree is "
         "saved with rANS entropy coding (the paper's Huffman stage) and, for comparison, "
-        "without it. The models are the digits-sized ones in `jaxcompress.models`: "
+        "without it. The models are the digits-sized ones in `jaxcompress.examples.models`: "
         "LeNet-300-100 with 64 inputs and LeNet-5 with 3x3 convolutions on 8x8 inputs, "
         "5x and 22x fewer weights than the paper's MNIST models, so fixed costs (the file's "
         "JSON header, codebooks, bias scales) weigh far more here than in the paper.\n\n"

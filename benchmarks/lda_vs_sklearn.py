@@ -5,7 +5,7 @@ given its best settings, and do both give the same classification accuracy? (The
 issue's speed target for the decomposition building blocks is 1.5x; it is reported
 against here too.)
 
-Data: the embedded 8x8 digits (``jaxcompress.data.load_digits``: 1437 train / 360
+Data: the embedded 8x8 digits (``jaxcompress.examples.data.load_digits``: 1437 train / 360
 test, 64 features of which 4 are constant, 10 classes), and a synthetic set of
 100000 train / 20000 test rows, 256 features, 10 classes: class centers drawn
 N(0, 0.15²), a shared within-class covariance with feature scales from 0.3 to 3
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from jaxcompress.data import load_digits
-from jaxcompress.decomposition import lda_fit
+from jaxcompress.examples.data import load_digits
+from jaxcompress.numerics.decomposition import lda_fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table, write  # noqa: E402

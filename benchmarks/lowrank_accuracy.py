@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _results  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress import graph  # noqa: E402
-from jaxcompress.calibrate import stats_by_path  # noqa: E402
-from jaxcompress.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
-from jaxcompress.filters import all_of, kernels  # noqa: E402
-from jaxcompress.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.calibration.calibrate import stats_by_path  # noqa: E402
+from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.jaxpr import graph  # noqa: E402
+from jaxcompress.transforms.filters import all_of, kernels  # noqa: E402
 
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lowrank_accuracy.py"
 SEEDS = (0, 1, 2)

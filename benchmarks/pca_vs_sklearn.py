@@ -51,7 +51,7 @@ import numpy as np
 import sklearn
 from sklearn.decomposition import PCA
 
-from jaxcompress.decomposition import (
+from jaxcompress.numerics.decomposition import (
     _auto_method,
     _gram,
     _krylov_on_data,

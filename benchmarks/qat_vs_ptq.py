@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _results  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
-from jaxcompress.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
 
 SEEDS = (0, 1, 2)
 EPOCHS = 40

@@ -34,11 +34,11 @@ import _results  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
 from jaxcompress.arrays import Sparse, is_compressed  # noqa: E402
-from jaxcompress.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
-from jaxcompress.models import LeNet300100  # noqa: E402
-from jaxcompress.prune import pruned_count  # noqa: E402
-from jaxcompress.runtime import materialize  # noqa: E402
+from jaxcompress.arrays.tree import materialize  # noqa: E402
+from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.models import LeNet300100  # noqa: E402
+from jaxcompress.methods.prune import pruned_count  # noqa: E402
 
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.9, 0.95)

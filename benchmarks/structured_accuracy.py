@@ -45,13 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import markdown_table, write  # noqa: E402
 
-from jaxcompress.classifier import fit_classifier  # noqa: E402
-from jaxcompress.data import load_digits  # noqa: E402
-from jaxcompress.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.units import prune_units  # noqa: E402
+from jaxcompress.examples.classifier import fit_classifier  # noqa: E402
+from jaxcompress.examples.data import load_digits  # noqa: E402
+from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.structure.units import prune_units  # noqa: E402
 
 try:
-    from jaxcompress.sensitivity import sensitivity
+    from jaxcompress.structure.sensitivity import sensitivity
 except ImportError:  # not written yet: the sensitivity rows say "not run"
     sensitivity = None
 

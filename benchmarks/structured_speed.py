@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import markdown_table, write  # noqa: E402
 
-from jaxcompress.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.units import prune_units  # noqa: E402
+from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
+from jaxcompress.structure.units import prune_units  # noqa: E402
 
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/structured_speed.py"
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -94,13 +94,13 @@ def Mlp1024() -> Mlp:  # noqa: N802 - reads like the class it builds
 
 
 def _avg_pool_2x2(x: jax.Array) -> jax.Array:
-    # The same ops as jaxcompress.models' LeNet-5 pool.
+    # The same ops as jaxcompress.examples.models' LeNet-5 pool.
     batch, height, width, channels = x.shape
     return x.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
 
 
 class LeNet5Sized(nn.Module):
-    """``jaxcompress.models.LeNet5`` with chosen widths (conv1, conv2, dense1, dense2)."""
+    """``jaxcompress.examples.models.LeNet5`` with chosen widths (conv1, conv2, dense1, dense2)."""
 
     widths: tuple[int, int, int, int]
 

@@ -132,9 +132,9 @@ def quickstart() -> list[nbformat.NotebookNode]:
             from IPython.display import Markdown, display
 
             import jaxcompress as jc
-            from jaxcompress.classifier import accuracy, fit_classifier
-            from jaxcompress.data import load_digits
-            from jaxcompress.models import LeNet300100
+            from jaxcompress.examples.classifier import accuracy, fit_classifier
+            from jaxcompress.examples.data import load_digits
+            from jaxcompress.examples.models import LeNet300100
             """,
             SHOW_TABLE,
         ),
@@ -306,7 +306,7 @@ def quickstart() -> list[nbformat.NotebookNode]:
             """
             from flax import nnx
 
-            from jaxcompress.models import LeNet300100NNX
+            from jaxcompress.examples.models import LeNet300100NNX
 
             nnx_model = LeNet300100NNX(rngs=nnx.Rngs(0))
             state = nnx.state(nnx_model, nnx.Param)
@@ -377,9 +377,9 @@ def training_loop() -> list[nbformat.NotebookNode]:
             from IPython.display import Markdown, display
 
             import jaxcompress as jc
-            from jaxcompress.classifier import accuracy, fit_classifier
-            from jaxcompress.data import load_digits
-            from jaxcompress.models import LeNet300100
+            from jaxcompress.examples.classifier import accuracy, fit_classifier
+            from jaxcompress.examples.data import load_digits
+            from jaxcompress.examples.models import LeNet300100
             """,
             SHOW_TABLE,
         ),
@@ -597,7 +597,7 @@ def pmap_benchmark() -> list[nbformat.NotebookNode]:
             from jax.sharding import PartitionSpec as P
 
             import jaxcompress as jc
-            from jaxcompress.models import LeNet300100
+            from jaxcompress.examples.models import LeNet300100
             """,
             SHOW_TABLE,
         ),
@@ -812,7 +812,7 @@ def real_model() -> list[nbformat.NotebookNode]:
             """
             all-MiniLM-L6-v2 is a 22-million-parameter BERT encoder that maps a sentence
             to a 384-d vector; similar sentences get vectors with a high cosine
-            similarity. `jaxcompress.minilm` loads its pretrained weights into a flax
+            similarity. `jaxcompress.examples.minilm` loads its pretrained weights into a flax
             linen model, so every transform works on them as on any other pytree. We
             embed a couple of dozen sentences, compress the 36 encoder matrices three
             ways, and measure what matters for embeddings: how close each compressed
@@ -834,7 +834,7 @@ def real_model() -> list[nbformat.NotebookNode]:
             from IPython.display import Markdown, display
 
             import jaxcompress as jc
-            from jaxcompress.minilm import encode, load_minilm, tokenize
+            from jaxcompress.examples.minilm import encode, load_minilm, tokenize
             """,
             SHOW_TABLE,
         ),
@@ -1104,9 +1104,9 @@ def structured_pruning() -> list[nbformat.NotebookNode]:
             from IPython.display import Markdown, display
 
             import jaxcompress as jc
-            from jaxcompress.classifier import accuracy, fit_classifier
-            from jaxcompress.data import load_digits
-            from jaxcompress.models import LeNet300100
+            from jaxcompress.examples.classifier import accuracy, fit_classifier
+            from jaxcompress.examples.data import load_digits
+            from jaxcompress.examples.models import LeNet300100
             """,
             SHOW_TABLE,
         ),

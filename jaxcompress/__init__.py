@@ -13,15 +13,7 @@ Example:
     6.91
 """
 
-from jaxcompress import decomposition as decomposition
-from jaxcompress import filters as filters
-from jaxcompress import minilm as minilm
-from jaxcompress import parallel as parallel
-from jaxcompress import sharding as sharding
 from jaxcompress import training as training
-from jaxcompress.accelerate import Accelerated as Accelerated
-from jaxcompress.accelerate import Plan as Plan
-from jaxcompress.accelerate import accelerate as accelerate
 from jaxcompress.arrays import Clustered as Clustered
 from jaxcompress.arrays import CompressedArray as CompressedArray
 from jaxcompress.arrays import LowRank as LowRank
@@ -30,11 +22,10 @@ from jaxcompress.arrays import Sparse as Sparse
 from jaxcompress.arrays import is_compressed as is_compressed
 from jaxcompress.arrays.serving import ClusteredMatrix as ClusteredMatrix
 from jaxcompress.arrays.serving import QuantizedMatrix as QuantizedMatrix
-from jaxcompress.blocks import prune_blocks as prune_blocks
-from jaxcompress.calibrate import InputStats as InputStats
-from jaxcompress.calibrate import calibrate as calibrate
-from jaxcompress.cluster import cluster as cluster
-from jaxcompress.cluster import fisher_diagonal as fisher_diagonal
+from jaxcompress.arrays.tree import materialize as materialize
+from jaxcompress.arrays.tree import nbytes as nbytes
+from jaxcompress.calibration.calibrate import InputStats as InputStats
+from jaxcompress.calibration.calibrate import calibrate as calibrate
 from jaxcompress.io.errors import FileFormatError as FileFormatError
 from jaxcompress.io.files import FileReport as FileReport
 from jaxcompress.io.files import inspect_file as inspect_file
@@ -44,33 +35,51 @@ from jaxcompress.io.interop import export_dense as export_dense
 from jaxcompress.io.interop import read_msgpack as read_msgpack
 from jaxcompress.io.interop import read_safetensors as read_safetensors
 from jaxcompress.io.interop import write_safetensors as write_safetensors
-from jaxcompress.lowrank import low_rank as low_rank
-from jaxcompress.nm import prune_nm as prune_nm
-from jaxcompress.parallel import data_parallel as data_parallel
-from jaxcompress.parallel import pmap_apply as pmap_apply
-from jaxcompress.parallel import tensor_parallel_specs as tensor_parallel_specs
-from jaxcompress.projections import lda as lda
-from jaxcompress.projections import pca as pca
-from jaxcompress.prune import prune as prune
-from jaxcompress.quantize import quantize as quantize
-from jaxcompress.report import LeafReport as LeafReport
-from jaxcompress.report import Report as Report
-from jaxcompress.report import summarize as summarize
-from jaxcompress.runtime import materialize as materialize
-from jaxcompress.runtime import nbytes as nbytes
-from jaxcompress.sensitivity import SensitivityReport as SensitivityReport
-from jaxcompress.sensitivity import sensitivity as sensitivity
-from jaxcompress.sharding import shardings_like as shardings_like
-from jaxcompress.transforms import Transform as Transform
-from jaxcompress.transforms import chain as chain
-from jaxcompress.transforms import masked as masked
-from jaxcompress.transforms import partition as partition
-from jaxcompress.units import GroupResult as GroupResult
-from jaxcompress.units import UnitStats as UnitStats
-from jaxcompress.units import coupled_groups as coupled_groups
-from jaxcompress.units import prune_units as prune_units
+from jaxcompress.methods.blocks import prune_blocks as prune_blocks
+from jaxcompress.methods.cluster import cluster as cluster
+from jaxcompress.methods.cluster import fisher_diagonal as fisher_diagonal
+from jaxcompress.methods.lowrank import low_rank as low_rank
+from jaxcompress.methods.nm import prune_nm as prune_nm
+from jaxcompress.methods.projections import lda as lda
+from jaxcompress.methods.projections import pca as pca
+from jaxcompress.methods.prune import prune as prune
+from jaxcompress.methods.quantize import quantize as quantize
+from jaxcompress.numerics import decomposition as decomposition
+from jaxcompress.runtime import parallel as parallel
+from jaxcompress.runtime import sharding as sharding
+from jaxcompress.runtime.accelerate import Accelerated as Accelerated
+from jaxcompress.runtime.accelerate import Plan as Plan
+from jaxcompress.runtime.accelerate import accelerate as accelerate
+from jaxcompress.runtime.parallel import data_parallel as data_parallel
+from jaxcompress.runtime.parallel import pmap_apply as pmap_apply
+from jaxcompress.runtime.parallel import tensor_parallel_specs as tensor_parallel_specs
+from jaxcompress.runtime.report import LeafReport as LeafReport
+from jaxcompress.runtime.report import Report as Report
+from jaxcompress.runtime.report import summarize as summarize
+from jaxcompress.runtime.sharding import shardings_like as shardings_like
+from jaxcompress.structure.sensitivity import SensitivityReport as SensitivityReport
+from jaxcompress.structure.sensitivity import sensitivity as sensitivity
+from jaxcompress.structure.units import GroupResult as GroupResult
+from jaxcompress.structure.units import UnitStats as UnitStats
+from jaxcompress.structure.units import coupled_groups as coupled_groups
+from jaxcompress.structure.units import prune_units as prune_units
+from jaxcompress.transforms import filters as filters
+from jaxcompress.transforms.base import Transform as Transform
+from jaxcompress.transforms.base import chain as chain
+from jaxcompress.transforms.base import masked as masked
+from jaxcompress.transforms.base import partition as partition
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The MiniLM example loads lazily: it is not part of the core import path.
+    if name == "minilm":
+        import importlib
+
+        return importlib.import_module("jaxcompress.examples.minilm")
+    raise AttributeError(f"module 'jaxcompress' has no attribute {name!r}")
+
 
 __all__ = [
     "Accelerated",

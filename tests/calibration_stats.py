@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.calibrate import InputStats
+from jaxcompress.calibration.calibrate import InputStats
 
 
 def stats_of(x):

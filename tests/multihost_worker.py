@@ -96,8 +96,8 @@ def _join(port: str, process_id: int) -> None:
 def run_forward(process_id: int, out: str) -> None:
     from jax.experimental import multihost_utils
 
-    from jaxcompress.parallel import data_parallel, tensor_parallel_specs
-    from jaxcompress.sharding import place
+    from jaxcompress.runtime.parallel import data_parallel, tensor_parallel_specs
+    from jaxcompress.runtime.sharding import place
 
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     compressed = compressed_model()

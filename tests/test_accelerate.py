@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.models import LeNet5
+from jaxcompress.examples.models import LeNet5
 
 
 class _MLP(nn.Module):

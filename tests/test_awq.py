@@ -14,11 +14,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.awq import input_magnitudes, inverse_scales
-from jaxcompress.calibrate import InputStats
+from jaxcompress.calibration.calibrate import InputStats
 from jaxcompress.io import treecodec
 from jaxcompress.io.errors import FileFormatError
-from jaxcompress.sharding import place, shardings_like
+from jaxcompress.numerics.awq import input_magnitudes, inverse_scales
+from jaxcompress.runtime.sharding import place, shardings_like
 
 M, N = 64, 32
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxcompress.bitpack import pack, packed_length, unpack
+from jaxcompress.core.bitpack import pack, packed_length, unpack
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

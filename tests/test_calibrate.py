@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcompress.calibrate import InputStats, calibrate, stats_by_path
-from jaxcompress.models import LeNet5, LeNet300100, LeNet300100NNX
+from jaxcompress.calibration.calibrate import InputStats, calibrate, stats_by_path
+from jaxcompress.examples.models import LeNet5, LeNet300100, LeNet300100NNX
 
 RTOL, ATOL = 2e-5, 2e-5
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.cli import main
+from jaxcompress.cli.main import main
 
 
 def _run_json(capsys, *args):

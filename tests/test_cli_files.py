@@ -12,10 +12,10 @@ import pytest
 from flax import serialization
 
 import jaxcompress as jc
+from jaxcompress.cli.recipes import RecipeError, parse_recipe
+from jaxcompress.examples.models import LeNet300100
 from jaxcompress.io.checkpoints import read_checkpoint
 from jaxcompress.io.interop import read_safetensors
-from jaxcompress.models import LeNet300100
-from jaxcompress.recipes import RecipeError, parse_recipe
 
 RECIPE = """\
 # Deep Compression's first two stages.

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.models import LeNet5, LeNet300100NNX
+from jaxcompress.examples.models import LeNet5, LeNet300100NNX
 
 # Lloyd–Max MSE of the optimal k-level quantizer of N(0, 1), k = 2..32.
 LLOYD_MAX = {1: 0.3634, 2: 0.1175, 3: 0.03455, 4: 0.00950, 5: 0.00250}
@@ -404,7 +404,7 @@ def test_histogram_path_falls_back_to_an_exact_codebook():
 def test_sparse_values_padded_to_a_shared_length_cluster_bit_for_bit_as_unpadded(init):
     # Kept counts that differ per leaf are padded to a few lengths so leaves share one
     # compiled program; the padding must change nothing.
-    from jaxcompress.cluster import _bucket, _cluster_compiled
+    from jaxcompress.methods.cluster import _bucket, _cluster_compiled
 
     weight = jax.random.normal(jax.random.key(3), (700, 300))
     pruned, _ = jc.prune(0.37)({"w": weight})

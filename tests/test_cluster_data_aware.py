@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
 from jaxcompress.arrays import Sparse
-from jaxcompress.cluster import cluster_array, fisher_diagonal
-from jaxcompress.prune import magnitude_sparse
+from jaxcompress.methods.cluster import cluster_array, fisher_diagonal
+from jaxcompress.methods.prune import magnitude_sparse
 
 M, N = 64, 32
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxcompress.data import load_digits
+from jaxcompress.examples.data import load_digits
 
 
 @pytest.mark.parametrize(("split", "n"), [("train", 1437), ("test", 360)])

@@ -22,8 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
 from jaxcompress.arrays import Quantized, Sparse
-from jaxcompress.data_aware import prefix_counts
-from jaxcompress.prune import magnitude_sparse
+from jaxcompress.methods.prune import magnitude_sparse
+from jaxcompress.numerics.data_aware import prefix_counts
 
 M, N = 64, 32
 

@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from jaxcompress.data import load_digits
-from jaxcompress.decomposition import (
+from jaxcompress.examples.data import load_digits
+from jaxcompress.numerics.decomposition import (
     LDAResult,
     PCAResult,
     lda_fit,
@@ -93,7 +93,7 @@ def test_pca_full_matches_sklearn(n, d):
 
 
 def _randomized_path(n, d, k):
-    from jaxcompress.decomposition import _krylov_on_data, _krylov_shape
+    from jaxcompress.numerics.decomposition import _krylov_on_data, _krylov_shape
 
     if n < d:
         return "wide-sketch"
@@ -157,7 +157,7 @@ def test_pca_krylov_explained_variance_on_a_slow_spectrum(d, k, path, offset):
 
 
 def test_pca_auto_and_default_key():
-    from jaxcompress.decomposition import _auto_method
+    from jaxcompress.numerics.decomposition import _auto_method
 
     assert _auto_method(10000, 784, 16) == "randomized"  # Krylov on the data
     assert _auto_method(10000, 784, 64) == "randomized"  # Krylov on the covariance
@@ -200,7 +200,7 @@ def test_pca_from_statistics_equals_pca_fit():
 
 def test_krylov_rule():
     # Blocks of k rounded up to 16; max(3 k, k + 64) columns; all of R^d as one block.
-    from jaxcompress.decomposition import _krylov_on_data, _krylov_shape
+    from jaxcompress.numerics.decomposition import _krylov_on_data, _krylov_shape
 
     assert _krylov_shape(16, 784, None) == (16, 5)
     assert _krylov_shape(64, 1024, None) == (64, 3)
@@ -215,7 +215,7 @@ def test_krylov_rule():
 
 @pytest.mark.parametrize("d", [7, 300, 601])
 def test_blocked_gram_is_the_plain_product(d):
-    from jaxcompress.decomposition import _gram
+    from jaxcompress.numerics.decomposition import _gram
 
     x = np.random.default_rng(d).standard_normal((50, d)).astype(np.float32)
     np.testing.assert_allclose(_gram(jnp.asarray(x)), x.T @ x, rtol=1e-5, atol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import jaxcompress
 
 # make_digits is the offline script that built the embedded data; it needs scikit-learn.
-_SCRIPTS = {"jaxcompress.data.make_digits"}
+_SCRIPTS = {"jaxcompress.examples.data.make_digits"}
 _MODULES = sorted(
     info.name
     for info in pkgutil.walk_packages(jaxcompress.__path__, prefix="jaxcompress.")

@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
 from jaxcompress.io import container
-from jaxcompress.models import LeNet300100, LeNet300100NNX
 
 
 def _normal(seed, shape, dtype=jnp.float32):

@@ -12,7 +12,10 @@ from flax import nnx
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 import jaxcompress as jc
-from jaxcompress.filters import (
+from jaxcompress.core.paths import path_to_str
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
+from jaxcompress.transforms.base import select_leaves
+from jaxcompress.transforms.filters import (
     all_of,
     compile_filter,
     dense_only,
@@ -21,10 +24,7 @@ from jaxcompress.filters import (
     kernels,
     not_,
     nothing,
-    path_to_str,
 )
-from jaxcompress.models import LeNet300100, LeNet300100NNX
-from jaxcompress.transforms import select_leaves
 
 MATRIX = jnp.zeros((4, 3), jnp.float32)
 VECTOR = jnp.zeros((3,), jnp.float32)

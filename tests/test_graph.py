@@ -10,8 +10,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxcompress import graph
-from jaxcompress.models import LeNet5, LeNet300100, LeNet300100NNX
+from jaxcompress.examples.models import LeNet5, LeNet300100, LeNet300100NNX
+from jaxcompress.jaxpr import graph
 
 
 def _linen(model, x):

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxcompress as jc
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
 from jaxcompress.io import interop
 from jaxcompress.io.errors import FileFormatError
 from jaxcompress.io.interop import (
@@ -26,7 +27,6 @@ from jaxcompress.io.interop import (
     read_safetensors_metadata,
     write_safetensors,
 )
-from jaxcompress.models import LeNet300100, LeNet300100NNX
 
 
 def _mixed_tree():

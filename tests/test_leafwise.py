@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.transforms import _leaf_passes
+from jaxcompress.transforms.base import _leaf_passes
 
 # The modules themselves: the package exports factories of the same names.
 prune_module = sys.modules["jaxcompress.prune"]

@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
 from jaxcompress.arrays import LowRank
-from jaxcompress.calibrate import InputStats
-from jaxcompress.lowrank import energy_rank, low_rank
-from jaxcompress.models import LeNet300100, LeNet300100NNX
+from jaxcompress.calibration.calibrate import InputStats
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
+from jaxcompress.methods.lowrank import energy_rank, low_rank
 
 
 def _weight(shape, seed=0, dtype=jnp.float32):

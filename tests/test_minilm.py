@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.graph import trace_uses
-from jaxcompress.io.interop import write_safetensors
-from jaxcompress.minilm import (
+from jaxcompress.examples.minilm import (
     MiniLMConfig,
     MiniLMEncoder,
     encode,
@@ -24,6 +22,8 @@ from jaxcompress.minilm import (
     minilm_checkpoint,
     tokenize,
 )
+from jaxcompress.io.interop import write_safetensors
+from jaxcompress.jaxpr.graph import trace_uses
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 TINY = MiniLMConfig(

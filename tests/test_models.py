@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcompress.data import load_digits
-from jaxcompress.models import LeNet5, LeNet5NNX, LeNet300100, LeNet300100NNX
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet5, LeNet5NNX, LeNet300100, LeNet300100NNX
 
 MLP_SHAPES = {
     "dense1": (64, 300),

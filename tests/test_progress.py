@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.progress import leaf_bytes, over_leaves
+from jaxcompress.core.progress import leaf_bytes, over_leaves
 
 PARAMS = {"a": jax.random.normal(jax.random.key(0), (64, 32)), "b": jnp.ones((32, 16))}
 

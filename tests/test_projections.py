@@ -14,11 +14,11 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 import jaxcompress as jc
 from jaxcompress.arrays import LowRank
-from jaxcompress.calibrate import InputStats
-from jaxcompress.classifier import fit_classifier
-from jaxcompress.data import load_digits
-from jaxcompress.models import LeNet300100, LeNet300100NNX
-from jaxcompress.projections import lda, pca
+from jaxcompress.calibration.calibrate import InputStats
+from jaxcompress.examples.classifier import fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
+from jaxcompress.methods.projections import lda, pca
 
 
 def input_stats(x, labels=None, classes=None) -> InputStats:

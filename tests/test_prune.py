@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxcompress as jc
-from jaxcompress.models import LeNet5, LeNet300100NNX
+from jaxcompress.examples.models import LeNet5, LeNet300100NNX
 
 
 def _random_params(seed=0):

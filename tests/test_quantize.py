@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.bitpack import unpack
-from jaxcompress.models import LeNet5, LeNet300100NNX
+from jaxcompress.core.bitpack import unpack
+from jaxcompress.examples.models import LeNet5, LeNet300100NNX
 
 
 def _weight(shape=(64, 32), seed=0):

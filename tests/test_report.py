@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxcompress as jc
-from jaxcompress.models import LeNet300100NNX
+from jaxcompress.examples.models import LeNet300100NNX
 
 ROW_KEYS = {
     "path",

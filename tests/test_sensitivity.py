@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 import jaxcompress as jc
-from jaxcompress.classifier import fit_classifier
-from jaxcompress.data import load_digits
-from jaxcompress.models import LeNet300100, LeNet300100NNX
+from jaxcompress.examples.classifier import fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
 
 LAYERS = ("dense1/kernel", "dense2/kernel", "dense3/kernel")
 

@@ -8,9 +8,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress import prune_sharded
-from jaxcompress.prune_sharded import below_and_tied, magnitude_histogram, split_layout
-from jaxcompress.sharding import spec_for
+from jaxcompress.core.mesh import spec_for
+from jaxcompress.methods import prune_sharded
+from jaxcompress.methods.prune_sharded import below_and_tied, magnitude_histogram, split_layout
 
 
 def _params():

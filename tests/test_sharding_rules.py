@@ -9,9 +9,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.models import LeNet300100, LeNet300100NNX
-from jaxcompress.parallel import data_parallel, pmap_apply, tensor_parallel_specs
-from jaxcompress.sharding import place, shardings_like
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
+from jaxcompress.runtime.parallel import data_parallel, pmap_apply, tensor_parallel_specs
+from jaxcompress.runtime.sharding import place, shardings_like
 
 COMPRESSORS = {
     "sparse": jc.prune(0.5),

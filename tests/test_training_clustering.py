@@ -13,9 +13,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.classifier import fit_classifier
-from jaxcompress.data import load_digits
-from jaxcompress.models import LeNet300100, LeNet300100NNX
+from jaxcompress.examples.classifier import fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
 
 
 def _xent(logits, labels):

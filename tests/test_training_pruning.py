@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.data import load_digits
-from jaxcompress.models import LeNet300100, LeNet300100NNX
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
 
 
 def _params(seed=0, ties=False):
@@ -341,8 +341,8 @@ def test_out_of_range_schedule_under_jit_keeps_one_entry():
 def test_orbax_checkpoint_resume_is_bit_identical(tmp_path):
     import orbax.checkpoint as ocp
 
-    from jaxcompress.data import load_digits
-    from jaxcompress.models import LeNet300100
+    from jaxcompress.examples.data import load_digits
+    from jaxcompress.examples.models import LeNet300100
 
     images, labels = load_digits(split="train")
     model = LeNet300100()

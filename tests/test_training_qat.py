@@ -10,8 +10,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.data import load_digits
-from jaxcompress.models import LeNet300100
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100
 
 LAYOUTS = [
     dict(axis=None),

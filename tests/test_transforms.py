@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import jaxcompress as jc
-from jaxcompress.filters import path_to_str
-from jaxcompress.models import LeNet300100, LeNet300100NNX
+from jaxcompress.core.paths import path_to_str
+from jaxcompress.examples.models import LeNet300100, LeNet300100NNX
 
 # --------------------------------------------------------------------------- helpers
 

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.models import LeNet5, LeNet5NNX, LeNet300100, LeNet300100NNX
+from jaxcompress.examples.models import LeNet5, LeNet5NNX, LeNet300100, LeNet300100NNX
 
 
 class WideMLP(nn.Module):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays.base import CompressedArray
-from jaxcompress.bitpack import unpack
-from jaxcompress.sharding import unsharded
+from jaxcompress.core.bitpack import unpack
+from jaxcompress.core.mesh import unsharded
 
 
 def _clustered_pytree(cls: type) -> type:

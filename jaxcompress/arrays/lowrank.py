@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
-from jaxcompress.sharding import named_sharding_of, unsharded
+from jaxcompress.core.mesh import named_sharding_of, unsharded
 
 
 def _lowrank_pytree(cls: type) -> type:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays.base import CompressedArray, as_dense, leaf_nbytes
-from jaxcompress.sharding import unsharded
+from jaxcompress.core.mesh import unsharded
 
 
 def _sparse_pytree(cls: type) -> type:

@@ -21,11 +21,11 @@ from rich.table import Table
 
 from jaxcompress.arrays import is_compressed
 from jaxcompress.arrays.lowrank import factor_shardings
-from jaxcompress.filters import path_to_str
+from jaxcompress.core.mesh import spec_for
+from jaxcompress.core.paths import path_to_str
 from jaxcompress.io import container, shards, treecodec
 from jaxcompress.io.errors import FileFormatError
-from jaxcompress.report import _human_bytes
-from jaxcompress.sharding import spec_for
+from jaxcompress.runtime.report import _human_bytes
 
 FORMAT = "jaxcompress"
 

@@ -33,8 +33,8 @@ import numpy as np
 from flax import nnx, serialization
 
 from jaxcompress.arrays import is_compressed
+from jaxcompress.arrays.tree import materialize
 from jaxcompress.io.errors import FileFormatError
-from jaxcompress.runtime import materialize
 
 PathLike = str | os.PathLike
 
@@ -438,7 +438,7 @@ def write_safetensors(path: PathLike, tree: Any, *, metadata: dict[str, str] | N
     Nested dict keys (and sequence indices, dataclass field names) are joined with
     ``"."`` into tensor names. ``nnx.State`` and ``nnx.Variable`` wrappers are
     stripped, and compressed leaves are materialized with
-    :func:`jaxcompress.runtime.materialize` one at a time as they are written, so
+    :func:`jaxcompress.materialize` one at a time as they are written, so
     only one dense tensor is in host memory at once. Tensors are stored in sorted
     name order, back to back, after a header padded with spaces to a multiple of 8.
 
@@ -604,7 +604,7 @@ def _nested_dense(entries: list[_Entry]) -> dict[str, Any]:
 def export_dense(path: PathLike, tree: Any, *, format: str | None = None) -> None:
     """Writes a (possibly compressed) pytree as a dense checkpoint other tools can load.
 
-    Every compressed leaf is materialized (:func:`jaxcompress.runtime.materialize`)
+    Every compressed leaf is materialized (:func:`jaxcompress.materialize`)
     and ``nnx.State`` / ``nnx.Variable`` wrappers are stripped to plain dicts and
     arrays. The result is written atomically (see :func:`write_safetensors`) as
     safetensors (names joined with ``"."``) or as a flax msgpack checkpoint (nested

@@ -3,7 +3,7 @@
 :func:`pruned` wraps any optax optimizer. It keeps one boolean keep-mask per selected
 leaf in its state, recomputes the masks from the current parameters every ``every``
 steps with the same mask function as :func:`jaxcompress.prune`
-(:func:`jaxcompress.prune.magnitude_keep_mask`), and returns updates that leave the
+(:func:`jaxcompress.methods.prune.magnitude_keep_mask`), and returns updates that leave the
 pruned weights at exactly zero after ``optax.apply_updates``. :func:`cubic_sparsity`
 is the schedule of the paper; :func:`finalize` turns the trained parameters into
 :class:`~jaxcompress.Sparse` leaves.
@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcompress._validate import check_selected_leaf, is_traced
 from jaxcompress.arrays import is_compressed
-from jaxcompress.filters import Filter, kernels
-from jaxcompress.prune import global_counts, magnitude_keep_mask, sparse_from_mask
-from jaxcompress.sharding import named_sharding_of, place_like
-from jaxcompress.transforms import flatten_leaves, select_leaves
+from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.core.mesh import named_sharding_of, place_like
+from jaxcompress.methods.prune import global_counts, magnitude_keep_mask, sparse_from_mask
+from jaxcompress.transforms.base import flatten_leaves, select_leaves
+from jaxcompress.transforms.filters import Filter, kernels
 
 __all__ = ["PrunedState", "cubic_sparsity", "finalize", "pruned"]
 
@@ -159,7 +159,7 @@ def pruned(
     """Gradual magnitude pruning around an optax optimizer.
 
     Every ``every`` steps (step 0 included) the keep-masks are recomputed from the
-    current parameters with :func:`jaxcompress.prune.magnitude_keep_mask`, so the
+    current parameters with :func:`jaxcompress.methods.prune.magnitude_keep_mask`, so the
     masks (and tie-breaking) match :func:`jaxcompress.prune` on the same parameters.
     Gradients of pruned weights are zeroed before ``inner`` sees them, and the returned
     updates are ``where(mask, inner_updates, -params)``: after

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress._validate import check_values_to_compress
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.quantized import decode
-from jaxcompress.filters import Filter, kernels
-from jaxcompress.quantize import _leaf_layout, check_options, quantize_codes
-from jaxcompress.transforms import select_leaves
+from jaxcompress.core.checks import check_values_to_compress
+from jaxcompress.methods.quantize import _leaf_layout, check_options, quantize_codes
+from jaxcompress.transforms.base import select_leaves
+from jaxcompress.transforms.filters import Filter, kernels
 
 
 def _fake_quant_array(weight: jax.Array, *, axis: int | None, group_size: int | None, **options):

@@ -1,0 +1,1 @@
+"""Layer 3: input statistics of each weight, collected by tracing."""

@@ -1,0 +1,1 @@
+"""Layer 8: example models, data and training loops; never imported by the library layers."""

@@ -1,0 +1,215 @@
+"""N:M semi-structured sparsity: in every run of M inputs of an output, N are kept.
+
+The runs lie along the contracted axis of the weight's matrix view ``(K, N_out)``
+(all axes but the last flattened row-major: a Dense kernel's ``in`` axis, a conv
+kernel's ``h * w * in`` patch), which is the layout sparse tensor cores (2:4 on NVIDIA
+Ampere and later) accelerate. The result is an ordinary :class:`~jaxcompress.Sparse`
+leaf holding exactly ``size * N / M`` values.
+
+With ``importance="sparsegpt"`` the runs are chosen during SparseGPT's sweep over the
+input rows (:func:`jaxcompress.data_aware.sparsegpt` with ``nm=``): the kept weights
+are updated to make up for the pruned ones, so the leaf's values differ from the
+dense weight's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
+from jaxcompress.core.progress import leaf_bytes, over_leaves
+from jaxcompress.methods.prune import sparse_from_mask
+from jaxcompress.numerics.data_aware import (
+    check_block_size,
+    check_damp,
+    leaf_gram,
+    mesh_scope,
+    require_data,
+    sparsegpt,
+    wanda_scores,
+)
+from jaxcompress.transforms.base import Transform, select_leaves
+from jaxcompress.transforms.filters import Filter, kernels
+
+__all__ = ["nm_keep_mask", "prune_nm"]
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
+
+
+def _parse(pattern: str) -> tuple[int, int]:
+    match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise ValueError(f"prune_nm: pattern must look like '2:4', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"prune_nm: pattern {pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def nm_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
+    """Keep-mask of a ``(K, C)`` score matrix: the ``n`` best of every ``m`` rows per column.
+
+    Ties go to the lower row index, as in :func:`jaxcompress.prune`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> nm_keep_mask(jnp.array([[1.0], [4.0], [3.0], [3.0]]), 2, 4)[:, 0].tolist()
+        [False, True, True, False]
+    """
+    rows, columns = scores.shape
+    grouped = scores.reshape(rows // m, m, columns)
+    order = jnp.argsort(-grouped, axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1, stable=True)
+    return (rank < n).reshape(rows, columns)
+
+
+@functools.partial(jax.jit, static_argnames=("nm", "block_size"))
+def _sparsegpt_leaf(weight, gram, damp, *, nm, block_size):
+    """``(values, keep, stats)`` of one leaf under N:M SparseGPT, as one program."""
+    shape = tuple(weight.shape)
+    matrix = unsharded(weight).reshape(math.prod(shape[:-1]), shape[-1])
+    with mesh_scope(matrix):
+        values, keep, stats = sparsegpt(
+            matrix, unsharded(gram), None, damp=damp, block_size=block_size, nm=nm
+        )
+    return values.astype(weight.dtype).reshape(shape), keep.reshape(shape), stats
+
+
+def prune_nm(
+    pattern: str = "2:4",
+    *,
+    importance: str = "magnitude",
+    damp: float = 0.01,
+    block_size: int = 128,
+    where: Filter = kernels,
+    progress: bool = False,
+) -> Transform:
+    """N:M sparsity along the contracted axis (``"2:4"``: 2 of every 4 inputs kept).
+
+    Args:
+        pattern: ``"N:M"`` with ``0 < N < M``.
+        importance: ``"magnitude"`` (``|w|``), ``"wanda"`` (``|w| · ‖x‖``) or
+            ``"sparsegpt"``; the last two need ``data=`` from
+            :func:`jaxcompress.calibrate`. SparseGPT (Frantar & Alistarh 2023) sweeps
+            the input rows with error feedback (see :mod:`jaxcompress.data_aware`):
+            when it reaches the first row of a run of ``M``, each output keeps the
+            ``N`` rows of the run with the largest OBS saliency ``w² / [H⁻¹]_ii``
+            (``H`` the damped Gram, on the current, error-updated weights), and the
+            pruned rows' error is fed into the rows not yet swept, so the kept values
+            change and the output error ``‖X W − X Ŵ‖`` drops.
+        damp: SparseGPT's damping, relative to the mean diagonal of the Gram (ignored
+            by the other importances, as in :func:`jaxcompress.prune`).
+        block_size: SparseGPT's rows per block of lazy updates (the result does not
+            depend on it beyond float rounding).
+        where: which leaves; by default floating leaves with ndim >= 2.
+
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
+    Returns:
+        A transform returning ``(compressed, stats)``: each selected leaf becomes a
+        :class:`~jaxcompress.Sparse` leaf; stats give ``pruned``, ``size``, ``n`` and
+        ``m`` per leaf, and with SparseGPT also ``damp``, ``damping`` (the ``λ``
+        added), ``factorized`` and ``relative_output_error``
+        (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``). It runs under ``jit``.
+
+    Raises:
+        ValueError: a malformed pattern, an unknown importance, a bad ``damp`` or
+            ``block_size``, a leaf whose contracted size is not a multiple of ``M``
+            (named), ``wanda`` or ``sparsegpt`` without matching ``data=`` (or with
+            statistics of a leaf contracted over fewer axes than all but its last),
+            or (outside ``jit``) a Gram not positive definite after damping.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> w = jnp.arange(1.0, 17.0).reshape(8, 2)
+        >>> sparse, stats = jc.prune_nm("2:4")({"w": w})
+        >>> jc.materialize(sparse)["w"][:, 0].tolist()
+        [0.0, 0.0, 5.0, 7.0, 0.0, 0.0, 13.0, 15.0]
+        >>> stats["w"]["pruned"], sparse["w"].nnz
+        (8, 8)
+
+        SparseGPT with statistics of the inputs (:func:`jaxcompress.calibrate` gives them):
+
+        >>> x = jnp.arange(24.0).reshape(3, 8) % 5
+        >>> data = {"w": jc.InputStats(jnp.float32(3), x.mean(0), x.T @ x / 3, None, None)}
+        >>> sparse, stats = jc.prune_nm("2:4", importance="sparsegpt")({"w": w}, data=data)
+        >>> sparse["w"].nnz, bool(stats["w"]["relative_output_error"] < 0.5)
+        (8, True)
+    """
+    n, m = _parse(pattern)
+    if importance not in _IMPORTANCES:
+        raise ValueError(f"prune_nm: importance must be one of {_IMPORTANCES}, got {importance!r}")
+    damp_value = check_damp("prune_nm", damp)
+    block = check_block_size("prune_nm", block_size)
+    name = f"prune_nm({pattern!r}, importance={importance})"
+    option = f"importance={importance!r}"
+
+    def apply(params, *, key=None, data=None):
+        by_path = require_data(name, option, data) if importance != "magnitude" else {}
+        selected, entries, treedef = select_leaves(params, where)
+        weights = [check_selected_leaf(name, entry.path, entry.leaf) for entry in selected]
+        for entry, weight in zip(selected, weights, strict=True):
+            rows = math.prod(weight.shape[:-1])
+            if rows % m:
+                raise ValueError(
+                    f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} contracts "
+                    f"{rows} inputs, not a multiple of M={m}"
+                )
+        leaves = [entry.leaf for entry in entries]
+        grams = [None] * len(weights)
+        if importance != "magnitude":
+            grams = []
+            for entry, weight in zip(selected, weights, strict=True):
+                shape = tuple(weight.shape)
+                gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
+                if fan_in != len(shape) - 1:
+                    raise ValueError(
+                        f"{name}: leaf {entry.path!r} is contracted over its first {fan_in} "
+                        "axes; N:M runs need every axis but the last"
+                    )
+                grams.append(gram)
+        stats = {}
+        for entry, weight, gram in over_leaves(
+            list(zip(selected, weights, grams, strict=True)),
+            sizes=[leaf_bytes(w) for w in weights],
+            description=name,
+            enabled=progress and not any(is_traced(w) for w in weights),
+        ):
+            shape = tuple(weight.shape)
+            size = math.prod(shape)
+            leaf_stats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}
+            values = weight
+            if importance == "sparsegpt":
+                values, keep, extra = _sparsegpt_leaf(
+                    weight, gram, jnp.float32(damp_value), nm=(n, m), block_size=block
+                )
+                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
+                    raise ValueError(
+                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                    )
+                leaf_stats.update({"damp": damp_value, **extra})
+            else:
+                matrix = unsharded(weight).reshape(math.prod(shape[:-1]), shape[-1])
+                if importance == "wanda":
+                    scores = wanda_scores(matrix, unsharded(gram))
+                else:
+                    scores = jnp.abs(matrix.astype(jnp.float32))
+                keep = nm_keep_mask(scores, n, m).reshape(shape)
+            sparse = sparse_from_mask(values, keep, size * n // m)
+            reference = named_sharding_of(weight)
+            leaves[entry.index] = jax.tree.map(
+                functools.partial(place_like, reference=reference), sparse
+            )
+            stats[entry.path] = leaf_stats
+        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+
+    return Transform(apply, name)

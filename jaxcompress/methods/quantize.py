@@ -1,0 +1,760 @@
+"""Linear (uniform) quantization into :class:`~jaxcompress.Quantized` leaves.
+
+Layout and arithmetic, for ``b`` bits:
+
+* **symmetric**: ``q = clip(round(w / s), -(2**(b-1) - 1), 2**(b-1) - 1)``, stored as the
+  unsigned code ``q + 2**(b-1)`` (so code 0 is unused and zero is exact); decoded as
+  ``(code - 2**(b-1)) * s``. ``2**b - 1`` levels.
+* **asymmetric**: ``code = clip(round(w / s + z), 0, 2**b - 1)`` with a per-scale zero
+  point ``z``; decoded as ``(code - z) * s``. ``2**b`` levels. The zero point is stored
+  as a float in the scale dtype, so the grid may sit "midrise" (no level at zero),
+  as the best uniform quantizer of a symmetric distribution does.
+
+Codes are computed with the stored (rounded) scale and zero point, so the round-trip
+error is at most ``s / 2`` per entry inside the clipping range for the stored ``s``.
+A constant group (zero range) gets ``s = |c|`` (or 1 for ``c == 0``) and decodes
+exactly; nothing is ever divided by zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxcompress.arrays import Quantized, Sparse
+from jaxcompress.arrays.quantized import decode, from_groups, group_layout, to_groups
+from jaxcompress.core.bitpack import pack
+from jaxcompress.core.checks import check_values_to_compress, is_traced
+from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_like, unsharded
+from jaxcompress.core.progress import leaf_bytes, over_leaves
+from jaxcompress.numerics.awq import awq_search
+from jaxcompress.numerics.data_aware import (
+    check_block_size,
+    check_damp,
+    gptq,
+    leaf_gram,
+    mesh_scope,
+    require_data,
+)
+from jaxcompress.transforms.base import Transform, select_leaves
+from jaxcompress.transforms.filters import Filter, kernels
+
+_CALIBRATIONS = ("absmax", "percentile", "mse")
+_METHODS = ("rtn", "gptq", "awq")
+_SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+# Clipping ratios searched by calibration="mse", largest first so ties keep more range.
+_MSE_RATIOS = np.linspace(1.0, 0.01, 100, dtype=np.float32)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _encode(v, scale, zero, bits: int):
+    """Unsigned codes (as float32) of ``v``, and where rounding needed no clipping."""
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        raw = jnp.round(v / scale)
+        clipped = jnp.clip(raw, -qmax, qmax)
+        return clipped + 2 ** (bits - 1), raw == clipped
+    raw = jnp.round(v / scale + zero)
+    clipped = jnp.clip(raw, 0, 2**bits - 1)
+    return clipped, raw == clipped
+
+
+def _decode(codes, scale, zero, bits: int):
+    offset = 2 ** (bits - 1) if zero is None else zero
+    return (codes - offset) * scale
+
+
+def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
+    """Stored (rounded to ``scale_dtype``) scale and zero point for a clipping range."""
+    levels = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    # Multiplying by 1/levels (not dividing) gives the same float eagerly and under jit,
+    # where XLA rewrites a division by a constant; QAT then converts with no drift.
+    inverse = np.float32(1.0 / levels)
+    scale = high * inverse if symmetric else (high - low) * inverse
+    scale = scale.astype(scale_dtype).astype(jnp.float32)
+    # A zero scale only arises for a zero range; the caller overrides those groups.
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    if symmetric:
+        return scale, None
+    zero = (-low / scale).astype(scale_dtype).astype(jnp.float32)
+    return scale, zero
+
+
+def _clip_range(v, axes, *, symmetric: bool, calibration: str, percentile: float):
+    """``(low, high)`` clipping range per group (``low`` unused when symmetric)."""
+    if calibration == "percentile":
+        if symmetric:
+            high = jnp.percentile(jnp.abs(v), percentile, axis=axes, keepdims=True)
+            return -high, high
+        low = jnp.percentile(v, 100.0 - percentile, axis=axes, keepdims=True)
+        high = jnp.percentile(v, percentile, axis=axes, keepdims=True)
+        return low, high
+    low = jnp.min(v, axis=axes, keepdims=True)
+    high = jnp.max(v, axis=axes, keepdims=True)
+    if symmetric:
+        high = jnp.maximum(-low, high)
+        return -high, high
+    return low, high
+
+
+def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
+    """Per group, the clipping ratio in ``_MSE_RATIOS`` with the least squared error."""
+    center = (low + high) / 2
+    half = (high - low) / 2
+
+    def error(ratio):
+        scale, zero = _scale_zero(
+            center - ratio * half,
+            center + ratio * half,
+            bits=bits,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+        )
+        codes = _encode(v, scale, zero, bits)[0]
+        return jnp.sum(jnp.square(_decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
+
+    ratios = jnp.asarray(_MSE_RATIOS)
+
+    # A running best per group: memory stays a few copies of the weight, and the
+    # carry is shaped like the scales, so it shards like them (lax.map's stacked
+    # errors do not, under Explicit mesh axes).
+    def consider(i, best):
+        best_error, best_ratio = best
+        candidate = error(ratios[i])
+        better = candidate < best_error  # strict: ties keep the larger ratio
+        return jnp.where(better, candidate, best_error), jnp.where(better, ratios[i], best_ratio)
+
+    first = error(ratios[0])
+    start = (first, jnp.full(first.shape, ratios[0], first.dtype))
+    return jax.lax.fori_loop(1, ratios.shape[0], consider, start)[1]
+
+
+def quantize_view(
+    v: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    bits: int,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """Quantizes ``v`` with one scale per slice reduced over ``axes``.
+
+    Returns:
+        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``v``; scale (in
+        ``scale_dtype``) and zero point (``None`` if symmetric) with ``axes`` kept as 1;
+        and where rounding needed no clipping (where quantization-aware training lets
+        the gradient through).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, scale, zero, inside = quantize_view(jnp.array([[-1.0, 0.5, 1.0]]), (0, 1),
+        ...     bits=2, symmetric=True, calibration="absmax", percentile=99.9,
+        ...     scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
+        ([[1, 2, 3]], [[1.0]], None, True)
+    """
+    v = v.astype(jnp.float32)
+    if calibration == "percentile":
+        # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
+        v = unsharded(v)
+    low, high = _clip_range(
+        v, axes, symmetric=symmetric, calibration=calibration, percentile=percentile
+    )
+    if calibration == "mse":
+        ratio = _mse_ratio(
+            v, axes, low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
+        )
+        center, half = (low + high) / 2, (high - low) / 2
+        low, high = center - ratio * half, center + ratio * half
+    scale, zero = _scale_zero(low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    if calibration == "percentile":
+        # A percentile can be zero for a mostly-zero group; then use the full range.
+        full_low, full_high = _clip_range(
+            v, axes, symmetric=symmetric, calibration="absmax", percentile=percentile
+        )
+        full_scale, full_zero = _scale_zero(
+            full_low, full_high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
+        )
+        narrow = high - low <= 0
+        scale = jnp.where(narrow, full_scale, scale)
+        zero = None if symmetric else jnp.where(narrow, full_zero, zero)
+    # A constant group decodes exactly as code offset +-1 (or 0) times s = |c|.
+    minimum = jnp.min(v, axis=axes, keepdims=True)
+    constant = minimum == jnp.max(v, axis=axes, keepdims=True)
+    exact_scale = jnp.where(minimum != 0, jnp.abs(minimum), jnp.ones_like(minimum))
+    scale = jnp.where(constant, exact_scale.astype(scale_dtype).astype(jnp.float32), scale)
+    if not symmetric:
+        exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
+        zero = jnp.where(constant, exact_zero, zero)
+    codes, inside = _encode(v, scale, zero, bits)
+    zero = None if zero is None else zero.astype(scale_dtype)
+    return codes.astype(jnp.uint8), scale.astype(scale_dtype), zero, inside
+
+
+def quantize_codes(
+    weight: jax.Array,
+    *,
+    bits: int,
+    axis: int | None,
+    group_size: int | None,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """The one quantizer: unpacked codes, scales and zero points of one array.
+
+    Both :func:`quantize` (which packs the codes) and
+    :func:`jaxcompress.training.fake_quant` (which decodes them straight away) call
+    this, so a model trained with fake quantization converts without drift.
+
+    Returns:
+        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``weight``;
+        scale and zero point (``None`` if symmetric) shaped ``(G, C)`` (see
+        :func:`~jaxcompress.arrays.quantized.group_layout`); and a boolean mask, shaped
+        like ``weight``, of the entries whose rounded code needed no clipping.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, scale, zero, inside = quantize_codes(jnp.array([[-1.0, 0.5], [1.0, 0.0]]),
+        ...     bits=2, axis=None, group_size=None, symmetric=True, calibration="absmax",
+        ...     percentile=99.9, scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
+        ([[1, 2], [3, 2]], [[1.0]], None, True)
+    """
+    shape = tuple(weight.shape)
+    groups, _, channels = group_layout(shape, axis, group_size)
+    options = dict(
+        bits=bits,
+        symmetric=symmetric,
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+    if groups == 1:
+        # Reduce in place over every axis but the channel one: no reshape of the weight.
+        axes = tuple(d for d in range(len(shape)) if d != axis)
+        codes, scale, zero, inside = quantize_view(weight, axes, **options)
+    else:
+        view = to_groups(weight, axis, group_size)
+        codes, scale, zero, inside = quantize_view(view, (1,), **options)
+        codes = from_groups(codes, shape, axis)
+        inside = from_groups(inside, shape, axis)
+    scale = scale.reshape(groups, channels)
+    zero = None if zero is None else zero.reshape(groups, channels)
+    return codes, scale, zero, inside
+
+
+def quantize_array(
+    weight: jax.Array,
+    *,
+    bits: int,
+    axis: int | None,
+    group_size: int | None,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+) -> Quantized:
+    """Quantizes one array (``axis`` normalized, ``group_size`` already checked).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize_array(jnp.array([[0.0, 1.0], [2.0, 3.0]]), bits=8, axis=None,
+        ...     group_size=None, symmetric=False, calibration="absmax", percentile=99.9,
+        ...     scale_dtype=jnp.float32)
+        >>> [[round(v, 4) for v in row] for row in q.materialize().tolist()]
+        [[0.0, 1.0], [2.0, 3.0]]
+    """
+    codes, scale, zero, _ = quantize_codes(
+        weight,
+        bits=bits,
+        axis=axis,
+        group_size=group_size,
+        symmetric=symmetric,
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+    return Quantized(
+        codes=pack(codes, bits),
+        scale=scale,
+        zero_point=zero,
+        shape=tuple(weight.shape),
+        dtype=np.dtype(weight.dtype),
+        bits=bits,
+        axis=axis,
+        group_size=group_size,
+    )
+
+
+def _leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
+    """The normalized axis for a leaf of ``shape``; raises naming the path if it cannot fit."""
+    if axis is not None:
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(
+                f"{name}: axis={axis} is out of range for leaf {path!r} of shape {tuple(shape)}"
+            )
+        axis = axis % len(shape)
+    if group_size is not None:
+        channels = 1 if axis is None else shape[axis]
+        contracted = math.prod(shape) // channels
+        if contracted % group_size:
+            raise ValueError(
+                f"{name}: group_size={group_size} does not divide the {contracted} entries per "
+                f"channel of leaf {path!r} of shape {tuple(shape)} (axis={axis})"
+            )
+    return axis
+
+
+def _error_stats(weight: jax.Array, restored: jax.Array, bits: int) -> dict:
+    w = weight.astype(jnp.float32)
+    diff = restored.astype(jnp.float32) - w
+    norm = jnp.sqrt(jnp.sum(jnp.square(w)))
+    safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+    return {
+        "bits": bits,
+        "relative_error": jnp.where(norm > 0, jnp.sqrt(jnp.sum(jnp.square(diff))) / safe, 0.0),
+        "max_abs_error": jnp.max(jnp.abs(diff)),
+    }
+
+
+def check_options(
+    name: str,
+    *,
+    bits,
+    axis,
+    group_size,
+    symmetric,
+    calibration,
+    percentile,
+    scale_dtype,
+) -> dict:
+    """Validated, normalized quantizer options (shared by quantize and fake_quant).
+
+    Raises:
+        ValueError: naming ``name``, for any option out of range.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_options("quantize", bits=4, axis=-1, group_size=None, symmetric=True,
+        ...     calibration="absmax", percentile=99.9, scale_dtype=jnp.float32)["bits"]
+        4
+    """
+    if not _is_int(bits) or not 2 <= bits <= 8:
+        raise ValueError(f"{name}: bits must be an integer from 2 to 8, got {bits!r}")
+    if axis is not None and not _is_int(axis):
+        raise ValueError(f"{name}: axis must be an integer or None, got {axis!r}")
+    if group_size is not None and (not _is_int(group_size) or group_size < 1):
+        raise ValueError(f"{name}: group_size must be a positive integer, got {group_size!r}")
+    if calibration not in _CALIBRATIONS:
+        raise ValueError(f"{name}: calibration must be one of {_CALIBRATIONS}, got {calibration!r}")
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, numbers.Real)
+        or not 50.0 < float(percentile) <= 100.0
+    ):
+        raise ValueError(f"{name}: percentile must be in (50, 100], got {percentile!r}")
+    try:
+        scale_dtype = np.dtype(scale_dtype)
+    except TypeError:
+        scale_dtype = None
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"{name}: scale_dtype must be float32, float16 or bfloat16")
+    bits, percentile = int(bits), float(percentile)
+    group_size = None if group_size is None else int(group_size)
+    return dict(
+        bits=bits,
+        axis=axis,
+        group_size=group_size,
+        symmetric=bool(symmetric),
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+
+
+def _gptq_layout(name: str, path: str, shape, axis, group_size, fan_in: int) -> None:
+    """Raises unless the leaf's scale layout lines up with its matrix view's rows."""
+    if axis is None and group_size is None:
+        return
+    if axis == len(shape) - 1 and fan_in == len(shape) - 1:
+        return
+    raise ValueError(
+        f"{name}: method='gptq' quantizes the rows of the matrix view (the {fan_in} leading "
+        f"input axes of leaf {path!r} of shape {tuple(shape)}, from its calibration "
+        "statistics) one at a time, so the scales must be per output channel of a kernel "
+        "whose inputs are all its axes but the last (axis=-1, with or without group_size) "
+        f"or per tensor (axis=None without group_size); got axis={axis}, "
+        f"group_size={group_size}"
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group_size", "gptq_options", "options"))
+def _gptq_array(weight, gram, damp, *, axis, group_size, gptq_options, options) -> tuple:
+    """One leaf quantized by GPTQ, as one program: ``(Quantized, stats)``.
+
+    ``gptq_options`` and ``options`` are tuples of ``(name, value)`` (hashable).
+    """
+    gptq_options, options = dict(gptq_options), dict(options)
+    original = weight
+    shape = tuple(weight.shape)
+    weight = unsharded(weight)
+    m = gram.shape[0]
+    # Starting scales: those of round-to-nearest on the original weights. They are
+    # kept per channel / per tensor and, with act_order, as static groups; otherwise
+    # each group's scale is recomputed from the error-updated rows.
+    _, scale, zero, _ = quantize_codes(weight, axis=axis, group_size=group_size, **options)
+    dynamic = group_size is not None and not gptq_options["act_order"]
+    with mesh_scope(weight):
+        codes, scale, zero, restored, extra = gptq(
+            weight.reshape(m, -1),
+            unsharded(gram),
+            scale,
+            zero,
+            group_size=group_size,
+            dynamic_groups=dynamic,
+            damp=damp,
+            **gptq_options,
+            **options,
+        )
+    quantized = Quantized(
+        codes=pack(codes.reshape(shape), options["bits"]),
+        scale=scale,
+        zero_point=zero,
+        shape=shape,
+        dtype=np.dtype(weight.dtype),
+        bits=options["bits"],
+        axis=axis,
+        group_size=group_size,
+    )
+    restored = restored.astype(original.dtype).reshape(shape)  # what materialize() gives
+    errors = _error_stats(original, restored, options["bits"])
+    return quantized, {**errors, **extra}
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group_size", "fan_in", "grid", "options"))
+def _awq_array(weight, gram, *, axis, group_size, fan_in, grid, options) -> tuple:
+    """One leaf quantized by AWQ, as one program: ``(Quantized, stats)``.
+
+    ``options`` is a tuple of ``(name, value)`` (hashable).
+    """
+    options = dict(options)
+    original = weight
+    shape = tuple(weight.shape)
+    weight = unsharded(weight)
+    layout = dict(shape=shape, axis=axis, group_size=group_size, bits=options["bits"])
+
+    def quantizer(scaled):
+        codes, scale, zero, _ = quantize_codes(scaled, axis=axis, group_size=group_size, **options)
+        return codes, scale, zero
+
+    def decoder(codes, scale, zero):
+        return decode(codes, scale, zero, dtype=jnp.float32, **layout)
+
+    with mesh_scope(weight):
+        (codes, scale, zero, input_scale), extra = awq_search(
+            weight,
+            unsharded(gram),
+            fan_in=fan_in,
+            grid=grid,
+            scale_dtype=options["scale_dtype"],
+            quantize=quantizer,
+            decode=decoder,
+        )
+    quantized = Quantized(
+        codes=pack(codes, options["bits"]),
+        scale=scale,
+        zero_point=zero,
+        shape=shape,
+        dtype=np.dtype(weight.dtype),
+        bits=options["bits"],
+        axis=axis,
+        group_size=group_size,
+        input_scale=input_scale,
+    )
+    errors = _error_stats(original, quantized.materialize(), options["bits"])
+    return quantized, {**errors, **extra}
+
+
+def quantize(
+    bits: int = 8,
+    *,
+    axis: int | None = -1,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    calibration: str = "absmax",
+    percentile: float = 99.9,
+    scale_dtype=jnp.float32,
+    method: str = "rtn",
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    awq_grid: int = 20,
+    where: Filter = kernels,
+    progress: bool = False,
+) -> Transform:
+    """Linear quantization of each selected leaf to ``bits``-bit codes.
+
+    Each selected leaf becomes a :class:`~jaxcompress.Quantized` leaf: unsigned codes
+    bit-packed along the last axis (so 4-bit codes take half a byte each) plus one
+    scale (and, if asymmetric, one zero point) per channel or group. A selected
+    :class:`~jaxcompress.Sparse` leaf keeps its mask and gets its kept values
+    quantized per tensor (or in groups of ``group_size`` along the values; ``axis``
+    is ignored there), so pruned zeros stay exact (``method="rtn"`` only).
+
+    With ``method="gptq"`` (Frantar et al. 2022) the codes are chosen against the
+    weight's calibration inputs (``data=`` from :func:`jaxcompress.calibrate`): the
+    rows of its ``(m, n)`` matrix view (the ``m`` input features it contracts; ``in``
+    of a Dense ``(in, out)`` kernel, ``h * w * in`` of a conv kernel) are rounded one
+    at a time, and each row's rounding error is fed into the rows not yet rounded
+    through the upper Cholesky factor of the damped inverse Gram
+    ``(G + damp · mean(diag G) · I)⁻¹``, which lowers the layer's output error
+    ``‖X W − X Ŵ‖`` (not the weight error). The result has exactly the layout of
+    round-to-nearest (same scale shapes, same ``nbytes``); its codes decode with its
+    stored scales. With an identity Gram and ``damp=0`` it *is* round-to-nearest.
+    See :mod:`jaxcompress.data_aware`.
+
+    With ``method="awq"`` (activation-aware weight quantization, Lin et al. 2023; also
+    with ``data=``) each row ``i`` of the matrix view is multiplied by a scale
+    ``s_i = a_i ** alpha`` (normalised by ``√(max s · min s)``) before the usual
+    quantizer (same ``bits``, ``axis``, ``group_size``, ``symmetric``, ``calibration``)
+    rounds it, and divided by it again on decoding: ``Ŵ = diag(s)⁻¹ Q(diag(s) W)``.
+    (What is stored is ``r = 1 / s`` in ``scale_dtype``: the quantizer rounds the
+    float32 quotient ``W / r`` and decoding multiplies by ``r``, a correctly rounded
+    float32 product on every backend, so ``Ŵ = diag(r) Q(diag(r)⁻¹ W)``.)
+    ``a_i`` is input ``i``'s RMS ``√G_ii`` from the calibration Gram (AWQ's paper uses
+    its mean ``|x_i|``, which the statistics do not keep). ``alpha`` is chosen per leaf
+    from ``awq_grid`` even steps on ``[0, 1]`` for the least output error
+    ``tr(Eᵀ G E)``, ``E = Ŵ − W``; ``alpha = 0`` is round-to-nearest exactly, so
+    AWQ's output error is never above it. The scales are *stored*, not folded into
+    the preceding op: the leaf is a :class:`~jaxcompress.Quantized` with an
+    ``input_scale`` child (``r``) shaped like the weight's input axes (``in`` of a
+    Dense kernel, ``(h, w, in)`` of a conv kernel; counted by ``nbytes``, saved by
+    :func:`jaxcompress.save`), and it materializes to ``Ŵ``.
+    :func:`jaxcompress.accelerate` serves such a leaf dense (its ``materialize``
+    route). See :mod:`jaxcompress.awq`.
+
+    Args:
+        bits: bits per code, an integer from 2 to 8.
+        axis: ``None`` for one scale per tensor; an axis index for one scale per index
+            along it (``-1``: output channel of a Dense ``(in, out)`` or conv
+            ``(h, w, in, out)`` kernel).
+        group_size: split each channel's other entries (flattened row-major) into
+            contiguous groups of this size, one scale per (channel, group). With
+            ``axis=None`` the whole flattened tensor is grouped. Must divide the
+            entries per channel.
+        symmetric: ``True`` for ``2**bits - 1`` levels centred on an exact zero;
+            ``False`` for ``2**bits`` levels with a per-scale zero point.
+        calibration: how the clipping range is chosen per scale: ``"absmax"`` (full
+            range), ``"percentile"`` (the ``percentile``-th percentile of ``|w|``; the
+            lower/upper percentiles if asymmetric) or ``"mse"`` (the clipping ratio of
+            100 in ``(0, 1]`` with the least squared reconstruction error).
+        percentile: the percentile for ``calibration="percentile"``, in ``(50, 100]``.
+        scale_dtype: float32, float16 or bfloat16; scales (and zero points) are
+            stored, counted and decoded in it.
+        method: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (both need
+            ``data=``). AWQ takes every layout round-to-nearest does. GPTQ
+            supports ``axis=-1`` (with or without ``group_size``) on a kernel whose
+            calibrated inputs are all its axes but the last (Dense, conv), and
+            ``axis=None`` without ``group_size`` on any calibrated kernel; per-channel
+            and per-tensor scales are those of round-to-nearest on the original
+            weights, and a group's scale is computed (with ``calibration``) from the
+            current, error-updated weights when the sweep reaches the group.
+        damp: GPTQ's damping, relative to the mean diagonal of the Gram; the absolute
+            ``λ`` added is reported in the stats. ``0`` needs a positive definite Gram.
+        block_size: GPTQ's rows per block of lazy updates (the result does not depend
+            on it beyond float rounding).
+        act_order: GPTQ only: round the rows in order of decreasing ``diag(G)`` (the
+            most active inputs first), then put the codes back in place. With
+            ``group_size`` the group scales are static: computed from the original
+            weights, as AutoGPTQ's ``static_groups``, so the stored groups stay
+            contiguous.
+        awq_grid: AWQ only: how many values of ``alpha``, evenly spaced on ``[0, 1]``
+            (``1``: only ``alpha = 0``, round-to-nearest with unit input scales).
+        where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
+
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
+    Returns:
+        A transform ``tx(params, *, key=None, data=None)`` returning
+        ``(compressed, stats)``, where ``stats`` maps each quantized leaf path to
+        ``{"bits", "relative_error", "max_abs_error"}`` (the errors as scalar arrays, so
+        it works under ``jit``); with GPTQ also ``"damp"``, ``"damping"`` (the ``λ``
+        added to the Gram's diagonal), ``"factorized"`` (whether the Cholesky factors
+        were finite) and ``"relative_output_error"`` (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``);
+        with AWQ also ``"alpha"`` (the chosen exponent), ``"relative_output_error"``
+        (AWQ's) and ``"rtn_relative_output_error"`` (round-to-nearest's, ``alpha = 0``).
+
+    Raises:
+        ValueError: bad ``bits``, ``axis``, ``group_size``, ``calibration``,
+            ``percentile``, ``scale_dtype``, ``method``, ``damp``, ``block_size``,
+            ``awq_grid``; ``act_order`` without GPTQ; ``awq_grid`` without AWQ; a
+            selected scalar, zero-size or non-finite leaf; an axis or group size that
+            does not fit a leaf; GPTQ or AWQ without ``data=``, without statistics for
+            a leaf, with statistics whose feature size fits no fan-in of the leaf
+            (or, outside ``jit``, a Gram with NaN or Inf); GPTQ with a scale layout it
+            does not support, or (outside ``jit``) with a Gram not positive definite
+            after damping.
+        TypeError: a selected integer, boolean or (non-sparse) compressed leaf; a
+            ``Sparse`` leaf with GPTQ or AWQ.
+
+    Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}
+        >>> compressed, stats = jax.jit(jc.quantize(4))(params)
+        >>> compressed["dense"]["kernel"].nbytes  # 64 * 32 / 2 code bytes + 32 float32 scales
+        1152
+        >>> float(stats["dense/kernel"]["relative_error"])
+        0.0
+
+        GPTQ with calibration statistics of a small model:
+
+        >>> from jaxcompress.examples.models import LeNet300100
+        >>> model = LeNet300100()
+        >>> x = jax.random.normal(jax.random.key(0), (64, 64))
+        >>> params = model.init(jax.random.key(1), x)["params"]
+        >>> data = jc.calibrate(lambda p, x: model.apply({"params": p}, x), params, [x])
+        >>> tx = jc.quantize(4, group_size=4, method="gptq")
+        >>> compressed, stats = jax.jit(tx)(params, data=data)
+        >>> compressed["dense1"]["kernel"]
+        Quantized(shape=(64, 300), dtype=float32, bits=4, axis=1, group_size=4)
+        >>> rtn, rtn_stats = jc.quantize(4, group_size=4)(params)
+        >>> compressed["dense1"]["kernel"].nbytes == rtn["dense1"]["kernel"].nbytes
+        True
+
+        AWQ: the same codes and scales plus one stored scale per input feature:
+
+        >>> tx = jc.quantize(4, group_size=4, method="awq", where="dense1/kernel")
+        >>> awq, awq_stats = tx(params, data=data)
+        >>> awq["dense1"]["kernel"]
+        Quantized(shape=(64, 300), dtype=float32, bits=4, axis=1, group_size=4, input_scale=(64,))
+        >>> awq["dense1"]["kernel"].nbytes - rtn["dense1"]["kernel"].nbytes  # 64 float32
+        256
+        >>> s = awq_stats["dense1/kernel"]
+        >>> bool(s["relative_output_error"] <= s["rtn_relative_output_error"])
+        True
+    """
+    options = check_options(
+        "quantize",
+        bits=bits,
+        axis=axis,
+        group_size=group_size,
+        symmetric=symmetric,
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+    if method not in _METHODS:
+        raise ValueError(f"quantize: method must be one of {_METHODS}, got {method!r}")
+    if not isinstance(act_order, bool | np.bool_):
+        raise ValueError(f"quantize: act_order must be a bool, got {act_order!r}")
+    if act_order and method != "gptq":
+        raise ValueError("quantize: act_order=True only applies to method='gptq'")
+    if isinstance(awq_grid, bool) or not isinstance(awq_grid, numbers.Integral) or awq_grid < 1:
+        raise ValueError(f"quantize: awq_grid must be a positive integer, got {awq_grid!r}")
+    if awq_grid != 20 and method != "awq":
+        raise ValueError(f"quantize: awq_grid={awq_grid} only applies to method='awq'")
+    damp_value = check_damp("quantize", damp)
+    gptq_options = {
+        "block_size": check_block_size("quantize", block_size),
+        "act_order": bool(act_order),
+    }
+    bits, group_size = options["bits"], options.pop("group_size")
+    options.pop("axis")
+    name = f"quantize({bits}, axis={axis}, group_size={group_size}, symmetric={bool(symmetric)})"
+    if method == "gptq":
+        name = name[:-1] + f", method=gptq{', act_order=True' if act_order else ''})"
+    if method == "awq":
+        name = name[:-1] + f", method=awq, awq_grid={int(awq_grid)})"
+    data_aware = method in ("gptq", "awq")
+    option = f"method={method!r}"
+
+    def apply(params, *, key=None, data=None):
+        by_path = require_data(name, option, data) if data_aware else {}
+        selected, entries, treedef = select_leaves(params, where)
+        # Every leaf is checked before anything is computed, so nothing is half done.
+        plans = []
+        for entry in selected:
+            if data_aware and isinstance(entry.leaf, Sparse):
+                raise TypeError(
+                    f"{name}: leaf {entry.path!r} is Sparse; {method.upper()} needs the dense "
+                    "matrix (its kept values have no row layout): use method='rtn' for it "
+                    "(exclude it with where=) or quantize before pruning"
+                )
+            values = check_values_to_compress(name, entry.path, entry.leaf)
+            # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
+            leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
+            layout = _leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
+            gram, fan_in = None, None
+            if data_aware:
+                shape = tuple(values.shape)
+                gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
+                if method == "gptq":
+                    _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
+            plans.append((entry, values, layout, gram, fan_in))
+        leaves = [entry.leaf for entry in entries]
+        stats = {}
+        for entry, weight, leaf_axis, gram, fan_in in over_leaves(
+            plans,
+            sizes=[leaf_bytes(plan[1]) for plan in plans],
+            description=name,
+            enabled=progress and not any(is_traced(plan[1]) for plan in plans),
+        ):
+            if gram is None:
+                quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
+            elif method == "awq":
+                quantized, extra = _awq_array(
+                    weight,
+                    gram,
+                    axis=leaf_axis,
+                    group_size=group_size,
+                    fan_in=fan_in,
+                    grid=int(awq_grid),
+                    options=tuple(sorted(options.items())),
+                )
+            else:
+                quantized, extra = _gptq_array(
+                    weight,
+                    gram,
+                    jnp.float32(damp_value),
+                    axis=leaf_axis,
+                    group_size=group_size,
+                    gptq_options=tuple(sorted(gptq_options.items())),
+                    options=tuple(sorted(options.items())),
+                )
+                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
+                    raise ValueError(
+                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
+                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
+                    )
+                extra = {**extra, "bits": bits, "damp": damp_value}
+            reference = named_sharding_of(weight)
+            quantized = jax.tree.map(functools.partial(place_like, reference=reference), quantized)
+            if reference is not None and quantized.input_scale is not None:
+                spec = input_scale_spec(tuple(quantized.input_scale.shape), reference)
+                inputs = place_like(quantized.input_scale, NamedSharding(reference.mesh, spec))
+                quantized = dataclasses.replace(quantized, input_scale=inputs)
+            if gram is None:
+                extra = _error_stats(weight, quantized.materialize(), bits)
+            stats[entry.path] = extra
+            if isinstance(entry.leaf, Sparse):
+                quantized = Sparse(quantized, entry.leaf.mask, entry.leaf.shape, entry.leaf.dtype)
+            leaves[entry.index] = quantized
+        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+
+    return Transform(apply, name)

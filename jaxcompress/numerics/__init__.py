@@ -1,0 +1,1 @@
+"""Layer 2: compression algorithms on plain arrays (no pytrees)."""

@@ -1,0 +1,1 @@
+"""Layer 6: running compressed trees: materialize routes, kernels, sharding, reports."""

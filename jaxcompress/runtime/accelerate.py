@@ -1,0 +1,528 @@
+"""``accelerate``: run a model's own ``apply`` on compressed weights, fast.
+
+The model is traced once per input shape with dense stand-ins for the compressed
+leaves (:func:`jaxcompress.graph.trace_jaxpr`), and the jaxpr is evaluated again
+(:func:`jaxcompress.graph.evaluate`) with each ``dot_general`` or convolution that
+consumes a compressed leaf replaced by a kernel from :mod:`jaxcompress.kernels`:
+
+===================  ==========================================================
+leaf                 route
+===================  ==========================================================
+``LowRank``          ``factored``: ``(x @ u) @ v``; two convolutions for a kernel
+``QuantizedMatrix``  ``int8`` (integer dot, dynamic int8 activations) where the
+                     backend has fast integer dots and the batch is large enough,
+                     else ``blocked`` (dequantize one block at a time)
+``ClusteredMatrix``  ``blocked`` lookup (exact; ``prepare`` makes an int8-grid
+                     ``QuantizedMatrix`` instead when int8 activations are on)
+``Sparse``, other    ``materialize``: dense masked, then the original op
+===================  ==========================================================
+
+A ``Quantized`` leaf with AWQ input scales has no serving layout yet: ``prepare``
+leaves it as it is and it takes the ``materialize`` route (exact).
+
+``Quantized`` and ``Clustered`` leaves get their fast routes after
+``prepare(params)`` converts them, once, to the output-major serving layout
+(:mod:`jaxcompress.arrays.serving`); unprepared, they are materialized. Every
+other use of a compressed leaf (an elementwise op, a reshape, a use the kernels do
+not cover) materializes it, so results are always those of the original function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxcompress.arrays import LowRank, is_compressed
+from jaxcompress.arrays.clustered import Clustered
+from jaxcompress.arrays.quantized import Quantized
+from jaxcompress.arrays.serving import (
+    ClusteredMatrix,
+    QuantizedMatrix,
+    clustered_on_int8_grid,
+    servable,
+    to_serving,
+    uniform_codebook_as_quantized,
+)
+from jaxcompress.core.paths import path_to_str
+from jaxcompress.jaxpr.graph import CONV, DOT, bind_equation, evaluate, trace_jaxpr
+from jaxcompress.runtime import kernels
+
+__all__ = ["Accelerated", "Decision", "Plan", "ROUTES", "accelerate"]
+
+ROUTES = ("auto", "int8", "blocked", "dequantize", "materialize")
+
+# Rows the integer dot pads its activation to, per backend: on this project's CPU
+# (AVX-512 VNNI) XLA's int8 product of 1 row took 18 ms and of 8 rows 0.8 ms
+# (float32 at 1 row: 1.4 ms), so fewer rows are padded with zeros.
+_INT8_PAD_ROWS = {"cpu": 8}
+# Rows below which packed 4-bit codes take the blocked route: unpacking them for the
+# integer dot costs more than it saves until the batch is large (on this CPU, a
+# 4 x 4096 MLP at 8 rows took 20 ms that way, 14 ms blocked, 14 ms dense).
+_PACKED_INT8_MIN_ROWS = {"cpu": 64}
+
+# Ops that hand their operand on unchanged (for a weight: same values, same layout).
+_PASS_THROUGH = frozenset({"copy", "copy_p", "sharding_constraint", "pvary", "reshard"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """How one use of a compressed leaf was run.
+
+    Attributes:
+        path: the leaf path.
+        leaf: the leaf's class name.
+        op: the consuming primitive (``dot_general``, ``conv_general_dilated``, ...).
+        route: ``factored``, ``int8``, ``blocked``, ``dequantize`` or ``materialize``.
+        rows: rows ``M`` of the activation matrix, 0 where there is none.
+        note: why this route, when it is not the fast one.
+    """
+
+    path: str
+    leaf: str
+    op: str
+    route: str
+    rows: int
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The routes taken by one traced call (see :meth:`Accelerated.explain`).
+
+    ``str(plan)`` is a table of every decision.
+
+    Attributes:
+        decisions: one :class:`Decision` per use of a compressed leaf, in program order.
+        backend: the backend the routes were chosen for.
+
+    Example:
+        >>> plan = Plan((Decision("w", "LowRank", "dot_general", "factored", 4),), "cpu")
+        >>> plan.routes()
+        {'w': 'factored'}
+        >>> print(plan)
+        backend: cpu
+        leaf  type     op           route     rows  note
+        ----  -------  -----------  --------  ----  ----
+        w     LowRank  dot_general  factored  4
+    """
+
+    decisions: tuple[Decision, ...]
+    backend: str
+
+    def routes(self) -> dict[str, str]:
+        """``{path: route}``; a leaf used twice shows its routes joined by ``+``."""
+        out: dict[str, list[str]] = {}
+        for d in self.decisions:
+            out.setdefault(d.path, []).append(d.route)
+        return {path: "+".join(r) for path, r in out.items()}
+
+    def __str__(self) -> str:
+        header = ("leaf", "type", "op", "route", "rows", "note")
+        rows = [header] + [
+            (d.path, d.leaf, d.op, d.route, str(d.rows), d.note) for d in self.decisions
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return f"backend: {self.backend}\n" + "\n".join(line.rstrip() for line in lines)
+
+
+@dataclasses.dataclass
+class _Weight:
+    """A compressed leaf flowing through the jaxpr; its dense value is made on demand.
+
+    ``axes[i]`` is the leaf's original axis that axis ``i`` of the value as the
+    program sees it comes from (transposes permute it).
+    """
+
+    path: str
+    leaf: Any
+    dtype: np.dtype
+    axes: tuple[int, ...]
+    dense: Any = None
+
+    def value(self) -> jax.Array:
+        if self.dense is None:
+            self.dense = self.leaf.materialize()
+        return jnp.transpose(self.dense, self.axes).astype(self.dtype)
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, _Weight)
+
+
+def _matrix_fan_in(leaf: Any) -> int | None:
+    """How many leading axes a kernel contracts for this leaf's matrix view."""
+    if isinstance(leaf, LowRank):
+        return leaf.fan_in_axes
+    if isinstance(leaf, QuantizedMatrix | ClusteredMatrix):
+        return len(leaf.shape) - 1
+    return None
+
+
+class _Router:
+    """Evaluates the equations that receive compressed leaves; records each choice."""
+
+    def __init__(self, *, route: str, int8_activations: bool, backend: str) -> None:
+        self.route = route
+        self.int8_activations = int8_activations
+        self.backend = backend
+        self.decisions: list[Decision] = []
+
+    def record(self, weight: _Weight, op: str, route: str, rows: int, note: str = "") -> None:
+        kind = type(weight.leaf).__name__
+        self.decisions.append(Decision(weight.path, kind, op, route, rows, note))
+
+    def __call__(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        name = eqn.primitive.name
+        if len(invals) == 1 and name in _PASS_THROUGH:
+            return [invals[0]]
+        if name == "convert_element_type" and _is_weight(invals[0]):
+            new_dtype = np.dtype(eqn.params["new_dtype"])
+            return [dataclasses.replace(invals[0], dtype=new_dtype)]
+        if name == "transpose" and _is_weight(invals[0]):
+            axes = tuple(invals[0].axes[p] for p in eqn.params["permutation"])
+            return [dataclasses.replace(invals[0], axes=axes)]
+        if name == DOT:
+            out = self._dot(eqn, invals)
+            if out is not None:
+                return [out]
+        if name == CONV:
+            out = self._conv(eqn, invals)
+            if out is not None:
+                return [out]
+        for value in invals:
+            if _is_weight(value):
+                self.record(value, name, "materialize", 0, self._why_dense(value, name))
+        dense = [v.value() if _is_weight(v) else v for v in invals]
+        return bind_equation(eqn, dense)
+
+    def _why_dense(self, weight: _Weight, op: str) -> str:
+        leaf = weight.leaf
+        if isinstance(leaf, Quantized | Clustered) and servable(leaf):
+            return "not prepared: call prepare(params) once for the fast routes"
+        if isinstance(leaf, Quantized) and leaf.input_scale is not None:
+            return "AWQ input scales: no serving layout, dense weight"
+        if op not in (DOT, CONV):
+            return f"used by {op}"
+        if isinstance(leaf, LowRank | QuantizedMatrix | ClusteredMatrix):
+            return "the op does not contract the leaf's leading axes"
+        return f"no kernel for {type(leaf).__name__}"
+
+    def _dot(self, eqn: Any, invals: list[Any]) -> jax.Array | None:
+        (contract, batch) = eqn.params["dimension_numbers"]
+        slots = [i for i in (0, 1) if _is_weight(invals[i])]
+        if len(slots) != 1 or batch[0] or batch[1]:
+            return None
+        w_slot = slots[0]
+        weight, act = invals[w_slot], invals[1 - w_slot]
+        fan_in = _matrix_fan_in(weight.leaf)
+        # Contracted axes in the leaf's own numbering, paired with the activation's.
+        pairs = sorted(
+            (weight.axes[w], a) for w, a in zip(contract[w_slot], contract[1 - w_slot], strict=True)
+        )
+        if fan_in is None or [w for w, _ in pairs] != list(range(fan_in)):
+            return None
+        act_contract = [a for _, a in pairs]
+        act_free = [d for d in range(act.ndim) if d not in act_contract]
+        rows = math.prod(act.shape[d] for d in act_free)
+        features = math.prod(act.shape[d] for d in act_contract)
+        x = jnp.transpose(act, act_free + act_contract).reshape(rows, features)
+        y = self._matmul(weight, x, eqn)
+        out_shape = tuple(act.shape[d] for d in act_free) + tuple(weight.leaf.shape[fan_in:])
+        y = y.reshape(out_shape)
+        # The program wants the weight's free axes in its own (possibly transposed) order,
+        # and dot_general puts the lhs free axes first.
+        n_act = len(act_free)
+        free_order = [a - fan_in for a in weight.axes if a >= fan_in]
+        weight_axes = [n_act + i for i in free_order]
+        act_axes = list(range(n_act))
+        order = weight_axes + act_axes if w_slot == 0 else act_axes + weight_axes
+        return jnp.transpose(y, order).astype(eqn.outvars[0].aval.dtype)
+
+    def _matmul(self, weight: _Weight, x: jax.Array, eqn: Any) -> jax.Array:
+        leaf, rows, op = weight.leaf, x.shape[0], eqn.primitive.name
+        if isinstance(leaf, LowRank):
+            self.record(weight, op, "factored", rows)
+            precision = eqn.params.get("precision")
+            return kernels.factored(x, leaf, precision=precision)
+        route, note = self._choose(leaf, rows)
+        self.record(weight, op, route, rows, note)
+        if route == "int8":
+            pad = _INT8_PAD_ROWS.get(self.backend, 1)
+            if isinstance(leaf, QuantizedMatrix):
+                return kernels.int8_quantized(x, leaf, min_rows=pad)
+            return kernels.int8_clustered(x, leaf, min_rows=pad)
+        if route == "blocked":
+            if isinstance(leaf, QuantizedMatrix):
+                return kernels.blocked_quantized(x, leaf)
+            return kernels.blocked_clustered(x, leaf)
+        if route == "dequantize":
+            return kernels.dequantized(x, leaf)
+        k, n = leaf.matrix_shape
+        dense = leaf.materialize().reshape(k, n).astype(jnp.float32)
+        return x.astype(jnp.float32) @ dense
+
+    def _choose(self, leaf: QuantizedMatrix | ClusteredMatrix, rows: int) -> tuple[str, str]:
+        one_group = not isinstance(leaf, QuantizedMatrix) or leaf.groups == 1
+        if self.route != "auto":
+            if self.route == "int8" and not (one_group and self.int8_activations):
+                why = "scale groups" if not one_group else "int8_activations=False"
+                return "blocked", f"int8 asked for, but {why}"
+            return self.route, "forced"
+        if not one_group:
+            return "blocked", "scale groups: float blocks"
+        if not self.int8_activations:
+            return "blocked", "int8_activations=False"
+        if isinstance(leaf, ClusteredMatrix):
+            return "blocked", "exact indices: a per-call int8 lookup is slower"
+        minimum = _PACKED_INT8_MIN_ROWS.get(self.backend, 1)
+        if leaf.packed and rows < minimum:
+            return "blocked", f"packed 4-bit codes at {rows} < {minimum} rows"
+        return "int8", ""
+
+    def _conv(self, eqn: Any, invals: list[Any]) -> jax.Array | None:
+        weight, act = invals[1], invals[0]
+        if not _is_weight(weight) or _is_weight(act) or not isinstance(weight.leaf, LowRank):
+            return None
+        if weight.axes != tuple(range(len(weight.leaf.shape))):
+            return None
+        p = eqn.params
+        leaf = weight.leaf
+        ndim = len(leaf.shape)
+        # Only kernels laid out (spatial..., in, out), as flax stores them.
+        hwio = (ndim - 1, ndim - 2, *range(ndim - 2))
+        if tuple(p["dimension_numbers"].rhs_spec) != hwio or leaf.fan_in_axes != ndim - 1:
+            return None
+        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+            return None
+        rank = leaf.rank
+        first = leaf.u.reshape(*leaf.shape[:-1], rank).astype(weight.dtype)
+        second = leaf.v.reshape(*(1,) * (ndim - 2), rank, leaf.shape[-1]).astype(weight.dtype)
+        bind = eqn.primitive.get_bind_params(p)
+        inner = lax.conv_general_dilated(
+            act,
+            first,
+            window_strides=p["window_strides"],
+            padding=p["padding"],
+            lhs_dilation=p["lhs_dilation"],
+            rhs_dilation=p["rhs_dilation"],
+            dimension_numbers=p["dimension_numbers"],
+            precision=bind.get("precision"),
+        )
+        self.record(weight, CONV, "factored", 0)
+        out = lax.conv_general_dilated(
+            inner,
+            second,
+            window_strides=(1,) * (ndim - 2),
+            padding="VALID",
+            dimension_numbers=p["dimension_numbers"],
+            precision=bind.get("precision"),
+        )
+        return out.astype(eqn.outvars[0].aval.dtype)
+
+
+def _abstract(tree: Any) -> Any:
+    def one(x: Any) -> Any:
+        if is_compressed(x):
+            return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+        return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+    return jax.tree.map(one, tree, is_leaf=is_compressed)
+
+
+class Accelerated:
+    """``apply_fn`` over compressed pytrees; made by :func:`accelerate`.
+
+    Attributes:
+        apply_fn: the wrapped function.
+        route: ``"auto"`` or the forced route.
+        int8_activations: whether the integer route may quantize activations.
+        last_plan: the :class:`Plan` of the most recently traced call, or ``None``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> fast = jc.accelerate(lambda p, x: x @ p["w"], int8_activations=False)
+        >>> q, _ = jc.quantize(bits=4, axis=-1)({"w": jnp.ones((32, 8))})
+        >>> fast(fast.prepare(q), jnp.ones((2, 32))).shape, fast.last_plan.routes()
+        ((2, 8), {'w': 'blocked'})
+    """
+
+    def __init__(self, apply_fn: Callable[..., Any], *, route: str, int8_activations: bool) -> None:
+        self.apply_fn = apply_fn
+        self.route = route
+        self.int8_activations = int8_activations
+        self.last_plan: Plan | None = None
+        self._jitted = jax.jit(self._run)
+
+    def __call__(self, params: Any, *args: Any) -> Any:
+        leaves = jax.tree_util.tree_leaves(params, is_leaf=is_compressed)
+        if not any(is_compressed(leaf) for leaf in leaves):
+            return self.apply_fn(params, *args)
+        return self._jitted(params, *args)
+
+    def prepare(self, params: Any) -> Any:
+        """``params`` with quantized and clustered weights in their serving layout.
+
+        Run it once, outside the serving loop: it transposes each servable
+        :class:`~jaxcompress.Quantized` / :class:`~jaxcompress.Clustered` leaf to the
+        output-major layout the fast kernels read (packing 4-bit codes two per byte).
+        Quantized values are unchanged: ``materialize`` of a prepared leaf equals the
+        original. A clustered leaf whose codebook is evenly spaced becomes exact linear
+        codes (:func:`~jaxcompress.arrays.serving.uniform_codebook_as_quantized`); any
+        other clustered leaf is, with ``int8_activations`` (the default), put on
+        an int8 grid (:func:`~jaxcompress.arrays.serving.clustered_on_int8_grid`: each
+        weight moves by at most ``max|codebook| / 254``, and it then holds one byte per
+        weight) so it can take the integer route; without, its indices are kept
+        exactly.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> import jaxcompress as jc
+            >>> fast = jc.accelerate(lambda p, x: x @ p["w"])
+            >>> q, _ = jc.quantize(bits=8, axis=-1)({"w": jnp.ones((16, 4))})
+            >>> type(fast.prepare(q)["w"]).__name__
+            'QuantizedMatrix'
+        """
+
+        def one(leaf: Any) -> Any:
+            if isinstance(leaf, Clustered) and servable(leaf):
+                exact = uniform_codebook_as_quantized(leaf)
+                if exact is not None:
+                    return exact
+                if self.int8_activations:
+                    return clustered_on_int8_grid(leaf)
+            return to_serving(leaf) if servable(leaf) else leaf
+
+        return jax.tree.map(one, params, is_leaf=is_compressed)
+
+    def explain(self, params: Any, *args: Any) -> Plan:
+        """The route each compressed leaf would take for these inputs (nothing runs).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> import jaxcompress as jc
+            >>> fast = jc.accelerate(lambda p, x: x @ p["w"])
+            >>> lr, _ = jc.low_rank(rank=2)({"w": jnp.ones((64, 64))})
+            >>> fast.explain(lr, jnp.ones((3, 64))).routes()
+            {'w': 'factored'}
+        """
+        router = self._router()
+        jax.eval_shape(lambda p, *a: self._evaluate(router, p, *a), params, *args)
+        return Plan(tuple(router.decisions), router.backend)
+
+    def _router(self) -> _Router:
+        return _Router(
+            route=self.route,
+            int8_activations=self.int8_activations,
+            backend=jax.default_backend(),
+        )
+
+    def _run(self, params: Any, *args: Any) -> Any:
+        router = self._router()
+        out = self._evaluate(router, params, *args)
+        self.last_plan = Plan(tuple(router.decisions), router.backend)
+        return out
+
+    def _evaluate(self, router: _Router, params: Any, *args: Any) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_compressed)
+        stand_ins = jax.tree.unflatten(treedef, [_abstract(leaf) for _, leaf in flat])
+        out_tree = {}
+
+        def flat_apply(p: Any, *a: Any) -> list[Any]:
+            leaves, out_tree["def"] = jax.tree.flatten(self.apply_fn(p, *a))
+            return leaves
+
+        try:
+            closed, _ = trace_jaxpr(flat_apply, stand_ins, *_abstract(args))
+        except Exception as error:  # any tracing failure: say which leaves were stand-ins
+            raise ValueError(_trace_failure(flat, error)) from error
+        values = [
+            _Weight(path_to_str(path), leaf, np.dtype(leaf.dtype), tuple(range(len(leaf.shape))))
+            if is_compressed(leaf)
+            else leaf
+            for path, leaf in flat
+        ]
+        outs = evaluate(closed, values + jax.tree.leaves(args), special=_is_weight, rule=router)
+        dense = [o.value() if _is_weight(o) else o for o in outs]
+        return jax.tree.unflatten(out_tree["def"], dense)
+
+
+def _trace_failure(flat: list, error: Exception) -> str:
+    message = str(error)
+    compressed = [(path_to_str(p), tuple(leaf.shape)) for p, leaf in flat if is_compressed(leaf)]
+    named = [f"{p} (dense shape {s})" for p, s in compressed if str(s) in message]
+    listed = named or [f"{p} (dense shape {s})" for p, s in compressed]
+    return (
+        "apply_fn could not run with the compressed leaves' dense shapes; check "
+        f"{', '.join(listed)}. The error was: {type(error).__name__}: {message}"
+    )
+
+
+def accelerate(
+    apply_fn: Callable[..., Any], *, route: str = "auto", int8_activations: bool = True
+) -> Accelerated:
+    """``apply_fn(params, *args)`` taking compressed ``params``, with fast kernels.
+
+    The returned callable traces ``apply_fn`` with dense stand-ins (once per input
+    shape, under ``jit``) and runs each matrix product or convolution that consumes a
+    compressed leaf with the fastest correct kernel for the backend and batch size;
+    see the module docstring for the routes. Call ``prepare(params)`` once first so
+    quantized and clustered leaves can take their fast routes. ``explain(params,
+    *args)`` (or ``last_plan`` after a call) says which route each leaf took.
+
+    With no compressed leaf in ``params``, the call is exactly ``apply_fn(params,
+    *args)``.
+
+    Accuracy against ``apply_fn(materialize(params), *args)``: the ``factored``,
+    ``blocked`` and ``dequantize`` routes agree to float32 rounding (relative error
+    about 1e-6 of the output's scale). The ``int8`` route also rounds each activation
+    row to int8 (and ``prepare`` puts a clustered codebook on an int8 grid): the
+    3-layer MLP of ``tests/test_accelerate.py`` stays within 3 % relative error of the
+    materialized output, and MiniLM-L6's sentence embeddings keep a mean cosine of
+    0.9956 to the dense ones against 0.9992 with float activations
+    (``benchmarks/results/inference_cpu.md``). Pass ``int8_activations=False`` to rule
+    it out.
+
+    Args:
+        apply_fn: ``apply_fn(params, *args)``: a linen ``lambda p, x:
+            model.apply({"params": p}, x)``, an nnx ``lambda s, x: nnx.merge(g, s)(x)``
+            or any function. Non-array options should be bound beforehand.
+        route: ``"auto"``, or force one route (``"int8"``, ``"blocked"``,
+            ``"dequantize"``, ``"materialize"``) for every quantized or clustered use,
+            as the benchmarks do.
+        int8_activations: whether the ``int8`` route may quantize activations.
+
+    Returns:
+        An :class:`Accelerated` callable with ``prepare``, ``explain`` and
+        ``last_plan``.
+
+    Raises:
+        ValueError: for an unknown route, or when ``apply_fn`` cannot run with the
+            compressed leaves' shapes (the message names the leaves).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> params = {"w": jnp.linspace(-1.0, 1.0, 64 * 32).reshape(64, 32)}
+        >>> q, _ = jc.quantize(bits=8, axis=-1)(params)
+        >>> fast = jc.accelerate(lambda p, x: jnp.tanh(x @ p["w"]))
+        >>> served = fast.prepare(q)
+        >>> x = jnp.ones((16, 64))
+        >>> y = fast(served, x)
+        >>> fast.last_plan.routes()
+        {'w': 'int8'}
+        >>> bool(jnp.allclose(y, jnp.tanh(x @ jc.materialize(q)["w"]), atol=0.02))
+        True
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    return Accelerated(apply_fn, route=route, int8_activations=int8_activations)

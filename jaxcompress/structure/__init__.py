@@ -1,0 +1,1 @@
+"""Layer 5: structured pruning: coupled axes, thinning, units, sensitivity."""
