@@ -32,7 +32,7 @@ where = ["dense1", "dense2"]
 
 
 def _cli(*args, cwd=None):
-    command = [sys.executable, "-m", "jaxcompress.cli", *map(str, args)]
+    command = [sys.executable, "-m", "jaxcompress.cli.main", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 

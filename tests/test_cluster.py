@@ -354,7 +354,7 @@ def test_property_codebook_size_indices_and_error(w, bits):
 
 @pytest.mark.parametrize("k", [16, 256])
 def test_histogram_path_on_large_leaves(k):
-    cluster_module = importlib.import_module("jaxcompress.cluster")
+    cluster_module = importlib.import_module("jaxcompress.methods.cluster")
 
     rng = np.random.default_rng(k)
     # Above the histogram threshold: a Gaussian with a small far cluster.
@@ -390,7 +390,7 @@ def test_histogram_path_on_large_leaves(k):
 
 
 def test_histogram_path_falls_back_to_an_exact_codebook():
-    cluster_module = importlib.import_module("jaxcompress.cluster")
+    cluster_module = importlib.import_module("jaxcompress.methods.cluster")
 
     n = cluster_module._HISTOGRAM_MIN + 64
     values = np.array([-1.5, 0.25, 0.5, 7.0], np.float32)

@@ -36,7 +36,7 @@ def _public_callables():
         obj = getattr(jaxcompress.filters, name)
         if (
             inspect.isfunction(obj)
-            and obj.__module__ == "jaxcompress.filters"
+            and obj.__module__ == "jaxcompress.transforms.filters"
             and not name.startswith("_")
         ):
             yield f"filters.{name}", obj

@@ -12,8 +12,8 @@ import jaxcompress as jc
 from jaxcompress.transforms.base import _leaf_passes
 
 # The modules themselves: the package exports factories of the same names.
-prune_module = sys.modules["jaxcompress.prune"]
-cluster_module = sys.modules["jaxcompress.cluster"]
+prune_module = sys.modules["jaxcompress.methods.prune"]
+cluster_module = sys.modules["jaxcompress.methods.cluster"]
 
 
 def _tree(seed=0):
