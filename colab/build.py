@@ -102,7 +102,7 @@ def build(source: Path) -> nbformat.NotebookNode:
 def render(source: Path) -> str:
     """The text that this script writes to the notebook of ``source``.
 
-    >>> render(HERE / "01_quickstart.py").startswith('{\n "cells": [')
+    >>> render(HERE / "01_quickstart.py").startswith('{\\n "cells": [')
     True
     """
     return nbformat.writes(build(source)) + "\n"
