@@ -54,28 +54,23 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import minilm as sentences
 import numpy as np
+from _common import command, markdown_table, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxcompress as jc
+from jaxcompress.calibration.calibrate import stats_by_path
+from jaxcompress.core.paths import path_to_str
+from jaxcompress.examples.classifier import accuracy, fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.minilm import encode, load_minilm
+from jaxcompress.examples.models import LeNet5, LeNet300100
 
-import minilm as sentences  # noqa: E402
-from _results import markdown_table, write  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.calibration.calibrate import stats_by_path  # noqa: E402
-from jaxcompress.core.paths import path_to_str  # noqa: E402
-from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.minilm import encode, load_minilm  # noqa: E402
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/data_aware.py"
+COMMAND = command(__file__)
 MATRICES = r"layer_\d+/.*/kernel"
 QUICK_MATRICES = r"layer_0/.*/kernel"
 EVALUATION_SENTENCES = 512

@@ -25,32 +25,28 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _results  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.arrays import Sparse, is_compressed  # noqa: E402
-from jaxcompress.core.paths import path_to_str  # noqa: E402
-from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.examples.pipeline import deep_compression  # noqa: E402
-from jaxcompress.io import container, treecodec  # noqa: E402
+import jaxcompress as jc
+from jaxcompress.arrays import Sparse, is_compressed
+from jaxcompress.core.paths import path_to_str
+from jaxcompress.examples.classifier import accuracy, fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet5, LeNet300100
+from jaxcompress.examples.pipeline import deep_compression
+from jaxcompress.io import container, treecodec
 
 SEEDS = (0, 1, 2)
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/deep_compression.py"
+COMMAND = _common.command(__file__)
 TARGET_RATIO = 30.0
 TARGET_LOSS = 1.0  # points of test accuracy
 # The pipeline's own keyword defaults, read from its signature so they cannot drift.
@@ -333,7 +329,7 @@ def _stage_table(runs: list[dict]) -> tuple[str, dict]:
         "ratio",
         "what is counted",
     ]
-    return _results.markdown_table(header, rows), data
+    return _common.markdown_table(header, rows), data
 
 
 def _layer_table(runs: list[dict]) -> tuple[str, list[dict]]:
@@ -408,7 +404,7 @@ def _layer_table(runs: list[dict]) -> tuple[str, list[dict]]:
         "layer ratio (no rANS)",
         "encoding (seed 0)",
     ]
-    return _results.markdown_table(header, rows), data
+    return _common.markdown_table(header, rows), data
 
 
 def main() -> None:
@@ -503,7 +499,7 @@ def main() -> None:
                     f"{size['dense'] / (size['file'] - size['file_header']):.1f}x",
                 ]
             )
-        sweep_md = _results.markdown_table(
+        sweep_md = _common.markdown_table(
             [
                 "settings (changes from pipeline defaults)",
                 "dense %",
@@ -539,7 +535,7 @@ def main() -> None:
             f"fine-tuned params in {len(runs) - mismatches} of {len(runs)} seeds."
         )
         paper = PAPER[setup.name]
-        paper_md = _results.markdown_table(
+        paper_md = _common.markdown_table(
             ["layer (paper)", "weights", "kept after pruning"],
             [list(layer) for layer in paper["layers"]]
             + [["total", paper["weights"], paper["kept_total"]]],
@@ -549,7 +545,7 @@ def main() -> None:
         n_bias = sum(x["entries"] for x in runs[0]["layers"].values()) - n_kernel
         dense_acc = np.array([r["accuracy"]["dense"] for r in runs])
         final_acc = np.array([r["accuracy"]["fine-tuned"] for r in runs])
-        side_md = _results.markdown_table(
+        side_md = _common.markdown_table(
             ["", "paper (MNIST, quoted)", f"here (digits, measured, mean of {len(SEEDS)} seeds)"],
             [
                 [
@@ -629,7 +625,7 @@ def main() -> None:
         "the 0.93), so the LeNet-5 mean loss in particular is optimistically selected on "
         f"the test set. Whole run: {seconds:.0f} s.\n\n" + "\n".join(sections)
     )
-    path = _results.write(
+    path = _common.write(
         "deep_compression",
         title="Deep Compression of LeNet-300-100 and LeNet-5 on digits, beside Han et al. 2016",
         command=COMMAND,

@@ -50,7 +50,6 @@ import gzip
 import lzma
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,20 +59,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jaxcompress as jc
+from jaxcompress.examples.classifier import fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100
+from jaxcompress.examples.pipeline import deep_compression
+from jaxcompress.io import container, treecodec
+from jaxcompress.io.interop import read_safetensors
 
-from _results import markdown_table, write  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.examples.classifier import fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet300100  # noqa: E402
-from jaxcompress.examples.pipeline import deep_compression  # noqa: E402
-from jaxcompress.io import container, treecodec  # noqa: E402
-from jaxcompress.io.interop import read_safetensors  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/file_size.py"
+COMMAND = command(__file__)
 TARGET = 1.02  # stream_bytes <= TARGET * stream_entropy_bytes
 REPEATS = 3
 

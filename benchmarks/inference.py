@@ -51,15 +51,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, time_once, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxcompress as jc
 
-from _results import markdown_table, write  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/inference.py"
+COMMAND = command(__file__)
 BATCHES = (1, 8, 64, 256)
 WIDTH, LAYERS = 4096, 4
 SEQUENCE = 32
@@ -198,21 +194,15 @@ def matmul_flops(params: Any, where: str) -> int:
 # ----------------------------------------------------------------------------- timing
 
 
-def _time_once(fn: Callable, args: tuple) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def interleaved(calls: dict[str, tuple[Callable, tuple]], seconds: float, min_rounds: int):
     for fn, args in calls.values():
-        _time_once(fn, args)
-        _time_once(fn, args)
+        time_once(fn, *args)
+        time_once(fn, *args)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     start, rounds = time.perf_counter(), 0
     while rounds < min_rounds or (time.perf_counter() - start < seconds and rounds < 400):
         for name, (fn, args) in calls.items():
-            samples[name].append(_time_once(fn, args))
+            samples[name].append(time_once(fn, *args))
         rounds += 1
     return {name: float(np.median(t)) for name, t in samples.items()}, rounds
 

@@ -29,13 +29,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, write
 from safetensors.numpy import load_file
 from sklearn.cluster import KMeans
 
 import jaxcompress as jc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import markdown_table, write  # noqa: E402
 
 KS = (16, 32, 256)
 TARGET_SPEEDUP = 30.0
@@ -211,13 +209,10 @@ def main() -> None:
         "",
         markdown_table(header, [_fmt(r) for r in rows]),
     ]
-    command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/kmeans_vs_sklearn.py"
-    if len(sys.argv) > 1:
-        command += " " + " ".join(sys.argv[1:])
     path = write(
         name="kmeans_vs_sklearn",
         title="1-D k-means: jaxcompress.cluster vs scikit-learn KMeans",
-        command=command,
+        command=command(__file__, sys.argv[1:]),
         body_markdown="\n".join(lines),
         data={"cases": rows, "minilm_totals": totals, "target_met_per_k": met_per_k},
     )

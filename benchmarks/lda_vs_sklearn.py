@@ -36,18 +36,15 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, write
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from jaxcompress.examples.data import load_digits
 from jaxcompress.numerics.decomposition import lda_fit
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import markdown_table, write  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
 ACCURACY_SLACK = 0.01
@@ -308,13 +305,10 @@ def main() -> None:
         f"Load average while writing (1, 5, 15 min): {load[0]:.1f}, {load[1]:.1f}, "
         f"{load[2]:.1f} on {os.cpu_count()} CPUs.",
     ]
-    command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lda_vs_sklearn.py"
-    if len(sys.argv) > 1:
-        command += " " + " ".join(sys.argv[1:])
     path = write(
         name="lda_vs_sklearn",
         title="Fisher LDA: jaxcompress.decomposition.lda_fit vs scikit-learn",
-        command=command,
+        command=command(__file__, sys.argv[1:]),
         body_markdown="\n".join(lines),
         data={"datasets": results, "target_speedup": TARGET_SPEEDUP, "load_average": load},
     )

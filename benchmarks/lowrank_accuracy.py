@@ -21,28 +21,23 @@ Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lowrank_accu
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jaxcompress as jc
+from jaxcompress.calibration.calibrate import stats_by_path
+from jaxcompress.examples.classifier import accuracy, fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet5, LeNet300100
+from jaxcompress.jaxpr import graph
+from jaxcompress.transforms.filters import all_of, kernels
 
-import _results  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.calibration.calibrate import stats_by_path  # noqa: E402
-from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.jaxpr import graph  # noqa: E402
-from jaxcompress.transforms.filters import all_of, kernels  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lowrank_accuracy.py"
+COMMAND = _common.command(__file__)
 SEEDS = (0, 1, 2)
 EPOCHS = 40
 RANKS = (4, 8, 16, 32)
@@ -265,7 +260,7 @@ def _sections(results: dict) -> tuple[str, dict]:
                         f"{np.mean(run['ratio']):.2f}x",
                     ]
                 )
-        accuracy_table = _results.markdown_table(
+        accuracy_table = _common.markdown_table(
             ["method", "rank", "test accuracy % (mean ± std, 3 seeds)", "ratio"], rows
         )
         # Per-layer held-out errors and the verdict.
@@ -315,7 +310,7 @@ def _sections(results: dict) -> tuple[str, dict]:
                         verdict,
                     ]
                 )
-        error_table = _results.markdown_table(
+        error_table = _common.markdown_table(
             [
                 "layer",
                 "rank",
@@ -344,7 +339,7 @@ def _sections(results: dict) -> tuple[str, dict]:
                             _cell(layer, "held_out"),
                         ]
                 rows.append([path, rank, *cells])
-        calibration_table = _results.markdown_table(
+        calibration_table = _common.markdown_table(
             ["layer", "rank"]
             + [f"{m} {kind}" for m in METHODS for kind in ("stat", "train", "test")],
             rows,
@@ -415,7 +410,7 @@ def main() -> None:
         f"{', '.join(f'{x:.2f}' for x in load_before)} at the start, "
         f"{', '.join(f'{x:.2f}' for x in load_after)} at the end."
     )
-    path = _results.write(
+    path = _common.write(
         "lowrank_accuracy",
         title="Low-rank factorization accuracy on digits: plain, whitened, PCA",
         command=COMMAND,

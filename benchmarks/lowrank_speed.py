@@ -17,19 +17,14 @@ Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lowrank_sp
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, time_once, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _results import markdown_table, write  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lowrank_speed.py"
+COMMAND = command(__file__)
 SIZE = 4096
 BATCHES = (1, 8, 32, 128, 256)
 RANKS = (64, 256, 512, 1024)
@@ -61,27 +56,21 @@ def _normal(key: int, shape: tuple[int, ...], scale: float) -> jax.Array:
     return jax.random.normal(jax.random.key(key), shape, jnp.float32) * jnp.float32(scale)
 
 
-def _time_once(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args).block_until_ready()
-    return time.perf_counter() - start
-
-
 def measure_batch(batch: int, weight: jax.Array, factors: dict[int, tuple]) -> dict[str, float]:
     """Median seconds per call of the dense layer and of each rank, interleaved."""
     x = _normal(1000 + batch, (batch, SIZE), 1.0)
     calls = {"dense": (dense_layer, (x, weight)), "floor": (floor_call, (x,))}
     calls.update({r: (factored_layer, (x, u, v)) for r, (u, v) in factors.items()})
     for fn, args in calls.values():  # compile and warm up
-        _time_once(fn, *args)
-        _time_once(fn, *args)
+        time_once(fn, *args)
+        time_once(fn, *args)
     samples: dict = {name: [] for name in calls}
     start, rounds = time.perf_counter(), 0
     while rounds < MAX_ROUNDS and (
         rounds < MIN_ROUNDS or time.perf_counter() - start < SECONDS_PER_BATCH
     ):
         for name, (fn, args) in calls.items():
-            samples[name].append(_time_once(fn, *args))
+            samples[name].append(time_once(fn, *args))
         rounds += 1
     medians = {name: float(np.median(times)) for name, times in samples.items()}
     medians.update({("min", name): float(np.min(times)) for name, times in samples.items()})

@@ -72,23 +72,18 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, time_once, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxcompress as jc
+from jaxcompress.core.paths import path_to_str
+from jaxcompress.examples.minilm import encode, load_minilm, tokenize
 
-from _results import markdown_table, write  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.core.paths import path_to_str  # noqa: E402
-from jaxcompress.examples.minilm import encode, load_minilm, tokenize  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/minilm.py"
+COMMAND = command(__file__)
 MATRICES = r"layer_\d+/.*/kernel"
 EMBEDDINGS = r"^embeddings/(word|position|token_type)/embedding$"
 MAX_LENGTH = 128
@@ -527,20 +522,14 @@ def fidelity(dense: np.ndarray, other: np.ndarray, dense_pairs: np.ndarray) -> d
     }
 
 
-def _time_once(fn: Callable, args: tuple) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def interleaved(calls: dict[str, tuple[Callable, tuple]], rounds: int) -> dict[str, float]:
     for fn, args in calls.values():
-        _time_once(fn, args)
-        _time_once(fn, args)
+        time_once(fn, *args)
+        time_once(fn, *args)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for i in range(rounds):
         for name, (fn, args) in calls.items():
-            samples[name].append(_time_once(fn, args))
+            samples[name].append(time_once(fn, *args))
         print(f"  timing round {i + 1}/{rounds}", file=sys.stderr, flush=True)
     return {name: float(np.median(t)) for name, t in samples.items()}
 

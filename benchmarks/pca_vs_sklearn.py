@@ -43,12 +43,12 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import sklearn
+from _common import command, markdown_table, write
 from sklearn.decomposition import PCA
 
 from jaxcompress.numerics.decomposition import (
@@ -58,9 +58,6 @@ from jaxcompress.numerics.decomposition import (
     _krylov_shape,
     pca_fit,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import markdown_table, write  # noqa: E402
 
 CASES = ((10000, 784, (16, 64, 256)), (100000, 1024, (16, 64)))
 TARGET_SPEEDUP = 1.5
@@ -362,13 +359,10 @@ def main() -> None:
         f"{load[2]:.1f} on {os.cpu_count()} CPUs; every timing is of the same run, "
         "interleaved, but a loaded machine makes all of them noisier.",
     ]
-    command = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/pca_vs_sklearn.py"
-    if len(sys.argv) > 1:
-        command += " " + " ".join(sys.argv[1:])
     path = write(
         name="pca_vs_sklearn",
         title="PCA: jaxcompress.decomposition.pca_fit vs scikit-learn PCA",
-        command=command,
+        command=command(__file__, sys.argv[1:]),
         body_markdown="\n".join(lines),
         data={
             "rows": rows,

@@ -22,40 +22,28 @@ Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/pmap_scali
 from __future__ import annotations
 
 import os
+import sys
+import time
+from pathlib import Path
 
-# Before jax is imported: 8 host devices (ignored by GPU and TPU backends).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from _common import RESULTS, command, force_host_devices, markdown_table, time_once, write
 
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+force_host_devices(8)  # before jax is imported; GPU and TPU backends ignore it
 
+# The imports below load jax, so they come after the flag, on purpose.
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from inference import mlp_apply, mlp_params  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _results import RESULTS, markdown_table, write  # noqa: E402
-from inference import mlp_apply, mlp_params  # noqa: E402
-
 import jaxcompress as jc  # noqa: E402
 
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/pmap_scaling.py"
+COMMAND = command(__file__)
 GLOBAL_BATCH = 512
 SECONDS = 8.0
 MIN_ROUNDS = 7
-
-
-def _time_once(fn, args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -77,12 +65,12 @@ def main() -> None:
         calls[("jit + NamedSharding", count)] = (jax.jit(fast), (replicated, x_sharded))
     for key, (fn, args) in calls.items():
         outputs[key] = np.asarray(fn(*args))
-        _time_once(fn, args)
+        time_once(fn, *args)
     samples = {key: [] for key in calls}
     start, rounds = time.perf_counter(), 0
     while rounds < MIN_ROUNDS or (time.perf_counter() - start < SECONDS and rounds < 200):
         for key, (fn, args) in calls.items():
-            samples[key].append(_time_once(fn, args))
+            samples[key].append(time_once(fn, *args))
         rounds += 1
 
     rows, data = [], []

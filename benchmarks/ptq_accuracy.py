@@ -9,22 +9,16 @@ Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ptq_accuracy
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _results  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
+import jaxcompress as jc
+from jaxcompress.examples.classifier import accuracy, fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet5, LeNet300100
 
 SEEDS = (0, 1, 2)
 EPOCHS = 40
@@ -113,7 +107,7 @@ def main() -> None:
             )
         sections.append(
             f"## {model_name}\n\n"
-            + _results.markdown_table(
+            + _common.markdown_table(
                 [
                     "recipe",
                     "test accuracy % (mean ± std, 3 seeds)",
@@ -130,10 +124,10 @@ def main() -> None:
         "applied once to the trained kernels, no fine-tuning. Ratio is whole-tree bytes before "
         "over true bytes after (biases stay float32).\n\n" + "\n\n".join(sections)
     )
-    path = _results.write(
+    path = _common.write(
         "ptq_accuracy",
         title="Post-training quantization accuracy on digits",
-        command="env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ptq_accuracy.py",
+        command=_common.command(__file__),
         body_markdown=body,
         data=results,
     )

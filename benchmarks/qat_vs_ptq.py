@@ -18,23 +18,18 @@ Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/qat_vs_ptq.p
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _results  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
+import jaxcompress as jc
+from jaxcompress.examples.classifier import accuracy, fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet5, LeNet300100
 
 SEEDS = (0, 1, 2)
 EPOCHS = 40
@@ -160,7 +155,7 @@ def main() -> None:
             )
         sections.append(
             f"## {model_name}\n\n"
-            + _results.markdown_table(
+            + _common.markdown_table(
                 [
                     "recipe",
                     "method",
@@ -184,10 +179,10 @@ def main() -> None:
         "Drop is dense mean minus method mean. Ratio is whole-tree bytes before over true bytes "
         f"after. Whole run: {seconds:.0f} s.\n\n" + "\n\n".join(sections)
     )
-    path = _results.write(
+    path = _common.write(
         "qat_vs_ptq",
         title="Quantization-aware training vs post-training quantization on digits",
-        command="env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/qat_vs_ptq.py",
+        command=_common.command(__file__),
         body_markdown=body,
         data={"seconds": seconds, "models": results},
     )

@@ -11,20 +11,14 @@ Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/quantizers
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jaxcompress as jc
 
-from _results import markdown_table, write  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/quantizers.py"
+COMMAND = command(__file__)
 LLOYD_MAX = {1: 0.3634, 2: 0.1175, 3: 0.03455, 4: 0.00950, 5: 0.00250}
 BEST_UNIFORM = {1: 0.3634, 2: 0.1188, 3: 0.0374, 4: 0.0115, 5: 0.0035}
 

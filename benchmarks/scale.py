@@ -33,9 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, markdown_table, write
 
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/scale.py"
 VOCAB = 50257
 POSITIONS = 1024
 # name -> (width d, layers)
@@ -142,8 +141,6 @@ def exponent(rows: list[dict]) -> float | None:
 
 
 def report(rows: list[dict], exponents: dict[str, float | None]) -> str:
-    from _results import markdown_table
-
     table = []
     for r in rows:
         table.append(
@@ -237,12 +234,12 @@ def _command(rows: list[dict]) -> str:
     """The command that measures ``rows`` (flags only where they differ from the default)."""
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    command = COMMAND
+    flags = []
     if sizes != ["125M", "350M", "1B"]:
-        command += " --sizes " + " ".join(sizes)
+        flags += ["--sizes", *sizes]
     if dtypes != list(DTYPES):
-        command += " --dtypes " + " ".join(dtypes)
-    return command
+        flags += ["--dtypes", *dtypes]
+    return command(__file__, flags)
 
 
 def main() -> None:
@@ -286,8 +283,6 @@ def main() -> None:
     if args.quick:
         print(body)
         return
-    from _results import write
-
     print(
         write(
             "scale",

@@ -18,27 +18,22 @@ Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/schedule_abl
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from rich.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _results  # noqa: E402
-
-import jaxcompress as jc  # noqa: E402
-from jaxcompress.arrays import Sparse, is_compressed  # noqa: E402
-from jaxcompress.arrays.tree import materialize  # noqa: E402
-from jaxcompress.examples.classifier import accuracy, fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet300100  # noqa: E402
-from jaxcompress.methods.prune import pruned_count  # noqa: E402
+import jaxcompress as jc
+from jaxcompress.arrays import Sparse, is_compressed
+from jaxcompress.arrays.tree import materialize
+from jaxcompress.examples.classifier import accuracy, fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet300100
+from jaxcompress.methods.prune import pruned_count
 
 SEEDS = (0, 1, 2)
 SPARSITIES = (0.9, 0.95)
@@ -46,7 +41,7 @@ DENSE_EPOCHS = 40
 PHASE_EPOCHS = 30
 LEARNING_RATE = 1e-3
 BATCH = 64  # as fit_classifier
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/schedule_ablation.py"
+COMMAND = _common.command(__file__)
 
 
 def _keep_masks(compressed):
@@ -248,7 +243,7 @@ def main() -> None:
         "kernels and compared per kernel with the floor(s·n) that `jc.prune` prunes. Ratio is "
         "`jc.summarize(dense, compressed).ratio` (whole-tree bytes). No tuning for either "
         "method.\n\n"
-        + _results.markdown_table(
+        + _common.markdown_table(
             [
                 "method",
                 "kernel sparsity",
@@ -264,7 +259,7 @@ def main() -> None:
         + "\n".join(exactness)
         + f"\n\nWall time: {seconds:.0f} s."
     )
-    path = _results.write(
+    path = _common.write(
         "schedule_ablation",
         title="Gradual (cubic) vs one-shot pruning + retraining on digits",
         command=COMMAND,

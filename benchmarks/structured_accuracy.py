@@ -29,33 +29,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import command, markdown_table, write
 from flax import linen as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _results import markdown_table, write  # noqa: E402
-
-from jaxcompress.examples.classifier import fit_classifier  # noqa: E402
-from jaxcompress.examples.data import load_digits  # noqa: E402
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.structure.units import prune_units  # noqa: E402
+from jaxcompress.examples.classifier import fit_classifier
+from jaxcompress.examples.data import load_digits
+from jaxcompress.examples.models import LeNet5, LeNet300100
+from jaxcompress.structure.units import prune_units
 
 try:
     from jaxcompress.structure.sensitivity import sensitivity
 except ImportError:  # not written yet: the sensitivity rows say "not run"
     sensitivity = None
 
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/structured_accuracy.py"
+COMMAND = command(__file__)
 SEEDS = (0, 1, 2)
 FRACTION = 0.5
 IMPORTANCES = ("l2", "l1", "activation", "taylor")

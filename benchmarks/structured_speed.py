@@ -42,26 +42,21 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import command, markdown_table, time_once, write
 from flax import linen as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jaxcompress.examples.models import LeNet5, LeNet300100
+from jaxcompress.structure.units import prune_units
 
-from _results import markdown_table, write  # noqa: E402
-
-from jaxcompress.examples.models import LeNet5, LeNet300100  # noqa: E402
-from jaxcompress.structure.units import prune_units  # noqa: E402
-
-COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/structured_speed.py"
+COMMAND = command(__file__)
 FRACTIONS = (0.25, 0.5, 0.75)
 BATCHES = (1, 8, 32, 128, 256)
 TRANSFORMER_BATCHES = (1, 8, 32, 128, 256)
@@ -227,12 +222,6 @@ def floor_call(x: jax.Array) -> jax.Array:
     return x[:1] * jnp.float32(2.0)
 
 
-def _time_once(fn: Callable[..., Any], *args: Any) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def _count(tree: Any) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
 
@@ -250,7 +239,7 @@ def measure(calls: dict[Any, tuple[Callable, tuple]], settings: dict) -> dict[An
     """Median and min seconds per call of each entry, interleaved round by round."""
     for fn, args in calls.values():  # compile and warm up
         for _ in range(3):
-            _time_once(fn, *args)
+            time_once(fn, *args)
     names = list(calls)
     samples: dict[Any, list[float]] = {name: [] for name in names}
     start, rounds = time.perf_counter(), 0
@@ -261,7 +250,7 @@ def measure(calls: dict[Any, tuple[Callable, tuple]], settings: dict) -> dict[An
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
             fn, args = calls[name]
-            samples[name].append(_time_once(fn, *args))
+            samples[name].append(time_once(fn, *args))
         rounds += 1
     return {
         name: {"median": float(np.median(t)), "min": float(np.min(t)), "rounds": rounds}

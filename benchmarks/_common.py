@@ -1,7 +1,14 @@
-"""Shared by the benchmark scripts: machine facts and writing results as markdown + JSON.
+"""Shared by the benchmark scripts: setup, how a run was made, the machine, results files.
+
+Every script imports this module before anything from ``jaxcompress`` (``import _common``
+finds it next to the script, since Python puts the script's folder first on
+``sys.path``). Importing it puts the repository root on ``sys.path``, so that a script
+measures the ``jaxcompress`` of its own checkout, not an installed copy. It imports no
+jax at module level: ``scale.py`` measures a process's memory before jax is loaded.
 
 Each script measures ours and its baseline in the same run and calls :func:`write`,
-which puts ``<name>.md`` and ``<name>.json`` under ``benchmarks/results/``.
+which puts ``<name>.md`` and ``<name>.json`` under ``benchmarks/results/``, with the
+command (:func:`command`) and the machine (:func:`environment`).
 """
 
 from __future__ import annotations
@@ -11,10 +18,48 @@ import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))  # after the script's own folder, before site-packages
+# The recorded runs unset the machine's OpenBLAS overrides, so that OpenBLAS picks its
+# kernel for the CPU it finds; environment() records what was in effect.
+PYTHON = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python"
+
+
+def command(script: str, flags: Sequence[str] = ()) -> str:
+    """How the benchmark ``script`` (its ``__file__``) is run, with ``flags`` appended.
+
+    Example:
+        >>> command("/repo/benchmarks/quantizers.py", ["--quick"])
+        'env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/quantizers.py --quick'
+    """
+    return " ".join([PYTHON, f"benchmarks/{Path(script).name}", *flags])
+
+
+def force_host_devices(count: int) -> None:
+    """Asks XLA for ``count`` CPU devices; call it before jax is first imported.
+
+    GPU and TPU backends ignore the flag.
+    """
+    if "jax" in sys.modules:
+        raise RuntimeError("force_host_devices must run before jax is imported")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def time_once(fn: Callable[..., Any], *args: Any) -> float:
+    """Seconds of one call ``fn(*args)``, until its outputs are ready."""
+    import jax
+
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
 
 
 def environment() -> dict[str, Any]:
