@@ -17,6 +17,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxcompress.core.mesh import sharding_for
 
 
 class CompressedArray:
@@ -58,6 +61,41 @@ class CompressedArray:
         """A child laid out like the dense array; its sharding is the dense array's."""
         raise NotImplementedError
 
+    def child_shardings(self, reference: NamedSharding) -> Any:
+        """This leaf with each array child replaced by its ``NamedSharding``.
+
+        ``reference`` places the dense array this leaf stands for; each child goes
+        where it sits with the part of the weight it encodes. This base rule gives
+        every child :func:`jaxcompress.core.mesh.spec_for`; leaf types whose children
+        are not laid out like the weight override it.
+
+        Example:
+            >>> import jax
+            >>> import jax.numpy as jnp
+            >>> import jaxcompress as jc
+            >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+            >>> mesh = Mesh(jax.devices()[:1], ("x",))
+            >>> leaf = jc.prune(0.5)({"w": jnp.ones((4, 8))})[0]["w"]
+            >>> leaf.child_shardings(NamedSharding(mesh, P(None, "x"))).mask.spec
+            P(None, 'x')
+        """
+        return jax.tree.map(lambda child: sharding_for(child.shape, reference), self)
+
+    def values_to_compress(self, transform: str, path: str) -> Any:
+        """The values a value compressor (quantize, cluster) may compress in place of this leaf.
+
+        Raises:
+            TypeError: naming ``path``, for a leaf that holds nothing further to compress.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> import jaxcompress as jc
+            >>> w = jnp.array([[1.0, -4.0], [3.0, 0.5]])
+            >>> jc.prune(0.5)({"w": w})[0]["w"].values_to_compress("quantize", "w").tolist()
+            [-4.0, 3.0]
+        """
+        raise already_compressed(transform, path, self)
+
 
 def is_compressed(x: Any) -> bool:
     """Says whether ``x`` is a compressed leaf.
@@ -83,6 +121,22 @@ def leaf_nbytes(x: Any) -> int:
     if hasattr(x, "dtype") and hasattr(x, "shape"):
         return math.prod(x.shape) * np.dtype(x.dtype).itemsize
     return np.asarray(x).nbytes
+
+
+def already_compressed(transform: str, path: str, leaf: Any) -> TypeError:
+    """The error for a compressed leaf that ``transform`` was asked to compress again.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> leaf = jc.prune(0.5)({"w": jnp.ones((2, 2))})[0]["w"]
+        >>> str(already_compressed("prune", "w", leaf)).split(";")[0]
+        "prune: leaf 'w' is already compressed (Sparse)"
+    """
+    return TypeError(
+        f"{transform}: leaf {path!r} is already compressed ({type(leaf).__name__}); "
+        "exclude it with where= or materialize it first"
+    )
 
 
 def as_dense(x: Any) -> Any:

@@ -8,10 +8,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress.arrays.base import CompressedArray
 from jaxcompress.core.bitpack import unpack
-from jaxcompress.core.mesh import unsharded
+from jaxcompress.core.mesh import named_like, sharding_for, unsharded
 
 
 def _clustered_pytree(cls: type) -> type:
@@ -102,6 +103,14 @@ class Clustered(CompressedArray):
 
     def layout_child(self) -> jax.Array:
         return self.indices
+
+    def child_shardings(self, reference: NamedSharding) -> Clustered:
+        # Indices are laid out like the weight; the small codebook is replicated.
+        return dataclasses.replace(
+            self,
+            indices=sharding_for(self.indices.shape, reference),
+            codebook=named_like(reference, PartitionSpec()),
+        )
 
     def __repr__(self) -> str:
         scope = "per_channel" if self.per_channel else "per_tensor"

@@ -11,7 +11,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
-from jaxcompress.core.mesh import named_sharding_of, unsharded
+from jaxcompress.core.mesh import (
+    devices_along,
+    merged_entry,
+    named_like,
+    named_sharding_of,
+    sharding_for,
+    unsharded,
+)
 
 
 def _lowrank_pytree(cls: type) -> type:
@@ -28,17 +35,6 @@ def matrix_shape(shape: tuple[int, ...], fan_in_axes: int) -> tuple[int, int]:
         ((144, 32), (64, 10))
     """
     return math.prod(shape[:fan_in_axes]), math.prod(shape[fan_in_axes:])
-
-
-def _merged(entries: tuple) -> str | tuple[str, ...] | None:
-    """One spec entry holding every mesh axis named in ``entries``, in order."""
-    names: list[str] = []
-    for entry in entries:
-        if entry is not None:
-            names.extend(entry if isinstance(entry, tuple) else (entry,))
-    if not names:
-        return None
-    return names[0] if len(names) == 1 else tuple(names)
 
 
 def factor_shardings(
@@ -60,16 +56,11 @@ def factor_shardings(
         (P('x', None), P(None, None))
     """
     spec = tuple(reference.spec) + (None,) * (len(shape) - len(reference.spec))
-    rows, columns = _merged(spec[:fan_in_axes]), _merged(spec[fan_in_axes:])
+    rows, columns = merged_entry(spec[:fan_in_axes]), merged_entry(spec[fan_in_axes:])
     return (
-        NamedSharding(reference.mesh, PartitionSpec(rows, None)),
-        NamedSharding(reference.mesh, PartitionSpec(None, columns)),
+        named_like(reference, PartitionSpec(rows, None)),
+        named_like(reference, PartitionSpec(None, columns)),
     )
-
-
-def _devices_along(mesh, entry) -> int:
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return math.prod(mesh.shape[name] for name in names)
 
 
 def dense_spec(
@@ -95,7 +86,7 @@ def dense_spec(
     for entry, axes in ((row, range(fan_in_axes)), (column, range(fan_in_axes, len(shape)))):
         if entry is None:
             continue
-        devices = _devices_along(mesh, entry)
+        devices = devices_along(mesh, entry)
         for axis in axes:
             if shape[axis] % devices == 0:
                 kept[axis] = entry
@@ -170,6 +161,14 @@ class LowRank(CompressedArray):
         )
         empty = jnp.zeros((0,) * len(self.shape), self.dtype)
         return jax.device_put(empty, NamedSharding(u_sharding.mesh, spec))
+
+    def child_shardings(self, reference: NamedSharding) -> LowRank:
+        u_reference, v_reference = factor_shardings(reference, self.shape, self.fan_in_axes)
+        return dataclasses.replace(
+            self,
+            u=sharding_for(self.u.shape, u_reference),
+            v=sharding_for(self.v.shape, v_reference),
+        )
 
     def __repr__(self) -> str:
         return f"LowRank(shape={self.shape}, dtype={np.dtype(self.dtype).name}, rank={self.rank})"

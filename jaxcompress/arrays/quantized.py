@@ -8,10 +8,17 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
 from jaxcompress.core.bitpack import unpack
-from jaxcompress.core.mesh import unsharded
+from jaxcompress.core.mesh import (
+    input_scale_spec,
+    named_like,
+    scale_spec,
+    sharding_for,
+    unsharded,
+)
 
 
 def _quantized_pytree(cls: type) -> type:
@@ -245,6 +252,22 @@ class Quantized(CompressedArray):
 
     def layout_child(self) -> jax.Array:
         return self.codes
+
+    def child_shardings(self, reference: NamedSharding) -> Quantized:
+        # Codes follow the weight; (G, C) scales put C on the channel axis' mesh axes
+        # and G on the leading other axis'; AWQ's input scales follow the fan-in axes.
+        scale_shape = tuple(self.scale.shape)
+        scale = named_like(reference, scale_spec(self.shape, self.axis, scale_shape, reference))
+        inputs = self.input_scale
+        if inputs is not None:
+            inputs = named_like(reference, input_scale_spec(tuple(inputs.shape), reference))
+        return dataclasses.replace(
+            self,
+            codes=sharding_for(self.codes.shape, reference),
+            scale=scale,
+            zero_point=None if self.zero_point is None else scale,
+            input_scale=inputs,
+        )
 
     def __repr__(self) -> str:
         extra = ""

@@ -18,14 +18,38 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
 from jaxcompress.arrays.clustered import Clustered
 from jaxcompress.arrays.quantized import Quantized, group_layout
+from jaxcompress.core.mesh import fitting, merged_entry, named_like
+
+
+def output_major_specs(
+    reference: NamedSharding, shape: tuple[int, ...], rows: int, columns: int
+) -> tuple[PartitionSpec, Any]:
+    """The spec of ``(N, K)`` output-major codes, and the mesh entry of their rows.
+
+    Rows (output channels) take the dense weight's last-axis entry, columns the mesh
+    axes of its leading (fan-in) axes, each where it divides evenly.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(jax.devices()[:1], ("x",))
+        >>> output_major_specs(NamedSharding(mesh, P(None, "x")), (8, 4), 4, 8)
+        (P('x', None), 'x')
+    """
+    spec = tuple(reference.spec) + (None,) * (len(shape) - len(reference.spec))
+    fan_in = merged_entry(spec[:-1])
+    row_entry = fitting(reference.mesh, spec[-1], rows)
+    return PartitionSpec(row_entry, fitting(reference.mesh, fan_in, columns)), spec[-1]
 
 
 @functools.partial(
@@ -103,6 +127,18 @@ class QuantizedMatrix(CompressedArray):
     def layout_child(self) -> jax.Array:
         return self.codes
 
+    def child_shardings(self, reference: NamedSharding) -> QuantizedMatrix:
+        # (G, N) scales (and offsets) follow the output channels, the codes' rows.
+        code_spec, channel = output_major_specs(reference, self.shape, *self.codes.shape)
+        channels = fitting(reference.mesh, channel, self.scale.shape[1])
+        scale = named_like(reference, PartitionSpec(None, channels))
+        return dataclasses.replace(
+            self,
+            codes=named_like(reference, code_spec),
+            scale=scale,
+            offset=None if self.offset is None else scale,
+        )
+
     def __repr__(self) -> str:
         return (
             f"QuantizedMatrix(shape={self.shape}, bits={self.bits}, groups={self.groups}, "
@@ -159,6 +195,16 @@ class ClusteredMatrix(CompressedArray):
 
     def layout_child(self) -> jax.Array:
         return self.indices
+
+    def child_shardings(self, reference: NamedSharding) -> ClusteredMatrix:
+        # A per-channel codebook follows the output channels; a shared one is replicated.
+        code_spec, channel = output_major_specs(reference, self.shape, *self.indices.shape)
+        book = PartitionSpec()
+        if self.codebook.ndim == 2:
+            book = PartitionSpec(fitting(reference.mesh, channel, self.codebook.shape[0]), None)
+        return dataclasses.replace(
+            self, indices=named_like(reference, code_spec), codebook=named_like(reference, book)
+        )
 
     def __repr__(self) -> str:
         return f"ClusteredMatrix(shape={self.shape}, k={self.codebook.shape[-1]})"

@@ -8,9 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
-from jaxcompress.arrays.base import CompressedArray, as_dense, leaf_nbytes
-from jaxcompress.core.mesh import unsharded
+from jaxcompress.arrays.base import CompressedArray, as_dense, is_compressed, leaf_nbytes
+from jaxcompress.core.mesh import sharding_for, unsharded
 
 
 def _sparse_pytree(cls: type) -> type:
@@ -88,6 +89,25 @@ class Sparse(CompressedArray):
 
     def layout_child(self) -> jax.Array:
         return self.mask
+
+    def child_shardings(self, reference: NamedSharding) -> Sparse:
+        # The kept values, compressed or not, stand for a flat dense vector: split over
+        # the weight's mesh axes where its length divides.
+        values = sharding_for(self.values.shape, reference)
+        if is_compressed(self.values):
+            values = self.values.child_shardings(values)
+        return dataclasses.replace(
+            self, values=values, mask=sharding_for(self.mask.shape, reference)
+        )
+
+    def values_to_compress(self, transform: str, path: str) -> Any:
+        # The kept values are compressed instead of the leaf, so the zeros stay exact.
+        if is_compressed(self.values):
+            raise TypeError(
+                f"{transform}: leaf {path!r} is Sparse with already compressed values "
+                f"({type(self.values).__name__}); materialize it first"
+            )
+        return self.values
 
     def __repr__(self) -> str:
         return f"Sparse(shape={self.shape}, dtype={np.dtype(self.dtype).name}, nnz={self.nnz})"

@@ -43,7 +43,56 @@ def axis_names(entry: Any) -> tuple[str, ...]:
 
 
 def devices_along(mesh: Any, entry: Any) -> int:
+    """How many devices a spec entry (``None``, an axis name or a tuple of them) spans.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import Mesh
+        >>> devices_along(Mesh(jax.devices()[:1], ("x",)), ("x",)), devices_along(None, None)
+        (1, 1)
+    """
     return math.prod(mesh.shape[name] for name in axis_names(entry))
+
+
+def fitting(mesh: Any, entry: Any, size: int) -> Any:
+    """``entry`` if it splits a dimension of ``size`` evenly over ``mesh``, else ``None``.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(jax.devices()[:1], ("x",))
+        >>> fitting(mesh, "x", 4), fitting(mesh, None, 4)
+        ('x', None)
+    """
+    return entry if entry is not None and size % devices_along(mesh, entry) == 0 else None
+
+
+def merged_entry(entries: Any) -> str | tuple[str, ...] | None:
+    """One spec entry holding every mesh axis named in ``entries``, in order.
+
+    It shards a dimension that flattens the dimensions ``entries`` sharded.
+
+    Example:
+        >>> merged_entry(("x", None, ("y", "z"))), merged_entry((None,))
+        (('x', 'y', 'z'), None)
+    """
+    names = [name for entry in entries for name in axis_names(entry)]
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def named_like(reference: NamedSharding, spec: PartitionSpec) -> NamedSharding:
+    """``spec`` on ``reference``'s mesh and memory kind.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(jax.devices()[:1], ("x",))
+        >>> named_like(NamedSharding(mesh, P("x")), P()).spec
+        P()
+    """
+    return NamedSharding(reference.mesh, spec, memory_kind=reference.memory_kind)
 
 
 def spec_for(shape: tuple[int, ...], reference: NamedSharding) -> PartitionSpec:
@@ -59,15 +108,25 @@ def spec_for(shape: tuple[int, ...], reference: NamedSharding) -> PartitionSpec:
     mesh = reference.mesh
     spec = tuple(reference.spec) + (None,) * (len(shape) - len(reference.spec))
     if len(shape) == len(spec):
-        kept = [
-            entry if entry is not None and dim % devices_along(mesh, entry) == 0 else None
-            for dim, entry in zip(shape, spec, strict=True)
-        ]
+        kept = [fitting(mesh, entry, dim) for dim, entry in zip(shape, spec, strict=True)]
         return PartitionSpec(*kept)
     names = tuple(name for entry in spec for name in axis_names(entry))
     if len(shape) == 1 and names and shape[0] % math.prod(mesh.shape[n] for n in names) == 0:
         return PartitionSpec(names if len(names) > 1 else names[0])
     return PartitionSpec()
+
+
+def sharding_for(shape: tuple[int, ...], reference: NamedSharding) -> NamedSharding:
+    """The ``NamedSharding`` of a child of ``shape`` by :func:`spec_for`, on ``reference``'s mesh.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(jax.devices()[:1], ("x",))
+        >>> sharding_for((4, 1), NamedSharding(mesh, P(None, "x"))).spec
+        P(None, 'x')
+    """
+    return named_like(reference, spec_for(tuple(shape), reference))
 
 
 def place_like(child: Any, reference: NamedSharding | None) -> Any:
@@ -160,10 +219,7 @@ def scale_spec(
     spec = tuple(ref.spec) + (None,) * (len(shape) - len(ref.spec))
     others = [i for i in range(len(shape)) if i != axis]
     entries = (spec[others[0]] if others else None, None if axis is None else spec[axis])
-    kept = [
-        entry if entry is not None and dim % devices_along(ref.mesh, entry) == 0 else None
-        for dim, entry in zip(scale_shape, entries, strict=True)
-    ]
+    kept = [fitting(ref.mesh, entry, dim) for dim, entry in zip(scale_shape, entries, strict=True)]
     return PartitionSpec(*kept)
 
 
@@ -183,7 +239,6 @@ def input_scale_spec(scale_shape: tuple[int, ...], reference: NamedSharding) -> 
     """
     spec = tuple(reference.spec) + (None,) * len(scale_shape)
     kept = [
-        entry if entry is not None and dim % devices_along(reference.mesh, entry) == 0 else None
-        for dim, entry in zip(scale_shape, spec, strict=False)
+        fitting(reference.mesh, entry, dim) for dim, entry in zip(scale_shape, spec, strict=False)
     ]
     return PartitionSpec(*kept)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.arrays.checks import check_selected_leaf
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.methods.prune import _check_sparsity, pruned_count, sparse_from_mask
 from jaxcompress.transforms.base import Transform, select_leaves

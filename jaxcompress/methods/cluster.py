@@ -22,9 +22,10 @@ import numpy as np
 from jax.sharding import AxisType, PartitionSpec
 
 from jaxcompress.arrays import Clustered, Sparse
+from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.calibration.calibrate import InputStats
 from jaxcompress.core.bitpack import pack, packed_length
-from jaxcompress.core.checks import check_values_to_compress, is_traced
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.progress import leaf_bytes, over_leaves

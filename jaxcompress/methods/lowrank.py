@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import LowRank
+from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import factor_shardings, matrix_shape
 from jaxcompress.calibration.calibrate import stats_by_path
-from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms.base import Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, kernels

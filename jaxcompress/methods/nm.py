@@ -21,7 +21,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.arrays.checks import check_selected_leaf
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.methods.prune import sparse_from_mask

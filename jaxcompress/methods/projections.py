@@ -46,9 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import LowRank, is_compressed
+from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import matrix_shape
 from jaxcompress.calibration.calibrate import InputStats, stats_by_path
-from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.transforms.base import LeafEntry, Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, kernels

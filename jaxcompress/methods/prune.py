@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import matrix_shape
-from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.methods.prune_sharded import (

@@ -29,9 +29,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxcompress.arrays import Quantized, Sparse
+from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.arrays.quantized import decode, from_groups, group_layout, to_groups
 from jaxcompress.core.bitpack import pack
-from jaxcompress.core.checks import check_values_to_compress, is_traced
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics.awq import awq_search

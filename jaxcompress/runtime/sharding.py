@@ -2,93 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from jaxcompress.core.mesh import (
-    axis_names,
-    checked_reference,
-    devices_along,
-    input_scale_spec,
-    is_spec,
-    scale_spec,
-)
+from jaxcompress.arrays import is_compressed
+from jaxcompress.core.mesh import checked_reference, is_spec
 from jaxcompress.core.mesh import named_sharding_of as named_sharding_of
 from jaxcompress.core.mesh import place_like as place_like
 from jaxcompress.core.mesh import spec_for as spec_for
 from jaxcompress.core.mesh import unsharded as unsharded
-
-
-def _child_shardings(leaf: Any, ref: NamedSharding) -> Any:
-    """``leaf`` with each array child replaced by its ``NamedSharding``."""
-    # Imported here: the array types import this module for `unsharded`.
-    from jaxcompress.arrays import Clustered, LowRank, Quantized, Sparse, is_compressed
-    from jaxcompress.arrays.lowrank import factor_shardings
-    from jaxcompress.arrays.serving import ClusteredMatrix, QuantizedMatrix
-
-    def named(spec: PartitionSpec) -> NamedSharding:
-        return NamedSharding(ref.mesh, spec, memory_kind=ref.memory_kind)
-
-    def like(child: Any, reference: NamedSharding = ref) -> NamedSharding:
-        return named(spec_for(tuple(child.shape), reference))
-
-    if isinstance(leaf, Sparse):
-        # Nested values stand for a flat dense vector placed like plain kept values.
-        values = like(leaf.values)
-        if is_compressed(leaf.values):
-            values = _child_shardings(leaf.values, values)
-        return dataclasses.replace(leaf, values=values, mask=like(leaf.mask))
-    if isinstance(leaf, Quantized):
-        scale = named(scale_spec(leaf.shape, leaf.axis, tuple(leaf.scale.shape), ref))
-        zero = None if leaf.zero_point is None else scale
-        inputs = leaf.input_scale
-        if inputs is not None:
-            inputs = named(input_scale_spec(tuple(inputs.shape), ref))
-        return dataclasses.replace(
-            leaf, codes=like(leaf.codes), scale=scale, zero_point=zero, input_scale=inputs
-        )
-    if isinstance(leaf, Clustered):
-        return dataclasses.replace(
-            leaf, indices=like(leaf.indices), codebook=named(PartitionSpec())
-        )
-    if isinstance(leaf, LowRank):
-        u_ref, v_ref = factor_shardings(ref, leaf.shape, leaf.fan_in_axes)
-        return dataclasses.replace(leaf, u=like(leaf.u, u_ref), v=like(leaf.v, v_ref))
-    if isinstance(leaf, QuantizedMatrix | ClusteredMatrix):
-        return _serving_shardings(leaf, ref, named)
-    if is_compressed(leaf):
-        # A leaf type without its own rule: every child by the generic `spec_for` rule.
-        return jax.tree.map(like, leaf)
-    return ref
-
-
-def _serving_shardings(leaf: Any, ref: NamedSharding, named: Any) -> Any:
-    """Output-major ``(N, K)`` codes: rows take the weight's last-axis spec, columns the
-    mesh axes of its leading (fan-in) axes; ``(G, N)`` scales follow the rows."""
-    from jaxcompress.arrays.serving import QuantizedMatrix
-
-    spec = tuple(ref.spec) + (None,) * (len(leaf.shape) - len(ref.spec))
-    names = [name for entry in spec[:-1] for name in axis_names(entry)]
-    fan_in = None if not names else names[0] if len(names) == 1 else tuple(names)
-
-    def fits(entry: Any, size: int) -> Any:
-        return entry if entry is not None and size % devices_along(ref.mesh, entry) == 0 else None
-
-    codes = leaf.codes if isinstance(leaf, QuantizedMatrix) else leaf.indices
-    rows, columns = codes.shape
-    code_spec = named(PartitionSpec(fits(spec[-1], rows), fits(fan_in, columns)))
-    if isinstance(leaf, QuantizedMatrix):
-        scale = named(PartitionSpec(None, fits(spec[-1], leaf.scale.shape[1])))
-        offset = None if leaf.offset is None else scale
-        return dataclasses.replace(leaf, codes=code_spec, scale=scale, offset=offset)
-    per_row = leaf.codebook.ndim == 2
-    book = (
-        PartitionSpec(fits(spec[-1], leaf.codebook.shape[0]), None) if per_row else PartitionSpec()
-    )
-    return dataclasses.replace(leaf, indices=code_spec, codebook=named(book))
+from jaxcompress.core.paths import path_to_str
 
 
 def shardings_like(
@@ -162,9 +87,6 @@ def shardings_like(
         ...
         ValueError: bias: spec P('model', None) has 2 entries but the leaf has rank 1 (shape (8,))
     """
-    from jaxcompress.arrays import is_compressed
-    from jaxcompress.core.paths import path_to_str
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(compressed, is_leaf=is_compressed)
     if is_spec(dense_specs_or_shardings):
         specs = [dense_specs_or_shardings] * len(flat)
@@ -181,7 +103,8 @@ def shardings_like(
         if not is_spec(spec):
             raise ValueError(f"{path}: expected a PartitionSpec or NamedSharding, got {spec!r}")
         ref = checked_reference(path, tuple(getattr(leaf, "shape", ())), spec, mesh)
-        out.append(_child_shardings(leaf, ref))
+        # Each leaf type knows where its children go (CompressedArray.child_shardings).
+        out.append(leaf.child_shardings(ref) if is_compressed(leaf) else ref)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -37,8 +37,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.tree import materialize
-from jaxcompress.core.checks import check_selected_leaf
 from jaxcompress.methods.prune import magnitude_keep_mask, prune, pruned_count
 from jaxcompress.structure.units import coupled_groups, prune_units
 from jaxcompress.transforms.base import Transform, chain, flatten_leaves, masked, select_leaves

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress.arrays import is_compressed
-from jaxcompress.core.checks import check_selected_leaf, is_traced
+from jaxcompress.arrays.checks import check_selected_leaf
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like
 from jaxcompress.methods.prune import global_counts, magnitude_keep_mask, sparse_from_mask
 from jaxcompress.transforms.base import flatten_leaves, select_leaves

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.arrays.quantized import decode
-from jaxcompress.core.checks import check_values_to_compress
 from jaxcompress.methods.quantize import _leaf_layout, check_options, quantize_codes
 from jaxcompress.transforms.base import select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
