@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 def is_concrete(x: Any) -> bool:
@@ -98,7 +98,7 @@ def unsharded(x: jax.Array) -> jax.Array:
         (3,)
     """
     sharding = jax.typeof(x).sharding
-    mesh = getattr(sharding, "mesh", None)
+    mesh: Any = getattr(sharding, "mesh", None)  # only NamedSharding has one
     explicit = mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types)
     if explicit and any(entry is not None for entry in sharding.spec):
         return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
@@ -119,10 +119,13 @@ def checked_reference(
 ) -> NamedSharding:
     """``spec`` as a ``NamedSharding`` after checking it fits a dense leaf of ``shape``."""
     given = spec if isinstance(spec, NamedSharding) else None
-    if given is not None:
-        mesh, spec = given.mesh, given.spec
+    on: Mesh | AbstractMesh
+    if isinstance(spec, NamedSharding):
+        on, spec = spec.mesh, spec.spec
     elif mesh is None:
         raise ValueError(f"{path}: a PartitionSpec needs mesh=; got spec {spec} and no mesh")
+    else:
+        on = mesh
     spec = PartitionSpec() if spec is None else spec
     if len(spec) > len(shape):
         raise ValueError(
@@ -132,21 +135,21 @@ def checked_reference(
     seen: set[str] = set()
     for axis, entry in enumerate(spec):
         for name in axis_names(entry):
-            if name not in mesh.shape:
+            if name not in on.shape:
                 raise ValueError(
                     f"{path}: spec {spec} names mesh axis {name!r}, which is not one of the "
-                    f"mesh's axes {tuple(mesh.axis_names)}"
+                    f"mesh's axes {tuple(on.axis_names)}"
                 )
             if name in seen:
                 raise ValueError(f"{path}: spec {spec} uses mesh axis {name!r} twice")
             seen.add(name)
-        devices = devices_along(mesh, entry)
+        devices = devices_along(on, entry)
         if shape[axis] % devices:
             raise ValueError(
                 f"{path}: axis {axis} of size {shape[axis]} does not divide evenly over mesh "
                 f"axis {entry!r} of size {devices} (spec {spec}, shape {shape})"
             )
-    return given or NamedSharding(mesh, spec)
+    return given or NamedSharding(on, spec)
 
 
 def scale_spec(
