@@ -115,17 +115,14 @@ def is_spec(x: Any) -> bool:
 
 
 def checked_reference(
-    path: str, shape: tuple[int, ...], spec: DenseSpec, mesh: Mesh | None
+    path: str, shape: tuple[int, ...], spec: DenseSpec, mesh: Mesh | AbstractMesh | None
 ) -> NamedSharding:
     """``spec`` as a ``NamedSharding`` after checking it fits a dense leaf of ``shape``."""
     given = spec if isinstance(spec, NamedSharding) else None
-    on: Mesh | AbstractMesh
     if isinstance(spec, NamedSharding):
-        on, spec = spec.mesh, spec.spec
+        mesh, spec = spec.mesh, spec.spec
     elif mesh is None:
         raise ValueError(f"{path}: a PartitionSpec needs mesh=; got spec {spec} and no mesh")
-    else:
-        on = mesh
     spec = PartitionSpec() if spec is None else spec
     if len(spec) > len(shape):
         raise ValueError(
@@ -135,21 +132,21 @@ def checked_reference(
     seen: set[str] = set()
     for axis, entry in enumerate(spec):
         for name in axis_names(entry):
-            if name not in on.shape:
+            if name not in mesh.shape:
                 raise ValueError(
                     f"{path}: spec {spec} names mesh axis {name!r}, which is not one of the "
-                    f"mesh's axes {tuple(on.axis_names)}"
+                    f"mesh's axes {tuple(mesh.axis_names)}"
                 )
             if name in seen:
                 raise ValueError(f"{path}: spec {spec} uses mesh axis {name!r} twice")
             seen.add(name)
-        devices = devices_along(on, entry)
+        devices = devices_along(mesh, entry)
         if shape[axis] % devices:
             raise ValueError(
                 f"{path}: axis {axis} of size {shape[axis]} does not divide evenly over mesh "
                 f"axis {entry!r} of size {devices} (spec {spec}, shape {shape})"
             )
-    return given or NamedSharding(on, spec)
+    return given or NamedSharding(mesh, spec)
 
 
 def scale_spec(
