@@ -260,7 +260,8 @@ def _select(uses: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str,
                 use.conv.feature_group_count != 1 or use.conv.batch_group_count != 1
             ):
                 reasons.append("grouped convolution")
-        fans = {graph.fan_in_axes(use) for use in path_uses}
+        # Read only without reasons, that is where every use has a fan-in.
+        fans = {fan for use in path_uses if (fan := graph.fan_in_axes(use)) is not None}
         if not reasons and len(fans) != 1:
             reasons.append(f"its uses disagree on the fan-in ({sorted(fans)})")
         if reasons:
@@ -438,6 +439,8 @@ def calibrate(
         num_classes = int(max(int(y.max()) if y.size else -1 for y in labels)) + 1
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    # Read only where labels are given, which set num_classes above.
+    n_classes = num_classes or 0
     label_iter = None if labels is None else iter(labels)
     data_axis = None if mesh is None else mesh.axis_names[0]
     replicated = None if mesh is None else NamedSharding(mesh, P())
@@ -447,7 +450,7 @@ def calibrate(
     plans: dict[tuple[int, ...], _Plan] = {}
     first: tuple[tuple[int, ...], Any] | None = None
     calibrated: dict[str, list[Any]] | None = None
-    totals: dict[str, dict[str, jax.Array]] = {}
+    totals: dict[str, dict[str, Any]] = {}  # numpy zeros until the first step
     counts: dict[str, int] = {}
     class_counts: dict[str, np.ndarray] = {}
 
@@ -475,7 +478,7 @@ def calibrate(
                     y = next(label_iter)
                 except StopIteration:
                     raise ValueError(f"labels ran out at batch {index}") from None
-                y = _check_labels(y, batch, num_classes, index)
+                y = _check_labels(y, batch, n_classes, index)
             if mesh is not None:
                 size = mesh.shape[data_axis]
                 if batch % size:
@@ -503,12 +506,12 @@ def calibrate(
                             "gram": np.zeros((m, m), np.float32),
                         }
                         if y is not None:
-                            zeros["class_sum"] = np.zeros((num_classes, m), np.float32)
+                            zeros["class_sum"] = np.zeros((n_classes, m), np.float32)
                         if replicated is not None:
                             zeros = jax.device_put(zeros, replicated)
                         totals[path] = zeros
                         counts[path] = 0
-                        class_counts[path] = np.zeros(num_classes or 0, np.int64)
+                        class_counts[path] = np.zeros(n_classes, np.int64)
                 elif set(plan.sites) != set(calibrated):
                     raise ValueError(
                         f"batch {index} of shape {tuple(x.shape)} traces to different "
@@ -522,7 +525,7 @@ def calibrate(
                     counts[path] += s.rows
                     if y is not None:
                         per_row = s.rows // batch
-                        class_counts[path] += np.bincount(y, minlength=num_classes) * per_row
+                        class_counts[path] += np.bincount(y, minlength=n_classes) * per_row
             n_batches += 1
             if bar is not None:
                 bar.advance(task)

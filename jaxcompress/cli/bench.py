@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -111,7 +112,7 @@ def run_bench(args: argparse.Namespace) -> int:
     selected = [args.name] if args.name else list(names)
     environment = {k: v for k, v in os.environ.items() if k not in _BLAS_OVERRIDES}
     console = Console(stderr=True)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for name in selected:
         console.rule(f"benchmark {name}")
         command = [sys.executable, str(folder / f"{name}.py"), *args.script_args]

@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 def is_concrete(x: Any) -> bool:
@@ -157,7 +157,7 @@ def unsharded(x: jax.Array) -> jax.Array:
         (3,)
     """
     sharding = jax.typeof(x).sharding
-    mesh = getattr(sharding, "mesh", None)
+    mesh: Any = getattr(sharding, "mesh", None)  # only NamedSharding has one
     explicit = mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types)
     if explicit and any(entry is not None for entry in sharding.spec):
         return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
@@ -174,12 +174,12 @@ def is_spec(x: Any) -> bool:
 
 
 def checked_reference(
-    path: str, shape: tuple[int, ...], spec: DenseSpec, mesh: Mesh | None
+    path: str, shape: tuple[int, ...], spec: DenseSpec, mesh: Mesh | AbstractMesh | None
 ) -> NamedSharding:
     """``spec`` as a ``NamedSharding`` after checking it fits a dense leaf of ``shape``."""
     given = spec if isinstance(spec, NamedSharding) else None
-    if given is not None:
-        mesh, spec = given.mesh, given.spec
+    if isinstance(spec, NamedSharding):
+        mesh, spec = spec.mesh, spec.spec
     elif mesh is None:
         raise ValueError(f"{path}: a PartitionSpec needs mesh=; got spec {spec} and no mesh")
     spec = PartitionSpec() if spec is None else spec

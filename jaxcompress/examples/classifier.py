@@ -87,7 +87,7 @@ def train_classifier(
 
     order_rng = np.random.default_rng(seed)
     steps_per_epoch = len(labels) // _BATCH
-    task = progress.add_task(description, total=epochs) if progress else None
+    task = progress.add_task(description, total=epochs) if progress is not None else None
     # optax's Adam bias correction mixes float and int32 counts; keep standard promotion
     # here so the demo also runs for users who switched on strict promotion.
     with jax.numpy_dtype_promotion("standard"):
@@ -97,7 +97,7 @@ def train_classifier(
             for batch in range(steps_per_epoch):
                 index = permutation[batch * _BATCH : (batch + 1) * _BATCH]
                 params, opt_state = step(params, opt_state, images[index], labels[index])
-            if progress is not None:
+            if progress is not None and task is not None:
                 progress.advance(task)
     return params, opt_state
 

@@ -32,7 +32,7 @@ import os
 import pathlib
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -325,8 +325,12 @@ def encode(
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
     attention_mask = jnp.asarray(attention_mask)
-    hidden = MiniLMEncoder(config).apply(
-        {"params": materialize(params)}, input_ids, attention_mask, token_type_ids
+    # Without mutable=, apply returns the output alone, not (output, variables).
+    hidden = cast(
+        jax.Array,
+        MiniLMEncoder(config).apply(
+            {"params": materialize(params)}, input_ids, attention_mask, token_type_ids
+        ),
     )
     # Pool in float32 so a bfloat16 model still sums long sentences accurately.
     hidden = hidden.astype(jnp.float32)

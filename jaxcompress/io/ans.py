@@ -706,7 +706,7 @@ def _decode_scalar(
     out = np.empty(count, symbols.dtype)
     position, available = 0, len(word_list)
     for block_start in range(0, count, _BLOCK_SYMBOLS):
-        block = []
+        block: list[int] = []
         keep = block.append
         for i in range(block_start, min(count, block_start + _BLOCK_SYMBOLS)):
             lane = i % lanes

@@ -79,7 +79,7 @@ class ContainerWriter:
         """Appends one buffer and returns its index in ``buffers``."""
         if isinstance(data, np.ndarray):
             # A uint8 view: memoryview can't export ml_dtypes (bfloat16, float8).
-            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
         view = memoryview(data).cast("B")
         self._file.write(view)
         self.buffers.append(
@@ -96,6 +96,7 @@ class ContainerWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        assert self._temp is not None  # set with self._file, which the writes above needed
         os.replace(self._temp, self.path)
         self._temp = None
 

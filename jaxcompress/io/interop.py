@@ -339,6 +339,7 @@ def _load_tensor(path: PathLike, mm: mmap.mmap | None, start: int, info: _Tensor
         message = f"cannot build an array of shape {list(info.shape)} ({error})"
         raise _fail(path, message, info.name) from error
     if out.size:
+        assert mm is not None  # only an empty file has no map, and _parse_header refused it
         # Nothing below can fail, so no traceback keeps this view of the map alive
         # (the map could not be closed while one exists).
         view = np.frombuffer(mm, _DISK_DTYPES[info.code], out.size, start + info.begin)

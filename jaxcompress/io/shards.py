@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,14 @@ AddBuffer = Callable[[Any], int]
 GetBuffer = Callable[[Any, str], memoryview]
 
 
-def part_path(path: str | Path, part: int) -> Path:
+def part_path(path: str | os.PathLike, part: int) -> Path:
     """Where process ``part`` (> 0) writes its blocks of the file at ``path``.
 
     Example:
         >>> str(part_path("model.jxc", 1))
         'model.jxc.part1'
     """
-    return Path(f"{path}.part{part}")
+    return Path(f"{os.fspath(path)}.part{part}")
 
 
 def is_split(x: Any) -> bool:
@@ -202,7 +203,7 @@ class PartReader:
         1
     """
 
-    def __init__(self, path: str | Path, *, parts: int, save_id: Any) -> None:
+    def __init__(self, path: str | os.PathLike, *, parts: int, save_id: Any) -> None:
         self.path, self.parts, self.save_id = Path(path), parts, save_id
         self._opened: dict[int, tuple[dict, memoryview]] = {}
 

@@ -318,7 +318,7 @@ def encode_mask(
     candidates = _mask_candidates(scan, packed, entropy)
     best = min(candidates, key=lambda c: c[0])  # the first smallest: bitmap on ties
     best_raw = min((c for c in candidates if not c[3]), key=lambda c: c[0])
-    payload = None
+    payload: np.ndarray | bytes | None = None
     if best[3]:
         _, encoding, gap_bits, _, counts = best
         alphabet = 2 if encoding == "bitmap" else 2**gap_bits

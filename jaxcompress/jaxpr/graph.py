@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.extend.core as jex
@@ -395,6 +395,7 @@ def _walk(
                 if track is not None:
                     emit(eqn, site, operand, track)
         elif name in _RELABEL and len(eqn.invars) == 1 and len(eqn.outvars) == 1:
+            assert ins[0] is not None  # the only input; all-None inputs were skipped above
             outs[0] = _relabel(
                 name, eqn.params, ins[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0])
             )
@@ -579,11 +580,12 @@ def fan_in_by_path(uses: dict[str, list[WeightUse]]) -> dict[str, int]:
         >>> fan_in_by_path(trace_uses(lambda p, x: model.apply({"params": p}, x), params, x))
         {'dense1/kernel': 1, 'dense2/kernel': 1, 'dense3/kernel': 1}
     """
-    out = {}
+    out: dict[str, int] = {}
     for path, path_uses in uses.items():
         fans = {fan_in_axes(use) for use in path_uses}
-        if len(fans) == 1 and None not in fans:
-            out[path] = fans.pop()
+        fan = fans.pop() if len(fans) == 1 else None
+        if fan is not None:
+            out[path] = fan
     return out
 
 
@@ -742,7 +744,8 @@ def input_features(use: WeightUse, activation: jax.Array) -> tuple[jax.Array, li
     atoms = [atom for d in use.operand_contracting_dims for atom in use.layout[d]]
     values = values.reshape(*rows_shape, *(size for _, size in atoms))
     # ... and order them by original axis.
-    order = sorted(range(len(atoms)), key=lambda j: atoms[j][0])
+    # Contracted atoms are never broadcast (such a use has no layout), so each has an axis.
+    order = sorted(range(len(atoms)), key=lambda j: cast(int, atoms[j][0]))
     values = values.transpose(*range(n_rows), *(n_rows + j for j in order))
     m = math.prod(size for _, size in atoms)
     return values.reshape(*rows_shape, m), row_dims

@@ -232,11 +232,11 @@ def _pca_factors(values: jax.Array, vectors: jax.Array, w: jax.Array, *, k: int)
 
 def _energy_rank(values: jax.Array, energy: float) -> int:
     """The smallest ``k`` whose top-``k`` eigenvalues hold ``energy`` of the variance."""
-    values = np.asarray(values, dtype=np.float64)
-    total = values.sum()
+    spectrum = np.asarray(values, dtype=np.float64)
+    total = spectrum.sum()
     if total <= 0:
         return 1
-    fractions = np.cumsum(values) / total
+    fractions = np.cumsum(spectrum) / total
     return int(np.argmax(fractions >= energy * (1.0 - _ENERGY_SLACK))) + 1
 
 
@@ -455,6 +455,7 @@ def pca(
         n_components = int(n_components)
         name = f"pca({n_components})"
     else:
+        assert energy is not None  # exactly one of the two is given (checked above)
         energy = float(energy)
         name = f"pca(energy={energy})"
 
@@ -479,6 +480,7 @@ def pca(
             return None, None, {}
         values, vectors = _pca_spectrum(cov)
         if k is None:
+            assert energy is not None  # k is left unset only when energy was given
             k = _energy_rank(values, energy)
         if k >= plan.m or not _saves_storage(k, plan.m, plan.n):
             return None, None, {"k": k, "explained_variance": _fraction(values, k)}

@@ -7,6 +7,7 @@ import math
 import numbers
 from collections.abc import Callable
 from fractions import Fraction
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -154,9 +155,10 @@ def kth_smallest_key(
     """
     convert = to_keys or _identity
     k = jnp.asarray(k, _int_dtype())
-    high = sum(_digit_histogram(convert, x, None) for x in keys)
+    # sum() types its start, the int 0, into the result; over arrays it is an array.
+    high = cast(jax.Array, sum(_digit_histogram(convert, x, None) for x in keys))
     high_bin, below = _select_bin(high, k, jnp.zeros((), _int_dtype()))
-    low = sum(_digit_histogram(convert, x, high_bin) for x in keys)
+    low = cast(jax.Array, sum(_digit_histogram(convert, x, high_bin) for x in keys))
     low_bin, _ = _select_bin(low, k, below)
     return (high_bin.astype(jnp.uint32) << _DIGIT_BITS) | low_bin.astype(jnp.uint32)
 

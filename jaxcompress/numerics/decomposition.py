@@ -133,9 +133,14 @@ def _sym(a: jax.Array) -> jax.Array:
     return (a + a.T) * 0.5
 
 
+def _x64_enabled() -> bool:
+    # jax adds its flags to Config at run time, so the checker sees no such attribute.
+    return jax.config.jax_enable_x64  # type: ignore[attr-defined]
+
+
 def _float_dtype(dtype: Any) -> Any:
     """float64 for float64 input with x64 enabled, float32 otherwise."""
-    if np.dtype(dtype) == np.float64 and jax.config.jax_enable_x64:
+    if np.dtype(dtype) == np.float64 and _x64_enabled():
         return jnp.float64
     return jnp.float32
 
@@ -668,7 +673,7 @@ def pca_fit(
 def _stat_dtype(*arrays: Any) -> Any:
     return (
         jnp.float64
-        if all(np.dtype(a.dtype) == np.float64 for a in arrays) and jax.config.jax_enable_x64
+        if all(np.dtype(a.dtype) == np.float64 for a in arrays) and _x64_enabled()
         else jnp.float32
     )
 

@@ -63,12 +63,12 @@ def _int_dot(x_codes: jax.Array, w_codes: jax.Array) -> jax.Array:
     return lax.dot_general(x_codes, w_codes, _NT, preferred_element_type=jnp.int32)
 
 
-def _offset_term(x: jax.Array, leaf: QuantizedMatrix) -> jax.Array:
+def _offset_term(x: jax.Array, leaf: QuantizedMatrix, offset: jax.Array) -> jax.Array:
     """``sum_g (sum of x over group g) * offset[g] * scale[g]``, the zero-point share."""
     k, _ = leaf.matrix_shape
     groups = leaf.groups
     sums = x.astype(jnp.float32).reshape(x.shape[0], groups, k // groups).sum(axis=2)
-    return sums @ (leaf.offset * leaf.scale)
+    return sums @ (offset * leaf.scale)
 
 
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
@@ -105,7 +105,7 @@ def int8_quantized(x: jax.Array, leaf: QuantizedMatrix, *, min_rows: int = 1) ->
         acc = _int_dot(x_codes, leaf.codes)
     y = acc.astype(jnp.float32) * x_scale * leaf.scale
     if leaf.offset is not None:
-        y = y - _offset_term(x, leaf)
+        y = y - _offset_term(x, leaf, leaf.offset)
     return y[:rows]
 
 

@@ -86,7 +86,7 @@ def tensor_parallel_specs(
         column = style == "column" or (style == "alternate" and kernel_count % 2 == 0)
         kernel_count += 1
         dim = len(leaf.shape) - (1 if column else 2)
-        entries = [None] * len(leaf.shape)
+        entries: list[str | None] = [None] * len(leaf.shape)
         if leaf.shape[dim] % size == 0:
             entries[dim] = axis
         specs[i] = PartitionSpec(*entries)
@@ -94,7 +94,7 @@ def tensor_parallel_specs(
         layers.setdefault(path.rpartition("/")[0], []).append((leaf.shape[-1], split_out))
     for i, (path, (_, leaf)) in enumerate(zip(paths, flat, strict=True)):
         layer = layers.get(path.rpartition("/")[0], [])
-        shape = getattr(leaf, "shape", ())
+        shape: tuple[int, ...] = getattr(leaf, "shape", ())
         if len(layer) == 1 and len(shape) == 1 and layer[0] == (shape[0], True):
             specs[i] = PartitionSpec(axis)
     return jax.tree_util.tree_unflatten(treedef, specs)

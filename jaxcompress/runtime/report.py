@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
@@ -136,7 +136,7 @@ class Report:
             # Paths may fold onto two lines; numbers never wrap.
             table.add_column(
                 column,
-                justify=justify,
+                justify=cast(JustifyMethod, justify),
                 no_wrap=column != "leaf",
                 overflow="fold",
                 min_width=min(longest_path, 40) if column == "leaf" else None,

@@ -310,8 +310,9 @@ class _Atoms:
     def _next_leaf(self, queue: deque[int]) -> int | None:
         while queue:
             atom = self.find(queue.popleft())
-            if self.parts[atom] is not None:
-                queue.extendleft(reversed(self.parts[atom]))
+            parts = self.parts[atom]
+            if parts is not None:
+                queue.extendleft(reversed(parts))
             elif self.size[atom] != 1:
                 return atom
         return None

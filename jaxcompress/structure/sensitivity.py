@@ -186,7 +186,7 @@ class SensitivityReport:
                 _check_metric(v, f"layer {name!r} at level {level}")
                 for v, level in zip(values, levels, strict=True)
             )
-        sizes = {}
+        sizes: dict[str, int] = {}
         for name in metrics:
             size = self.sizes[name]
             if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
@@ -724,8 +724,10 @@ def sensitivity(
     if method == "magnitude":
         sizes, pruned = _magnitude_layers(dense, where)
     else:
+        assert apply_fn is not None  # method='units' refused a missing apply_fn above
         sizes, pruned = _unit_layers(apply_fn, dense, where, example_input)
 
+    display: contextlib.AbstractContextManager[Progress | None]
     if isinstance(progress, Progress):
         display = contextlib.nullcontext(progress)
     elif progress:
@@ -738,16 +740,16 @@ def sensitivity(
         if bar is not None:
             task = bar.add_task("sensitivity: baseline", total=1 + len(sizes) * len(levels))
         baseline = _check_metric(eval_fn(dense), "the baseline (unpruned params)")
-        if bar is not None:
+        if bar is not None and task is not None:
             bar.advance(task)
         for layer in sizes:
             values = []
             for level in levels:
-                if bar is not None:
+                if bar is not None and task is not None:
                     bar.update(task, description=f"sensitivity: {layer} at {_percent(level)}")
                 value = eval_fn(pruned(layer, level))
                 values.append(_check_metric(value, f"layer {layer!r} at level {level}"))
-                if bar is not None:
+                if bar is not None and task is not None:
                     bar.advance(task)
             metrics[layer] = tuple(values)
     return SensitivityReport(

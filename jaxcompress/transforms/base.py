@@ -25,7 +25,7 @@ ApplyFn = Callable[..., tuple[Any, Any]]
 class LeafEntry(NamedTuple):
     """One leaf of a pytree, with its normalized path and position in the flat list."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, which no caller uses
     path: str
     leaf: Any
 
@@ -173,8 +173,8 @@ def _leaf_passes(transforms, params, *, key, data) -> list[LeafPass] | None:
         # Keys are split per transform and then per selected leaf of its input, which
         # only the step-by-step order knows.
         return None
-    leafwise = [getattr(tx, "leafwise", None) for tx in transforms]
-    if any(fn is None for fn in leafwise):
+    leafwise = [fn for tx in transforms if (fn := getattr(tx, "leafwise", None)) is not None]
+    if len(leafwise) < len(transforms):
         return None
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)):
         # Under jit nothing is materialized stage by stage anyway.
@@ -191,7 +191,7 @@ def _apply_leaf_by_leaf(passes: list[LeafPass], params: Any) -> tuple[Any, tuple
     """Every pass on one leaf, then the next leaf; stats as the passes would give them."""
     entries, treedef = flatten_leaves(params)
     leaves = [entry.leaf for entry in entries]
-    all_stats = tuple({} for _ in passes)
+    all_stats: tuple[dict[str, Any], ...] = tuple({} for _ in passes)
     for entry in entries:
         leaf = entry.leaf
         for leaf_pass, stats in zip(passes, all_stats, strict=True):
