@@ -21,20 +21,14 @@ import numpy as np
 
 from jaxcompress.arrays import Clustered, Sparse
 from jaxcompress.calibration.calibrate import InputStats
+from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.bitpack import pack, packed_length
 from jaxcompress.core.checks import check_values_to_compress, is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics import kmeans1d
-from jaxcompress.numerics.data_aware import (
-    _relative_output_error,
-    check_block_size,
-    check_damp,
-    leaf_gram,
-    mesh_scope,
-    require_data,
-)
+from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope, relative_output_error
 from jaxcompress.numerics.weighted_kmeans import codebook_gptq, fit_weighted
 from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, kernels
@@ -189,7 +183,7 @@ def cluster_array(
         stats["weighted_relative_error"] = jnp.where(total > 0, jnp.sqrt(error / safe), 0.0)
     if gram is not None and not gptq:
         m = gram.shape[0]
-        stats["relative_output_error"] = _relative_output_error(
+        stats["relative_output_error"] = relative_output_error(
             values.reshape(m, -1), approx.reshape(m, -1), unsharded(gram)
         )
     return leaf, {**stats, **extra}

@@ -7,7 +7,7 @@ Ampere and later) accelerate. The result is an ordinary :class:`~jaxcompress.Spa
 leaf holding exactly ``size * N / M`` values.
 
 With ``importance="sparsegpt"`` the runs are chosen during SparseGPT's sweep over the
-input rows (:func:`jaxcompress.data_aware.sparsegpt` with ``nm=``): the kept weights
+input rows (:func:`jaxcompress.numerics.sparsegpt.sparsegpt` with ``nm=``): the kept weights
 are updated to make up for the pruned ones, so the leaf's values differ from the
 dense weight's.
 """
@@ -21,19 +21,15 @@ import re
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.checks import check_selected_leaf, is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.methods.prune import sparse_from_mask
-from jaxcompress.numerics.data_aware import (
-    check_block_size,
-    check_damp,
-    leaf_gram,
-    mesh_scope,
-    require_data,
-    sparsegpt,
-    wanda_scores,
-)
+from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope
+from jaxcompress.numerics.select import nm_keep_mask
+from jaxcompress.numerics.sparsegpt import sparsegpt
+from jaxcompress.numerics.wanda import wanda_scores
 from jaxcompress.transforms.base import Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
 
@@ -51,23 +47,6 @@ def _parse(pattern: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise ValueError(f"prune_nm: pattern {pattern!r} needs 0 < N < M")
     return n, m
-
-
-def nm_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
-    """Keep-mask of a ``(K, C)`` score matrix: the ``n`` best of every ``m`` rows per column.
-
-    Ties go to the lower row index, as in :func:`jaxcompress.prune`.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> nm_keep_mask(jnp.array([[1.0], [4.0], [3.0], [3.0]]), 2, 4)[:, 0].tolist()
-        [False, True, True, False]
-    """
-    rows, columns = scores.shape
-    grouped = scores.reshape(rows // m, m, columns)
-    order = jnp.argsort(-grouped, axis=1, stable=True)
-    rank = jnp.argsort(order, axis=1, stable=True)
-    return (rank < n).reshape(rows, columns)
 
 
 @functools.partial(jax.jit, static_argnames=("nm", "block_size"))
@@ -98,7 +77,7 @@ def prune_nm(
         importance: ``"magnitude"`` (``|w|``), ``"wanda"`` (``|w| · ‖x‖``) or
             ``"sparsegpt"``; the last two need ``data=`` from
             :func:`jaxcompress.calibrate`. SparseGPT (Frantar & Alistarh 2023) sweeps
-            the input rows with error feedback (see :mod:`jaxcompress.data_aware`):
+            the input rows with error feedback (see :mod:`jaxcompress.numerics.obs`):
             when it reaches the first row of a run of ``M``, each output keeps the
             ``N`` rows of the run with the largest OBS saliency ``w² / [H⁻¹]_ii``
             (``H`` the damped Gram, on the current, error-updated weights), and the

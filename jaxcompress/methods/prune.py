@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.lowrank import matrix_shape
+from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.checks import check_selected_leaf, is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
@@ -23,18 +24,9 @@ from jaxcompress.methods.prune_sharded import (
     sharded_magnitude_sparse,
     split_layout,
 )
-from jaxcompress.numerics.data_aware import (
-    _relative_output_error,
-    check_block_size,
-    check_damp,
-    leaf_gram,
-    mesh_scope,
-    prefix_counts,
-    require_data,
-    sparsegpt,
-    wanda_keep,
-    wanda_scores,
-)
+from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope, relative_output_error
+from jaxcompress.numerics.sparsegpt import prefix_counts, sparsegpt
+from jaxcompress.numerics.wanda import wanda_keep, wanda_scores
 from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, kernels
 
@@ -442,7 +434,7 @@ def _data_aware_mask(weight, gram, counts, *, fan_in, importance, comparison, da
     if importance == "wanda":
         keep = wanda_keep(matrix, gram, counts, comparison=comparison)
         stats = {
-            "relative_output_error": _relative_output_error(
+            "relative_output_error": relative_output_error(
                 matrix.astype(jnp.float32), jnp.where(keep, matrix, 0.0).astype(jnp.float32), gram
             )
         }
@@ -508,7 +500,7 @@ def prune(
     input statistics from ``data=`` (a pytree from :func:`jaxcompress.calibrate`) and
     work on its ``(m, n)`` matrix view: ``m`` input features (the fan-in the
     statistics were taken over: ``in`` for a Dense ``(in, out)`` kernel, ``h * w * in``
-    for a conv kernel) by ``n`` outputs. See :mod:`jaxcompress.data_aware`.
+    for a conv kernel) by ``n`` outputs. See :mod:`jaxcompress.numerics.obs`.
 
     Args:
         sparsity: fraction of entries to zero, in ``[0, 1)``.

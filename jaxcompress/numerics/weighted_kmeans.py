@@ -15,7 +15,7 @@ not change, and uniform weights become exactly 1, so every sum is then the same 
 as plain k-means computes: uniform weights give exactly plain k-means' codebook.
 
 **GPTQ with codebook rounding** (:func:`codebook_gptq`): the rows of a weight's
-``(m, n)`` matrix view are swept as by GPTQ (:mod:`jaxcompress.data_aware`, whose
+``(m, n)`` matrix view are swept as by GPTQ (:mod:`jaxcompress.numerics.obs`, whose
 sweep and damped inverse Cholesky factor it reuses), but each row is rounded to the
 nearest codebook entry instead of to a uniform grid.
 """
@@ -26,12 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.numerics.data_aware import (
-    _damped_inverse_factor,
-    _padding,
-    _relative_output_error,
-    _sweep,
-)
 from jaxcompress.numerics.kmeans1d import (
     OPTIMAL_POINTS,
     assign,
@@ -41,6 +35,12 @@ from jaxcompress.numerics.kmeans1d import (
     lloyd,
     optimal_of_points,
     prefix_sum,
+)
+from jaxcompress.numerics.obs import (
+    block_padding,
+    damped_inverse_factor,
+    relative_output_error,
+    sweep,
 )
 
 
@@ -216,7 +216,7 @@ def codebook_gptq(
     entry, and its error ``(w_i − q_i) / U_ii`` is fed into the rows not yet rounded
     through row ``i`` of ``U``, the upper Cholesky factor of
     ``(G + damp · mean(diag G) · I)⁻¹``; rows go in blocks of ``block_size`` with lazy
-    updates. This is :mod:`jaxcompress.data_aware`'s sweep with codebook rounding in
+    updates. This is :mod:`jaxcompress.numerics.obs`'s sweep with codebook rounding in
     place of the uniform grid. With a diagonal Gram no error moves, and the codes are
     exactly the nearest-entry assignment of ``matrix``.
 
@@ -261,13 +261,13 @@ def codebook_gptq(
             codes = jax.vmap(assign)(v, columns)
             return codes, columns[jnp.arange(n), codes.astype(jnp.int32)]
 
-    block, padded = _padding(m, block_size)
+    block, padded = block_padding(m, block_size)
     h = gram.astype(jnp.float32)
     order = None
     if act_order:
         order = jnp.argsort(-jnp.diagonal(h), stable=True)
         w, h = w[order], h[order][:, order]
-    upper, damping, _ = _damped_inverse_factor(h, damp, padded)
+    upper, damping, _ = damped_inverse_factor(h, damp, padded)
     w_padded = jnp.zeros((padded, n), jnp.float32).at[:m].set(w)
 
     def row_fn(r, w_row, err, u_block, w, codes):
@@ -275,7 +275,7 @@ def codebook_gptq(
         row_codes, q = round_row(w_row)
         return q, jax.lax.dynamic_update_index_in_dim(codes, row_codes, r, axis=0)
 
-    codes = _sweep(w_padded, upper, block, row_fn, jnp.zeros((padded, n), jnp.uint8))[:m]
+    codes = sweep(w_padded, upper, block, row_fn, jnp.zeros((padded, n), jnp.uint8))[:m]
     if order is not None:
         codes = codes[jnp.argsort(order)]
     flat = codes.astype(jnp.int32)
@@ -286,6 +286,6 @@ def codebook_gptq(
     stats = {
         "damping": damping,
         "factorized": jnp.all(jnp.isfinite(upper)),
-        "relative_output_error": _relative_output_error(matrix.astype(jnp.float32), restored, gram),
+        "relative_output_error": relative_output_error(matrix.astype(jnp.float32), restored, gram),
     }
     return codes, restored, stats
