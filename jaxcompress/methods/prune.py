@@ -35,7 +35,13 @@ _IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
 _COMPARISONS = ("layer", "output")
 
 
-def _check_sparsity(sparsity: object) -> Fraction:
+def check_sparsity(sparsity: object) -> Fraction:
+    """``sparsity`` as the exact decimal the user wrote, or a ``TypeError``/``ValueError``.
+
+    Example:
+        >>> check_sparsity(0.29)
+        Fraction(29, 100)
+    """
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"prune: sparsity must be a real number in [0, 1), got {sparsity!r}")
     value = float(sparsity)
@@ -52,7 +58,7 @@ def pruned_count(sparsity: float, size: int) -> int:
         >>> pruned_count(0.29, 100), pruned_count(0.9, 7)
         (29, 6)
     """
-    return math.floor(_check_sparsity(sparsity) * size)
+    return math.floor(check_sparsity(sparsity) * size)
 
 
 def _int_dtype():
@@ -581,7 +587,7 @@ def prune(
         >>> float(stats["dense2/kernel"]["relative_output_error"]) < 0.5
         True
     """
-    fraction = _check_sparsity(sparsity)
+    fraction = check_sparsity(sparsity)
     if scope not in _SCOPES:
         raise ValueError(f"prune: scope must be one of {_SCOPES}, got {scope!r}")
     if importance not in _IMPORTANCES:
