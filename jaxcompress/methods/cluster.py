@@ -28,7 +28,13 @@ from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics import kmeans1d
-from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope, relative_output_error
+from jaxcompress.numerics.obs import (
+    check_block_size,
+    check_damp,
+    check_factorized,
+    mesh_scope,
+    relative_output_error,
+)
 from jaxcompress.numerics.weighted_kmeans import codebook_gptq, fit_weighted
 from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, kernels
@@ -680,11 +686,7 @@ def cluster(
                 weight, **leaf_options, key=leaf_key, **data_args
             )
         if gptq:
-            if not is_traced(leaf_stats["factorized"]) and not bool(leaf_stats["factorized"]):
-                raise ValueError(
-                    f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                    f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                )
+            check_factorized(name, entry.path, leaf_stats, damp)
             leaf_stats["damp"] = damp_value
         reference = named_sharding_of(weight)
         clustered = _placed(clustered, reference)

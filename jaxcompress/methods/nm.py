@@ -26,7 +26,7 @@ from jaxcompress.core.checks import check_selected_leaf, is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.methods.prune import sparse_from_mask
-from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope
+from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
 from jaxcompress.numerics.select import nm_keep_mask
 from jaxcompress.numerics.sparsegpt import sparsegpt
 from jaxcompress.numerics.wanda import wanda_scores
@@ -170,11 +170,7 @@ def prune_nm(
                 values, keep, extra = _sparsegpt_leaf(
                     weight, gram, jnp.float32(damp_value), nm=(n, m), block_size=block
                 )
-                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
-                    raise ValueError(
-                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                    )
+                check_factorized(name, entry.path, extra, damp)
                 leaf_stats.update({"damp": damp_value, **extra})
             else:
                 matrix = unsharded(weight).reshape(math.prod(shape[:-1]), shape[-1])

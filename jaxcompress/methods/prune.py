@@ -24,7 +24,13 @@ from jaxcompress.methods.prune_sharded import (
     sharded_magnitude_sparse,
     split_layout,
 )
-from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope, relative_output_error
+from jaxcompress.numerics.obs import (
+    check_block_size,
+    check_damp,
+    check_factorized,
+    mesh_scope,
+    relative_output_error,
+)
 from jaxcompress.numerics.sparsegpt import prefix_counts, sparsegpt
 from jaxcompress.numerics.wanda import wanda_keep, wanda_scores
 from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
@@ -666,15 +672,8 @@ def prune(
                 fraction=fraction,
                 options=options,
             )
-            if (
-                "factorized" in extra
-                and not is_traced(extra["factorized"])
-                and not bool(extra["factorized"])
-            ):
-                raise ValueError(
-                    f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                    f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                )
+            if "factorized" in extra:
+                check_factorized(name, entry.path, extra, damp)
             leaf_stats.update(extra)
         reference = named_sharding_of(weight)
         sparse = jax.tree.map(functools.partial(place_like, reference=reference), sparse)

@@ -25,7 +25,7 @@ from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_lik
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics.awq import awq_search
 from jaxcompress.numerics.gptq import gptq
-from jaxcompress.numerics.obs import check_block_size, check_damp, mesh_scope
+from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
 from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
@@ -524,11 +524,7 @@ def quantize(
                     gptq_options=tuple(sorted(gptq_options.items())),
                     options=tuple(sorted(options.items())),
                 )
-                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
-                    raise ValueError(
-                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                    )
+                check_factorized(name, entry.path, extra, damp)
                 extra = {**extra, "bits": bits, "damp": damp_value}
             reference = named_sharding_of(weight)
             quantized = jax.tree.map(functools.partial(place_like, reference=reference), quantized)
