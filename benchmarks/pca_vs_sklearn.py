@@ -52,10 +52,10 @@ from _common import command, markdown_table, write
 from sklearn.decomposition import PCA
 
 from jaxcompress.numerics.decomposition import (
-    _auto_method,
-    _gram,
-    _krylov_on_data,
-    _krylov_shape,
+    auto_method,
+    blocked_gram,
+    krylov_on_data,
+    krylov_shape,
     pca_fit,
 )
 
@@ -89,10 +89,10 @@ def sklearn_solvers(n: int, d: int, first_k: bool) -> list[str]:
 
 
 def ours_method(n: int, d: int, k: int) -> str:
-    method = _auto_method(n, d, k)
+    method = auto_method(n, d, k)
     if method == "randomized" and n >= d:
-        block, blocks = _krylov_shape(k, d, None)
-        on = "data" if _krylov_on_data(n, d, block, blocks) else "covariance"
+        block, blocks = krylov_shape(k, d, None)
+        on = "data" if krylov_on_data(n, d, block, blocks) else "covariance"
         return f"randomized (block Krylov on the {on}, {blocks} x {block} columns)"
     if method == "randomized":
         return "randomized (data sketch)"
@@ -113,7 +113,7 @@ def breakdown(x: np.ndarray, xj: jax.Array, repeats: int) -> dict:
     and the blocked XLA product; scikit-learn: NumPy ``x.T @ x``, a BLAS ``syrk``, which
     it corrects for the mean afterwards) and the d x d ``eigh`` (jax vs NumPy)."""
     n = x.shape[0]
-    covariance = jax.jit(lambda x: _gram(x - jnp.mean(x, axis=0)[None, :]) / (n - 1))
+    covariance = jax.jit(lambda x: blocked_gram(x - jnp.mean(x, axis=0)[None, :]) / (n - 1))
     eigh = jax.jit(jnp.linalg.eigh)
     cov = jax.block_until_ready(covariance(xj))
     jax.block_until_ready(eigh(cov))

@@ -26,6 +26,7 @@ from jaxcompress.arrays.tree import materialize as materialize
 from jaxcompress.arrays.tree import nbytes as nbytes
 from jaxcompress.calibration.calibrate import InputStats as InputStats
 from jaxcompress.calibration.calibrate import calibrate as calibrate
+from jaxcompress.core.version import __version__ as __version__
 from jaxcompress.io.errors import FileFormatError as FileFormatError
 from jaxcompress.io.files import FileReport as FileReport
 from jaxcompress.io.files import inspect_file as inspect_file
@@ -68,8 +69,6 @@ from jaxcompress.transforms.base import Transform as Transform
 from jaxcompress.transforms.base import chain as chain
 from jaxcompress.transforms.base import masked as masked
 from jaxcompress.transforms.base import partition as partition
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

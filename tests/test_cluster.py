@@ -1,7 +1,6 @@
 """cluster: codebook/indices invariants, Lloyd and optimal k-means, exactness, inits,
 Sparse nesting, per-channel, jit, linen/nnx, sharding, bad input, properties."""
 
-import importlib
 import math
 
 import hypothesis.extra.numpy as hnp
@@ -17,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxcompress as jc
 from jaxcompress.examples.models import LeNet5, LeNet300100NNX
+from jaxcompress.methods.cluster import bucket_length, cluster_array_compiled
+from jaxcompress.numerics import kmeans1d
 
 # Lloyd–Max MSE of the optimal k-level quantizer of N(0, 1), k = 2..32.
 LLOYD_MAX = {1: 0.3634, 2: 0.1175, 3: 0.03455, 4: 0.00950, 5: 0.00250}
@@ -354,11 +355,10 @@ def test_property_codebook_size_indices_and_error(w, bits):
 
 @pytest.mark.parametrize("k", [16, 256])
 def test_histogram_path_on_large_leaves(k):
-    cluster_module = importlib.import_module("jaxcompress.methods.cluster")
 
     rng = np.random.default_rng(k)
     # Above the histogram threshold: a Gaussian with a small far cluster.
-    n = cluster_module._HISTOGRAM_MIN + 4096
+    n = kmeans1d.HISTOGRAM_MIN + 4096
     x = np.concatenate([rng.standard_normal(n - 2000), rng.normal(9.0, 0.2, 2000)])
     x = rng.permutation(x).astype(np.float32)
     w = jnp.asarray(x.reshape(-1, 64))
@@ -380,19 +380,18 @@ def test_histogram_path_on_large_leaves(k):
     options = dict(
         k=k, init="linear", method="lloyd", max_iter=1000, tol=1e-6, codebook_dtype=np.float32
     )
-    sorted_codebook = jax.jit(
-        lambda v: cluster_module._fit(v, None, histogram=False, **options)[0]
-    )(jnp.asarray(x))
+    sorted_codebook = jax.jit(lambda v: kmeans1d.fit(v, None, histogram=False, **options)[0])(
+        jnp.asarray(x)
+    )
     sorted_sse = _init_sse(w, sorted_codebook)
-    h = (x.max() - x.min()) / cluster_module._HISTOGRAM_BINS
+    h = (x.max() - x.min()) / kmeans1d.HISTOGRAM_BINS
     assert math.sqrt(inertia / x.size) <= math.sqrt(sorted_sse / x.size) + h
     assert int(stats["w"]["iterations"]) >= 1 and int(stats["w"]["distinct"]) > k
 
 
 def test_histogram_path_falls_back_to_an_exact_codebook():
-    cluster_module = importlib.import_module("jaxcompress.methods.cluster")
 
-    n = cluster_module._HISTOGRAM_MIN + 64
+    n = kmeans1d.HISTOGRAM_MIN + 64
     values = np.array([-1.5, 0.25, 0.5, 7.0], np.float32)
     w = jnp.asarray(np.resize(values, n).reshape(-1, 64))
     clustered, stats = jc.cluster(k=16)({"w": w})
@@ -404,14 +403,12 @@ def test_histogram_path_falls_back_to_an_exact_codebook():
 def test_sparse_values_padded_to_a_shared_length_cluster_bit_for_bit_as_unpadded(init):
     # Kept counts that differ per leaf are padded to a few lengths so leaves share one
     # compiled program; the padding must change nothing.
-    from jaxcompress.methods.cluster import _bucket, _cluster_compiled
-
     weight = jax.random.normal(jax.random.key(3), (700, 300))
     pruned, _ = jc.prune(0.37)({"w": weight})
     sparse = pruned["w"]
-    assert _bucket(sparse.nnz) != sparse.nnz  # the padded path is the one tested
+    assert bucket_length(sparse.nnz) != sparse.nnz  # the padded path is the one tested
     clustered, stats = jc.cluster(bits=4, init=init)(pruned)
-    reference, reference_stats = _cluster_compiled(
+    reference, reference_stats = cluster_array_compiled(
         sparse.values, k=16, init=init, per_channel=False, method="lloyd",
         max_iter=1000, tol=1e-6, codebook_dtype=np.dtype("float32"),
     )  # fmt: skip

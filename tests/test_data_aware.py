@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import jaxcompress as jc
 from jaxcompress.arrays import Quantized, Sparse
 from jaxcompress.methods.prune import magnitude_sparse
-from jaxcompress.numerics.data_aware import prefix_counts
+from jaxcompress.numerics.sparsegpt import prefix_counts
 
 M, N = 64, 32
 

@@ -93,12 +93,12 @@ def test_pca_full_matches_sklearn(n, d):
 
 
 def _randomized_path(n, d, k):
-    from jaxcompress.numerics.decomposition import _krylov_on_data, _krylov_shape
+    from jaxcompress.numerics.decomposition import krylov_on_data, krylov_shape
 
     if n < d:
         return "wide-sketch"
-    block, blocks = _krylov_shape(k, d, None)
-    return "krylov-data" if _krylov_on_data(n, d, block, blocks) else "krylov-covariance"
+    block, blocks = krylov_shape(k, d, None)
+    return "krylov-data" if krylov_on_data(n, d, block, blocks) else "krylov-covariance"
 
 
 @pytest.mark.parametrize(
@@ -157,13 +157,13 @@ def test_pca_krylov_explained_variance_on_a_slow_spectrum(d, k, path, offset):
 
 
 def test_pca_auto_and_default_key():
-    from jaxcompress.numerics.decomposition import _auto_method
+    from jaxcompress.numerics.decomposition import auto_method
 
-    assert _auto_method(10000, 784, 16) == "randomized"  # Krylov on the data
-    assert _auto_method(10000, 784, 64) == "randomized"  # Krylov on the covariance
-    assert _auto_method(100000, 1024, 64) == "randomized"  # Krylov on the data
-    assert _auto_method(10000, 784, 256) == "full"  # eigh cheaper than 768 Krylov columns
-    assert _auto_method(800, 24, 4) == "full"  # small
+    assert auto_method(10000, 784, 16) == "randomized"  # Krylov on the data
+    assert auto_method(10000, 784, 64) == "randomized"  # Krylov on the covariance
+    assert auto_method(100000, 1024, 64) == "randomized"  # Krylov on the data
+    assert auto_method(10000, 784, 256) == "full"  # eigh cheaper than 768 Krylov columns
+    assert auto_method(800, 24, 4) == "full"  # small
     x = spectrum_data(64, 600, SCALES, seed=2)  # wide: data sketch
     a = pca_fit(x, 4)
     b = pca_fit(x, 4, method="randomized", key=jax.random.key(0))
@@ -200,25 +200,25 @@ def test_pca_from_statistics_equals_pca_fit():
 
 def test_krylov_rule():
     # Blocks of k rounded up to 16; max(3 k, k + 64) columns; all of R^d as one block.
-    from jaxcompress.numerics.decomposition import _krylov_on_data, _krylov_shape
+    from jaxcompress.numerics.decomposition import krylov_on_data, krylov_shape
 
-    assert _krylov_shape(16, 784, None) == (16, 5)
-    assert _krylov_shape(64, 1024, None) == (64, 3)
-    assert _krylov_shape(300, 4096, None) == (128, 8)
-    assert _krylov_shape(16, 784, 2) == (16, 3)
-    assert _krylov_shape(4, 24, None) == (24, 1)
+    assert krylov_shape(16, 784, None) == (16, 5)
+    assert krylov_shape(64, 1024, None) == (64, 3)
+    assert krylov_shape(300, 4096, None) == (128, 8)
+    assert krylov_shape(16, 784, 2) == (16, 3)
+    assert krylov_shape(4, 24, None) == (24, 1)
     # Passes over x when 1.6 x their 2 n d b (2 blocks - 1) flops <= the Gram's n d² (5/4).
-    assert _krylov_on_data(10000, 1024, 64, 3)
-    assert not _krylov_on_data(10000, 784, 64, 3)
-    assert _krylov_on_data(10000, 784, 16, 5)
+    assert krylov_on_data(10000, 1024, 64, 3)
+    assert not krylov_on_data(10000, 784, 64, 3)
+    assert krylov_on_data(10000, 784, 16, 5)
 
 
 @pytest.mark.parametrize("d", [7, 300, 601])
 def test_blocked_gram_is_the_plain_product(d):
-    from jaxcompress.numerics.decomposition import _gram
+    from jaxcompress.numerics.decomposition import blocked_gram
 
     x = np.random.default_rng(d).standard_normal((50, d)).astype(np.float32)
-    np.testing.assert_allclose(_gram(jnp.asarray(x)), x.T @ x, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(blocked_gram(jnp.asarray(x)), x.T @ x, rtol=1e-5, atol=1e-4)
 
 
 def test_pca_is_a_pytree_and_jits():

@@ -17,6 +17,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxcompress.core.paths import path_to_str
 from jaxcompress.jaxpr import graph
 
 
@@ -72,8 +73,6 @@ def stats_by_path(data: object) -> dict[str, InputStats]:
         >>> list(stats_by_path({"dense": {"kernel": s, "bias": None}}))
         ['dense/kernel']
     """
-    from jaxcompress.core.paths import path_to_str
-
     flat, _ = jax.tree_util.tree_flatten_with_path(
         data, is_leaf=lambda x: isinstance(x, InputStats)
     )
@@ -428,8 +427,6 @@ def calibrate(
         >>> data["dense1"]["bias"] is None
         True
     """
-    from jaxcompress.core.paths import path_to_str
-
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     flat_params = [leaf for _, leaf in flat]
     if labels is not None and num_classes is None:

@@ -9,6 +9,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from jaxcompress.cli.recipes import read_recipe
+from jaxcompress.io.checkpoints import read_checkpoint
+from jaxcompress.io.files import inspect_file, load, save
+from jaxcompress.io.interop import export_dense
+from jaxcompress.runtime.report import summarize
+
 
 def _console() -> Console:
     # Piped output gets a wide page so tables stay readable in logs and files.
@@ -90,11 +96,6 @@ def add_file_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """``jaxcompress compress``: checkpoint + recipe -> .jxc, with a summary."""
-    from jaxcompress.cli.recipes import read_recipe
-    from jaxcompress.io.checkpoints import read_checkpoint
-    from jaxcompress.io.files import save
-    from jaxcompress.runtime.report import summarize
-
     status = Console(stderr=True)
     transform = read_recipe(args.recipe)  # recipe errors before any heavy work
     start = time.perf_counter()
@@ -127,8 +128,6 @@ def run_compress(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``jaxcompress inspect``: the per-leaf table of a file."""
-    from jaxcompress.io.files import inspect_file
-
     report = inspect_file(args.file)
     if args.json:
         print(json.dumps(report.to_dict()))
@@ -139,9 +138,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """``jaxcompress export``: dense weights of a .jxc file for other tools."""
-    from jaxcompress.io.files import load
-    from jaxcompress.io.interop import export_dense
-
     export_dense(args.output, load(args.file, progress=not args.json))
     size = Path(args.output).stat().st_size
     if args.json:

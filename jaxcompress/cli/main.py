@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jaxcompress.cli.bench import add_bench_command, run_bench
+from jaxcompress.cli.demo import run_demo
 from jaxcompress.cli.files import add_file_commands, run_compress, run_export, run_inspect
 
 
@@ -73,8 +74,6 @@ def _progress(console: Console) -> Progress:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from jaxcompress.cli.demo import run_demo  # imports jax; keep `--help` fast
-
     # Progress goes to stderr so `--json` leaves stdout as pure JSON.
     progress_console = Console(stderr=True)
     with _progress(progress_console) as progress:

@@ -8,6 +8,8 @@ from typing import Any
 
 from jaxcompress.io.container import MAGIC
 from jaxcompress.io.errors import FileFormatError
+from jaxcompress.io.files import load
+from jaxcompress.io.interop import read_msgpack, read_safetensors
 
 EXPECTED = (
     "a jaxcompress file (.jxc), a safetensors file (.safetensors), a flax msgpack "
@@ -44,9 +46,6 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         >>> read_checkpoint(path)["dense"]["kernel"].shape
         (2, 3)
     """
-    from jaxcompress.io.files import load
-    from jaxcompress.io.interop import read_msgpack, read_safetensors
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")

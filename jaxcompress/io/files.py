@@ -23,9 +23,10 @@ from jaxcompress.arrays import is_compressed
 from jaxcompress.arrays.lowrank import factor_shardings
 from jaxcompress.core.mesh import spec_for
 from jaxcompress.core.paths import path_to_str
+from jaxcompress.core.version import __version__
 from jaxcompress.io import container, shards, treecodec
 from jaxcompress.io.errors import FileFormatError
-from jaxcompress.runtime.report import _human_bytes
+from jaxcompress.runtime.report import human_bytes
 
 FORMAT = "jaxcompress"
 
@@ -119,7 +120,7 @@ def save(
             header = {
                 "format": FORMAT,
                 "version": container.VERSION,
-                "library": _library_version(),
+                "library": __version__,
                 "tree": root,
                 "metadata": metadata or {},
                 "buffers": writer.buffers,
@@ -160,12 +161,6 @@ def _sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _library_version() -> str:
-    from jaxcompress import __version__
-
-    return __version__
 
 
 # ---------------------------------------------------------------- loading
@@ -397,18 +392,18 @@ class FileReport:
                 leaf.path,
                 "x".join(map(str, leaf.shape)) or "()",
                 leaf.kind,
-                _human_bytes(leaf.dense_bytes),
-                _human_bytes(leaf.stored_bytes),
-                _human_bytes(leaf.entropy_bytes),
+                human_bytes(leaf.dense_bytes),
+                human_bytes(leaf.stored_bytes),
+                human_bytes(leaf.entropy_bytes),
                 leaf.encoding,
             )
         table.add_section()
-        table.add_row("header", "", "", "", _human_bytes(self.header_bytes), "", "")
+        table.add_row("header", "", "", "", human_bytes(self.header_bytes), "", "")
         table.add_row(
             "file",
             "",
             f"{self.ratio:.1f}x",
-            _human_bytes(self.dense_bytes),
+            human_bytes(self.dense_bytes),
             f"{self.file_bytes:,} B",
             f"{self.entropy_bound_bytes:,.0f} B",
             f"streams {self.stream_bytes / max(self.stream_entropy_bytes, 1):.4f}x entropy",

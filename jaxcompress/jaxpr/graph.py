@@ -35,6 +35,8 @@ import jax.extend.core as jex
 import numpy as np
 from jax import lax
 
+from jaxcompress.core.paths import path_to_str
+
 __all__ = [
     "ConvInfo",
     "WeightUse",
@@ -44,6 +46,7 @@ __all__ = [
     "fan_in_axes",
     "fan_in_by_path",
     "input_features",
+    "sub_jaxpr",
     "trace_jaxpr",
     "trace_uses",
     "uses_in_jaxpr",
@@ -352,8 +355,15 @@ def _make_use(
     )
 
 
-def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
-    """``(jaxpr, consts)`` of a call-like eqn whose operands map one for one, else None."""
+def sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """``(jaxpr, consts)`` of a call-like eqn whose operands map one for one, else None.
+
+    Example:
+        >>> import jax
+        >>> eqn = jax.make_jaxpr(jax.jit(lambda x: x + 1))(1.0).jaxpr.eqns[0]
+        >>> eqn.primitive.name, sub_jaxpr(eqn) is not None
+        ('jit', True)
+    """
     key = _CALLS.get(eqn.primitive.name)
     if key is None or key not in eqn.params:
         return None
@@ -402,7 +412,7 @@ def _walk(
         elif name in _MANY_SAME and len(eqn.invars) == len(eqn.outvars):
             outs = list(ins)
         else:
-            sub = _sub_jaxpr(eqn)
+            sub = sub_jaxpr(eqn)
             if sub is not None:
                 outs = _walk(sub[0], ins, site, emit)
         for var, track in zip(eqn.outvars, outs, strict=True):
@@ -473,8 +483,6 @@ def trace_jaxpr(
         >>> paths, len(jaxpr.jaxpr.invars)
         (['w'], 2)
     """
-    from jaxcompress.core.paths import path_to_str
-
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_to_str(path) for path, _ in flat]
     if len(set(paths)) != len(paths):
@@ -646,7 +654,7 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
     for i, eqn in enumerate(jaxpr.eqns):
         site = (*prefix, i)
         invals = [read(v) for v in eqn.invars]
-        sub = _sub_jaxpr(eqn) if site in inline else None
+        sub = sub_jaxpr(eqn) if site in inline else None
         if sub is not None:
             outs = _interpret(sub[0], sub[1], invals, site, wanted, inline, captured)
         else:
@@ -817,7 +825,7 @@ def _evaluate(jaxpr, consts, args, special, rule) -> list[Any]:
         if not any(special(v) for v in invals):
             outs = bind_equation(eqn, invals)
         else:
-            sub = _sub_jaxpr(eqn)
+            sub = sub_jaxpr(eqn)
             if sub is not None:
                 outs = _evaluate(sub[0], sub[1], invals, special, rule)
             else:

@@ -22,7 +22,7 @@ import numpy as np
 from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
-from jaxcompress.methods.prune import _check_sparsity, pruned_count, sparse_from_mask
+from jaxcompress.methods.prune import check_sparsity, pruned_count, sparse_from_mask
 from jaxcompress.transforms.base import Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
 
@@ -225,7 +225,7 @@ def prune_blocks(
         (1, 4, 4)
     """
     try:
-        fraction = _check_sparsity(sparsity)
+        fraction = check_sparsity(sparsity)
     except (TypeError, ValueError) as error:
         message = str(error).removeprefix("prune: ")
         raise type(error)(f"prune_blocks: {message}") from None

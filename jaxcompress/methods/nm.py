@@ -7,7 +7,7 @@ Ampere and later) accelerate. The result is an ordinary :class:`~jaxcompress.Spa
 leaf holding exactly ``size * N / M`` values.
 
 With ``importance="sparsegpt"`` the runs are chosen during SparseGPT's sweep over the
-input rows (:func:`jaxcompress.data_aware.sparsegpt` with ``nm=``): the kept weights
+input rows (:func:`jaxcompress.numerics.sparsegpt.sparsegpt` with ``nm=``): the kept weights
 are updated to make up for the pruned ones, so the leaf's values differ from the
 dense weight's.
 """
@@ -22,19 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.arrays.checks import check_selected_leaf
+from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.methods.prune import sparse_from_mask
-from jaxcompress.numerics.data_aware import (
-    check_block_size,
-    check_damp,
-    leaf_gram,
-    mesh_scope,
-    require_data,
-    sparsegpt,
-    wanda_scores,
-)
+from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
+from jaxcompress.numerics.select import nm_keep_mask
+from jaxcompress.numerics.sparsegpt import sparsegpt
+from jaxcompress.numerics.wanda import wanda_scores
 from jaxcompress.transforms.base import Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
 
@@ -52,23 +48,6 @@ def _parse(pattern: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise ValueError(f"prune_nm: pattern {pattern!r} needs 0 < N < M")
     return n, m
-
-
-def nm_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
-    """Keep-mask of a ``(K, C)`` score matrix: the ``n`` best of every ``m`` rows per column.
-
-    Ties go to the lower row index, as in :func:`jaxcompress.prune`.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> nm_keep_mask(jnp.array([[1.0], [4.0], [3.0], [3.0]]), 2, 4)[:, 0].tolist()
-        [False, True, True, False]
-    """
-    rows, columns = scores.shape
-    grouped = scores.reshape(rows // m, m, columns)
-    order = jnp.argsort(-grouped, axis=1, stable=True)
-    rank = jnp.argsort(order, axis=1, stable=True)
-    return (rank < n).reshape(rows, columns)
 
 
 @functools.partial(jax.jit, static_argnames=("nm", "block_size"))
@@ -99,7 +78,7 @@ def prune_nm(
         importance: ``"magnitude"`` (``|w|``), ``"wanda"`` (``|w| · ‖x‖``) or
             ``"sparsegpt"``; the last two need ``data=`` from
             :func:`jaxcompress.calibrate`. SparseGPT (Frantar & Alistarh 2023) sweeps
-            the input rows with error feedback (see :mod:`jaxcompress.data_aware`):
+            the input rows with error feedback (see :mod:`jaxcompress.numerics.obs`):
             when it reaches the first row of a run of ``M``, each output keeps the
             ``N`` rows of the run with the largest OBS saliency ``w² / [H⁻¹]_ii``
             (``H`` the damped Gram, on the current, error-updated weights), and the
@@ -192,11 +171,7 @@ def prune_nm(
                 values, keep, extra = _sparsegpt_leaf(
                     weight, gram, jnp.float32(damp_value), nm=(n, m), block_size=block
                 )
-                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
-                    raise ValueError(
-                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                    )
+                check_factorized(name, entry.path, extra, damp)
                 leaf_stats.update({"damp": damp_value, **extra})
             else:
                 matrix = unsharded(weight).reshape(math.prod(shape[:-1]), shape[-1])

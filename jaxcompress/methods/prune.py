@@ -16,6 +16,7 @@ import numpy as np
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import matrix_shape
+from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
@@ -25,18 +26,15 @@ from jaxcompress.methods.prune_sharded import (
     sharded_magnitude_sparse,
     split_layout,
 )
-from jaxcompress.numerics.data_aware import (
-    _relative_output_error,
+from jaxcompress.numerics.obs import (
     check_block_size,
     check_damp,
-    leaf_gram,
+    check_factorized,
     mesh_scope,
-    prefix_counts,
-    require_data,
-    sparsegpt,
-    wanda_keep,
-    wanda_scores,
+    relative_output_error,
 )
+from jaxcompress.numerics.sparsegpt import prefix_counts, sparsegpt
+from jaxcompress.numerics.wanda import wanda_keep, wanda_scores
 from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, kernels
 
@@ -45,7 +43,13 @@ _IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
 _COMPARISONS = ("layer", "output")
 
 
-def _check_sparsity(sparsity: object) -> Fraction:
+def check_sparsity(sparsity: object) -> Fraction:
+    """``sparsity`` as the exact decimal the user wrote, or a ``TypeError``/``ValueError``.
+
+    Example:
+        >>> check_sparsity(0.29)
+        Fraction(29, 100)
+    """
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"prune: sparsity must be a real number in [0, 1), got {sparsity!r}")
     value = float(sparsity)
@@ -62,7 +66,7 @@ def pruned_count(sparsity: float, size: int) -> int:
         >>> pruned_count(0.29, 100), pruned_count(0.9, 7)
         (29, 6)
     """
-    return math.floor(_check_sparsity(sparsity) * size)
+    return math.floor(check_sparsity(sparsity) * size)
 
 
 def _int_dtype():
@@ -445,7 +449,7 @@ def _data_aware_mask(weight, gram, counts, *, fan_in, importance, comparison, da
     if importance == "wanda":
         keep = wanda_keep(matrix, gram, counts, comparison=comparison)
         stats = {
-            "relative_output_error": _relative_output_error(
+            "relative_output_error": relative_output_error(
                 matrix.astype(jnp.float32), jnp.where(keep, matrix, 0.0).astype(jnp.float32), gram
             )
         }
@@ -511,7 +515,7 @@ def prune(
     input statistics from ``data=`` (a pytree from :func:`jaxcompress.calibrate`) and
     work on its ``(m, n)`` matrix view: ``m`` input features (the fan-in the
     statistics were taken over: ``in`` for a Dense ``(in, out)`` kernel, ``h * w * in``
-    for a conv kernel) by ``n`` outputs. See :mod:`jaxcompress.data_aware`.
+    for a conv kernel) by ``n`` outputs. See :mod:`jaxcompress.numerics.obs`.
 
     Args:
         sparsity: fraction of entries to zero, in ``[0, 1)``.
@@ -592,7 +596,7 @@ def prune(
         >>> float(stats["dense2/kernel"]["relative_output_error"]) < 0.5
         True
     """
-    fraction = _check_sparsity(sparsity)
+    fraction = check_sparsity(sparsity)
     if scope not in _SCOPES:
         raise ValueError(f"prune: scope must be one of {_SCOPES}, got {scope!r}")
     if importance not in _IMPORTANCES:
@@ -671,15 +675,8 @@ def prune(
                 fraction=fraction,
                 options=options,
             )
-            if (
-                "factorized" in extra
-                and not is_traced(extra["factorized"])
-                and not bool(extra["factorized"])
-            ):
-                raise ValueError(
-                    f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                    f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                )
+            if "factorized" in extra:
+                check_factorized(name, entry.path, extra, damp)
             leaf_stats.update(extra)
         reference = named_sharding_of(weight)
         sparse = jax.tree.map(functools.partial(place_like, reference=reference), sparse)

@@ -32,16 +32,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxcompress.arrays import Sparse
+from jaxcompress.core.mesh import axis_names, devices_along
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 _NO_POSITION = np.uint32(0xFFFFFFFF)
-
-
-def _axis_names(entry: Any) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def split_layout(x: Any) -> tuple[Mesh, PartitionSpec] | None:
@@ -71,7 +66,7 @@ def split_layout(x: Any) -> tuple[Mesh, PartitionSpec] | None:
     mesh = sharding.mesh
     shape = tuple(x.shape)
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    devices = [math.prod(mesh.shape[a] for a in _axis_names(entry)) for entry in spec]
+    devices = [devices_along(mesh, entry) for entry in spec]
     if not shape or math.prod(devices) == 1 or math.prod(shape) >= 2**31:
         return None
     if any(dim % count for dim, count in zip(shape, devices, strict=True)):
@@ -82,7 +77,7 @@ def split_layout(x: Any) -> tuple[Mesh, PartitionSpec] | None:
 
 
 def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
-    return tuple(name for entry in spec for name in _axis_names(entry))
+    return tuple(name for entry in spec for name in axis_names(entry))
 
 
 def _keys(block: jax.Array) -> jax.Array:
@@ -108,7 +103,7 @@ def _block_start(spec: PartitionSpec, block_shape: tuple[int, ...]) -> list[jax.
     starts = []
     for entry, size in zip(spec, block_shape, strict=True):
         index = jnp.zeros((), jnp.int32)
-        for name in _axis_names(entry):
+        for name in axis_names(entry):
             index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
         starts.append(index * size)
     return starts
@@ -246,8 +241,8 @@ def _sharded_sparse(weight: jax.Array, num_pruned: jax.Array, *, nnz: int, mesh,
         counts = jnp.sum(keep, axis=-1, keepdims=True, dtype=jnp.int32)
         every = counts
         for axis, entry in enumerate(spec):
-            if _axis_names(entry):
-                every = jax.lax.all_gather(every, _axis_names(entry), axis=axis, tiled=True)
+            if axis_names(entry):
+                every = jax.lax.all_gather(every, axis_names(entry), axis=axis, tiled=True)
         before = (jnp.cumsum(every.reshape(-1)) - every.reshape(-1)).reshape(every.shape)
         starts = _block_start(spec, block.shape)
         starts[-1] = starts[-1] // block.shape[-1]

@@ -1,19 +1,7 @@
 """Linear (uniform) quantization into :class:`~jaxcompress.Quantized` leaves.
 
-Layout and arithmetic, for ``b`` bits:
-
-* **symmetric**: ``q = clip(round(w / s), -(2**(b-1) - 1), 2**(b-1) - 1)``, stored as the
-  unsigned code ``q + 2**(b-1)`` (so code 0 is unused and zero is exact); decoded as
-  ``(code - 2**(b-1)) * s``. ``2**b - 1`` levels.
-* **asymmetric**: ``code = clip(round(w / s + z), 0, 2**b - 1)`` with a per-scale zero
-  point ``z``; decoded as ``(code - z) * s``. ``2**b`` levels. The zero point is stored
-  as a float in the scale dtype, so the grid may sit "midrise" (no level at zero),
-  as the best uniform quantizer of a symmetric distribution does.
-
-Codes are computed with the stored (rounded) scale and zero point, so the round-trip
-error is at most ``s / 2`` per entry inside the clipping range for the stored ``s``.
-A constant group (zero range) gets ``s = |c|`` (or 1 for ``c == 0``) and decodes
-exactly; nothing is ever divided by zero.
+The grid and its arithmetic are those of :mod:`jaxcompress.numerics.uniform`; this
+module checks the options and the data, and builds the leaves.
 """
 
 from __future__ import annotations
@@ -30,232 +18,26 @@ from jax.sharding import NamedSharding
 
 from jaxcompress.arrays import Quantized, Sparse
 from jaxcompress.arrays.checks import check_values_to_compress
-from jaxcompress.arrays.quantized import decode, from_groups, group_layout, to_groups
+from jaxcompress.arrays.quantized import decode
+from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.bitpack import pack
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics.awq import awq_search
-from jaxcompress.numerics.data_aware import (
-    check_block_size,
-    check_damp,
-    gptq,
-    leaf_gram,
-    mesh_scope,
-    require_data,
-)
+from jaxcompress.numerics.gptq import gptq
+from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
+from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
 _METHODS = ("rtn", "gptq", "awq")
 _SCALE_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
-# Clipping ratios searched by calibration="mse", largest first so ties keep more range.
-_MSE_RATIOS = np.linspace(1.0, 0.01, 100, dtype=np.float32)
 
 
 def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _encode(v, scale, zero, bits: int):
-    """Unsigned codes (as float32) of ``v``, and where rounding needed no clipping."""
-    if zero is None:
-        qmax = 2 ** (bits - 1) - 1
-        raw = jnp.round(v / scale)
-        clipped = jnp.clip(raw, -qmax, qmax)
-        return clipped + 2 ** (bits - 1), raw == clipped
-    raw = jnp.round(v / scale + zero)
-    clipped = jnp.clip(raw, 0, 2**bits - 1)
-    return clipped, raw == clipped
-
-
-def _decode(codes, scale, zero, bits: int):
-    offset = 2 ** (bits - 1) if zero is None else zero
-    return (codes - offset) * scale
-
-
-def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
-    """Stored (rounded to ``scale_dtype``) scale and zero point for a clipping range."""
-    levels = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
-    # Multiplying by 1/levels (not dividing) gives the same float eagerly and under jit,
-    # where XLA rewrites a division by a constant; QAT then converts with no drift.
-    inverse = np.float32(1.0 / levels)
-    scale = high * inverse if symmetric else (high - low) * inverse
-    scale = scale.astype(scale_dtype).astype(jnp.float32)
-    # A zero scale only arises for a zero range; the caller overrides those groups.
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-    if symmetric:
-        return scale, None
-    zero = (-low / scale).astype(scale_dtype).astype(jnp.float32)
-    return scale, zero
-
-
-def _clip_range(v, axes, *, symmetric: bool, calibration: str, percentile: float):
-    """``(low, high)`` clipping range per group (``low`` unused when symmetric)."""
-    if calibration == "percentile":
-        if symmetric:
-            high = jnp.percentile(jnp.abs(v), percentile, axis=axes, keepdims=True)
-            return -high, high
-        low = jnp.percentile(v, 100.0 - percentile, axis=axes, keepdims=True)
-        high = jnp.percentile(v, percentile, axis=axes, keepdims=True)
-        return low, high
-    low = jnp.min(v, axis=axes, keepdims=True)
-    high = jnp.max(v, axis=axes, keepdims=True)
-    if symmetric:
-        high = jnp.maximum(-low, high)
-        return -high, high
-    return low, high
-
-
-def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
-    """Per group, the clipping ratio in ``_MSE_RATIOS`` with the least squared error."""
-    center = (low + high) / 2
-    half = (high - low) / 2
-
-    def error(ratio):
-        scale, zero = _scale_zero(
-            center - ratio * half,
-            center + ratio * half,
-            bits=bits,
-            symmetric=symmetric,
-            scale_dtype=scale_dtype,
-        )
-        codes = _encode(v, scale, zero, bits)[0]
-        return jnp.sum(jnp.square(_decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
-
-    ratios = jnp.asarray(_MSE_RATIOS)
-
-    # A running best per group: memory stays a few copies of the weight, and the
-    # carry is shaped like the scales, so it shards like them (lax.map's stacked
-    # errors do not, under Explicit mesh axes).
-    def consider(i, best):
-        best_error, best_ratio = best
-        candidate = error(ratios[i])
-        better = candidate < best_error  # strict: ties keep the larger ratio
-        return jnp.where(better, candidate, best_error), jnp.where(better, ratios[i], best_ratio)
-
-    first = error(ratios[0])
-    start = (first, jnp.full(first.shape, ratios[0], first.dtype))
-    return jax.lax.fori_loop(1, ratios.shape[0], consider, start)[1]
-
-
-def quantize_view(
-    v: jax.Array,
-    axes: tuple[int, ...],
-    *,
-    bits: int,
-    symmetric: bool,
-    calibration: str,
-    percentile: float,
-    scale_dtype,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """Quantizes ``v`` with one scale per slice reduced over ``axes``.
-
-    Returns:
-        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``v``; scale (in
-        ``scale_dtype``) and zero point (``None`` if symmetric) with ``axes`` kept as 1;
-        and where rounding needed no clipping (where quantization-aware training lets
-        the gradient through).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> codes, scale, zero, inside = quantize_view(jnp.array([[-1.0, 0.5, 1.0]]), (0, 1),
-        ...     bits=2, symmetric=True, calibration="absmax", percentile=99.9,
-        ...     scale_dtype=jnp.float32)
-        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
-        ([[1, 2, 3]], [[1.0]], None, True)
-    """
-    v = v.astype(jnp.float32)
-    if calibration == "percentile":
-        # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
-        v = unsharded(v)
-    low, high = _clip_range(
-        v, axes, symmetric=symmetric, calibration=calibration, percentile=percentile
-    )
-    if calibration == "mse":
-        ratio = _mse_ratio(
-            v, axes, low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
-        )
-        center, half = (low + high) / 2, (high - low) / 2
-        low, high = center - ratio * half, center + ratio * half
-    scale, zero = _scale_zero(low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
-    if calibration == "percentile":
-        # A percentile can be zero for a mostly-zero group; then use the full range.
-        full_low, full_high = _clip_range(
-            v, axes, symmetric=symmetric, calibration="absmax", percentile=percentile
-        )
-        full_scale, full_zero = _scale_zero(
-            full_low, full_high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
-        )
-        narrow = high - low <= 0
-        scale = jnp.where(narrow, full_scale, scale)
-        zero = None if symmetric else jnp.where(narrow, full_zero, zero)
-    # A constant group decodes exactly as code offset +-1 (or 0) times s = |c|.
-    minimum = jnp.min(v, axis=axes, keepdims=True)
-    constant = minimum == jnp.max(v, axis=axes, keepdims=True)
-    exact_scale = jnp.where(minimum != 0, jnp.abs(minimum), jnp.ones_like(minimum))
-    scale = jnp.where(constant, exact_scale.astype(scale_dtype).astype(jnp.float32), scale)
-    if not symmetric:
-        exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
-        zero = jnp.where(constant, exact_zero, zero)
-    codes, inside = _encode(v, scale, zero, bits)
-    zero = None if zero is None else zero.astype(scale_dtype)
-    return codes.astype(jnp.uint8), scale.astype(scale_dtype), zero, inside
-
-
-def quantize_codes(
-    weight: jax.Array,
-    *,
-    bits: int,
-    axis: int | None,
-    group_size: int | None,
-    symmetric: bool,
-    calibration: str,
-    percentile: float,
-    scale_dtype,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """The one quantizer: unpacked codes, scales and zero points of one array.
-
-    Both :func:`quantize` (which packs the codes) and
-    :func:`jaxcompress.training.fake_quant` (which decodes them straight away) call
-    this, so a model trained with fake quantization converts without drift.
-
-    Returns:
-        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``weight``;
-        scale and zero point (``None`` if symmetric) shaped ``(G, C)`` (see
-        :func:`~jaxcompress.arrays.quantized.group_layout`); and a boolean mask, shaped
-        like ``weight``, of the entries whose rounded code needed no clipping.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> codes, scale, zero, inside = quantize_codes(jnp.array([[-1.0, 0.5], [1.0, 0.0]]),
-        ...     bits=2, axis=None, group_size=None, symmetric=True, calibration="absmax",
-        ...     percentile=99.9, scale_dtype=jnp.float32)
-        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
-        ([[1, 2], [3, 2]], [[1.0]], None, True)
-    """
-    shape = tuple(weight.shape)
-    groups, _, channels = group_layout(shape, axis, group_size)
-    options = dict(
-        bits=bits,
-        symmetric=symmetric,
-        calibration=calibration,
-        percentile=percentile,
-        scale_dtype=scale_dtype,
-    )
-    if groups == 1:
-        # Reduce in place over every axis but the channel one: no reshape of the weight.
-        axes = tuple(d for d in range(len(shape)) if d != axis)
-        codes, scale, zero, inside = quantize_view(weight, axes, **options)
-    else:
-        view = to_groups(weight, axis, group_size)
-        codes, scale, zero, inside = quantize_view(view, (1,), **options)
-        codes = from_groups(codes, shape, axis)
-        inside = from_groups(inside, shape, axis)
-    scale = scale.reshape(groups, channels)
-    zero = None if zero is None else zero.reshape(groups, channels)
-    return codes, scale, zero, inside
 
 
 def quantize_array(
@@ -301,8 +83,13 @@ def quantize_array(
     )
 
 
-def _leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
-    """The normalized axis for a leaf of ``shape``; raises naming the path if it cannot fit."""
+def leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
+    """The normalized axis for a leaf of ``shape``; raises naming the path if it cannot fit.
+
+    Example:
+        >>> leaf_layout("quantize", "w", (4, 6), -1, None)
+        1
+    """
     if axis is not None:
         if not -len(shape) <= axis < len(shape):
             raise ValueError(
@@ -526,7 +313,7 @@ def quantize(
     ``‖X W − X Ŵ‖`` (not the weight error). The result has exactly the layout of
     round-to-nearest (same scale shapes, same ``nbytes``); its codes decode with its
     stored scales. With an identity Gram and ``damp=0`` it *is* round-to-nearest.
-    See :mod:`jaxcompress.data_aware`.
+    See :mod:`jaxcompress.numerics.obs`.
 
     With ``method="awq"`` (activation-aware weight quantization, Lin et al. 2023; also
     with ``data=``) each row ``i`` of the matrix view is multiplied by a scale
@@ -700,7 +487,7 @@ def quantize(
             values = check_values_to_compress(name, entry.path, entry.leaf)
             # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
             leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
-            layout = _leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
+            layout = leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
             gram, fan_in = None, None
             if data_aware:
                 shape = tuple(values.shape)
@@ -738,11 +525,7 @@ def quantize(
                     gptq_options=tuple(sorted(gptq_options.items())),
                     options=tuple(sorted(options.items())),
                 )
-                if not is_traced(extra["factorized"]) and not bool(extra["factorized"]):
-                    raise ValueError(
-                        f"{name}: the damped Gram matrix of leaf {entry.path!r} is not positive "
-                        f"definite (its Cholesky factor is not finite); raise damp= (now {damp})"
-                    )
+                check_factorized(name, entry.path, extra, damp)
                 extra = {**extra, "bits": bits, "damp": damp_value}
             reference = named_sharding_of(weight)
             quantized = jax.tree.map(functools.partial(place_like, reference=reference), quantized)

@@ -15,7 +15,7 @@ with ``a_i`` the input's magnitude. AWQ's paper uses the mean ``|x_i|``; calibra
 statistics (:class:`~jaxcompress.InputStats`) keep the Gram ``G = E[x xᵀ]``
 but not ``E|x|``, so ``a_i = √G_ii``, the input's RMS, is used instead (an input never
 seen, ``G_ii = 0``, takes the mean of the others' ``a``, as in
-:mod:`jaxcompress.data_aware`, and every ``a_i`` is floored at ``1e-4 · max a``).
+:mod:`jaxcompress.numerics.obs`, and every ``a_i`` is floored at ``1e-4 · max a``).
 ``alpha`` is searched over an even grid on
 ``[0, 1]`` for the least output error ``tr(Eᵀ G E)``, ``E = Ŵ − W``, which the Gram
 alone gives (``‖X W − X Ŵ‖_F² = N tr(Eᵀ G E)`` for the ``N`` calibration rows). At

@@ -15,7 +15,7 @@ not change, and uniform weights become exactly 1, so every sum is then the same 
 as plain k-means computes: uniform weights give exactly plain k-means' codebook.
 
 **GPTQ with codebook rounding** (:func:`codebook_gptq`): the rows of a weight's
-``(m, n)`` matrix view are swept as by GPTQ (:mod:`jaxcompress.data_aware`, whose
+``(m, n)`` matrix view are swept as by GPTQ (:mod:`jaxcompress.numerics.obs`, whose
 sweep and damped inverse Cholesky factor it reuses), but each row is rounded to the
 nearest codebook entry instead of to a uniform grid.
 """
@@ -26,21 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.methods.cluster import (
-    _OPTIMAL_POINTS,
-    _assign,
-    _exact_codebook,
-    _initial_centroids,
-    _kmeans_plus_plus,
-    _lloyd,
-    _optimal_of_points,
-    _prefix_sum,
+from jaxcompress.numerics.kmeans1d import (
+    OPTIMAL_POINTS,
+    assign,
+    exact_codebook,
+    initial_centroids,
+    kmeans_plus_plus,
+    lloyd,
+    optimal_of_points,
+    prefix_sum,
 )
-from jaxcompress.numerics.data_aware import (
-    _damped_inverse_factor,
-    _padding,
-    _relative_output_error,
-    _sweep,
+from jaxcompress.numerics.obs import (
+    block_padding,
+    damped_inverse_factor,
+    relative_output_error,
+    sweep,
 )
 
 
@@ -70,7 +70,7 @@ def normalized_weights(w: jax.Array) -> jax.Array:
 def sort_with_weights(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``x`` sorted ascending (1-D float32) and ``w`` permuted alike.
 
-    Sorts order-preserving int32 keys of the floats, as :mod:`jaxcompress.cluster`
+    Sorts order-preserving int32 keys of the floats, as :mod:`jaxcompress.numerics.kmeans1d`
     does, so the sorted values are bit for bit those of plain k-means.
 
     Example:
@@ -124,8 +124,8 @@ def weighted_initial_centroids(
         rank = jnp.round(quantile * (n - 1)) * (weight_prefix[-1] / n)
         return sorted_y[_weighted_rank(weight_prefix, rank)]
     if init == "kmeans++":
-        return _kmeans_plus_plus(sorted_y, k, key, sorted_w)
-    return _initial_centroids(sorted_y, k, init, key)
+        return kmeans_plus_plus(sorted_y, k, key, sorted_w)
+    return initial_centroids(sorted_y, k, init, key)
 
 
 def weighted_points(sorted_y: jax.Array, sorted_w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,9 +141,9 @@ def weighted_points(sorted_y: jax.Array, sorted_w: jax.Array) -> tuple[jax.Array
         ([0.0, 1.0], [2.0, 1.0])
     """
     n = sorted_y.shape[0]
-    if n <= _OPTIMAL_POINTS:
+    if n <= OPTIMAL_POINTS:
         return sorted_y, sorted_w
-    bins = _OPTIMAL_POINTS
+    bins = OPTIMAL_POINTS
     low, high = sorted_y[0], sorted_y[-1]
     width = jnp.maximum(high - low, jnp.finfo(sorted_y.dtype).tiny) / bins
     which = jnp.clip(jnp.floor((sorted_y - low) / width), 0, bins - 1).astype(jnp.int32)
@@ -184,19 +184,19 @@ def fit_weighted(
         [0.75, 10.5]
     """
     sorted_x, sorted_w = sort_with_weights(x, normalized_weights(w))
-    weight_prefix = _prefix_sum(sorted_w)
+    weight_prefix = prefix_sum(sorted_w)
     # Work around the weighted median (the median for unit weights), as plain k-means.
     shift = sorted_x[_weighted_rank(weight_prefix, weight_prefix[-1] * 0.5)]
     sorted_y = sorted_x - shift
-    prefix = _prefix_sum(sorted_w * sorted_y)
+    prefix = prefix_sum(sorted_w * sorted_y)
     tolerance = tol * (sorted_y[-1] - sorted_y[0])
     if method == "optimal":
-        start = _optimal_of_points(*weighted_points(sorted_y, sorted_w), k)
+        start = optimal_of_points(*weighted_points(sorted_y, sorted_w), k)
     else:
         start = weighted_initial_centroids(sorted_y, sorted_w, weight_prefix, k, init, key)
-    centroids, iterations = _lloyd(sorted_y, prefix, start, max_iter, tolerance, weight_prefix)
+    centroids, iterations = lloyd(sorted_y, prefix, start, max_iter, tolerance, weight_prefix)
     centroids = centroids + shift
-    exact, distinct = _exact_codebook(sorted_x, k)
+    exact, distinct = exact_codebook(sorted_x, k)
     codebook = jnp.where(distinct <= k, exact, centroids).astype(codebook_dtype)
     return jnp.sort(codebook), iterations, distinct
 
@@ -216,7 +216,7 @@ def codebook_gptq(
     entry, and its error ``(w_i − q_i) / U_ii`` is fed into the rows not yet rounded
     through row ``i`` of ``U``, the upper Cholesky factor of
     ``(G + damp · mean(diag G) · I)⁻¹``; rows go in blocks of ``block_size`` with lazy
-    updates. This is :mod:`jaxcompress.data_aware`'s sweep with codebook rounding in
+    updates. This is :mod:`jaxcompress.numerics.obs`'s sweep with codebook rounding in
     place of the uniform grid. With a diagonal Gram no error moves, and the codes are
     exactly the nearest-entry assignment of ``matrix``.
 
@@ -251,23 +251,23 @@ def codebook_gptq(
     if centroids.ndim == 1:
 
         def round_row(v):
-            codes = _assign(v, centroids)
+            codes = assign(v, centroids)
             return codes, jnp.take(centroids, codes.astype(jnp.int32))
 
     else:
         columns = centroids[jnp.arange(n) % centroids.shape[0]]
 
         def round_row(v):
-            codes = jax.vmap(_assign)(v, columns)
+            codes = jax.vmap(assign)(v, columns)
             return codes, columns[jnp.arange(n), codes.astype(jnp.int32)]
 
-    block, padded = _padding(m, block_size)
+    block, padded = block_padding(m, block_size)
     h = gram.astype(jnp.float32)
     order = None
     if act_order:
         order = jnp.argsort(-jnp.diagonal(h), stable=True)
         w, h = w[order], h[order][:, order]
-    upper, damping, _ = _damped_inverse_factor(h, damp, padded)
+    upper, damping, _ = damped_inverse_factor(h, damp, padded)
     w_padded = jnp.zeros((padded, n), jnp.float32).at[:m].set(w)
 
     def row_fn(r, w_row, err, u_block, w, codes):
@@ -275,7 +275,7 @@ def codebook_gptq(
         row_codes, q = round_row(w_row)
         return q, jax.lax.dynamic_update_index_in_dim(codes, row_codes, r, axis=0)
 
-    codes = _sweep(w_padded, upper, block, row_fn, jnp.zeros((padded, n), jnp.uint8))[:m]
+    codes = sweep(w_padded, upper, block, row_fn, jnp.zeros((padded, n), jnp.uint8))[:m]
     if order is not None:
         codes = codes[jnp.argsort(order)]
     flat = codes.astype(jnp.int32)
@@ -286,6 +286,6 @@ def codebook_gptq(
     stats = {
         "damping": damping,
         "factorized": jnp.all(jnp.isfinite(upper)),
-        "relative_output_error": _relative_output_error(matrix.astype(jnp.float32), restored, gram),
+        "relative_output_error": relative_output_error(matrix.astype(jnp.float32), restored, gram),
     }
     return codes, restored, stats

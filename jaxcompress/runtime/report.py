@@ -56,7 +56,13 @@ def _ratio(original_bytes: int, compressed_bytes: int) -> float:
     return original_bytes / compressed_bytes
 
 
-def _human_bytes(count: float) -> str:
+def human_bytes(count: float) -> str:
+    """``count`` bytes for people: B, KiB, MiB or GiB.
+
+    Example:
+        >>> human_bytes(512), human_bytes(3 * 1024 * 1024)
+        ('512 B', '3.0 MiB')
+    """
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -146,8 +152,8 @@ class Report:
                 row.path,
                 "x".join(map(str, row.shape)) or "()",
                 row.kind,
-                _human_bytes(row.original_bytes),
-                _human_bytes(row.compressed_bytes),
+                human_bytes(row.original_bytes),
+                human_bytes(row.compressed_bytes),
                 f"{row.ratio:.1f}x",
                 f"{row.density:.1%}",
                 f"{row.relative_error:.1e}",
@@ -157,8 +163,8 @@ class Report:
             "total",
             "",
             "",
-            _human_bytes(self.original_bytes),
-            _human_bytes(self.compressed_bytes),
+            human_bytes(self.original_bytes),
+            human_bytes(self.compressed_bytes),
             f"{self.ratio:.2f}x",
             "",
             "",
@@ -175,8 +181,8 @@ class Report:
 
     def __repr__(self) -> str:
         return (
-            f"Report({len(self.rows)} leaves, {_human_bytes(self.original_bytes)} -> "
-            f"{_human_bytes(self.compressed_bytes)}, {self.ratio:.2f}x)"
+            f"Report({len(self.rows)} leaves, {human_bytes(self.original_bytes)} -> "
+            f"{human_bytes(self.compressed_bytes)}, {self.ratio:.2f}x)"
         )
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:

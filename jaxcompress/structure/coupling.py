@@ -36,7 +36,7 @@ import jax.extend.core as jex
 import numpy as np
 
 from jaxcompress.core.paths import path_to_str
-from jaxcompress.jaxpr.graph import CONV, DOT, _sub_jaxpr
+from jaxcompress.jaxpr.graph import CONV, DOT, sub_jaxpr
 
 __all__ = ["Coupling", "Flat", "Group", "analyze", "flatten_jaxpr", "trace_flat"]
 
@@ -180,7 +180,7 @@ def flatten_jaxpr(closed: Any, out_tree: Any, num_params: int, paths: Sequence[s
 
         for eqn in jaxpr.eqns:
             ins = tuple(read(v) for v in eqn.invars)
-            sub = _sub_jaxpr(eqn)
+            sub = sub_jaxpr(eqn)
             if sub is not None:
                 outs = inline(sub[0], sub[1], ins)
             else:

@@ -1,7 +1,7 @@
 """Quantization-aware training: fake quantization with straight-through rounding.
 
 :func:`fake_quant` runs the very quantizer of :func:`jaxcompress.quantize`
-(:func:`jaxcompress.quantize.quantize_codes` and
+(:func:`jaxcompress.numerics.uniform.quantize_codes` and
 :func:`jaxcompress.arrays.quantized.decode`), so after training, converting with the
 same options reproduces the trained forward pass exactly.
 """
@@ -18,7 +18,8 @@ import numpy as np
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.arrays.quantized import decode
-from jaxcompress.methods.quantize import _leaf_layout, check_options, quantize_codes
+from jaxcompress.methods.quantize import check_options, leaf_layout
+from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import select_leaves
 from jaxcompress.transforms.filters import Filter, kernels
 
@@ -139,7 +140,7 @@ def fake_quant(
             values = check_values_to_compress(name, entry.path, entry.leaf)
             # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
             sparse = isinstance(entry.leaf, Sparse)
-            leaf_axis = _leaf_layout(
+            leaf_axis = leaf_layout(
                 name, entry.path, values.shape, None if sparse else axis, group_size
             )
             fake = _fake_quant_array(values, axis=leaf_axis, group_size=group_size, **options)

@@ -1,0 +1,246 @@
+"""The one uniform quantizer: codes, scales and zero points of an array.
+
+For ``b`` bits:
+
+* **symmetric**: ``q = clip(round(w / s), -(2**(b-1) - 1), 2**(b-1) - 1)``, stored as the
+  unsigned code ``q + 2**(b-1)`` (so code 0 is unused and zero is exact); decoded as
+  ``(code - 2**(b-1)) * s``. ``2**b - 1`` levels.
+* **asymmetric**: ``code = clip(round(w / s + z), 0, 2**b - 1)`` with a per-scale zero
+  point ``z``; decoded as ``(code - z) * s``. ``2**b`` levels. The zero point is stored
+  as a float in the scale dtype, so the grid may sit "midrise" (no level at zero),
+  as the best uniform quantizer of a symmetric distribution does.
+
+Codes are computed with the stored (rounded) scale and zero point, so the round-trip
+error is at most ``s / 2`` per entry inside the clipping range for the stored ``s``.
+A constant group (zero range) gets ``s = |c|`` (or 1 for ``c == 0``) and decodes
+exactly; nothing is ever divided by zero. :func:`jaxcompress.quantize`, GPTQ and
+:func:`jaxcompress.training.fake_quant` all round with it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.arrays.quantized import from_groups, group_layout, to_groups
+from jaxcompress.core.mesh import unsharded
+
+# Clipping ratios searched by calibration="mse", largest first so ties keep more range.
+_MSE_RATIOS = np.linspace(1.0, 0.01, 100, dtype=np.float32)
+
+
+def encode(v, scale, zero, bits: int):
+    """Unsigned codes (as float32) of ``v``, and where rounding needed no clipping.
+
+    ``zero=None`` is the symmetric grid, else ``zero`` is the zero point.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, inside = encode(jnp.array([-1.0, 0.4, 5.0]), 1.0, None, 2)
+        >>> codes.tolist(), inside.tolist()
+        ([1.0, 2.0, 3.0], [True, True, False])
+    """
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        raw = jnp.round(v / scale)
+        clipped = jnp.clip(raw, -qmax, qmax)
+        return clipped + 2 ** (bits - 1), raw == clipped
+    raw = jnp.round(v / scale + zero)
+    clipped = jnp.clip(raw, 0, 2**bits - 1)
+    return clipped, raw == clipped
+
+
+def decode(codes, scale, zero, bits: int):
+    """The values that :func:`encode`'s ``codes`` stand for (``zero=None``: symmetric).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> decode(jnp.array([1.0, 2.0, 3.0]), 0.5, None, 2).tolist()
+        [-0.5, 0.0, 0.5]
+    """
+    offset = 2 ** (bits - 1) if zero is None else zero
+    return (codes - offset) * scale
+
+
+def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
+    """Stored (rounded to ``scale_dtype``) scale and zero point for a clipping range."""
+    levels = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    # Multiplying by 1/levels (not dividing) gives the same float eagerly and under jit,
+    # where XLA rewrites a division by a constant; QAT then converts with no drift.
+    inverse = np.float32(1.0 / levels)
+    scale = high * inverse if symmetric else (high - low) * inverse
+    scale = scale.astype(scale_dtype).astype(jnp.float32)
+    # A zero scale only arises for a zero range; the caller overrides those groups.
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    if symmetric:
+        return scale, None
+    zero = (-low / scale).astype(scale_dtype).astype(jnp.float32)
+    return scale, zero
+
+
+def _clip_range(v, axes, *, symmetric: bool, calibration: str, percentile: float):
+    """``(low, high)`` clipping range per group (``low`` unused when symmetric)."""
+    if calibration == "percentile":
+        if symmetric:
+            high = jnp.percentile(jnp.abs(v), percentile, axis=axes, keepdims=True)
+            return -high, high
+        low = jnp.percentile(v, 100.0 - percentile, axis=axes, keepdims=True)
+        high = jnp.percentile(v, percentile, axis=axes, keepdims=True)
+        return low, high
+    low = jnp.min(v, axis=axes, keepdims=True)
+    high = jnp.max(v, axis=axes, keepdims=True)
+    if symmetric:
+        high = jnp.maximum(-low, high)
+        return -high, high
+    return low, high
+
+
+def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
+    """Per group, the clipping ratio in ``_MSE_RATIOS`` with the least squared error."""
+    center = (low + high) / 2
+    half = (high - low) / 2
+
+    def error(ratio):
+        scale, zero = _scale_zero(
+            center - ratio * half,
+            center + ratio * half,
+            bits=bits,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+        )
+        codes = encode(v, scale, zero, bits)[0]
+        return jnp.sum(jnp.square(decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
+
+    ratios = jnp.asarray(_MSE_RATIOS)
+
+    # A running best per group: memory stays a few copies of the weight, and the
+    # carry is shaped like the scales, so it shards like them (lax.map's stacked
+    # errors do not, under Explicit mesh axes).
+    def consider(i, best):
+        best_error, best_ratio = best
+        candidate = error(ratios[i])
+        better = candidate < best_error  # strict: ties keep the larger ratio
+        return jnp.where(better, candidate, best_error), jnp.where(better, ratios[i], best_ratio)
+
+    first = error(ratios[0])
+    start = (first, jnp.full(first.shape, ratios[0], first.dtype))
+    return jax.lax.fori_loop(1, ratios.shape[0], consider, start)[1]
+
+
+def quantize_view(
+    v: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    bits: int,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """Quantizes ``v`` with one scale per slice reduced over ``axes``.
+
+    Returns:
+        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``v``; scale (in
+        ``scale_dtype``) and zero point (``None`` if symmetric) with ``axes`` kept as 1;
+        and where rounding needed no clipping (where quantization-aware training lets
+        the gradient through).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, scale, zero, inside = quantize_view(jnp.array([[-1.0, 0.5, 1.0]]), (0, 1),
+        ...     bits=2, symmetric=True, calibration="absmax", percentile=99.9,
+        ...     scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
+        ([[1, 2, 3]], [[1.0]], None, True)
+    """
+    v = v.astype(jnp.float32)
+    if calibration == "percentile":
+        # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
+        v = unsharded(v)
+    low, high = _clip_range(
+        v, axes, symmetric=symmetric, calibration=calibration, percentile=percentile
+    )
+    if calibration == "mse":
+        ratio = _mse_ratio(
+            v, axes, low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
+        )
+        center, half = (low + high) / 2, (high - low) / 2
+        low, high = center - ratio * half, center + ratio * half
+    scale, zero = _scale_zero(low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    if calibration == "percentile":
+        # A percentile can be zero for a mostly-zero group; then use the full range.
+        full_low, full_high = _clip_range(
+            v, axes, symmetric=symmetric, calibration="absmax", percentile=percentile
+        )
+        full_scale, full_zero = _scale_zero(
+            full_low, full_high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
+        )
+        narrow = high - low <= 0
+        scale = jnp.where(narrow, full_scale, scale)
+        zero = None if symmetric else jnp.where(narrow, full_zero, zero)
+    # A constant group decodes exactly as code offset +-1 (or 0) times s = |c|.
+    minimum = jnp.min(v, axis=axes, keepdims=True)
+    constant = minimum == jnp.max(v, axis=axes, keepdims=True)
+    exact_scale = jnp.where(minimum != 0, jnp.abs(minimum), jnp.ones_like(minimum))
+    scale = jnp.where(constant, exact_scale.astype(scale_dtype).astype(jnp.float32), scale)
+    if not symmetric:
+        exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
+        zero = jnp.where(constant, exact_zero, zero)
+    codes, inside = encode(v, scale, zero, bits)
+    zero = None if zero is None else zero.astype(scale_dtype)
+    return codes.astype(jnp.uint8), scale.astype(scale_dtype), zero, inside
+
+
+def quantize_codes(
+    weight: jax.Array,
+    *,
+    bits: int,
+    axis: int | None,
+    group_size: int | None,
+    symmetric: bool,
+    calibration: str,
+    percentile: float,
+    scale_dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """The one quantizer: unpacked codes, scales and zero points of one array.
+
+    Both :func:`quantize` (which packs the codes) and
+    :func:`jaxcompress.training.fake_quant` (which decodes them straight away) call
+    this, so a model trained with fake quantization converts without drift.
+
+    Returns:
+        ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``weight``;
+        scale and zero point (``None`` if symmetric) shaped ``(G, C)`` (see
+        :func:`~jaxcompress.arrays.quantized.group_layout`); and a boolean mask, shaped
+        like ``weight``, of the entries whose rounded code needed no clipping.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, scale, zero, inside = quantize_codes(jnp.array([[-1.0, 0.5], [1.0, 0.0]]),
+        ...     bits=2, axis=None, group_size=None, symmetric=True, calibration="absmax",
+        ...     percentile=99.9, scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
+        ([[1, 2], [3, 2]], [[1.0]], None, True)
+    """
+    shape = tuple(weight.shape)
+    groups, _, channels = group_layout(shape, axis, group_size)
+    options = dict(
+        bits=bits,
+        symmetric=symmetric,
+        calibration=calibration,
+        percentile=percentile,
+        scale_dtype=scale_dtype,
+    )
+    if groups == 1:
+        # Reduce in place over every axis but the channel one: no reshape of the weight.
+        axes = tuple(d for d in range(len(shape)) if d != axis)
+        codes, scale, zero, inside = quantize_view(weight, axes, **options)
+    else:
+        view = to_groups(weight, axis, group_size)
+        codes, scale, zero, inside = quantize_view(view, (1,), **options)
+        codes = from_groups(codes, shape, axis)
+        inside = from_groups(inside, shape, axis)
+    scale = scale.reshape(groups, channels)
+    zero = None if zero is None else zero.reshape(groups, channels)
+    return codes, scale, zero, inside
