@@ -59,7 +59,7 @@ def _benchmarks_dir(explicit: str | None) -> Path:
         if explicit
         else [
             Path.cwd() / "benchmarks",
-            Path(__file__).resolve().parent.parent / "benchmarks",
+            Path(__file__).resolve().parents[2] / "benchmarks",
         ]
     )
     for folder in candidates:
