@@ -235,8 +235,9 @@ def test_damaged_files_raise_clear_errors(tmp_path):
             jc.load(_write(tmp_path, bad, f"{name}.jxc"))
 
 
+@pytest.mark.slow
 @settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_bytes_never_give_a_wrong_tree(tmp_path, data):
@@ -263,8 +264,9 @@ _JSON = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_headers_raise_only_file_format_errors(tmp_path, data):

@@ -332,7 +332,7 @@ def test_unknown_dtype(tmp_path):
 
 
 _FUZZ = settings(
-    max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -350,6 +350,7 @@ def _valid_bytes():
             return handle.read()
 
 
+@pytest.mark.slow
 @_FUZZ
 @given(data=st.data())
 def test_mutated_files_read_or_raise_file_format_error(tmp_path, data):
@@ -375,6 +376,7 @@ _JSON_VALUES = st.recursive(
 )
 
 
+@pytest.mark.slow
 @_FUZZ
 @given(data=st.data())
 def test_fuzzed_header_fields_read_or_raise_file_format_error(tmp_path, data):

@@ -69,6 +69,7 @@ def test_notebooks_match_their_generator():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs(path, monkeypatch, record_property):
     monkeypatch.setenv("JAXCOMPRESS_NOTEBOOK_SMALL", "1")
