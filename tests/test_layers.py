@@ -31,6 +31,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 # The subpackages of jaxcompress, lowest layer first. A module may import its own
 # subpackage and any subpackage on a lower line; names on one line are siblings that
 # must not import each other. Keep pyproject.toml's [tool.importlinter] contract in step.
@@ -404,6 +409,16 @@ def test_package_modules_are_imported_at_module_level():
 def test_no_import_cycles():
     violations = cycle_violations(PACKAGE_DIR)
     assert not violations, _report(violations)
+
+
+def test_import_linter_layers_are_the_table():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = [c for c in config["contracts"] if c["type"] == "layers"]
+    layers = [
+        tuple(name.strip().removeprefix(f"{PACKAGE}.") for name in line.split("|"))
+        for line in reversed(contract["layers"])  # import-linter lists the highest first
+    ]
+    assert layers == [tuple(line) for line in LAYERS]
 
 
 def test_import_linter_contract_holds():
