@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.transforms.base import flatten_leaves
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +121,9 @@ class Report:
 
     def table(self, *, title: str | None = "Compression summary") -> Table:
         """The report as a ``rich`` table."""
+        from rich import box  # rich loads on first use, not with `import jaxcompress`
+        from rich.table import Table
+
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         longest_path = max((len(row.path) for row in self.rows), default=4)
         for column, justify in (
@@ -169,6 +172,8 @@ class Report:
         return self.table()
 
     def __str__(self) -> str:
+        from rich.console import Console
+
         buffer = io.StringIO()
         Console(file=buffer, width=120, color_system=None).print(self.table())
         return buffer.getvalue()
