@@ -326,7 +326,6 @@ def test_bad_leaves_name_the_path():
         jc.cluster(bits=2, where="s")({"s": jnp.float32(1.0)})
 
 
-@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(
     w=hnp.arrays(

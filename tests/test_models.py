@@ -77,7 +77,6 @@ def test_constructor_options():
         LeNet5NNX(input_size=10, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.slow  # trains for several epochs
 def test_lenet300100_learns_digits():
     x_tr, y_tr = load_digits(split="train")
     x_te, y_te = load_digits(split="test")
