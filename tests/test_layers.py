@@ -300,7 +300,8 @@ def cycle_violations(package_dir: Path) -> list[Violation]:
                 first.path,
                 first.line,
                 "cycle",
-                f"import cycle among {len(component)} modules: {hops}",
+                f"import cycle among {len(component)} modules ({', '.join(component)}); "
+                f"one loop: {hops}",
             )
         )
     return violations
@@ -565,5 +566,6 @@ def test_checker_finds_cycles_hidden_inside_functions(tmp_path):
     )
     violations = cycle_violations(root)
     assert _where(violations) == [("a.py", 1, "cycle")]
-    assert "among 3 modules: pkg.low.a -> pkg.low.b" in violations[0].message
+    assert "among 3 modules (pkg.low.a, pkg.low.b, pkg.low.c)" in violations[0].message
+    assert "one loop: pkg.low.a -> pkg.low.b (line 1 of a.py)" in violations[0].message
     assert "pkg.low.c -> pkg.low.a (line 1 of c.py)" in violations[0].message
