@@ -350,7 +350,6 @@ def _valid_bytes():
             return handle.read()
 
 
-@pytest.mark.slow
 @_FUZZ
 @given(data=st.data())
 def test_mutated_files_read_or_raise_file_format_error(tmp_path, data):
@@ -376,7 +375,6 @@ _JSON_VALUES = st.recursive(
 )
 
 
-@pytest.mark.slow
 @_FUZZ
 @given(data=st.data())
 def test_fuzzed_header_fields_read_or_raise_file_format_error(tmp_path, data):
