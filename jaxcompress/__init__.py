@@ -13,7 +13,9 @@ Example:
     6.91
 """
 
-from jaxcompress import training as training
+import importlib
+from typing import TYPE_CHECKING
+
 from jaxcompress.arrays import Clustered as Clustered
 from jaxcompress.arrays import CompressedArray as CompressedArray
 from jaxcompress.arrays import LowRank as LowRank
@@ -70,14 +72,23 @@ from jaxcompress.transforms.base import chain as chain
 from jaxcompress.transforms.base import masked as masked
 from jaxcompress.transforms.base import partition as partition
 
+if TYPE_CHECKING:
+    from jaxcompress import training as training
+    from jaxcompress.examples import minilm as minilm
+
+# Loaded on first attribute access, not by `import jaxcompress`: training needs optax,
+# and the MiniLM example flax. `import jaxcompress.training` works as usual.
+_LAZY_MODULES = {"minilm": "jaxcompress.examples.minilm", "training": "jaxcompress.training"}
+
 
 def __getattr__(name: str):
-    # The MiniLM example loads lazily: it is not part of the core import path.
-    if name == "minilm":
-        import importlib
-
-        return importlib.import_module("jaxcompress.examples.minilm")
+    if name in _LAZY_MODULES:
+        return importlib.import_module(_LAZY_MODULES[name])
     raise AttributeError(f"module 'jaxcompress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_MODULES})
 
 
 __all__ = [

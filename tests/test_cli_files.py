@@ -50,6 +50,7 @@ def checkpoint(tmp_path_factory, lenet_params):
     return folder
 
 
+@pytest.mark.slow  # several CLI subprocesses
 def test_compress_inspect_export_round_trip(checkpoint, lenet_params, tmp_path):
     out = tmp_path / "lenet.jxc"
     run = _cli(

@@ -327,7 +327,7 @@ def test_bad_leaves_name_the_path():
         jc.cluster(bits=2, where="s")({"s": jnp.float32(1.0)})
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     w=hnp.arrays(
         np.float32,

@@ -122,6 +122,7 @@ def test_entropy_coded_streams_are_within_two_percent_of_entropy(tmp_path):
     assert_same_tree(compressed, jc.load(tmp_path / "dc.jxc"))
 
 
+@pytest.mark.slow
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -149,6 +150,7 @@ def test_round_trip_property(tmp_path, rows, cols, sparsity, bits, kind, entropy
     assert_same_tree(tree, jc.load(path))
 
 
+@pytest.mark.slow
 def test_linen_model_round_trip_under_jit(tmp_path):
     model = LeNet300100()
     params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
@@ -236,7 +238,7 @@ def test_damaged_files_raise_clear_errors(tmp_path):
 
 
 @settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_bytes_never_give_a_wrong_tree(tmp_path, data):
@@ -264,7 +266,7 @@ _JSON = st.recursive(
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_headers_raise_only_file_format_errors(tmp_path, data):

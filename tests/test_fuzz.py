@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 
 import jaxcompress as jc
 
+pytestmark = pytest.mark.slow
+
+
 SHAPES = [(1,), (3, 0), (7, 13, 5), (4,), (2, 3), (8, 4), (16, 8), (3, 3, 2, 4), (1, 1)]
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 
@@ -68,7 +71,7 @@ def _shapes_and_dtypes(tree):
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 @settings(
-    max_examples=6,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -144,7 +147,7 @@ def specs(draw, shape):
 
 
 @settings(
-    max_examples=6,
+    max_examples=12,  # 6 per mesh type, as when both mesh types ran
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

@@ -332,7 +332,7 @@ def test_unknown_dtype(tmp_path):
 
 
 _FUZZ = settings(
-    max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 

@@ -98,6 +98,7 @@ def _cosines(a, b) -> np.ndarray:
 # --------------------------------------------------------------------------- loader
 
 
+@pytest.mark.slow  # loads the MiniLM model
 def test_loader_maps_every_tensor_and_lists_the_unused(minilm):
     params, config, messages = minilm
     assert config == MiniLMConfig()
@@ -180,6 +181,7 @@ def test_missing_weights_package_says_how_to_install(monkeypatch):
 # --------------------------------------------------------------------------- numerics
 
 
+@pytest.mark.slow  # loads the MiniLM model
 def test_embeddings_match_pytorch_sentence_transformers(minilm, reference, embed):
     params, config, _ = minilm
     ids, mask = reference["input_ids"], reference["attention_mask"]
@@ -190,6 +192,7 @@ def test_embeddings_match_pytorch_sentence_transformers(minilm, reference, embed
     np.testing.assert_allclose(ours, reference["embeddings"], atol=2e-5)
 
 
+@pytest.mark.slow  # loads the MiniLM model
 def test_padding_does_not_change_an_embedding(minilm, reference, embed):
     params, config, _ = minilm
     ids, mask = reference["input_ids"][:1], reference["attention_mask"][:1]
@@ -199,6 +202,7 @@ def test_padding_does_not_change_an_embedding(minilm, reference, embed):
     np.testing.assert_allclose(alone, padded, atol=1e-6)
 
 
+@pytest.mark.slow  # loads the MiniLM model
 def test_bfloat16_and_int8_models_stay_close(minilm, reference, embed):
     params, config, _ = minilm
     ids, mask = reference["input_ids"], reference["attention_mask"]
@@ -246,6 +250,7 @@ def test_tokenize_without_tokenizers_says_how_to_install(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- graph
 
 
+@pytest.mark.slow  # loads the MiniLM model
 def test_trace_uses_finds_every_dense_kernel(minilm):
     params, config, _ = minilm
     ids = jnp.ones((2, 7), jnp.int32)
@@ -258,6 +263,7 @@ def test_trace_uses_finds_every_dense_kernel(minilm):
         assert use.contracting_axes == (0,) and use.free_axes == (1,)
 
 
+@pytest.mark.slow  # loads the MiniLM model
 def test_compressed_encoder_round_trips_through_save_and_load(minilm, reference, embed, tmp_path):
     params, config, _ = minilm
     ids, mask = reference["input_ids"][:4], reference["attention_mask"][:4]

@@ -18,6 +18,9 @@ import multihost_worker as worker  # tests/ is on sys.path: it has no __init__.p
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT_S = 120
 

@@ -111,6 +111,7 @@ def test_converter_refuses_a_markdown_line_that_is_not_a_comment():
         _converter().parse_cells("# %% [markdown]\n# Title\nnot a comment\n", source="nb.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs(path, monkeypatch, record_property):
     monkeypatch.setenv("JAXCOMPRESS_NOTEBOOK_SMALL", "1")

@@ -206,7 +206,8 @@ def _weights(draw):
     return draw(hnp.arrays(np.float32, shape, elements=elements))
 
 
-@settings(max_examples=20, deadline=None)
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None)
 @given(
     weight=_weights(), sparsity=st.floats(0.0, 0.999), scope=st.sampled_from(["layer", "global"])
 )

@@ -72,16 +72,15 @@ def _tied_weight(shape):
 
 
 @pytest.mark.parametrize(
-    ("shape", "spec", "fraction"),
+    ("shape", "spec"),
     [
-        ((64, 128), P("data", "model"), 0.0),
-        ((64, 128), P("data", "model"), 0.5),
-        ((64, 128), P("data", "model"), 0.999),
-        ((64, 128), P(None, ("data", "model")), 0.5),
-        ((3, 8, 16), P(None, "data", "model"), 0.5),
-        ((128,), P("data"), 0.3),
+        ((64, 128), P("data", "model")),
+        ((64, 128), P(None, ("data", "model"))),
+        ((3, 8, 16), P(None, "data", "model")),
+        ((128,), P("data")),
     ],
 )
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.999])
 def test_sharded_prune_block_by_block_equals_one_device(mesh8, shape, spec, fraction):
     weight = _tied_weight(shape)
     sharded = jax.device_put({"w": weight}, NamedSharding(mesh8, spec))

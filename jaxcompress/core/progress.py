@@ -14,14 +14,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 __all__ = ["leaf_bytes", "over_leaves"]
 
@@ -57,6 +49,10 @@ def over_leaves(
     if not enabled:
         yield from items
         return
+    # rich loads only when a bar is shown: it is not part of `import jaxcompress`.
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

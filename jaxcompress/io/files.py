@@ -8,16 +8,12 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, Sharding
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from jaxcompress.arrays import is_compressed
 from jaxcompress.arrays.lowrank import factor_shardings
@@ -28,10 +24,17 @@ from jaxcompress.io import container, shards, treecodec
 from jaxcompress.io.errors import FileFormatError
 from jaxcompress.runtime.report import human_bytes
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
+
 FORMAT = "jaxcompress"
 
 
 def _progress(enabled: bool, total: int, description: str) -> Progress:
+    # rich loads on first use, not with `import jaxcompress`.
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -375,6 +378,9 @@ class FileReport:
 
     def table(self) -> Table:
         """The report as a ``rich`` table."""
+        from rich import box  # rich loads on first use, not with `import jaxcompress`
+        from rich.table import Table
+
         table = Table(title=f"{self.path}", box=box.SIMPLE_HEAD, pad_edge=False)
         longest_path = max((len(leaf.path) for leaf in self.leaves), default=4)
         for column in ("leaf", "shape", "kind", "dense", "stored", "entropy bound", "encoding"):
@@ -414,6 +420,8 @@ class FileReport:
         return self.table()
 
     def __str__(self) -> str:
+        from rich.console import Console
+
         buffer = io.StringIO()
         Console(file=buffer, width=140, color_system=None).print(self.table())
         return buffer.getvalue()

@@ -24,17 +24,20 @@ import mmap
 import os
 import secrets
 import struct
+import sys
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx, serialization
 
 from jaxcompress.arrays import is_compressed
 from jaxcompress.arrays.tree import materialize
 from jaxcompress.io.errors import FileFormatError
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 PathLike = str | os.PathLike
 
@@ -120,15 +123,21 @@ def _variable_value(variable: nnx.Variable) -> Any:
 
 
 def _pure_dict(state: nnx.State) -> Any:
+    from flax import nnx  # loaded already: only a tree with nnx wrappers gets here
+
     to_pure = getattr(nnx, "to_pure_dict", None)
     return to_pure(state) if callable(to_pure) else state.to_pure_dict()
 
 
 def _is_wrapper(x: Any) -> bool:
+    from flax import nnx  # loaded already: _strip_nnx runs this only if flax.nnx is
+
     return isinstance(x, (nnx.State, nnx.Variable)) or is_compressed(x)
 
 
 def _unwrap(x: Any) -> Any:
+    from flax import nnx  # loaded already: _strip_nnx runs this only if flax.nnx is
+
     if isinstance(x, nnx.State):
         return _strip_nnx(_pure_dict(x))
     if isinstance(x, nnx.Variable):
@@ -138,6 +147,8 @@ def _unwrap(x: Any) -> Any:
 
 def _strip_nnx(tree: Any) -> Any:
     """``tree`` with every ``nnx.State`` a plain dict and every ``nnx.Variable`` its value."""
+    if "flax.nnx" not in sys.modules:  # flax loads only when used; unloaded, no tree holds nnx
+        return tree
     return jax.tree.map(_unwrap, tree, is_leaf=_is_wrapper)
 
 
@@ -568,6 +579,8 @@ def read_msgpack(path: PathLike) -> dict[str, Any]:
     """
     with open(path, "rb") as handle:
         data = handle.read()
+    from flax import serialization  # loads on first use, not with `import jaxcompress`
+
     try:
         restored = serialization.msgpack_restore(data)
     except MemoryError:
@@ -653,6 +666,8 @@ def export_dense(path: PathLike, tree: Any, *, format: str | None = None) -> Non
     entries = _dense_entries(tree, safetensors=False)
 
     def write(handle: BinaryIO) -> None:
+        from flax import serialization  # loads on first use, not with `import jaxcompress`
+
         handle.write(serialization.msgpack_serialize(_nested_dense(entries)))
 
     _atomic_write(path, write)

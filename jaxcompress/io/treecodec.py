@@ -15,20 +15,19 @@ shape against the leaf's metadata, and raises
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from flax.core import FrozenDict
 
 from jaxcompress.arrays import CompressedArray
 from jaxcompress.io import codecs, nodes
 from jaxcompress.io.nodes import AddBuffer, GetBuffer
 from jaxcompress.io.nodes import Place as Place
 
-_VARIABLES = {cls.__name__: cls for cls in (nnx.Param, nnx.BatchStat, nnx.Cache, nnx.Variable)}
+_VARIABLES = ("Param", "BatchStat", "Cache", "Variable")  # the nnx variable classes saved
 _CONTAINERS = "dict, FrozenDict, nnx.State, list, tuple, None, nnx.Param/BatchStat/Cache/Variable"
 
 
@@ -45,7 +44,8 @@ def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: 
 
 def _mapping_items(tree: Any, path: str) -> list[list[Any]]:
     # nnx.State wraps nested dicts in State on access; its raw mapping keeps them plain.
-    mapping = tree.raw_mapping if isinstance(tree, nnx.State) else tree
+    nnx = sys.modules.get("flax.nnx")
+    mapping = tree.raw_mapping if nnx is not None and isinstance(tree, nnx.State) else tree
     items = []
     for key, value in mapping.items():
         if type(key) not in (str, int):
@@ -100,14 +100,21 @@ def _encode_container(tree, add, path, entropy, on_leaf) -> dict[str, Any] | Non
     def child(value: Any, key: Any) -> Any:
         return encode_node(value, add, nodes.join(path, key), entropy=entropy, on_leaf=on_leaf)
 
-    if isinstance(tree, nnx.Variable):
+    # flax loads only when used: if it is not loaded, no tree holds its types.
+    nnx, flax_core = sys.modules.get("flax.nnx"), sys.modules.get("flax.core")
+    mappings: dict[type, str] = {dict: "dict"}
+    if flax_core is not None:
+        mappings[flax_core.FrozenDict] = "frozendict"
+    if nnx is not None:
+        mappings[nnx.State] = "state"
+    if nnx is not None and isinstance(tree, nnx.Variable):
         kind = type(tree).__name__
         if kind not in _VARIABLES:
             raise TypeError(f"{path}: cannot save nnx variable type {kind}")
         value = encode_node(tree.get_value(), add, path, entropy=entropy, on_leaf=on_leaf)
         return {"type": "variable", "class": kind, "value": value}
-    if isinstance(tree, (dict, FrozenDict, nnx.State)):
-        kind = {dict: "dict", FrozenDict: "frozendict", nnx.State: "state"}.get(type(tree))
+    if isinstance(tree, tuple(mappings)):
+        kind = mappings.get(type(tree))
         if kind is None:
             raise TypeError(
                 f"{path}: cannot save a {type(tree).__name__}; supported: {_CONTAINERS}"
@@ -169,7 +176,12 @@ def decode_node(
             if key in children:
                 raise nodes.fail(path, f"duplicate key {key!r}")
             children[key] = decode_node(child, get, place, nodes.join(path, key), on_leaf=on_leaf)
-        return {"dict": dict, "frozendict": FrozenDict, "state": nnx.State}[kind](children)
+        if kind == "dict":
+            return children
+        from flax import nnx  # only trees saved from flax name these kinds
+        from flax.core import FrozenDict
+
+        return {"frozendict": FrozenDict, "state": nnx.State}[kind](children)
     if kind in ("list", "tuple"):
         children = [
             decode_node(child, get, place, nodes.join(path, i), on_leaf=on_leaf)
@@ -178,9 +190,11 @@ def decode_node(
         return children if kind == "list" else tuple(children)
     if kind == "variable":
         name = node.get("class")
-        cls = _VARIABLES.get(name) if isinstance(name, str) else None
-        if cls is None:
+        if not isinstance(name, str) or name not in _VARIABLES:
             raise nodes.fail(path, f"unknown nnx variable class {node.get('class')!r}")
+        from flax import nnx  # only trees saved from flax hold variables
+
+        cls = getattr(nnx, name)
         return cls(decode_node(node.get("value"), get, place, path, on_leaf=on_leaf))
     if kind == "none":
         return None

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import jax.numpy as jnp
-from rich import box
-from rich.console import Console, JustifyMethod
-from rich.table import Table
 
 from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.transforms.base import flatten_leaves
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+    from rich.table import Table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,9 @@ class Report:
 
     def table(self, *, title: str | None = "Compression summary") -> Table:
         """The report as a ``rich`` table."""
+        from rich import box  # rich loads on first use, not with `import jaxcompress`
+        from rich.table import Table
+
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         longest_path = max((len(row.path) for row in self.rows), default=4)
         for column, justify in (
@@ -142,7 +146,7 @@ class Report:
             # Paths may fold onto two lines; numbers never wrap.
             table.add_column(
                 column,
-                justify=cast(JustifyMethod, justify),
+                justify=cast("JustifyMethod", justify),
                 no_wrap=column != "leaf",
                 overflow="fold",
                 min_width=min(longest_path, 40) if column == "leaf" else None,
@@ -175,6 +179,8 @@ class Report:
         return self.table()
 
     def __str__(self) -> str:
+        from rich.console import Console
+
         buffer = io.StringIO()
         Console(file=buffer, width=120, color_system=None).print(self.table())
         return buffer.getvalue()

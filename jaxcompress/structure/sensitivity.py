@@ -21,21 +21,14 @@ import dataclasses
 import itertools
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.tree import materialize
@@ -43,6 +36,9 @@ from jaxcompress.methods.prune import magnitude_keep_mask, prune, pruned_count
 from jaxcompress.structure.units import coupled_groups, prune_units
 from jaxcompress.transforms.base import Transform, chain, flatten_leaves, masked, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, everything, kernels
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 __all__ = ["SensitivityReport", "sensitivity"]
 
@@ -539,6 +535,10 @@ class SensitivityReport:
 def _progress_bar() -> Progress:
     # stderr, so doctests and `--json` style stdout stay clean; transient, so a
     # finished sweep leaves only its report behind. Non-terminals get no output.
+    # rich loads on first use, not with `import jaxcompress`.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -727,8 +727,9 @@ def sensitivity(
         assert apply_fn is not None  # method='units' refused a missing apply_fn above
         sizes, pruned = _unit_layers(apply_fn, dense, where, example_input)
 
-    display: contextlib.AbstractContextManager[Progress | None]
-    if isinstance(progress, Progress):
+    display: contextlib.AbstractContextManager[Any]
+    rich_progress = sys.modules.get("rich.progress")  # loaded if progress is a Progress
+    if rich_progress is not None and isinstance(progress, rich_progress.Progress):
         display = contextlib.nullcontext(progress)
     elif progress:
         display = _progress_bar()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from fractions import Fraction
 from typing import Any
@@ -21,8 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.structure.coupling import Coupling, Group, analyze, trace_flat
@@ -65,7 +64,8 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
 
 
 def _module_fn(apply_fn: Any) -> tuple[Callable[..., Any], Any]:
-    if isinstance(apply_fn, nnx.Module):
+    nnx = sys.modules.get("flax.nnx")  # flax loads only when used; unloaded, no nnx modules
+    if nnx is not None and isinstance(apply_fn, nnx.Module):
         graphdef, _ = nnx.split(apply_fn)
         return (lambda state, *args: nnx.merge(graphdef, state)(*args)), graphdef
     if not callable(apply_fn):
@@ -280,6 +280,8 @@ def _weight_scores(coupling: Coupling, group: Group, leaves: list[Any], power: i
 
 
 def _cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    import optax  # loads on first use, not with `import jaxcompress`
+
     return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean()
 
 
@@ -548,6 +550,8 @@ def _thinned_apply(programs: _Programs, by_key: dict[tuple[int, int, int], np.nd
 
 def _rebuild(graphdef: Any, thinned: Any) -> Any:
     """The nnx module with the thinned state, its layers' size attributes updated."""
+    from flax import nnx  # loaded already: graphdef came from an nnx module
+
     module = nnx.merge(graphdef, thinned)
     for _, node in nnx.iter_graph(module):
         if isinstance(node, nnx.Linear):
