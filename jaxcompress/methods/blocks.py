@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.arrays import Sparse
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import _check_sparsity, pruned_count, sparse_from_mask
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import BlockStats
 
 __all__ = ["block_keep_mask", "prune_blocks"]
 
@@ -269,7 +271,7 @@ def prune_blocks(
         tile_keeps = _global_tile_keeps(scores, pruned_count(float(fraction), total))
         return [(keep, int(keep.size - keep.sum())) for keep in tile_keeps]
 
-    def step(item, key):
+    def step(item, key) -> tuple[Sparse, BlockStats]:
         del key
         weight, (tile_keep, count) = item.weight, item.plan
         size = math.prod(weight.shape)

@@ -38,6 +38,7 @@ from jaxcompress.numerics.data_aware import (
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf, require_factorized
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import ClusterStats
 
 _INITS = ("linear", "density", "kmeans++", "random")
 _METHODS = ("lloyd", "optimal", "gptq")
@@ -1248,7 +1249,7 @@ def cluster(
             leaf_weights = _fisher_weights(name, entry.path, found.get(entry.path), shape)
         return sparse, gram, leaf_weights
 
-    def step(item, leaf_key):
+    def step(item, leaf_key) -> tuple[Clustered, ClusterStats]:
         """One checked leaf clustered: ``(Clustered, leaf stats)``."""
         weight, (sparse, gram, leaf_weights) = item.weight, item.plan
         data_args = {}

@@ -42,6 +42,7 @@ from jaxcompress.core.mesh import place_like, unsharded
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import LowRankStats
 
 _METHODS = ("svd", "randomized")
 # Eigenvalues of the input second moment are clamped at this fraction of their mean.
@@ -381,7 +382,7 @@ def low_rank(
             )
         return gram, leaf_fan_in, m, n
 
-    def step(item, leaf_key):
+    def step(item, leaf_key) -> tuple[LowRank | None, LowRankStats]:
         gram, leaf_fan_in, m, n = item.plan
         return _factorize(
             item.weight,

@@ -21,6 +21,7 @@ import re
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.arrays import Sparse
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import sparse_from_mask
 from jaxcompress.numerics.data_aware import (
@@ -35,6 +36,7 @@ from jaxcompress.numerics.data_aware import (
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf, require_factorized
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import NMStats
 
 __all__ = ["nm_keep_mask", "prune_nm"]
 
@@ -174,7 +176,7 @@ def prune_nm(
             )
         return gram
 
-    def step(item, key):
+    def step(item, key) -> tuple[Sparse, NMStats]:
         del key
         weight, gram = item.weight, item.plan
         shape = tuple(weight.shape)

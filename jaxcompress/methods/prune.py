@@ -37,6 +37,7 @@ from jaxcompress.numerics.data_aware import (
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf, require_factorized
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import PruneStats
 
 _SCOPES = ("layer", "global")
 _IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
@@ -651,7 +652,7 @@ def prune(
             counts = global_pruned_counts(weights, float(fraction))
         return [(gram, count) for gram, count in zip(grams, counts, strict=True)]
 
-    def step(item, key):
+    def step(item, key) -> tuple[Sparse, PruneStats]:
         """One selected leaf pruned: ``(Sparse, leaf stats)``."""
         del key
         weight, (gram, count) = item.weight, item.plan

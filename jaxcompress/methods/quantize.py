@@ -44,6 +44,7 @@ from jaxcompress.numerics.data_aware import (
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf, require_factorized
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import QuantizeStats
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
 _METHODS = ("rtn", "gptq", "awq")
@@ -706,7 +707,7 @@ def quantize(
                 _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
         return layout, gram, fan_in
 
-    def step(item, key):
+    def step(item, key) -> tuple[Quantized, QuantizeStats]:
         del key
         weight, (leaf_axis, gram, fan_in) = item.weight, item.plan
         if gram is None:
