@@ -10,7 +10,7 @@ import pytest
 
 import jaxcompress as jc
 from jaxcompress.numerics import kmeans1d
-from jaxcompress.transforms.base import _leaf_passes
+from jaxcompress.transforms.base import LeafPass, Transform, _leaf_passes
 
 # The modules themselves: the package exports factories of the same names.
 prune_module = sys.modules["jaxcompress.methods.prune"]
@@ -57,6 +57,76 @@ def test_chain_leaf_by_leaf_equals_stage_by_stage(stages):
     _assert_identical(fused, expected)
     _assert_identical(fused_stats, tuple(expected_stats))
     assert [list(s) for s in fused_stats] == [list(s) for s in expected_stats]
+
+
+def _spied(tx, log, stage):
+    """``tx`` with its leaf passes recording ``(leaf path, stage)`` as each step runs."""
+
+    def leafwise(params, data):
+        leaf_pass = tx.leafwise(params, data)
+        if leaf_pass is None:
+            return None
+
+        def step(entry):
+            log.append((entry.path, stage))
+            return leaf_pass.step(entry)
+
+        return LeafPass(leaf_pass.select, step)
+
+    return Transform(tx.apply, tx.name, leafwise)
+
+
+def _wanda_data(params):
+    """Hand-built input statistics for the ``(64, 300)`` kernel of :func:`_tree`."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(32, 64)), jnp.float32)
+    stats = jc.InputStats(jnp.float32(32), x.mean(0), x.T @ x / 32, None, None)
+    return {"layer": {"kernel": stats}}
+
+
+# Each factory of the per-leaf engine, as the first and as a later stage of a chain.
+_PAIRS = {
+    "prune_quantize": lambda: (jc.prune(0.5, scope="global"), jc.quantize(4)),
+    "wanda_quantize": lambda: (
+        jc.prune(0.5, importance="wanda", where="kernel"),
+        jc.quantize(8, axis=None),
+    ),
+    "nm_cluster": lambda: (jc.prune_nm("2:4", where=("embed", "kernel")), jc.cluster(bits=3)),
+    "blocks_quantize": lambda: (jc.prune_blocks(0.5, block=(2, 2)), jc.quantize(4, axis=None)),
+    "global_blocks_prune": lambda: (
+        jc.prune_blocks(0.5, block=(2, 2), scope="global", where=("embed", "ties")),
+        jc.prune_nm("2:4", where="kernel"),
+    ),
+    "quantize_low_rank": lambda: (jc.quantize(4, where="ties"), jc.low_rank(8, where="embed")),
+    "low_rank_cluster": lambda: (jc.low_rank(8, where="embed"), jc.cluster(bits=2, where="ties")),
+    "cluster_nm": lambda: (jc.cluster(bits=4, where="ties"), jc.prune_nm("1:2", where="kernel")),
+}
+
+
+@pytest.mark.parametrize("pair", sorted(_PAIRS))
+def test_every_factory_chains_leaf_by_leaf(pair):
+    params = _tree()
+    data = _wanda_data(params) if pair.startswith("wanda") else None
+    log = []
+    transforms = tuple(_spied(tx, log, i) for i, tx in enumerate(_PAIRS[pair]()))
+    fused, fused_stats = jc.chain(*transforms)(params, data=data)
+    expected, expected_stats = params, []
+    for tx in transforms:
+        expected, stats = tx(expected, data=data)
+        expected_stats.append(stats)
+    _assert_identical(fused, expected)
+    _assert_identical(fused_stats, tuple(expected_stats))
+    assert [list(s) for s in fused_stats] == [list(s) for s in expected_stats]
+    # Leaf by leaf: every stage's steps on one leaf come before the next leaf's.
+    paths = [path for path, _ in log]
+    assert log and all(stages for stages in fused_stats)
+    assert paths == sorted(paths, key=paths.index)
+    assert all(
+        [stage for path, stage in log if path == leaf]
+        == sorted(stage for path, stage in log if path == leaf)
+        for leaf in set(paths)
+    )
+    # Both stages touched some leaf while the tree was walked once.
+    assert {stage for _, stage in log} == {0, 1}
 
 
 def test_chain_falls_back_where_a_stage_needs_the_whole_tree():

@@ -148,7 +148,7 @@ def test_pca_leaves_a_layer_dense_when_the_factors_save_nothing():
     out, info = pca(2)(params, data=data)
     assert out["dense"]["kernel"] is params["dense"]["kernel"]
     assert out["dense"]["bias"] is params["dense"]["bias"]
-    assert info["dense/kernel"] == {"k": 2, "m": 8, "n": 2, "skipped": True}
+    assert info["dense/kernel"] == {"rank": 2, "k": 2, "m": 8, "n": 2, "skipped": True}
     # energy=1 on full-rank inputs needs every component: also skipped.
     out, info = pca(energy=1.0)(dense_params(rng.standard_normal((8, 32))), data=data)
     assert not jc.is_compressed(out["dense"]["kernel"])

@@ -382,3 +382,24 @@ def test_models_of_several_inputs_take_tuples_of_inputs_as_data():
         axis=0,
     )
     np.testing.assert_allclose(stats["a"].scores, expected, rtol=1e-5)
+
+
+def test_sparsity_is_the_leading_argument_and_fraction_its_old_name():
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    params = {"a": jax.random.normal(jax.random.key(1), (16, 8)), "b": jnp.ones((8, 4))}
+
+    def apply(p, x):
+        return jnp.tanh(x @ p["a"]) @ p["b"]
+
+    outputs = [
+        jc.prune_units(**spelling, apply_fn=apply, example_input=x)(params)[0]
+        for spelling in ({"sparsity": 0.5}, {"fraction": 0.5})
+    ]
+    positional, _ = jc.prune_units(0.5, apply_fn=apply, example_input=x)(params)
+    for thinned in outputs:
+        assert thinned["a"].shape == (16, 4)
+        for got, want in zip(jax.tree.leaves(thinned), jax.tree.leaves(positional), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for spelling in ({}, {"sparsity": 0.5, "fraction": 0.5}):
+        with pytest.raises(TypeError, match="prune_units: give the fraction of units"):
+            jc.prune_units(**spelling, apply_fn=apply, example_input=x)

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.arrays.checks import check_selected_leaf
+from jaxcompress.arrays import Sparse
 from jaxcompress.core.checks import is_traced
-from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
+from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import check_sparsity, pruned_count, sparse_from_mask
-from jaxcompress.transforms.base import Transform, select_leaves
+from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import BlockStats
 
 __all__ = ["block_keep_mask", "prune_blocks"]
 
@@ -178,6 +180,7 @@ def prune_blocks(
     importance: str = "l2",
     scope: str = "layer",
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """Block sparsity: zeroes whole ``block = (bk, bn)`` tiles of each selected weight.
 
@@ -200,6 +203,8 @@ def prune_blocks(
             order); each leaf's storage size then depends on the data, so it needs
             concrete arrays: call it outside ``jit``.
         where: which leaves; by default floating leaves with ndim >= 2.
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
 
     Returns:
         A transform returning ``(compressed, stats)``: each selected leaf becomes a
@@ -239,55 +244,56 @@ def prune_blocks(
         f"scope={scope})"
     )
 
-    def apply(params, *, key=None, data=None):
-        selected, entries, treedef = select_leaves(params, where)
-        weights = [check_selected_leaf(name, entry.path, entry.leaf) for entry in selected]
-        for entry, weight in zip(selected, weights, strict=True):
-            if not _tiles_fit(tuple(weight.shape), block):
-                rows, columns = _matrix_shape(tuple(weight.shape))
-                raise ValueError(
-                    f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} has the matrix "
-                    f"view ({rows}, {columns}), which block {block} does not tile ({rows} rows "
-                    f"must be a multiple of {bk} and {columns} columns of {bn})"
-                )
-        tile_size = bk * bn
-        if scope == "global":
-            if any(is_traced(w) for w in weights):
-                raise ValueError(
-                    f"{name}: scope='global' needs concrete arrays, since each leaf's storage "
-                    "size depends on the data; call it outside jax.jit or use scope='layer'"
-                )
-            scores = [_global_scores(w, block=block, importance=importance) for w in weights]
-            total = sum(int(s.size) for s in scores)
-            tile_keeps = _global_tile_keeps(scores, pruned_count(float(fraction), total))
-            counts = [int(keep.size - keep.sum()) for keep in tile_keeps]
-        else:
-            tile_keeps = [None] * len(weights)
-            counts = [
-                pruned_count(float(fraction), math.prod(w.shape) // tile_size) for w in weights
-            ]
-        leaves = [entry.leaf for entry in entries]
-        stats = {}
-        for entry, weight, tile_keep, count in zip(
-            selected, weights, tile_keeps, counts, strict=True
-        ):
-            size = math.prod(weight.shape)
-            nnz = size - count * tile_size
-            if tile_keep is None:
-                sparse = _layer_sparse(weight, count, block=block, importance=importance, nnz=nnz)
-            else:
-                sparse = _tile_sparse(weight, jnp.asarray(tile_keep), block=block, nnz=nnz)
-            reference = named_sharding_of(weight)
-            leaves[entry.index] = jax.tree.map(
-                functools.partial(place_like, reference=reference), sparse
-            )
-            stats[entry.path] = {
-                "pruned": count * tile_size,
-                "size": size,
-                "blocks_pruned": count,
-                "blocks": size // tile_size,
-                "block": block,
-            }
-        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+    tile_size = bk * bn
 
-    return Transform(apply, name)
+    def check(entry, weight, context):
+        """The leaf's layer-scope count of tiles to zero, its tiling checked."""
+        del context
+        if not _tiles_fit(tuple(weight.shape), block):
+            rows, columns = _matrix_shape(tuple(weight.shape))
+            raise ValueError(
+                f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} has the matrix "
+                f"view ({rows}, {columns}), which block {block} does not tile ({rows} rows "
+                f"must be a multiple of {bk} and {columns} columns of {bn})"
+            )
+        return None, pruned_count(float(fraction), math.prod(weight.shape) // tile_size)
+
+    def global_tiles(items):
+        """One ranking of the tiles of every selected leaf: ``(tile keep-mask, count)``."""
+        weights = [item.weight for item in items]
+        if any(is_traced(w) for w in weights):
+            raise ValueError(
+                f"{name}: scope='global' needs concrete arrays, since each leaf's storage "
+                "size depends on the data; call it outside jax.jit or use scope='layer'"
+            )
+        scores = [_global_scores(w, block=block, importance=importance) for w in weights]
+        total = sum(int(s.size) for s in scores)
+        tile_keeps = _global_tile_keeps(scores, pruned_count(float(fraction), total))
+        return [(keep, int(keep.size - keep.sum())) for keep in tile_keeps]
+
+    def step(item, key) -> tuple[Sparse, BlockStats]:
+        del key
+        weight, (tile_keep, count) = item.weight, item.plan
+        size = math.prod(weight.shape)
+        nnz = size - count * tile_size
+        if tile_keep is None:
+            sparse = _layer_sparse(weight, count, block=block, importance=importance, nnz=nnz)
+        else:
+            sparse = _tile_sparse(weight, jnp.asarray(tile_keep), block=block, nnz=nnz)
+        leaf_stats = {
+            "pruned": count * tile_size,
+            "size": size,
+            "blocks_pruned": count,
+            "blocks": size // tile_size,
+            "block": block,
+        }
+        return sparse, leaf_stats
+
+    return per_leaf(
+        name,
+        where,
+        check=check,
+        plan=global_tiles if scope == "global" else None,
+        step=step,
+        progress=progress,
+    )

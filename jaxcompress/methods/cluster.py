@@ -20,14 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import Clustered, Sparse
-from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.calibration.calibrate import InputStats
 from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.bitpack import pack, packed_length
 from jaxcompress.core.checks import is_traced
-from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
+from jaxcompress.core.mesh import place_like, unsharded
 from jaxcompress.core.paths import path_to_str
-from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics import kmeans1d
 from jaxcompress.numerics.obs import (
     check_block_size,
@@ -37,8 +35,10 @@ from jaxcompress.numerics.obs import (
     relative_output_error,
 )
 from jaxcompress.numerics.weighted_kmeans import codebook_gptq, fit_weighted
-from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
-from jaxcompress.transforms.filters import Filter, compile_filter, kernels
+from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.engine import per_leaf
+from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import ClusterStats
 
 _INITS = ("linear", "density", "kmeans++", "random")
 _METHODS = ("lloyd", "optimal", "gptq")
@@ -629,7 +629,7 @@ def cluster(
     if gptq:
         options.update(block_size=block_size, act_order=bool(act_order))
 
-    def check_call(key, data):
+    def prepare(key, data):
         """``(by_path, found)``: the calibration statistics and ``data=`` leaves by path."""
         if needs_key and key is None:
             raise ValueError(f"cluster: init={init!r} draws random centroids; pass key=")
@@ -643,9 +643,9 @@ def cluster(
         found = _data_leaves(data) if needs_stats or weights is not None else {}
         return by_path, found
 
-    def plan_leaf(entry, by_path, found):
-        """Checks one selected leaf (and its data): ``(entry, values, sparse, gram, weights)``."""
-        values = check_values_to_compress(name, entry.path, entry.leaf)
+    def check(entry, values, context):
+        """Checks one selected leaf's data: ``(sparse, gram, weights)``."""
+        by_path, found = context
         sparse = entry.leaf if isinstance(entry.leaf, Sparse) else None
         if gptq and sparse is not None:
             raise TypeError(
@@ -665,11 +665,11 @@ def cluster(
             leaf_weights = leaf_weights.reshape(shape)
         elif weights == "fisher":
             leaf_weights = _fisher_weights(name, entry.path, found.get(entry.path), shape)
-        return entry, values, sparse, gram, leaf_weights
+        return sparse, gram, leaf_weights
 
-    def cluster_leaf(plan, leaf_key):
-        """One planned leaf clustered: ``(leaf, leaf stats)``."""
-        entry, weight, sparse, gram, leaf_weights = plan
+    def step(item, leaf_key) -> tuple[Clustered, ClusterStats]:
+        """One checked leaf clustered: ``(Clustered, leaf stats)``."""
+        weight, (sparse, gram, leaf_weights) = item.weight, item.plan
         data_args = {}
         if leaf_weights is not None:
             if sparse is not None:
@@ -687,45 +687,20 @@ def cluster(
                 weight, **leaf_options, key=leaf_key, **data_args
             )
         if gptq:
-            check_factorized(name, entry.path, leaf_stats, damp)
+            check_factorized(name, item.entry.path, leaf_stats, damp)
             leaf_stats["damp"] = damp_value
-        reference = named_sharding_of(weight)
-        clustered = _placed(clustered, reference)
-        if sparse is not None:
-            clustered = Sparse(clustered, sparse.mask, sparse.shape, sparse.dtype)
         distinct = leaf_stats["distinct"]
         if not isinstance(distinct, jax.core.Tracer) and int(distinct) < k:
             leaf_stats["note"] = f"{int(distinct)} distinct values < k={k}: exact codebook"
         return clustered, leaf_stats
 
-    def apply(params, *, key=None, data=None):
-        by_path, found = check_call(key, data)
-        selected, entries, treedef = select_leaves(params, where)
-        # Validate every leaf (and its data) before computing anything.
-        plans = [plan_leaf(entry, by_path, found) for entry in selected]
-        keys = [None] * len(plans) if key is None else list(jax.random.split(key, len(plans)))
-        leaves = [entry.leaf for entry in entries]
-        stats = {}
-        for plan, leaf_key in over_leaves(
-            list(zip(plans, keys, strict=True)),
-            sizes=[leaf_bytes(plan[1]) for plan in plans],
-            description=name,
-            enabled=progress and not any(is_traced(plan[1]) for plan in plans),
-        ):
-            entry = plan[0]
-            leaves[entry.index], stats[entry.path] = cluster_leaf(plan, leaf_key)
-        return jax.tree_util.tree_unflatten(treedef, leaves), stats
-
-    def leafwise(params, data):
-        # Plain clustering needs nothing but the leaf; keys, calibration data and
-        # progress bars stay with the whole-tree order.
-        if needs_key or needs_stats or weights is not None or progress:
-            return None
-        select = compile_filter(where)
-
-        def step(entry):
-            return cluster_leaf(plan_leaf(entry, {}, {}), None)
-
-        return LeafPass(lambda entry: bool(select(entry.path, entry.leaf)), step)
-
-    return Transform(apply, name, leafwise)
+    return per_leaf(
+        name,
+        where,
+        prepare=prepare,
+        check=check,
+        step=step,
+        place=_placed,
+        progress=progress,
+        nests_in_sparse=True,
+    )

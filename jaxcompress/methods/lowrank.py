@@ -25,6 +25,7 @@ the whitened case ``u = G^{-1/2} U_r √Σ_r``, ``v = √Σ_r V_rᵀ``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Any
@@ -34,13 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import LowRank
-from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import factor_shardings, matrix_shape
 from jaxcompress.calibration.calibrate import stats_by_path
 from jaxcompress.core.checks import is_traced
-from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
-from jaxcompress.transforms.base import Transform, select_leaves
+from jaxcompress.core.mesh import place_like, unsharded
+from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import LowRankStats
 
 _METHODS = ("svd", "randomized")
 # Eigenvalues of the input second moment are clamped at this fraction of their mean.
@@ -268,6 +270,7 @@ def low_rank(
     where: Filter = kernels,
     oversample: int = 10,
     power_iterations: int = 2,
+    progress: bool = False,
 ) -> Transform:
     """Factorizes each selected weight as ``u @ v`` of rank ``r`` (a ``LowRank`` leaf).
 
@@ -305,6 +308,8 @@ def low_rank(
             :func:`jaxcompress.filters.kernels`.
         oversample: extra sketch columns for ``method="randomized"``.
         power_iterations: subspace iterations for ``method="randomized"``.
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
 
     Returns:
         A transform ``tx(params, *, key=None, data=None)``. ``data`` is a calibration
@@ -348,7 +353,7 @@ def low_rank(
     target = f"rank={rank}" if rank is not None else f"energy={float(energy)!r}"
     name = f"low_rank({target}, whiten={whiten}, method={method})"
 
-    def apply(params, *, key=None, data=None):
+    def prepare(key, data):
         if method == "randomized" and key is None:
             raise ValueError(f"{name}: method='randomized' draws a random sketch; pass key=")
         if whiten and data is None:
@@ -356,51 +361,62 @@ def low_rank(
                 f"{name}: whiten=True needs data=, a calibration pytree of InputStats laid "
                 "out like the params (see jaxcompress.calibrate)"
             )
-        by_path = stats_by_path(data) if whiten else {}
-        selected, entries, treedef = select_leaves(params, where)
-        # Every leaf is checked before anything is computed, so nothing is half done.
-        plans = []
-        for entry in selected:
-            weight = check_selected_leaf(name, entry.path, entry.leaf)
-            shape = tuple(weight.shape)
-            leaf_fan_in = _leaf_fan_in(name, entry.path, shape, fan_in_axes)
-            m, n = matrix_shape(shape, leaf_fan_in)
-            if rank is not None and rank >= min(m, n):
-                raise ValueError(
-                    f"{name}: rank={rank} must be below min(m, n) = {min(m, n)} for leaf "
-                    f"{entry.path!r} (shape {shape}, matrix {m}x{n})"
-                )
-            gram = _leaf_gram(name, entry.path, by_path, m) if whiten else None
-            if energy is not None and (is_traced(weight) or is_traced(gram)):
-                raise ValueError(
-                    f"{name}: energy= picks each leaf's rank from its singular values, so "
-                    "its storage size depends on the data; call it outside jax.jit or give "
-                    "rank="
-                )
-            plans.append((entry, weight, gram, leaf_fan_in, m, n))
-        keys = [None] * len(plans) if key is None else list(jax.random.split(key, len(plans)))
-        leaves = [entry.leaf for entry in entries]
-        stats = {}
-        for (entry, weight, gram, leaf_fan_in, m, n), leaf_key in zip(plans, keys, strict=True):
-            leaf, leaf_stats = _factorize(
-                weight,
-                gram,
-                leaf_key,
-                leaf_fan_in,
-                m,
-                n,
-                rank=rank,
-                energy=energy,
-                method=method,
-                oversample=oversample,
-                power_iterations=power_iterations,
-            )
-            if leaf is not None:
-                leaves[entry.index] = leaf
-            stats[entry.path] = leaf_stats
-        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+        return stats_by_path(data) if whiten else {}
 
-    return Transform(apply, name)
+    def check(entry, weight, by_path):
+        """``(gram, fan_in, m, n)`` of one leaf, its rank checked against its shape."""
+        shape = tuple(weight.shape)
+        leaf_fan_in = _leaf_fan_in(name, entry.path, shape, fan_in_axes)
+        m, n = matrix_shape(shape, leaf_fan_in)
+        if rank is not None and rank >= min(m, n):
+            raise ValueError(
+                f"{name}: rank={rank} must be below min(m, n) = {min(m, n)} for leaf "
+                f"{entry.path!r} (shape {shape}, matrix {m}x{n})"
+            )
+        gram = _leaf_gram(name, entry.path, by_path, m) if whiten else None
+        if energy is not None and (is_traced(weight) or is_traced(gram)):
+            raise ValueError(
+                f"{name}: energy= picks each leaf's rank from its singular values, so "
+                "its storage size depends on the data; call it outside jax.jit or give "
+                "rank="
+            )
+        return gram, leaf_fan_in, m, n
+
+    def step(item, leaf_key) -> tuple[LowRank | None, LowRankStats]:
+        gram, leaf_fan_in, m, n = item.plan
+        return _factorize(
+            item.weight,
+            gram,
+            leaf_key,
+            leaf_fan_in,
+            m,
+            n,
+            rank=rank,
+            energy=energy,
+            method=method,
+            oversample=oversample,
+            power_iterations=power_iterations,
+        )
+
+    return per_leaf(
+        name,
+        where,
+        prepare=prepare,
+        check=check,
+        step=step,
+        place=_place_factors,
+        progress=progress,
+    )
+
+
+def _place_factors(leaf: LowRank, reference) -> LowRank:
+    """The factors laid out as the weight's rows and columns are."""
+    if reference is None:
+        return leaf
+    u_reference, v_reference = factor_shardings(reference, leaf.shape, leaf.fan_in_axes)
+    return dataclasses.replace(
+        leaf, u=place_like(leaf.u, u_reference), v=place_like(leaf.v, v_reference)
+    )
 
 
 def _factorize(
@@ -431,10 +447,6 @@ def _factorize(
         u, v, errors = _truncate(
             weight, gram, u_all, sigma, vt, inverse_root, fan_in_axes=fan_in, rank=rank
         )
-    reference = named_sharding_of(weight)
-    if reference is not None:
-        u_reference, v_reference = factor_shardings(reference, tuple(weight.shape), fan_in)
-        u, v = place_like(u, u_reference), place_like(v, v_reference)
     leaf = LowRank(
         u=u, v=v, shape=tuple(weight.shape), dtype=np.dtype(weight.dtype), fan_in_axes=fan_in
     )

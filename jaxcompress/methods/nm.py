@@ -21,18 +21,18 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.arrays.checks import check_selected_leaf
+from jaxcompress.arrays import Sparse
 from jaxcompress.calibration.lookup import leaf_gram, require_data
-from jaxcompress.core.checks import is_traced
-from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
-from jaxcompress.core.progress import leaf_bytes, over_leaves
+from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import sparse_from_mask
 from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
 from jaxcompress.numerics.select import nm_keep_mask
 from jaxcompress.numerics.sparsegpt import sparsegpt
 from jaxcompress.numerics.wanda import wanda_scores
-from jaxcompress.transforms.base import Transform, select_leaves
+from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import NMStats
 
 __all__ = ["nm_keep_mask", "prune_nm"]
 
@@ -132,60 +132,49 @@ def prune_nm(
     name = f"prune_nm({pattern!r}, importance={importance})"
     option = f"importance={importance!r}"
 
-    def apply(params, *, key=None, data=None):
-        by_path = require_data(name, option, data) if importance != "magnitude" else {}
-        selected, entries, treedef = select_leaves(params, where)
-        weights = [check_selected_leaf(name, entry.path, entry.leaf) for entry in selected]
-        for entry, weight in zip(selected, weights, strict=True):
-            rows = math.prod(weight.shape[:-1])
-            if rows % m:
-                raise ValueError(
-                    f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} contracts "
-                    f"{rows} inputs, not a multiple of M={m}"
-                )
-        leaves = [entry.leaf for entry in entries]
-        grams = [None] * len(weights)
-        if importance != "magnitude":
-            grams = []
-            for entry, weight in zip(selected, weights, strict=True):
-                shape = tuple(weight.shape)
-                gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
-                if fan_in != len(shape) - 1:
-                    raise ValueError(
-                        f"{name}: leaf {entry.path!r} is contracted over its first {fan_in} "
-                        "axes; N:M runs need every axis but the last"
-                    )
-                grams.append(gram)
-        stats = {}
-        for entry, weight, gram in over_leaves(
-            list(zip(selected, weights, grams, strict=True)),
-            sizes=[leaf_bytes(w) for w in weights],
-            description=name,
-            enabled=progress and not any(is_traced(w) for w in weights),
-        ):
-            shape = tuple(weight.shape)
-            size = math.prod(shape)
-            leaf_stats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}
-            values = weight
-            if importance == "sparsegpt":
-                values, keep, extra = _sparsegpt_leaf(
-                    weight, gram, jnp.float32(damp_value), nm=(n, m), block_size=block
-                )
-                check_factorized(name, entry.path, extra, damp)
-                leaf_stats.update({"damp": damp_value, **extra})
-            else:
-                matrix = unsharded(weight).reshape(math.prod(shape[:-1]), shape[-1])
-                if importance == "wanda":
-                    scores = wanda_scores(matrix, unsharded(gram))
-                else:
-                    scores = jnp.abs(matrix.astype(jnp.float32))
-                keep = nm_keep_mask(scores, n, m).reshape(shape)
-            sparse = sparse_from_mask(values, keep, size * n // m)
-            reference = named_sharding_of(weight)
-            leaves[entry.index] = jax.tree.map(
-                functools.partial(place_like, reference=reference), sparse
-            )
-            stats[entry.path] = leaf_stats
-        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+    def prepare(key, data):
+        del key  # deterministic
+        return require_data(name, option, data) if importance != "magnitude" else {}
 
-    return Transform(apply, name)
+    def check(entry, weight, by_path):
+        """The leaf's Gram (data-aware importances), its runs of ``M`` checked."""
+        rows = math.prod(weight.shape[:-1])
+        if rows % m:
+            raise ValueError(
+                f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} contracts "
+                f"{rows} inputs, not a multiple of M={m}"
+            )
+        if importance == "magnitude":
+            return None
+        shape = tuple(weight.shape)
+        gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
+        if fan_in != len(shape) - 1:
+            raise ValueError(
+                f"{name}: leaf {entry.path!r} is contracted over its first {fan_in} "
+                "axes; N:M runs need every axis but the last"
+            )
+        return gram
+
+    def step(item, key) -> tuple[Sparse, NMStats]:
+        del key
+        weight, gram = item.weight, item.plan
+        shape = tuple(weight.shape)
+        size = math.prod(shape)
+        leaf_stats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}
+        values = weight
+        if importance == "sparsegpt":
+            values, keep, extra = _sparsegpt_leaf(
+                weight, gram, jnp.float32(damp_value), nm=(n, m), block_size=block
+            )
+            check_factorized(name, item.entry.path, extra, damp)
+            leaf_stats.update({"damp": damp_value, **extra})
+        else:
+            matrix = unsharded(weight).reshape(math.prod(shape[:-1]), shape[-1])
+            if importance == "wanda":
+                scores = wanda_scores(matrix, unsharded(gram))
+            else:
+                scores = jnp.abs(matrix.astype(jnp.float32))
+            keep = nm_keep_mask(scores, n, m).reshape(shape)
+        return sparse_from_mask(values, keep, size * n // m), leaf_stats
+
+    return per_leaf(name, where, prepare=prepare, check=check, step=step, progress=progress)

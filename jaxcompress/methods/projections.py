@@ -51,6 +51,7 @@ from jaxcompress.arrays.lowrank import matrix_shape
 from jaxcompress.calibration.calibrate import InputStats, stats_by_path
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
+from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.transforms.base import LeafEntry, Transform, select_leaves
 from jaxcompress.transforms.filters import Filter, compile_filter, kernels
 
@@ -345,7 +346,7 @@ def _finish(
     return leaf, new_bias, stats
 
 
-def _run(name: str, params: Any, data: Any, where: Filter, *, check, project):
+def _run(name: str, params: Any, data: Any, where: Filter, *, check, project, progress: bool):
     """The shared driver: plan and check every leaf first, then project each one.
 
     ``check(plan)`` validates method-specific conditions and returns the plan;
@@ -361,13 +362,20 @@ def _run(name: str, params: Any, data: Any, where: Filter, *, check, project):
     leaves = [entry.leaf for entry in entries]
     claimed: set[str] = set()
     out_stats = {}
-    for plan in plans:
+    for plan in over_leaves(
+        plans,
+        sizes=[leaf_bytes(plan.weight) for plan in plans],
+        description=name,
+        enabled=progress and not any(is_traced(plan.weight) for plan in plans),
+    ):
         if plan.bias is not None and plan.bias.path in claimed:
             plan.bias = None  # a bias takes the correction of one weight only
         mean = _f32(plan.stats.mean)
         gram, cov = _moments(mean, _f32(plan.stats.gram))
         u, v, extra = project(plan, mean, gram, cov)
-        base = {"k": extra.pop("k", plan.k), "m": plan.m, "n": plan.n}
+        k = extra.pop("k", plan.k)
+        # "k" is the old name of "rank", kept for compatibility.
+        base = {"rank": k, "k": k, "m": plan.m, "n": plan.n}
         if u is None:
             out_stats[plan.entry.path] = {**base, "skipped": True, **extra}
             continue
@@ -380,9 +388,9 @@ def _run(name: str, params: Any, data: Any, where: Filter, *, check, project):
     return jax.tree_util.tree_unflatten(treedef, leaves), out_stats
 
 
-def _apply(name, where, check, project, params, *, key=None, data=None):
+def _apply(name, where, check, project, progress, params, *, key=None, data=None):
     del key  # deterministic
-    return _run(name, params, data, where, check=check, project=project)
+    return _run(name, params, data, where, check=check, project=project, progress=progress)
 
 
 def _saves_storage(k: int, m: int, n: int) -> bool:
@@ -394,6 +402,7 @@ def pca(
     *,
     energy: float | None = None,
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """Projects each selected layer's input features onto their top principal components.
 
@@ -412,12 +421,15 @@ def pca(
             fraction of the input variance, in ``(0, 1]``. Needs concrete (not traced)
             statistics.
         where: which leaves to project; by default :func:`jaxcompress.filters.kernels`.
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
 
     Returns:
         A transform ``tx(params, *, key=None, data=...)``; ``data`` is a pytree laid out
         like the params with an :class:`~jaxcompress.InputStats` for every
-        selected leaf. Its stats map each selected leaf path to a dict with ``k``,
-        ``m``, ``n``, ``skipped`` and, unless skipped by ``n_components``,
+        selected leaf. Its stats map each selected leaf path to a dict with ``rank``
+        (the ``k`` kept; also under its old key ``k``), ``m``, ``n``, ``skipped`` and,
+        unless skipped by ``n_components``,
         ``explained_variance`` (fraction of the input variance the ``k`` components
         hold); for projected leaves also ``relative_error`` (estimated relative RMS
         output error, see the module docstring), ``bias_folded`` and ``offset_norm``
@@ -488,7 +500,7 @@ def pca(
         basis, factor, explained = _pca_factors(values, vectors, w, k=k)
         return basis, factor, {"k": k, "explained_variance": explained}
 
-    return Transform(functools.partial(_apply, name, where, check, project), name)
+    return Transform(functools.partial(_apply, name, where, check, project, progress), name)
 
 
 def lda(
@@ -496,6 +508,7 @@ def lda(
     *,
     shrinkage: float | None = None,
     where: Filter = kernels,
+    progress: bool = False,
 ) -> Transform:
     """Projects each selected layer's input features onto their top Fisher directions.
 
@@ -523,12 +536,15 @@ def lda(
             ``1e-6 * trace(Sw) / m``. A number ``s`` in ``[0, 1]``:
             ``Sw <- (1 - s) Sw + s (trace(Sw) / m) I``.
         where: which leaves to project; by default :func:`jaxcompress.filters.kernels`.
+        progress: show a bar on stderr, by leaf and bytes, while it runs (not under
+            ``jit``).
 
     Returns:
         A transform ``tx(params, *, key=None, data=...)`` (``data`` as for :func:`pca`,
         with class statistics). Its stats map each selected leaf path to a dict with
-        ``k``, ``m``, ``n``, ``skipped`` (always ``False``), ``explained_ratio`` (the
-        kept share of the sum of Fisher eigenvalues ``λ``), ``relative_error``,
+        ``rank`` (also under its old key ``k``), ``m``, ``n``, ``skipped`` (always
+        ``False``), ``explained_ratio`` (the kept share of the sum of Fisher eigenvalues
+        ``λ``), ``relative_error``,
         ``bias_folded`` and ``offset_norm`` (as for :func:`pca`).
 
     Raises:
@@ -618,4 +634,4 @@ def lda(
         )
         return basis, factor, {"explained_ratio": explained}
 
-    return Transform(functools.partial(_apply, name, where, check, project), name)
+    return Transform(functools.partial(_apply, name, where, check, project, progress), name)

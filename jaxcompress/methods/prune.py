@@ -14,12 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import Sparse
-from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import matrix_shape
 from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.checks import is_traced
-from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
-from jaxcompress.core.progress import leaf_bytes, over_leaves
+from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune_sharded import (
     below_and_tied,
     magnitude_histogram,
@@ -35,8 +33,10 @@ from jaxcompress.numerics.obs import (
 )
 from jaxcompress.numerics.sparsegpt import prefix_counts, sparsegpt
 from jaxcompress.numerics.wanda import wanda_keep, wanda_scores
-from jaxcompress.transforms.base import LeafPass, Transform, select_leaves
-from jaxcompress.transforms.filters import Filter, compile_filter, kernels
+from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.engine import per_leaf
+from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import PruneStats
 
 _SCOPES = ("layer", "global")
 _IMPORTANCES = ("magnitude", "wanda", "sparsegpt")
@@ -623,101 +623,69 @@ def prune(
     if importance != "magnitude":
         name = f"prune({float(fraction)!r}, scope={scope}, importance={importance})"
 
-    def plan(params, data):
-        """Selected entries, their checked weights, grams and prune counts."""
-        by_path = (
-            require_data(name, f"importance={importance!r}", data)
-            if importance != "magnitude"
-            else {}
-        )
-        selected, entries, treedef = select_leaves(params, where)
-        weights = [check_selected_leaf(name, entry.path, entry.leaf) for entry in selected]
-        grams = [None] * len(weights)
+    def prepare(key, data):
+        del key  # deterministic
+        if importance == "magnitude":
+            return {}
+        return require_data(name, f"importance={importance!r}", data)
+
+    def check(entry, weight, by_path):
+        """``(gram, count)``: the leaf's Gram (data-aware) and its layer-scope count."""
+        gram = None
         if importance != "magnitude":
             option = f"importance={importance!r}"
-            grams = [
-                leaf_gram(name, option, entry.path, by_path, tuple(weight.shape))
-                for entry, weight in zip(selected, weights, strict=True)
-            ]
-        if scope == "global":
-            if any(is_traced(w) for w in weights) or any(
-                g is not None and is_traced(g[0]) for g in grams
-            ):
-                raise ValueError(
-                    "prune: scope='global' needs concrete arrays, since each leaf's storage "
-                    "size depends on the data; call it outside jax.jit or use scope='layer'"
-                )
-            if importance == "wanda":
-                scores = [
-                    wanda_scores(unsharded(w).reshape(m, n), unsharded(g))
-                    for w, (g, _, m, n) in zip(weights, grams, strict=True)
-                ]
-                counts = global_pruned_counts(scores, float(fraction))
-            else:
-                counts = global_pruned_counts(weights, float(fraction))
-        else:
-            counts = [math.floor(fraction * math.prod(w.shape)) for w in weights]
-        return selected, entries, treedef, weights, grams, counts
+            gram = leaf_gram(name, option, entry.path, by_path, tuple(weight.shape))
+        return gram, math.floor(fraction * math.prod(weight.shape))
 
-    def step(entry, weight, gram, count):
-        """One selected leaf pruned: ``(Sparse placed like the weight, leaf stats)``."""
+    def global_counts(items):
+        """One threshold over every selected leaf: each leaf's count under it."""
+        weights = [item.weight for item in items]
+        grams = [item.plan[0] for item in items]
+        if any(is_traced(w) for w in weights) or any(
+            g is not None and is_traced(g[0]) for g in grams
+        ):
+            raise ValueError(
+                "prune: scope='global' needs concrete arrays, since each leaf's storage "
+                "size depends on the data; call it outside jax.jit or use scope='layer'"
+            )
+        if importance == "wanda":
+            scores = [
+                wanda_scores(unsharded(w).reshape(m, n), unsharded(g))
+                for w, (g, _, m, n) in zip(weights, grams, strict=True)
+            ]
+            counts = global_pruned_counts(scores, float(fraction))
+        else:
+            counts = global_pruned_counts(weights, float(fraction))
+        return [(gram, count) for gram, count in zip(grams, counts, strict=True)]
+
+    def step(item, key) -> tuple[Sparse, PruneStats]:
+        """One selected leaf pruned: ``(Sparse, leaf stats)``."""
+        del key
+        weight, (gram, count) = item.weight, item.plan
         leaf_stats = {"pruned": count, "size": math.prod(weight.shape)}
         if importance == "magnitude":
-            sparse = magnitude_sparse(weight, count)
-        else:
-            sparse, extra = _data_aware_leaf(
-                weight,
-                gram[0],
-                fan_in=gram[1],
-                count=count,
-                importance=importance,
-                comparison=comparison,
-                fraction=fraction,
-                options=options,
-            )
-            if "factorized" in extra:
-                check_factorized(name, entry.path, extra, damp)
-            leaf_stats.update(extra)
-        reference = named_sharding_of(weight)
-        sparse = jax.tree.map(functools.partial(place_like, reference=reference), sparse)
+            return magnitude_sparse(weight, count), leaf_stats
+        sparse, extra = _data_aware_leaf(
+            weight,
+            gram[0],
+            fan_in=gram[1],
+            count=count,
+            importance=importance,
+            comparison=comparison,
+            fraction=fraction,
+            options=options,
+        )
+        if "factorized" in extra:
+            check_factorized(name, item.entry.path, extra, damp)
+        leaf_stats.update(extra)
         return sparse, leaf_stats
 
-    def apply(params, *, key=None, data=None):
-        selected, entries, treedef, weights, grams, counts = plan(params, data)
-        leaves = [entry.leaf for entry in entries]
-        stats = {}
-        for entry, weight, gram, count in over_leaves(
-            list(zip(selected, weights, grams, counts, strict=True)),
-            sizes=[leaf_bytes(w) for w in weights],
-            description=name,
-            enabled=progress and not any(is_traced(w) for w in weights),
-        ):
-            leaves[entry.index], stats[entry.path] = step(entry, weight, gram, count)
-        return jax.tree_util.tree_unflatten(treedef, leaves), stats
-
-    def leafwise(params, data):
-        # Magnitude pruning needs nothing but the leaf (and, globally, the counts).
-        if importance != "magnitude" or progress:
-            return None
-        if params is None:
-            if scope == "global":
-                return None
-            select = compile_filter(where)
-
-            def layer_step(entry):
-                weight = check_selected_leaf(name, entry.path, entry.leaf)
-                count = math.floor(fraction * math.prod(weight.shape))
-                return step(entry, weight, None, count)
-
-            return LeafPass(lambda entry: bool(select(entry.path, entry.leaf)), layer_step)
-        selected, _, _, weights, grams, counts = plan(params, data)
-        if any(is_traced(w) for w in weights):
-            return None
-        todo = {
-            entry.index: (weight, gram, count)
-            for entry, weight, gram, count in zip(selected, weights, grams, counts, strict=True)
-        }
-        # Popped, so each planned weight is let go once its leaf is done.
-        return LeafPass(lambda entry: entry.index in todo, lambda e: step(e, *todo.pop(e.index)))
-
-    return Transform(apply, name, leafwise)
+    return per_leaf(
+        name,
+        where,
+        prepare=prepare,
+        check=check,
+        plan=global_counts if scope == "global" else None,
+        step=step,
+        progress=progress,
+    )

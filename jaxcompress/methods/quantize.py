@@ -17,19 +17,18 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxcompress.arrays import Quantized, Sparse
-from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.arrays.quantized import decode
 from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.bitpack import pack
-from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_like, unsharded
-from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.numerics.awq import awq_search
 from jaxcompress.numerics.gptq import gptq
 from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
 from jaxcompress.numerics.uniform import quantize_codes
-from jaxcompress.transforms.base import Transform, select_leaves
+from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
+from jaxcompress.transforms.stats import QuantizeStats
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
 _METHODS = ("rtn", "gptq", "awq")
@@ -472,73 +471,78 @@ def quantize(
     data_aware = method in ("gptq", "awq")
     option = f"method={method!r}"
 
-    def apply(params, *, key=None, data=None):
-        by_path = require_data(name, option, data) if data_aware else {}
-        selected, entries, treedef = select_leaves(params, where)
-        # Every leaf is checked before anything is computed, so nothing is half done.
-        plans = []
-        for entry in selected:
-            if data_aware and isinstance(entry.leaf, Sparse):
-                raise TypeError(
-                    f"{name}: leaf {entry.path!r} is Sparse; {method.upper()} needs the dense "
-                    "matrix (its kept values have no row layout): use method='rtn' for it "
-                    "(exclude it with where=) or quantize before pruning"
-                )
-            values = check_values_to_compress(name, entry.path, entry.leaf)
-            # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
-            leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
-            layout = leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
-            gram, fan_in = None, None
-            if data_aware:
-                shape = tuple(values.shape)
-                gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
-                if method == "gptq":
-                    _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
-            plans.append((entry, values, layout, gram, fan_in))
-        leaves = [entry.leaf for entry in entries]
-        stats = {}
-        for entry, weight, leaf_axis, gram, fan_in in over_leaves(
-            plans,
-            sizes=[leaf_bytes(plan[1]) for plan in plans],
-            description=name,
-            enabled=progress and not any(is_traced(plan[1]) for plan in plans),
-        ):
-            if gram is None:
-                quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
-            elif method == "awq":
-                quantized, extra = _awq_array(
-                    weight,
-                    gram,
-                    axis=leaf_axis,
-                    group_size=group_size,
-                    fan_in=fan_in,
-                    grid=int(awq_grid),
-                    options=tuple(sorted(options.items())),
-                )
-            else:
-                quantized, extra = _gptq_array(
-                    weight,
-                    gram,
-                    jnp.float32(damp_value),
-                    axis=leaf_axis,
-                    group_size=group_size,
-                    gptq_options=tuple(sorted(gptq_options.items())),
-                    options=tuple(sorted(options.items())),
-                )
-                check_factorized(name, entry.path, extra, damp)
-                extra = {**extra, "bits": bits, "damp": damp_value}
-            reference = named_sharding_of(weight)
-            quantized = jax.tree.map(functools.partial(place_like, reference=reference), quantized)
-            if reference is not None and quantized.input_scale is not None:
-                spec = input_scale_spec(tuple(quantized.input_scale.shape), reference)
-                inputs = place_like(quantized.input_scale, NamedSharding(reference.mesh, spec))
-                quantized = dataclasses.replace(quantized, input_scale=inputs)
-            if gram is None:
-                extra = _error_stats(weight, quantized.materialize(), bits)
-            stats[entry.path] = extra
-            if isinstance(entry.leaf, Sparse):
-                quantized = Sparse(quantized, entry.leaf.mask, entry.leaf.shape, entry.leaf.dtype)
-            leaves[entry.index] = quantized
-        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+    def prepare(key, data):
+        del key  # deterministic
+        return require_data(name, option, data) if data_aware else {}
 
-    return Transform(apply, name)
+    def check(entry, values, by_path):
+        """``(axis, gram, fan_in)`` of one leaf, its layout checked."""
+        if data_aware and isinstance(entry.leaf, Sparse):
+            raise TypeError(
+                f"{name}: leaf {entry.path!r} is Sparse; {method.upper()} needs the dense "
+                "matrix (its kept values have no row layout): use method='rtn' for it "
+                "(exclude it with where=) or quantize before pruning"
+            )
+        # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
+        leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
+        layout = leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
+        gram, fan_in = None, None
+        if data_aware:
+            shape = tuple(values.shape)
+            gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
+            if method == "gptq":
+                _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
+        return layout, gram, fan_in
+
+    def step(item, key) -> tuple[Quantized, QuantizeStats]:
+        del key
+        weight, (leaf_axis, gram, fan_in) = item.weight, item.plan
+        if gram is None:
+            quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
+            # The error is that of the codes as placed, as the caller will decode them.
+            quantized = _place_quantized(quantized, named_sharding_of(weight))
+            return quantized, _error_stats(weight, quantized.materialize(), bits)
+        if method == "awq":
+            return _awq_array(
+                weight,
+                gram,
+                axis=leaf_axis,
+                group_size=group_size,
+                fan_in=fan_in,
+                grid=int(awq_grid),
+                options=tuple(sorted(options.items())),
+            )
+        quantized, extra = _gptq_array(
+            weight,
+            gram,
+            jnp.float32(damp_value),
+            axis=leaf_axis,
+            group_size=group_size,
+            gptq_options=tuple(sorted(gptq_options.items())),
+            options=tuple(sorted(options.items())),
+        )
+        check_factorized(name, item.entry.path, extra, damp)
+        return quantized, {**extra, "bits": bits, "damp": damp_value}
+
+    return per_leaf(
+        name,
+        where,
+        prepare=prepare,
+        check=check,
+        step=step,
+        place=_place_quantized,
+        progress=progress,
+        nests_in_sparse=True,
+    )
+
+
+def _place_quantized(quantized: Quantized, reference) -> Quantized:
+    """Codes and scales laid out like the weight; AWQ's input scales like its input axes."""
+    if reference is None:
+        return quantized
+    quantized = jax.tree.map(functools.partial(place_like, reference=reference), quantized)
+    if quantized.input_scale is not None:
+        spec = input_scale_spec(tuple(quantized.input_scale.shape), reference)
+        inputs = place_like(quantized.input_scale, NamedSharding(reference.mesh, spec))
+        quantized = dataclasses.replace(quantized, input_scale=inputs)
+    return quantized

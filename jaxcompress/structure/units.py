@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.paths import path_to_str
+from jaxcompress.core.progress import over_leaves
 from jaxcompress.structure.coupling import Coupling, Group, analyze, trace_flat
 from jaxcompress.structure.thinning import cut, flops, new_shapes_of, run, zero_removed
 from jaxcompress.transforms.base import Transform
@@ -370,7 +372,7 @@ def _group_by_key(coupling: Coupling, key: tuple[int, int, int]) -> Group:
 
 
 def prune_units(
-    fraction: float | Mapping[str, float],
+    sparsity: float | Mapping[str, float] | None = None,
     *,
     importance: str = "l2",
     apply_fn: Any,
@@ -378,19 +380,23 @@ def prune_units(
     where: Filter | None = None,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], jax.Array] | None = None,
+    progress: bool = False,
+    fraction: float | Mapping[str, float] | None = None,
 ) -> Transform:
     """Removes the least important units of every coupled group: smaller dense layers.
 
     The coupled groups come from the jaxpr of ``apply_fn(params, example_input)`` (see
     :mod:`jaxcompress.coupling`): removing unit ``i`` of a group removes slice ``i``
     of every parameter (and closed-over constant) that carries it. Each group loses
-    exactly ``floor(fraction * units)`` units (on the decimal value of ``fraction``),
+    exactly ``floor(sparsity * units)`` units (on the decimal value of ``sparsity``),
     the ones with the lowest scores (ties: the lower index goes first).
 
     Args:
-        fraction: one fraction for every prunable group, or ``{group name: fraction}``
-            for chosen groups only (names from :func:`coupled_groups`, or a
-            :meth:`jaxcompress.SensitivityReport.allocate` result).
+        sparsity: the fraction of units to remove, as :func:`jaxcompress.prune`'s
+            leading argument: one fraction for every prunable group, or
+            ``{group name: fraction}`` for chosen groups only (names from
+            :func:`coupled_groups`, or a :meth:`jaxcompress.SensitivityReport.allocate`
+            result).
         importance: how units are scored:
 
             * ``"l1"`` / ``"l2"``: the L1 / L2 norm of the unit's slices over the whole
@@ -412,6 +418,8 @@ def prune_units(
             are a tuple too.
         loss_fn: ``loss_fn(outputs, targets)`` for ``"taylor"``; by default softmax
             cross-entropy with integer labels.
+        progress: show a bar on stderr, by leaf and bytes, while the leaves are cut.
+        fraction: the old name of ``sparsity``, still accepted as a keyword.
 
     Returns:
         A transform ``tx(params, *, key=None, data=None) -> (thinned, stats)``:
@@ -441,6 +449,13 @@ def prune_units(
         >>> bool(jnp.allclose(jax.jit(stats.apply_fn)(thinned, x), dense, atol=1e-5))
         True
     """
+    if (sparsity is None) == (fraction is None):
+        raise TypeError(
+            "prune_units: give the fraction of units to remove once, as sparsity (or by its "
+            f"old name fraction=), got sparsity={sparsity!r}, fraction={fraction!r}"
+        )
+    if sparsity is None:
+        sparsity = fraction
     if importance not in _IMPORTANCES:
         raise ValueError(
             f"prune_units: importance must be one of {_IMPORTANCES}, got {importance!r}"
@@ -450,7 +465,7 @@ def prune_units(
     fn, graphdef = _module_fn(apply_fn)
     default_data = data
     loss = loss_fn or _cross_entropy
-    name = f"prune_units({fraction!r}, importance={importance})"
+    name = f"prune_units({sparsity!r}, importance={importance})"
 
     def apply(params, *, key=None, data=None):
         del key
@@ -458,7 +473,7 @@ def prune_units(
         programs = _Programs(fn, params)
         coupling = programs.get(_as_args(example_input))
         groups = _selected_groups(list(coupling.groups), params, where)
-        fractions = _fractions(fraction, groups)
+        fractions = _fractions(sparsity, groups)
         if not fractions:
             reasons = {g.name: g.reason for g in coupling.groups}
             raise ValueError(f"{name}: nothing can be pruned; the groups: {reasons}")
@@ -494,7 +509,13 @@ def prune_units(
             results.append(result)
         flat = coupling.flat
         thinned_leaves = [
-            cut(coupling, flat.inputs[i], leaf, kept) for i, leaf in enumerate(leaves)
+            cut(coupling, flat.inputs[i], leaf, kept)
+            for i, leaf in over_leaves(
+                list(enumerate(leaves)),
+                sizes=[_dense_bytes(leaf) for leaf in leaves],
+                description=name,
+                enabled=progress and not any(is_traced(leaf) for leaf in leaves),
+            )
         ]
         thinned = jax.tree_util.tree_unflatten(treedef, thinned_leaves)
         by_key = {coupling.key(g): kept[g.atom] for g in chosen if g.atom in kept}
@@ -514,6 +535,11 @@ def prune_units(
         return thinned, stats
 
     return Transform(apply, name)
+
+
+def _dense_bytes(leaf: Any) -> int:
+    """Bytes of any parameter leaf (arrays, numpy arrays, Python scalars) for the bar."""
+    return math.prod(np.shape(leaf)) * np.dtype(jnp.result_type(leaf)).itemsize
 
 
 def _zeroed(coupling: Coupling, params: Any, kept: dict[int, np.ndarray]) -> Any:

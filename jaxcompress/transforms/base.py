@@ -128,11 +128,13 @@ def chain(*transforms: Transform) -> Transform:
     a tuple with one entry per transform.
 
     Without a key, on concrete arrays, where every transform supports it
-    (:attr:`Transform.leafwise`, as magnitude ``prune`` and plain ``cluster`` do),
-    the chain runs leaf by leaf: a global criterion is computed first from all
-    leaves, then each leaf goes through every stage before the next leaf starts. The
-    result and stats are identical; only one leaf's intermediate values exist at a
-    time instead of a whole intermediate tree.
+    (:attr:`Transform.leafwise`: every factory built on
+    :func:`jaxcompress.transforms.engine.per_leaf` does, unless it shows a progress
+    bar or, past the first stage, needs every leaf for a global criterion), the
+    chain runs leaf by leaf: a global criterion of the first stage is computed first
+    from all leaves, then each leaf goes through every stage before the next leaf
+    starts. The result and stats are identical; only one leaf's intermediate values
+    exist at a time instead of a whole intermediate tree.
 
     Args:
         *transforms: the transforms to apply, in order.

@@ -1,0 +1,211 @@
+"""The one per-leaf driver under every compression factory.
+
+A factory such as :func:`jaxcompress.prune` describes its work on one leaf (how to
+check it, how to compress it); :func:`per_leaf` turns that into a
+:class:`~jaxcompress.transforms.base.Transform` and does the rest the same way for
+every method:
+
+1. ``prepare(key, data)``: checks of the call itself (a key, ``data=``) and what
+   every leaf's check reads (statistics by path).
+2. select the leaves ``where`` picks, and check every one of them before any work,
+   so nothing is half done and errors name the leaf path.
+3. ``plan(items)``: optional, a plan over all selected leaves at once (a global
+   threshold); without one, each leaf is planned on its own and the transform can
+   run leaf by leaf in a :func:`~jaxcompress.transforms.base.chain`.
+4. split the key, one per selected leaf; show the progress bar.
+5. ``step(item, key)``: compress one leaf.
+6. place the result next to the weight's sharding, re-wrap a ``Sparse`` leaf's
+   compressed values in its mask, and gather the stats by path in leaf order.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import NamedSharding
+
+from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.checks import check_selected_leaf, check_values_to_compress
+from jaxcompress.core.checks import is_traced
+from jaxcompress.core.mesh import named_sharding_of, place_like
+from jaxcompress.core.progress import leaf_bytes, over_leaves
+from jaxcompress.transforms.base import LeafEntry, LeafPass, Transform, select_leaves
+from jaxcompress.transforms.filters import Filter, compile_filter
+
+__all__ = [
+    "LeafItem",
+    "per_leaf",
+    "place_children",
+]
+
+
+class LeafItem(NamedTuple):
+    """One selected leaf, checked and planned.
+
+    Attributes:
+        entry: the leaf as it is in the tree (a ``Sparse`` leaf stays whole here).
+        weight: the checked array the step compresses: the leaf itself, or the kept
+            values of a ``Sparse`` leaf when the method nests in ``Sparse``.
+        plan: whatever the method's check (or global plan) worked out for this leaf.
+    """
+
+    entry: LeafEntry
+    weight: jax.Array
+    plan: Any
+
+
+Prepare = Callable[[jax.Array | None, Any], Any]
+Check = Callable[[LeafEntry, jax.Array, Any], Any]
+GlobalPlan = Callable[[list[LeafItem]], Sequence[Any]]
+Step = Callable[[LeafItem, jax.Array | None], tuple[Any, Any]]
+Place = Callable[[Any, NamedSharding | None], Any]
+
+
+def place_children(leaf: Any, reference: NamedSharding | None) -> Any:
+    """Puts every child array of ``leaf`` on ``reference``'s mesh, laid out like the weight.
+
+    The default placement of :func:`per_leaf` (see :func:`jaxcompress.core.mesh.spec_for`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxcompress.arrays import Sparse
+        >>> leaf = Sparse(jnp.ones(2), jnp.ones((2, 1), jnp.uint8), (2, 2), jnp.float32)
+        >>> place_children(leaf, None) is leaf
+        True
+    """
+    if reference is None:
+        return leaf
+    return jax.tree.map(functools.partial(place_like, reference=reference), leaf)
+
+
+def _no_preparation(key: jax.Array | None, data: Any) -> None:
+    del key, data
+
+
+def _no_check(entry: LeafEntry, weight: jax.Array, context: Any) -> None:
+    del entry, weight, context
+
+
+def _split_key(key: jax.Array | None, count: int) -> list[jax.Array | None]:
+    if key is None:
+        return [None] * count
+    return list(jax.random.split(key, count))
+
+
+def per_leaf(
+    name: str,
+    where: Filter,
+    *,
+    step: Step,
+    check: Check = _no_check,
+    prepare: Prepare = _no_preparation,
+    plan: GlobalPlan | None = None,
+    place: Place = place_children,
+    progress: bool = False,
+    nests_in_sparse: bool = False,
+) -> Transform:
+    """Lifts a per-leaf compression step into a :class:`~jaxcompress.transforms.base.Transform`.
+
+    Args:
+        name: the transform's name; errors start with it.
+        where: which leaves to compress.
+        step: ``step(item, key) -> (new_leaf, leaf_stats)`` for one :class:`LeafItem`;
+            ``new_leaf`` ``None`` leaves the leaf as it is (its stats still count).
+        check: ``check(entry, weight, context) -> plan``, the method's checks of one
+            selected leaf (after the shared ones: floating, finite, not empty, not
+            already compressed); raise naming ``entry.path``. Its result is the
+            item's ``plan``.
+        prepare: ``prepare(key, data) -> context``, checks of the call made before
+            any leaf is looked at; ``context`` goes to every ``check``.
+        plan: optional ``plan(items) -> plans``, one new plan per item computed over
+            every selected leaf at once (a global threshold). A transform with one
+            does not run leaf by leaf as a later stage of a chain.
+        place: ``place(new_leaf, reference)`` puts the compressed leaf's children next
+            to the weight's ``NamedSharding`` (``None`` when it has none).
+        progress: show a bar on stderr while it runs (not under ``jit``, and not in
+            a chain running leaf by leaf).
+        nests_in_sparse: whether a selected ``Sparse`` leaf has its kept values
+            compressed and re-wrapped in its mask (value compressors: quantize,
+            cluster); otherwise it is refused like any compressed leaf.
+
+    Returns:
+        A transform whose stats map each selected leaf's path to its step's stats, in
+        leaf order, with :attr:`~jaxcompress.transforms.base.Transform.leafwise` set,
+        so that :func:`~jaxcompress.transforms.base.chain` runs it leaf by leaf.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxcompress.transforms.base import chain
+        >>> halve = per_leaf("halve", "w", step=lambda item, key: (item.weight / 2, {}))
+        >>> out, stats = chain(halve, halve)({"w": jnp.ones(2), "b": jnp.ones(2)})
+        >>> out["w"].tolist(), out["b"].tolist(), stats
+        ([0.25, 0.25], [1.0, 1.0], ({'w': {}}, {'w': {}}))
+    """
+    select = compile_filter(where)
+
+    def checked(entry: LeafEntry, context: Any) -> LeafItem:
+        if nests_in_sparse:
+            weight = check_values_to_compress(name, entry.path, entry.leaf)
+        else:
+            weight = check_selected_leaf(name, entry.path, entry.leaf)
+        return LeafItem(entry, weight, check(entry, weight, context))
+
+    def planned(params: Any, key: jax.Array | None, data: Any):
+        """Every selected leaf checked (and globally planned) before any work."""
+        context = prepare(key, data)
+        selected, entries, treedef = select_leaves(params, where)
+        items = [checked(entry, context) for entry in selected]
+        if plan is not None:
+            plans = plan(items)
+            items = [item._replace(plan=p) for item, p in zip(items, plans, strict=True)]
+        return items, entries, treedef
+
+    def finish(item: LeafItem, key: jax.Array | None) -> tuple[Any, Any]:
+        """One leaf compressed, placed and re-nested: ``(new leaf, leaf stats)``."""
+        new_leaf, leaf_stats = step(item, key)
+        if new_leaf is None:
+            return item.entry.leaf, leaf_stats
+        new_leaf = place(new_leaf, named_sharding_of(item.weight))
+        sparse = item.entry.leaf
+        if isinstance(sparse, Sparse):
+            new_leaf = Sparse(new_leaf, sparse.mask, sparse.shape, sparse.dtype)
+        return new_leaf, leaf_stats
+
+    def apply(params, *, key=None, data=None):
+        items, entries, treedef = planned(params, key, data)
+        leaves = [entry.leaf for entry in entries]
+        stats = {}
+        for item, leaf_key in over_leaves(
+            list(zip(items, _split_key(key, len(items)), strict=True)),
+            sizes=[leaf_bytes(item.weight) for item in items],
+            description=name,
+            enabled=progress and not any(is_traced(item.weight) for item in items),
+        ):
+            leaves[item.entry.index], stats[item.entry.path] = finish(item, leaf_key)
+        return jax.tree_util.tree_unflatten(treedef, leaves), stats
+
+    def leafwise(params, data):
+        # A chain drives the leaves itself, so there is no bar to show.
+        if progress:
+            return None
+        if params is None:
+            if plan is not None:
+                return None
+            context = prepare(None, data)
+            return LeafPass(
+                lambda entry: bool(select(entry.path, entry.leaf)),
+                lambda entry: finish(checked(entry, context), None),
+            )
+        items, _, _ = planned(params, None, data)
+        if any(is_traced(item.weight) for item in items):
+            return None
+        # Popped, so each planned weight is let go once its leaf is done.
+        todo = {item.entry.index: item for item in items}
+        return LeafPass(
+            lambda entry: entry.index in todo, lambda e: finish(todo.pop(e.index), None)
+        )
+
+    return Transform(apply, name, leafwise)
