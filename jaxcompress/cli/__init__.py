@@ -1,1 +1,1 @@
-"""Layer 8: the ``jaxcompress`` command."""
+"""Layer 9: the ``jaxcompress`` command."""
