@@ -236,10 +236,16 @@ def _pads_to_bucket(weight, sparse, data_args, options) -> bool:
         sparse is not None
         and not data_args
         and not is_traced(weight)
-        and len(getattr(weight, "sharding", None).device_set) == 1
+        and _in_one_piece(weight)
         and kmeans1d.uses_histogram(weight.shape[0], options["method"], options["init"])
         and bucket_length(weight.shape[0]) != weight.shape[0]
     )
+
+
+def _in_one_piece(x: Any) -> bool:
+    """Whether ``x`` sits on one device; a host (NumPy) array has no sharding and does."""
+    sharding = getattr(x, "sharding", None)
+    return sharding is None or len(sharding.device_set) == 1
 
 
 def _cluster_padded(values: jax.Array, options: dict, key) -> tuple[Clustered, dict]:
