@@ -107,7 +107,7 @@ def cluster_array(
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
     bits = max(1, (k - 1).bit_length())
-    options = dict(
+    options = kmeans1d.FitOptions(
         k=k,
         init=init,
         method=fit_method,
@@ -145,8 +145,10 @@ def cluster_array(
             codebook, iterations, distinct = weighted_fit(
                 values.reshape(-1), weights.reshape(-1), key
             )
-        extra = {}
+        extra: dict[str, Any] = {}
         if gptq:
+            # cluster() always passes the Gram with method="gptq" (it requires data=).
+            assert gram is not None
             codes, approx, extra = codebook_gptq(
                 values.reshape(gram.shape[0], -1),
                 unsharded(gram),
