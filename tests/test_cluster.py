@@ -399,6 +399,21 @@ def test_histogram_path_falls_back_to_an_exact_codebook():
     assert stats["w"]["note"] == "4 distinct values < k=16: exact codebook"
 
 
+def test_a_sparse_leaf_with_host_values_clusters_as_on_device():
+    # jax.device_get turns a Sparse leaf's children into NumPy arrays, which have no
+    # sharding; deciding whether to pad them once crashed on that.
+    weight = jax.random.normal(jax.random.key(4), (64, 32))
+    pruned, _ = jc.prune(0.5)({"w": weight})
+    host = jax.device_get(pruned)
+    assert isinstance(host["w"].values, np.ndarray)
+    clustered, stats = jc.cluster(bits=3)(host)
+    reference, reference_stats = jc.cluster(bits=3)(pruned)
+    got, want = clustered["w"].values, reference["w"].values
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+    np.testing.assert_array_equal(np.asarray(got.codebook), np.asarray(want.codebook))
+    assert float(stats["w"]["inertia"]) == float(reference_stats["w"]["inertia"])
+
+
 @pytest.mark.parametrize("init", ["linear", "density"])
 def test_sparse_values_padded_to_a_shared_length_cluster_bit_for_bit_as_unpadded(init):
     # Kept counts that differ per leaf are padded to a few lengths so leaves share one

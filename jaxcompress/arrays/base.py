@@ -12,14 +12,21 @@ placeholders. Validation lives in the factory functions (for example
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxcompress.core.mesh import sharding_for
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# Every compressed leaf type is a dataclass (the base class is not one).
+LeafT = TypeVar("LeafT", bound="DataclassInstance")
 
 
 class CompressedArray:
@@ -95,6 +102,26 @@ class CompressedArray:
             [-4.0, 3.0]
         """
         raise already_compressed(transform, path, self)
+
+
+def with_shardings(leaf: LeafT, **shardings: Any) -> LeafT:
+    """``leaf`` with the named children replaced by their shardings.
+
+    :meth:`CompressedArray.child_shardings` gives ``jax.device_put`` the leaf's pytree
+    with a ``NamedSharding`` in place of each array child, so those fields hold
+    shardings where their annotations say arrays; this replaces them unchecked.
+
+    Example:
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> replicated = NamedSharding(Mesh(jax.devices()[:1], ("x",)), P())
+        >>> leaf = jc.prune(0.5)({"w": jnp.ones((4, 8))})[0]["w"]
+        >>> with_shardings(leaf, values=replicated, mask=replicated).mask.spec
+        P()
+    """
+    return dataclasses.replace(leaf, **shardings)
 
 
 def is_compressed(x: Any) -> bool:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcompress.arrays.base import CompressedArray
+from jaxcompress.arrays.base import CompressedArray, with_shardings
 from jaxcompress.core.bitpack import unpack
 from jaxcompress.core.mesh import named_like, sharding_for, unsharded
 
@@ -106,7 +106,7 @@ class Clustered(CompressedArray):
 
     def child_shardings(self, reference: NamedSharding) -> Clustered:
         # Indices are laid out like the weight; the small codebook is replicated.
-        return dataclasses.replace(
+        return with_shardings(
             self,
             indices=sharding_for(self.indices.shape, reference),
             codebook=named_like(reference, PartitionSpec()),

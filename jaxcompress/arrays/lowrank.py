@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
+from jaxcompress.arrays.base import CompressedArray, leaf_nbytes, with_shardings
 from jaxcompress.core.mesh import (
     devices_along,
     merged_entry,
@@ -164,7 +164,7 @@ class LowRank(CompressedArray):
 
     def child_shardings(self, reference: NamedSharding) -> LowRank:
         u_reference, v_reference = factor_shardings(reference, self.shape, self.fan_in_axes)
-        return dataclasses.replace(
+        return with_shardings(
             self,
             u=sharding_for(self.u.shape, u_reference),
             v=sharding_for(self.v.shape, v_reference),

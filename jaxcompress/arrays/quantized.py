@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
+from jaxcompress.arrays.base import CompressedArray, leaf_nbytes, with_shardings
 from jaxcompress.core.bitpack import unpack
 from jaxcompress.core.mesh import (
     input_scale_spec,
@@ -246,7 +246,7 @@ class Quantized(CompressedArray):
             bits=self.bits,
             dtype=jnp.float32 if scaled else self.dtype,
         )
-        if not scaled:
+        if self.input_scale is None:
             return dense
         return scale_inputs(dense, self.input_scale).astype(self.dtype)
 
@@ -258,10 +258,11 @@ class Quantized(CompressedArray):
         # and G on the leading other axis'; AWQ's input scales follow the fan-in axes.
         scale_shape = tuple(self.scale.shape)
         scale = named_like(reference, scale_spec(self.shape, self.axis, scale_shape, reference))
-        inputs = self.input_scale
-        if inputs is not None:
-            inputs = named_like(reference, input_scale_spec(tuple(inputs.shape), reference))
-        return dataclasses.replace(
+        inputs = None
+        if self.input_scale is not None:
+            input_shape = tuple(self.input_scale.shape)
+            inputs = named_like(reference, input_scale_spec(input_shape, reference))
+        return with_shardings(
             self,
             codes=sharding_for(self.codes.shape, reference),
             scale=scale,

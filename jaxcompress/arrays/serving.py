@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcompress.arrays.base import CompressedArray, leaf_nbytes
+from jaxcompress.arrays.base import CompressedArray, leaf_nbytes, with_shardings
 from jaxcompress.arrays.clustered import Clustered
 from jaxcompress.arrays.quantized import Quantized, group_layout
 from jaxcompress.core.mesh import fitting, merged_entry, named_like
@@ -132,7 +132,7 @@ class QuantizedMatrix(CompressedArray):
         code_spec, channel = output_major_specs(reference, self.shape, *self.codes.shape)
         channels = fitting(reference.mesh, channel, self.scale.shape[1])
         scale = named_like(reference, PartitionSpec(None, channels))
-        return dataclasses.replace(
+        return with_shardings(
             self,
             codes=named_like(reference, code_spec),
             scale=scale,
@@ -202,7 +202,7 @@ class ClusteredMatrix(CompressedArray):
         book = PartitionSpec()
         if self.codebook.ndim == 2:
             book = PartitionSpec(fitting(reference.mesh, channel, self.codebook.shape[0]), None)
-        return dataclasses.replace(
+        return with_shardings(
             self, indices=named_like(reference, code_spec), codebook=named_like(reference, book)
         )
 

@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jaxcompress.arrays.base import CompressedArray, as_dense, is_compressed, leaf_nbytes
+from jaxcompress.arrays.base import (
+    CompressedArray,
+    as_dense,
+    is_compressed,
+    leaf_nbytes,
+    with_shardings,
+)
 from jaxcompress.core.mesh import sharding_for, unsharded
 
 
@@ -96,9 +102,7 @@ class Sparse(CompressedArray):
         values = sharding_for(self.values.shape, reference)
         if is_compressed(self.values):
             values = self.values.child_shardings(values)
-        return dataclasses.replace(
-            self, values=values, mask=sharding_for(self.mask.shape, reference)
-        )
+        return with_shardings(self, values=values, mask=sharding_for(self.mask.shape, reference))
 
     def values_to_compress(self, transform: str, path: str) -> Any:
         # The kept values are compressed instead of the leaf, so the zeros stay exact.

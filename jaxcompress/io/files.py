@@ -187,7 +187,9 @@ def _sharding_lookup(sharding: ShardingSpec) -> Callable[[str, tuple[int, ...]],
     return lookup
 
 
-def _child_sharding(dense: Sharding, array: np.ndarray, dense_shape: tuple[int, ...], path: str):
+def _child_sharding(
+    dense: Sharding, array: np.ndarray | shards.BlockSource, dense_shape: tuple[int, ...], path: str
+):
     if tuple(array.shape) == tuple(dense_shape):
         return dense
     if isinstance(dense, NamedSharding):
@@ -200,7 +202,7 @@ def _child_sharding(dense: Sharding, array: np.ndarray, dense_shape: tuple[int, 
 def _placer(sharding: ShardingSpec) -> treecodec.Place:
     lookup = _sharding_lookup(sharding)
 
-    def place(array: np.ndarray, path: str, node: dict) -> jax.Array:
+    def place(array: np.ndarray | shards.BlockSource, path: str, node: dict) -> jax.Array:
         lowrank = node.get("type") == "lowrank"
         # A LowRank factor comes as ``<leaf>/u`` or ``<leaf>/v``.
         dense_path, _, factor = path.rpartition("/") if lowrank else (path, "", "")

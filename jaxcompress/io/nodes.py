@@ -45,7 +45,9 @@ DTYPES = {
 
 AddBuffer = Callable[[Any], int]
 GetBuffer = Callable[[Any, str], memoryview]
-Place = Callable[[np.ndarray, str, Any], Any]
+# An array as read from a file: a host array, or a split one decoded block by block.
+Stored = np.ndarray | shards.BlockSource
+Place = Callable[[Stored, str, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +283,7 @@ def dense_header(node: dict, path: str) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def read_array(node: Any, get: GetBuffer, path: str) -> np.ndarray | shards.BlockSource:
+def read_array(node: Any, get: GetBuffer, path: str) -> Stored:
     """The array of an ``array`` node (its buffer's size checked) or a ``blocks`` node.
 
     Example:
@@ -320,7 +322,7 @@ def packed_blocks(
 
 def read_codes(
     record: dict, get: GetBuffer, path: str, *, bits: int, shape: tuple[int, ...]
-) -> np.ndarray | shards.BlockSource:
+) -> Stored:
     """Bit-packed codes from one stream, or lazily from per-shard blocks."""
     if record.get("type") == "blocks":
         packed_shape = (*shape[:-1], math.ceil(shape[-1] * bits / 8))

@@ -108,11 +108,11 @@ def _encode_container(tree, add, path, entropy, on_leaf) -> dict[str, Any] | Non
     if nnx is not None:
         mappings[nnx.State] = "state"
     if nnx is not None and isinstance(tree, nnx.Variable):
-        kind = type(tree).__name__
-        if kind not in _VARIABLES:
-            raise TypeError(f"{path}: cannot save nnx variable type {kind}")
+        class_name = type(tree).__name__
+        if class_name not in _VARIABLES:
+            raise TypeError(f"{path}: cannot save nnx variable type {class_name}")
         value = encode_node(tree.get_value(), add, path, entropy=entropy, on_leaf=on_leaf)
-        return {"type": "variable", "class": kind, "value": value}
+        return {"type": "variable", "class": class_name, "value": value}
     if isinstance(tree, tuple(mappings)):
         kind = mappings.get(type(tree))
         if kind is None:
@@ -183,11 +183,11 @@ def decode_node(
 
         return {"frozendict": FrozenDict, "state": nnx.State}[kind](children)
     if kind in ("list", "tuple"):
-        children = [
+        elements = [
             decode_node(child, get, place, nodes.join(path, i), on_leaf=on_leaf)
             for i, child in enumerate(_items(node, path, keyed=False))
         ]
-        return children if kind == "list" else tuple(children)
+        return elements if kind == "list" else tuple(elements)
     if kind == "variable":
         name = node.get("class")
         if not isinstance(name, str) or name not in _VARIABLES:

@@ -280,7 +280,7 @@ def prune_blocks(
             sparse = _layer_sparse(weight, count, block=block, importance=importance, nnz=nnz)
         else:
             sparse = _tile_sparse(weight, jnp.asarray(tile_keep), block=block, nnz=nnz)
-        leaf_stats = {
+        leaf_stats: BlockStats = {
             "pruned": count * tile_size,
             "size": size,
             "blocks_pruned": count,

@@ -107,7 +107,7 @@ def cluster_array(
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
     bits = max(1, (k - 1).bit_length())
-    options = dict(
+    options = kmeans1d.FitOptions(
         k=k,
         init=init,
         method=fit_method,
@@ -145,8 +145,10 @@ def cluster_array(
             codebook, iterations, distinct = weighted_fit(
                 values.reshape(-1), weights.reshape(-1), key
             )
-        extra = {}
+        extra: dict[str, Any] = {}
         if gptq:
+            # cluster() always passes the Gram with method="gptq" (it requires data=).
+            assert gram is not None
             codes, approx, extra = codebook_gptq(
                 values.reshape(gram.shape[0], -1),
                 unsharded(gram),
@@ -236,10 +238,16 @@ def _pads_to_bucket(weight, sparse, data_args, options) -> bool:
         sparse is not None
         and not data_args
         and not is_traced(weight)
-        and len(getattr(weight, "sharding", None).device_set) == 1
+        and _in_one_piece(weight)
         and kmeans1d.uses_histogram(weight.shape[0], options["method"], options["init"])
         and bucket_length(weight.shape[0]) != weight.shape[0]
     )
+
+
+def _in_one_piece(x: Any) -> bool:
+    """Whether ``x`` sits on one device; a host (NumPy) array has no sharding and does."""
+    sharding = getattr(x, "sharding", None)
+    return sharding is None or len(sharding.device_set) == 1
 
 
 def _cluster_padded(values: jax.Array, options: dict, key) -> tuple[Clustered, dict]:

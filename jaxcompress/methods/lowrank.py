@@ -350,7 +350,8 @@ def low_rank(
     """
     _check_options(rank, energy, method, fan_in_axes, oversample, power_iterations)
     whiten = bool(whiten)
-    target = f"rank={rank}" if rank is not None else f"energy={float(energy)!r}"
+    # _check_options let exactly one of rank and energy through.
+    target = f"energy={float(energy)!r}" if energy is not None else f"rank={rank}"
     name = f"low_rank({target}, whiten={whiten}, method={method})"
 
     def prepare(key, data):
@@ -421,7 +422,7 @@ def _place_factors(leaf: LowRank, reference) -> LowRank:
 
 def _factorize(
     weight, gram, key, fan_in, m, n, *, rank, energy, method, oversample, power_iterations
-) -> tuple[LowRank | None, dict]:
+) -> tuple[LowRank | None, LowRankStats]:
     """One leaf: its ``LowRank`` (``None`` when skipped) and stats."""
     itemsize = np.dtype(weight.dtype).itemsize
     dense_bytes = m * n * itemsize
@@ -450,7 +451,7 @@ def _factorize(
     leaf = LowRank(
         u=u, v=v, shape=tuple(weight.shape), dtype=np.dtype(weight.dtype), fan_in_axes=fan_in
     )
-    stats = {
+    stats: LowRankStats = {
         "rank": rank,
         "m": m,
         "n": n,
@@ -461,7 +462,7 @@ def _factorize(
     return leaf, stats
 
 
-def _skipped(weight, rank, m, n, dense_bytes, *, energy=None) -> dict:
+def _skipped(weight, rank, m, n, dense_bytes, *, energy=None) -> LowRankStats:
     if rank is None:
         reason = (
             f"the sketched singular values do not reach energy={energy}, and no rank that "

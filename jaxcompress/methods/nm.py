@@ -160,7 +160,7 @@ def prune_nm(
         weight, gram = item.weight, item.plan
         shape = tuple(weight.shape)
         size = math.prod(shape)
-        leaf_stats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}
+        leaf_stats: NMStats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}
         values = weight
         if importance == "sparsegpt":
             values, keep, extra = _sparsegpt_leaf(

@@ -662,7 +662,7 @@ def prune(
         """One selected leaf pruned: ``(Sparse, leaf stats)``."""
         del key
         weight, (gram, count) = item.weight, item.plan
-        leaf_stats = {"pruned": count, "size": math.prod(weight.shape)}
+        leaf_stats: PruneStats = {"pruned": count, "size": math.prod(weight.shape)}
         if importance == "magnitude":
             return magnitude_sparse(weight, count), leaf_stats
         sparse, extra = _data_aware_leaf(

@@ -53,7 +53,7 @@ def gptq(
     act_order: bool,
     damp: float | jax.Array,
     block_size: int,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, dict]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, dict[str, jax.Array]]:
     """GPTQ on an ``(m, n)`` matrix view: ``(codes, scale, zero_point, restored, stats)``.
 
     Row ``i`` (input feature ``i``) is rounded with its group's scale, and its error
@@ -159,7 +159,7 @@ def gptq(
     # The dequantized weights, for the output error.
     rows = jnp.arange(m) // size
     row_scale = scale_out.astype(jnp.float32)[rows]
-    row_zero = None if symmetric else zero_out.astype(jnp.float32)[rows]
+    row_zero = None if zero_out is None else zero_out.astype(jnp.float32)[rows]
     restored = uniform.decode(codes.astype(jnp.float32), row_scale, row_zero, bits)
     stats = {
         "damping": damping,

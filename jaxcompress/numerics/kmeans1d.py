@@ -8,6 +8,8 @@ the sort: Lloyd runs on an equal-width histogram, then one exact step on all val
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,17 @@ _HISTOGRAM_INITS = ("linear", "density")
 # value the boundaries below its bin, then at most _ASSIGN_SPAN comparisons finish.
 _ASSIGN_BINS = 2048
 _ASSIGN_SPAN = 2
+
+
+class FitOptions(TypedDict):
+    """The options of :func:`fit` and the weighted fit, checked by :func:`jaxcompress.cluster`."""
+
+    k: int
+    init: str
+    method: str
+    max_iter: int
+    tol: float
+    codebook_dtype: np.dtype
 
 
 def _sort_floats(x: jax.Array) -> jax.Array:
@@ -204,6 +217,8 @@ def initial_centroids(sorted_y: jax.Array, k: int, init: str, key: jax.Array | N
         # Evenly spaced on the CDF: the (i + 1/2)/k quantiles.
         quantile = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
         return sorted_y[jnp.round(quantile * (n - 1)).astype(jnp.int32)]
+    # The random inits draw with a key; jaxcompress.cluster requires key= for them.
+    assert key is not None
     if init == "random":
         chosen = jax.random.choice(key, n, (k,), replace=n < k)
         return jnp.sort(sorted_y[chosen])
@@ -346,7 +361,7 @@ def _split_over(x: jax.Array):
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
         return None
-    axes = []
+    axes: list[str] = []
     for entry in sharding.spec:
         if entry is not None:
             axes.extend(entry if isinstance(entry, tuple) else (entry,))
@@ -595,15 +610,14 @@ def fit(
     *,
     histogram: bool | None = None,
     count: jax.Array | None = None,
-    **options,
+    **options: Unpack[FitOptions],
 ):
     """Clusters the float32 array ``x``; returns codebook, iterations, distinct count.
 
     ``histogram=None`` picks the histogram path for large leaves (see
     :func:`uses_histogram`). The sorted path needs ``x`` 1-D; the histogram path takes
     any shape, and a 1-D ``x`` whose entries after the first ``count`` are padding.
-    ``options`` are ``k``, ``init``, ``method``, ``max_iter``, ``tol`` and
-    ``codebook_dtype``, as :func:`jaxcompress.cluster` checked them.
+    ``options`` are the :class:`FitOptions`.
 
     Example:
         >>> import jax.numpy as jnp

@@ -124,6 +124,8 @@ def weighted_initial_centroids(
         rank = jnp.round(quantile * (n - 1)) * (weight_prefix[-1] / n)
         return sorted_y[_weighted_rank(weight_prefix, rank)]
     if init == "kmeans++":
+        # It draws with a key; jaxcompress.cluster requires key= for it.
+        assert key is not None
         return kmeans_plus_plus(sorted_y, k, key, sorted_w)
     return initial_centroids(sorted_y, k, init, key)
 

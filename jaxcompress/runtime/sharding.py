@@ -92,7 +92,8 @@ def shardings_like(
         specs = [dense_specs_or_shardings] * len(flat)
     else:
         try:
-            specs = treedef.flatten_up_to(dense_specs_or_shardings)
+            # jaxlib ships no stub for its pytree module, so mypy cannot see this method.
+            specs = treedef.flatten_up_to(dense_specs_or_shardings)  # type: ignore[attr-defined]
         except (ValueError, TypeError) as error:
             raise ValueError(
                 f"the specs are not laid out like the params (one spec per dense leaf): {error}"

@@ -105,7 +105,7 @@ def decode(node: dict[str, Any], decoding: nodes.Decoding, path: str) -> Quantiz
 
 def read_input_scale(
     node: Any, get: nodes.GetBuffer, path: str, shape: tuple[int, ...]
-) -> np.ndarray:
+) -> nodes.Stored:
     """AWQ's input scales: the weight's leading axes, floating, finite and positive."""
     inputs = nodes.read_array(node, get, nodes.join(path, "input_scale"))
     if not 1 <= inputs.ndim < len(shape) or tuple(inputs.shape) != shape[: inputs.ndim]:

@@ -34,6 +34,7 @@ def decode(node: dict[str, Any], decoding: nodes.Decoding, path: str) -> Sparse:
         node, "nnz", path, lambda n: nodes.is_int(n) and n <= size, f"an integer 0 to {size}"
     )
     record = nodes.stream_field(node, "mask", path)
+    mask: nodes.Stored
     if record.get("type") == "blocks":
         # Stored shard by shard: the kept count is not checked, as that would read
         # every block (other processes' included); each block has its CRC.
