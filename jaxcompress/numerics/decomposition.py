@@ -7,7 +7,9 @@ pytrees, with a ``transform(x) = (x - mean) @ components.T``:
 * :func:`pca_fit` -- principal components of ``x`` (``"full"``: an exact
   eigendecomposition of the ``d x d`` covariance for tall data, an SVD otherwise;
   ``"randomized"``: randomized block Krylov for tall data, Halko et al.'s range
-  finder for wide data; ``"auto"`` picks).
+  finder for wide data; ``"auto"`` picks). A randomized result is returned only
+  after a residual check certifies it, else the exact path runs;
+  :func:`pca_fit_checked` also returns that check.
 * :func:`pca_from_statistics` -- the same from count, mean and second moment.
 * :func:`lda_fit` -- Fisher's linear discriminants of labelled ``x``.
 * :func:`lda_from_statistics` -- the same from count, mean, second moment and the
@@ -41,10 +43,13 @@ from jaxcompress.core.mesh import unsharded
 
 __all__ = [
     "LDAResult",
+    "PCA_PATHS",
+    "PCACheck",
     "PCAResult",
     "lda_fit",
     "lda_from_statistics",
     "pca_fit",
+    "pca_fit_checked",
     "pca_from_statistics",
 ]
 
@@ -63,6 +68,17 @@ _AUTO_KRYLOV_FRACTION = 0.5
 # most _KRYLOV_MAX_BLOCK, and max(3 k, k + _KRYLOV_EXTRA) columns in all.
 _KRYLOV_MAX_BLOCK = 128
 _KRYLOV_EXTRA = 64
+# The certificate of the approximate paths (see _certify): the promise is the summed
+# explained variance within _EV_RTOL of exact; the residual bound must show a quarter
+# of it, leaving the rest to float32 rounding. Each kept component's residual
+# ‖A v − θ v‖ must also be at most _RESIDUAL_RTOL θ₁ (A the scatter, θ₁ its largest
+# Ritz value), so sin∠(v, exact) ≤ _RESIDUAL_RTOL θ₁ / gap (Davis-Kahan). A failed
+# check whose bound is within _RETRY_FACTOR of the tolerance retries with a space (or
+# power iterations) twice as large; any other failure takes the exact path.
+_EV_RTOL = 1e-4
+_CERTIFY_RTOL = _EV_RTOL / 4
+_RESIDUAL_RTOL = 1e-4
+_RETRY_FACTOR = 100.0
 # Time per flop of a thin product with x (16 to 128 columns), relative to the blocked
 # Gram matrix's, measured on 10000 x 784 float32 (2-core CPU).
 _PASS_COST = 1.6
@@ -280,6 +296,47 @@ class LDAResult:
         return _project("LDAResult.transform", x, self.mean, self.components)
 
 
+PCA_PATHS = ("full", "randomized", "randomized, larger space", "full after a failed check")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PCACheck:
+    """How :func:`pca_fit_checked` reached its result, and the certificate it checked.
+
+    Attributes:
+        path: int32 scalar, an index into ``PCA_PATHS``: ``0`` the exact path was
+            asked for or chosen, ``1`` the randomized result passed its check, ``2``
+            a retry with a space twice as large passed it, ``3`` the exact path ran
+            after the check failed.
+        error_bound: the randomized result's bound on the relative error of the
+            summed explained variance (``0`` when only the exact path ran).
+        max_residual: its largest ``‖A v − θ v‖ / θ₁`` over the kept components
+            (``A`` the scatter matrix, ``θ₁`` the largest Ritz value; ``0`` likewise).
+
+    Example:
+        >>> import jax
+        >>> x = jax.random.normal(jax.random.key(0), (50, 4))
+        >>> pca, check = pca_fit_checked(x, 2)
+        >>> check.path_name, float(check.error_bound)
+        ('full', 0.0)
+    """
+
+    path: jax.Array
+    error_bound: jax.Array
+    max_residual: jax.Array
+
+    @property
+    def path_name(self) -> str:
+        """``PCA_PATHS[path]`` (needs a concrete ``path``, i.e. outside ``jit``)."""
+        return PCA_PATHS[int(self.path)]
+
+
+def _exact_check(dtype: Any) -> PCACheck:
+    zero = jnp.zeros((), dtype)
+    return PCACheck(path=jnp.zeros((), jnp.int32), error_bound=zero, max_residual=zero)
+
+
 # --------------------------------------------------------------------------- PCA
 
 
@@ -407,9 +464,10 @@ def _orthonormal(y: jax.Array, passes: int = 2, *, robust: bool = True) -> jax.A
 @functools.partial(jax.jit, static_argnames=("k", "center", "width", "n_iter"))
 def _pca_sketch_data(
     x: jax.Array, key: jax.Array, k: int, center: bool, width: int, n_iter: int
-) -> tuple[PCAResult, jax.Array]:
+) -> tuple[PCAResult, tuple[jax.Array, jax.Array, jax.Array]]:
     """Halko et al. (2011), Algorithms 4.4 + 5.1, on the centered data: ``2 n_iter + 3``
-    passes over ``x`` with ``width = k + oversamples`` columns.
+    passes over ``x`` with ``width = k + oversamples`` columns, and one more for the
+    residuals of the certificate.
 
     The passes back to feature space are written ``qᵀ x`` (``(width, d)``), not
     ``xᵀ q``: on CPU, XLA runs the latter about 5x slower (it relayouts ``x``).
@@ -427,7 +485,10 @@ def _pca_sketch_data(
     q = _orthonormal(jax.lax.fori_loop(0, n_iter, power, q), passes=1, robust=False)
     b = _tmm(q, xc)  # (width, d) = qᵀ xc
     _, s, vt = jnp.linalg.svd(b, full_matrices=False)
-    return _from_svd(s, vt, mean, total, n, k), jnp.isfinite(total)
+    result = _from_svd(s, vt, mean, total, n, k)
+    vectors = vt[: min(k + 1, width)].T
+    check = _certify(s**2, vectors, _scatter_times(xc, vectors), k, jnp.isfinite(total))
+    return result, check
 
 
 def krylov_shape(k: int, d: int, n_iter: int | None) -> tuple[int, int]:
@@ -481,15 +542,6 @@ def auto_method(n: int, d: int, k: int) -> str:
     return "randomized"
 
 
-def _centered_moments(x: jax.Array, center: bool) -> tuple[jax.Array, jax.Array]:
-    """The mean and the total sum of squares about it, in two fused reads of ``x``
-    (no centered copy)."""
-    if not center:
-        return jnp.zeros((x.shape[1],), x.dtype), jnp.sum(x * x)
-    mean = jnp.mean(x, axis=0)
-    return mean, jnp.sum(jnp.square(x - mean[None, :]))
-
-
 def _next_block(image: jax.Array, blocks: list[jax.Array]) -> jax.Array:
     """The next orthonormal Krylov block: ``image`` with the previous blocks projected
     out, orthonormalized, and both again. Once the space has converged, what is left
@@ -503,45 +555,90 @@ def _next_block(image: jax.Array, blocks: list[jax.Array]) -> jax.Array:
 
 def _ritz(
     basis: jax.Array, t: jax.Array, k: int, n: int, total: jax.Array, mean: jax.Array
-) -> PCAResult:
+) -> tuple[PCAResult, jax.Array, jax.Array]:
     """Rayleigh-Ritz: the top ``k`` eigenpairs of ``t = basisᵀ A basis`` (``A`` the
-    scatter matrix, ``(n - 1)`` times the covariance), mapped back to feature space."""
+    scatter matrix, ``(n - 1)`` times the covariance), mapped back to feature space.
+
+    Also returns what :func:`_certify` needs: every Ritz value of the space
+    (descending, of ``A``) and the top ``min(k + 1, width)`` Ritz vectors ``(d, m)``.
+    """
     values, vectors = jnp.linalg.eigh(_sym(t))  # ascending
-    variance = jnp.maximum(values[::-1][:k], 0.0) / (n - 1)
-    components = _mm(basis, vectors[:, ::-1][:, :k]).T
-    return PCAResult(
-        components=_flip_signs(components),
+    values, vectors = values[::-1], vectors[:, ::-1]
+    variance = jnp.maximum(values[:k], 0.0) / (n - 1)
+    ritz_vectors = _mm(basis, vectors[:, : min(k + 1, t.shape[0])])
+    result = PCAResult(
+        components=_flip_signs(ritz_vectors[:, :k].T),
         explained_variance=variance,
         explained_variance_ratio=variance / (total / (n - 1)),
         mean=mean,
         singular_values=jnp.sqrt(variance * (n - 1)),
     )
+    return result, values, ritz_vectors
+
+
+def _certify(
+    values: jax.Array, vectors: jax.Array, images: jax.Array, k: int, finite: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The certificate of an approximate top-``k`` eigendecomposition of the scatter
+    ``A``: ``(error_bound, max_residual, passed)``.
+
+    ``values`` are the approximate eigenvalues (descending, all of the space),
+    ``vectors`` ``(d, m)`` the top ``m = min(k + 1, width)`` approximate eigenvectors and
+    ``images`` ``A vectors``, computed afresh. With residuals ``rᵢ = ‖A vᵢ − θᵢ vᵢ‖``:
+    each ``θᵢ`` is within ``rᵢ`` of an eigenvalue (Weyl), so the kept sum is within
+    ``Σ rᵢ``; and when ``δ = θ_k − (θ_{k+1} + r_{k+1}) > 0`` separates the kept Ritz
+    values from the rest of the spectrum, within ``Σ rᵢ² / δ`` (the quadratic residual
+    bound of the 2 x 2 block form of ``A`` in the Ritz basis). A Rayleigh-Ritz sum is
+    never above the exact one (Ky Fan), so this bounds the shortfall. Like every
+    residual test it assumes no eigenvalue above ``θ_k`` was missed by the whole space,
+    which a Gaussian start makes improbable, not impossible.
+    """
+    m = vectors.shape[1]
+    residuals = jnp.linalg.norm(images - vectors * values[None, :m], axis=0)
+    kept_residuals = residuals[:k]
+    tiny = jnp.finfo(values.dtype).tiny
+    bound = jnp.sum(kept_residuals)
+    if m > k:
+        gap = values[k - 1] - values[k] - residuals[k]
+        quadratic = jnp.sum(kept_residuals**2) / jnp.maximum(gap, tiny)
+        bound = jnp.where(gap > 0, jnp.minimum(bound, quadratic), bound)
+    error_bound = bound / jnp.maximum(jnp.sum(jnp.maximum(values[:k], 0.0)), tiny)
+    max_residual = jnp.max(kept_residuals) / jnp.maximum(values[0], tiny)
+    passed = finite & (error_bound <= _CERTIFY_RTOL) & (max_residual <= _RESIDUAL_RTOL)
+    return error_bound, max_residual, passed
+
+
+def _scatter_times(xc: jax.Array, v: jax.Array) -> jax.Array:
+    """``xcᵀ (xc v)`` (``(d, m)``) in two thin passes, the second written ``yᵀ xc``: XLA
+    runs ``xcᵀ y`` about 5x slower on CPU."""
+    return _tmm(_mm(xc, v), xc).T
 
 
 @functools.partial(jax.jit, static_argnames=("k", "center", "block", "blocks"))
 def _pca_krylov_data(
     x: jax.Array, key: jax.Array, k: int, center: bool, block: int, blocks: int
-) -> tuple[PCAResult, jax.Array]:
+) -> tuple[PCAResult, tuple[jax.Array, jax.Array, jax.Array]]:
     """Randomized block Krylov (Musco & Musco 2015) on the scatter ``A = xcᵀ xc`` of
-    the implicitly centered ``xc = x - mean``, with a Rayleigh-Ritz step on the whole
-    space: ``blocks - 1`` full passes over ``x`` and a final half pass.
+    the centered ``xc = x - mean``, with a Rayleigh-Ritz step on the whole space:
+    ``blocks - 1`` full passes over ``xc``, a final half pass, and one full pass for
+    the residuals of the certificate.
 
-    A full pass is ``y = xc v`` then ``A v = (yᵀ x)ᵀ - mean (1ᵀ y)`` (two thin
-    products, written ``yᵀ x``: XLA runs ``xᵀ y`` about 5x slower on CPU); centering
-    costs only rank-one corrections, so ``x`` is never copied. ``basisᵀ A basis``
-    comes from the stored images, except the last block's ``yᵀ y``, which needs
-    only ``y``: a space of ``blocks`` blocks for ``2 blocks - 1`` thin products.
+    ``xc`` is formed once: centering implicitly (``x v - mean·v``) cancels
+    catastrophically in float32 when the mean is large against the spread (an offset
+    of 300 cost 0.27 % of the explained variance). ``basisᵀ A basis`` comes from the
+    stored images, except the last block's ``yᵀ y``, which needs only ``y``: a space
+    of ``blocks`` blocks for ``2 blocks - 1`` thin products.
     """
     n, d = x.shape
-    mean, total = _centered_moments(x, center)
+    xc, mean = _center(x, center)
+    total = jnp.sum(xc * xc)
     v = _orthonormal(jax.random.normal(key, (d, block), x.dtype))
     vs, images = [], []
     for _ in range(blocks - 1):
-        y = _mm(x, v) - _mm(mean, v)[None, :]
         vs.append(v)
-        images.append((_tmm(y, x) - jnp.sum(y, axis=0)[:, None] * mean[None, :]).T)
+        images.append(_scatter_times(xc, v))
         v = _next_block(images[-1], vs)
-    y = _mm(x, v) - _mm(mean, v)[None, :]
+    y = _mm(xc, v)
     vs.append(v)
     basis = jnp.concatenate(vs, axis=1)
     last = _tmm(y, y)
@@ -550,16 +647,19 @@ def _pca_krylov_data(
         t = jnp.concatenate([known, jnp.concatenate([known[-block:].T, last], axis=0)], axis=1)
     else:
         t = last
-    return _ritz(basis, t, k, n, total, mean), jnp.isfinite(total)
+    result, values, vectors = _ritz(basis, t, k, n, total, mean)
+    check = _certify(values, vectors, _scatter_times(xc, vectors), k, jnp.isfinite(total))
+    return result, check
 
 
 @functools.partial(jax.jit, static_argnames=("k", "center", "block", "blocks"))
 def _pca_krylov_covariance(
     x: jax.Array, key: jax.Array, k: int, center: bool, block: int, blocks: int
-) -> tuple[PCAResult, jax.Array]:
+) -> tuple[PCAResult, tuple[jax.Array, jax.Array, jax.Array]]:
     """Randomized block Krylov on the ``d x d`` scatter matrix: one pass over ``x`` for
-    the (blocked) Gram matrix, then ``blocks`` products of ``O(d² block)`` each and a
-    Rayleigh-Ritz step instead of a full ``O(d³)`` eigh."""
+    the (blocked) Gram matrix, then ``blocks`` products of ``O(d² block)`` each, a
+    Rayleigh-Ritz step instead of a full ``O(d³)`` eigh, and one more product for the
+    residuals of the certificate."""
     n, d = x.shape
     xc, mean = _center(x, center)
     scatter = blocked_gram(xc)
@@ -573,7 +673,9 @@ def _pca_krylov_covariance(
     basis = jnp.concatenate(vs, axis=1)
     t = _mm(basis.T, jnp.concatenate(images, axis=1))
     total = jnp.trace(scatter)
-    return _ritz(basis, t, k, n, total, mean), jnp.isfinite(total)
+    result, values, vectors = _ritz(basis, t, k, n, total, mean)
+    check = _certify(values, vectors, _mm(scatter, vectors), k, jnp.isfinite(total))
+    return result, check
 
 
 def pca_fit(
@@ -585,6 +687,7 @@ def pca_fit(
     center: bool = True,
     n_oversamples: int = 10,
     n_iter: int | None = None,
+    certify: bool = True,
 ) -> PCAResult:
     """Principal component analysis of the rows of ``x``.
 
@@ -605,9 +708,17 @@ def pca_fit(
       flops), else from the ``d x d`` covariance. A space of ``d`` columns or more is
       exact. When ``n < d``: Halko, Martinsson & Tropp (2011), a Gaussian sketch of
       ``l`` columns and ``n_iter`` power iterations re-orthonormalized on both sides.
-      Accurate when the spectrum decays past ``k``; on a spectrum without a gap
-      (the benchmark's) the default Krylov space still matches the exact
-      explained-variance sum within 1e-5.
+      Every randomized result is checked before it is returned (``certify``): one
+      more product with the scatter matrix ``A`` gives the residuals
+      ``rᵢ = ‖A vᵢ − θᵢ vᵢ‖`` of the kept components, which must bound the relative
+      error of the summed explained variance by 2.5e-5 (so it is within 1e-4 of
+      exact after float32 rounding) and each ``rᵢ`` by ``1e-4 θ₁``, which puts each
+      component within ``sin∠ ≤ rᵢ / gapᵢ`` of the exact one (Davis-Kahan). A result
+      that fails is recomputed with a space (or ``n_iter``) twice as large when its
+      bound is within 100x of the tolerance, else, or if that fails too, by the exact
+      path. Flat spectra (no decay past ``k``) thus cost a randomized attempt plus
+      the exact path. Under :func:`jax.jit` there is no retry: the exact path runs
+      (inside a ``lax.cond``) when the check fails.
     * ``"auto"`` -- ``"full"`` when ``max(n, d) <= 500`` or ``k >= 0.8 min(n, d)``
       (scikit-learn's rule), and also when ``n >= d``, the Krylov space has more
       than ``d / 2`` columns and would be built from the covariance (e.g. ``k = 256``,
@@ -634,6 +745,9 @@ def pca_fit(
             ``n_iter + 1`` blocks (``None``: the default size above). For ``n < d``:
             power iterations; ``None`` means scikit-learn's default, 7 if
             ``k < 0.1 min(n, d)`` else 4.
+        certify: Check the randomized result and fall back as above (default). With
+            ``False`` the first randomized attempt is returned unchecked: faster, and
+            accurate only on spectra that decay past ``k``.
 
     Returns:
         A :class:`PCAResult`.
@@ -654,7 +768,50 @@ def pca_fit(
         >>> [round(r, 2) for r in pca.explained_variance_ratio.tolist()]
         [0.46, 0.3]
     """
-    name = "pca_fit"
+    return _pca("pca_fit", x, n_components, method, key, center, n_oversamples, n_iter, certify)[0]
+
+
+def pca_fit_checked(
+    x: jax.Array,
+    n_components: int,
+    *,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    center: bool = True,
+    n_oversamples: int = 10,
+    n_iter: int | None = None,
+    certify: bool = True,
+) -> tuple[PCAResult, PCACheck]:
+    """:func:`pca_fit` (same arguments), also returning how the result was reached.
+
+    Returns:
+        ``(result, check)``: the :class:`PCAResult` and a :class:`PCACheck` with the
+        path taken and the certificate of the randomized attempt, if any.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> scales = 0.5 ** jnp.arange(40.0)
+        >>> x = jax.random.normal(jax.random.key(0), (2000, 40)) * scales[None, :]
+        >>> pca, check = pca_fit_checked(x, 4, method="randomized")
+        >>> check.path_name, bool(check.error_bound <= 2.5e-5)
+        ('randomized', True)
+    """
+    return _pca(
+        "pca_fit_checked", x, n_components, method, key, center, n_oversamples, n_iter, certify
+    )
+
+
+def _pca(
+    name: str,
+    x: Any,
+    n_components: Any,
+    method: Any,
+    key: jax.Array | None,
+    center: Any,
+    n_oversamples: Any,
+    n_iter: Any,
+    certify: Any,
+) -> tuple[PCAResult, PCACheck]:
     x = _as_float_matrix(name, "x", x)
     n, d = x.shape
     if n < 2:
@@ -662,32 +819,82 @@ def pca_fit(
     k = _check_n_components(name, n_components, min(n, d), "at most min(n_samples, n_features)")
     if not isinstance(method, str) or method not in _PCA_METHODS:
         raise ValueError(f"{name}: method must be one of {_PCA_METHODS}, got {method!r}")
-    if not isinstance(center, bool):
-        raise TypeError(f"{name}: center must be a bool, got {type(center).__name__}")
+    for flag, value in (("center", center), ("certify", certify)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {flag} must be a bool, got {type(value).__name__}")
     if not _is_int(n_oversamples) or n_oversamples < 0:
         raise ValueError(f"{name}: n_oversamples must be an int >= 0, got {n_oversamples!r}")
     if n_iter is not None and (not _is_int(n_iter) or n_iter < 0):
         raise ValueError(f"{name}: n_iter must be an int >= 0 or None, got {n_iter!r}")
     if method == "auto":
         method = auto_method(n, d, k)
-    if method == "randomized":
-        key = jax.random.key(0) if key is None else key
-        if n >= d:
-            block, blocks = krylov_shape(k, d, n_iter)
-            krylov = (
-                _pca_krylov_data if krylov_on_data(n, d, block, blocks) else _pca_krylov_covariance
-            )
-            result, finite = krylov(x, key, k, center, block, blocks)
-        else:
-            width = min(k + int(n_oversamples), n, d)
-            iterations = (7 if k < 0.1 * min(n, d) else 4) if n_iter is None else int(n_iter)
-            result, finite = _pca_sketch_data(x, key, k, center, width, iterations)
-    elif n > d:
-        result, finite = _pca_covariance(x, k, center)
-    else:
-        result, finite = _pca_svd(x, k, center)
+    if method == "full":
+        result, finite = _pca_exact(x, k, center)
+        _check_finite(name, "x", finite)
+        return result, _exact_check(x.dtype)
+    key = jax.random.key(0) if key is None else key
+    attempts = _attempts(n, d, k, int(n_oversamples), n_iter)
+    for path, attempt in enumerate(attempts, start=1):
+        result, (error_bound, max_residual, passed) = attempt(x, key, k, center)
+        check = PCACheck(
+            path=jnp.asarray(path, jnp.int32), error_bound=error_bound, max_residual=max_residual
+        )
+        if not certify:
+            _check_finite(name, "x", jnp.isfinite(error_bound))
+            return result, check
+        if is_traced(passed):
+            # Inside the caller's jit: no retry, the exact path runs only if the check fails.
+            redo = functools.partial(_exact_instead, k=k, center=center)
+            return jax.lax.cond(passed, _keep, redo, result, check, x)
+        _check_finite(name, "x", jnp.isfinite(jnp.sum(result.explained_variance)))
+        if bool(passed):
+            return result, check
+        if not float(error_bound) <= _RETRY_FACTOR * _CERTIFY_RTOL:
+            break  # far from converged: the exact path is cheaper than growing the space
+    result, finite = _pca_exact(x, k, center)
     _check_finite(name, "x", finite)
-    return result
+    return result, dataclasses.replace(check, path=jnp.asarray(len(PCA_PATHS) - 1, jnp.int32))
+
+
+def _keep(result: PCAResult, check: PCACheck, x: jax.Array) -> tuple[PCAResult, PCACheck]:
+    return result, check
+
+
+def _exact_instead(
+    result: PCAResult, check: PCACheck, x: jax.Array, *, k: int, center: bool
+) -> tuple[PCAResult, PCACheck]:
+    """The exact result in place of a randomized one that failed its check."""
+    path = jnp.asarray(len(PCA_PATHS) - 1, jnp.int32)
+    return _pca_exact(x, k, center)[0], dataclasses.replace(check, path=path)
+
+
+def _pca_exact(x: jax.Array, k: int, center: bool) -> tuple[PCAResult, jax.Array]:
+    n, d = x.shape
+    return _pca_covariance(x, k, center) if n > d else _pca_svd(x, k, center)
+
+
+def _attempts(n: int, d: int, k: int, n_oversamples: int, n_iter: int | None) -> list[Any]:
+    """The randomized attempts, in order: the default (or asked-for) size, then one twice
+    as large when that is still well below an exact eigendecomposition's cost."""
+    if n >= d:
+        block, blocks = krylov_shape(k, d, n_iter)
+        sizes = [blocks]
+        if block * 2 * blocks <= _AUTO_KRYLOV_FRACTION * d:
+            sizes.append(2 * blocks)
+        return [
+            functools.partial(
+                _pca_krylov_data if krylov_on_data(n, d, block, size) else _pca_krylov_covariance,
+                block=block,
+                blocks=size,
+            )
+            for size in sizes
+        ]
+    width = min(k + n_oversamples, n, d)
+    iterations = (7 if k < 0.1 * min(n, d) else 4) if n_iter is None else n_iter
+    return [
+        functools.partial(_pca_sketch_data, width=width, n_iter=it)
+        for it in (iterations, 2 * iterations + 1)
+    ]
 
 
 def _stat_dtype(*arrays: Any) -> Any:
