@@ -363,3 +363,15 @@ def test_a_header_that_inflates_too_far_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(container, "MAX_HEADER_BYTES", 64)
     with pytest.raises(jc.FileFormatError, match="inflates past 64 bytes"):
         jc.load(path)
+
+
+def test_zero_dim_leaves_keep_their_shape(tmp_path):
+    # np.ascontiguousarray returns at least 1-d: a step counter came back as (1,).
+    tree = {"step": jnp.array(7, jnp.int32), "scale": np.float32(0.5), "w": jnp.ones(())}
+    jc.save(tmp_path / "s.jxc", tree)
+    restored = jc.load(tmp_path / "s.jxc")
+    for name in tree:
+        assert restored[name].shape == ()
+        assert restored[name].dtype == np.asarray(tree[name]).dtype
+    assert int(restored["step"]) == 7 and float(restored["scale"]) == 0.5
+    assert jc.inspect_file(tmp_path / "s.jxc").leaves[0].shape == ()
