@@ -477,3 +477,30 @@ def test_a_later_save_sweeps_only_stale_temporary_files(tmp_path):
         os.close(handle)
         live.unlink()
     np.testing.assert_array_equal(jc.load(path)["w"], jnp.ones(2))
+
+
+def test_metadata_reads_back_and_bad_values_are_refused_by_key(tmp_path):
+    path = tmp_path / "m.jxc"
+    tree = {"w": jnp.ones(3)}
+    given = {"step": np.int64(12), "lr": np.float32(0.25), "dims": (2, 3), "tag": None}
+    jc.save(path, tree, metadata=given)
+    restored, metadata = jc.load(path, metadata=True)
+    expected = {"step": 12, "lr": 0.25, "dims": [2, 3], "tag": None}
+    assert metadata == expected and type(metadata["step"]) is int
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    assert jc.inspect_file(path).metadata == expected
+    assert jc.inspect_file(path).to_dict()["metadata"] == expected
+    assert isinstance(jc.load(path), dict)  # the old call still returns the tree alone
+    data = path.read_bytes()
+    bad = {
+        r"metadata\['loss'\]\['best'\] is nan": {"loss": {"best": float("nan")}},
+        r"metadata\['runs'\]\[1\] is inf": {"runs": [1.0, np.float64("inf")]},
+        r"metadata\['w'\] is a ndarray": {"w": np.zeros(2)},
+        r"metadata\['f'\] is a object": {"f": object()},
+        "metadata: key 1 is not a str": {1: "one"},
+        "metadata must be a dict": ["not", "a", "dict"],
+    }
+    for message, value in bad.items():
+        with pytest.raises(ValueError, match=message):
+            jc.save(path, tree, metadata=value)
+    assert path.read_bytes() == data and sorted(os.listdir(tmp_path)) == ["m.jxc"]
