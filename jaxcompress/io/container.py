@@ -74,8 +74,8 @@ class ContainerWriter:
         atomic.sweep_stale(self._target)
         mode = None if existing is None else stat.S_IMODE(existing.st_mode)
         handle, self._temp = atomic.create_partial(self._target, mode)
-        self._sigterm = atomic.SigtermCleanup()
         self._file = os.fdopen(handle, "wb")
+        self._sigterm = atomic.SigtermCleanup()  # from here on __exit__ restores the handler
         self._file.write(MAGIC + struct.pack("<II", VERSION, 0))
         return self
 
