@@ -199,3 +199,18 @@ def test_bench_runs_a_script_and_reports_json(tmp_path):
         {"name": "tiny", "status": 0, "results": str(folder / "results" / "tiny.json")}
     ]
     assert "noise on stdout" in run.stderr
+
+
+def test_inspect_exits_non_zero_on_a_damaged_file(tmp_path):
+    path = tmp_path / "w.jxc"
+    jc.save(path, {"w": jnp.arange(64.0)}, entropy=False)
+    data = bytearray(path.read_bytes())
+    data[16 + 10] ^= 1  # one bit of the first buffer; the header is intact
+    path.write_bytes(bytes(data))
+    run = _cli("inspect", path)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checksum mismatch in buffer 0" in lines[0]
+    with pytest.raises(jc.FileFormatError, match="checksum"):
+        jc.inspect_file(path, verify=True)
+    assert jc.inspect_file(path).leaves[0].shape == (64,)  # the header alone still reads

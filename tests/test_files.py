@@ -363,3 +363,144 @@ def test_a_header_that_inflates_too_far_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(container, "MAX_HEADER_BYTES", 64)
     with pytest.raises(jc.FileFormatError, match="inflates past 64 bytes"):
         jc.load(path)
+
+
+def test_zero_dim_leaves_keep_their_shape(tmp_path):
+    # np.ascontiguousarray returns at least 1-d: a step counter came back as (1,).
+    tree = {"step": jnp.array(7, jnp.int32), "scale": np.float32(0.5), "w": jnp.ones(())}
+    jc.save(tmp_path / "s.jxc", tree)
+    restored = jc.load(tmp_path / "s.jxc")
+    for name in tree:
+        assert restored[name].shape == ()
+        assert restored[name].dtype == np.asarray(tree[name]).dtype
+    assert int(restored["step"]) == 7 and float(restored["scale"]) == 0.5
+    assert jc.inspect_file(tmp_path / "s.jxc").leaves[0].shape == ()
+
+
+def test_save_refuses_to_replace_what_is_not_a_regular_file(tmp_path):
+    tree = {"w": jnp.ones(3)}
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    # Through a link, so the old code (which renamed over anything) can't hurt /dev/null.
+    os.symlink("/dev/null", tmp_path / "null.jxc")
+    cases = {"pipe": "a FIFO", "folder": "a directory", "null.jxc": "a character device"}
+    for name, kind in cases.items():
+        with pytest.raises(FileExistsError, match=f"is {kind}; save replaces only regular files"):
+            jc.save(tmp_path / name, tree)
+    assert os.path.islink(tmp_path / "null.jxc") and not (tmp_path / "folder").is_symlink()
+    assert os.path.stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["folder", "null.jxc", "pipe"]  # no temp file left
+
+
+def test_save_writes_through_a_symlink_and_keeps_permissions(tmp_path):
+    old, new = {"w": jnp.zeros(3)}, {"w": jnp.arange(3.0)}
+    jc.save(tmp_path / "real.jxc", old)
+    os.chmod(tmp_path / "real.jxc", 0o640)
+    os.symlink("real.jxc", tmp_path / "link.jxc")
+    jc.save(tmp_path / "link.jxc", new)
+    assert os.readlink(tmp_path / "link.jxc") == "real.jxc"  # still a link, to the new tree
+    np.testing.assert_array_equal(jc.load(tmp_path / "real.jxc")["w"], new["w"])
+    assert os.stat(tmp_path / "real.jxc").st_mode & 0o777 == 0o640
+    previous = os.umask(0o027)
+    try:
+        jc.save(tmp_path / "fresh.jxc", new)
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "fresh.jxc").st_mode & 0o777 == 0o640  # 0o666 less the umask
+
+
+_SAVE_THAT_HANGS = """
+import pathlib, sys, time
+import jax.numpy as jnp
+import jaxcompress as jc
+from jaxcompress.io import container
+
+def hang(self, header):
+    pathlib.Path(sys.argv[2]).touch()  # the temporary file is written; now wait
+    time.sleep(120)
+
+container.ContainerWriter.commit = hang
+jc.save(sys.argv[1], {"w": jnp.arange(4.0)})
+"""
+
+
+def _hung_save(tmp_path, path):
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "started"
+    process = subprocess.Popen([sys.executable, "-c", _SAVE_THAT_HANGS, str(path), str(marker)])
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the save never started"
+    marker.unlink()
+    return process
+
+
+def _partials(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+def test_sigterm_during_save_removes_the_temporary_file(tmp_path):
+    import signal
+
+    path, data, _ = _saved(tmp_path)
+    process = _hung_save(tmp_path, path)
+    assert len(_partials(tmp_path)) == 1
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == -signal.SIGTERM  # still ends as SIGTERM does
+    assert path.read_bytes() == data
+    assert _partials(tmp_path) == []
+
+
+def test_a_later_save_sweeps_only_stale_temporary_files(tmp_path):
+    import signal
+
+    from jaxcompress.io import atomic
+
+    path, _, _ = _saved(tmp_path)
+    process = _hung_save(tmp_path, path)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    [stale] = _partials(tmp_path)
+    others = [".good.jxc.notes.partial", ".other.jxc.1-0123abcd.partial", "good.jxc.partial"]
+    for name in others:
+        (tmp_path / name).write_text("not a stale temporary file of good.jxc")
+    handle, live = atomic.create_partial(path, None)  # a save of this process, still running
+    try:
+        jc.save(path, {"w": jnp.ones(2)})
+        assert _partials(tmp_path) == sorted([*others, live.name])
+        assert stale not in _partials(tmp_path)
+    finally:
+        os.close(handle)
+        live.unlink()
+    np.testing.assert_array_equal(jc.load(path)["w"], jnp.ones(2))
+
+
+def test_metadata_reads_back_and_bad_values_are_refused_by_key(tmp_path):
+    path = tmp_path / "m.jxc"
+    tree = {"w": jnp.ones(3)}
+    given = {"step": np.int64(12), "lr": np.float32(0.25), "dims": (2, 3), "tag": None}
+    jc.save(path, tree, metadata=given)
+    restored, metadata = jc.load(path, metadata=True)
+    expected = {"step": 12, "lr": 0.25, "dims": [2, 3], "tag": None}
+    assert metadata == expected and type(metadata["step"]) is int
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    assert jc.inspect_file(path).metadata == expected
+    assert jc.inspect_file(path).to_dict()["metadata"] == expected
+    assert isinstance(jc.load(path), dict)  # the old call still returns the tree alone
+    data = path.read_bytes()
+    bad = {
+        r"metadata\['loss'\]\['best'\] is nan": {"loss": {"best": float("nan")}},
+        r"metadata\['runs'\]\[1\] is inf": {"runs": [1.0, np.float64("inf")]},
+        r"metadata\['w'\] is a ndarray": {"w": np.zeros(2)},
+        r"metadata\['f'\] is a object": {"f": object()},
+        "metadata: key 1 is not a str": {1: "one"},
+        "metadata must be a dict": ["not", "a", "dict"],
+    }
+    for message, value in bad.items():
+        with pytest.raises(ValueError, match=message):
+            jc.save(path, tree, metadata=value)
+    assert path.read_bytes() == data and sorted(os.listdir(tmp_path)) == ["m.jxc"]

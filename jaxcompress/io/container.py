@@ -14,7 +14,8 @@
 The header sits at the end so :class:`ContainerWriter` streams buffers to disk as
 they are encoded, holding one leaf at a time. Writes go to a temporary file in the
 target directory that is renamed over the target only when complete, so a crash
-leaves the old file intact.
+leaves the old file intact (:mod:`jaxcompress.io.atomic`: symlinks are written
+through, anything but a regular file is refused, permissions are kept).
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxcompress.io import atomic
 from jaxcompress.io.errors import FileFormatError
 
 MAGIC = b"\x89JXC\r\n\x1a\n"
@@ -62,16 +64,18 @@ class ContainerWriter:
         self.buffers: list[dict[str, int]] = []
         self._offset = 0
         self._file: Any = None
-        self._temp: str | None = None
+        self._temp: Path | None = None
+        self._target = self.path
+        self._sigterm: atomic.SigtermCleanup | None = None
 
     def __enter__(self) -> ContainerWriter:
-        directory = self.path.parent if str(self.path.parent) else Path(".")
-        if not directory.is_dir():
-            raise FileNotFoundError(f"directory {str(directory)!r} does not exist")
-        handle, self._temp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".partial", dir=directory
-        )
+        # Checks and sweeping come first, so a refused path leaves nothing behind.
+        self._target, existing = atomic.resolve_target(self.path)
+        atomic.sweep_stale(self._target)
+        mode = None if existing is None else stat.S_IMODE(existing.st_mode)
+        handle, self._temp = atomic.create_partial(self._target, mode)
         self._file = os.fdopen(handle, "wb")
+        self._sigterm = atomic.SigtermCleanup()  # from here on __exit__ restores the handler
         self._file.write(MAGIC + struct.pack("<II", VERSION, 0))
         return self
 
@@ -97,14 +101,22 @@ class ContainerWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         assert self._temp is not None  # set with self._file, which the writes above needed
-        os.replace(self._temp, self.path)
+        # The resolved target: a symlink at ``path`` stays a link to the new file.
+        os.replace(self._temp, self._target)
         self._temp = None
 
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        if self._temp is not None:
-            Path(self._temp).unlink(missing_ok=True)
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if self._sigterm is not None:
+            self._sigterm.begin_cleanup()
+        try:
+            if self._file is not None and not self._file.closed:
+                self._file.close()
+            if self._temp is not None:
+                self._temp.unlink(missing_ok=True)
+        finally:
+            if self._sigterm is not None:
+                terminated = exc_type is not None and issubclass(exc_type, atomic.Terminated)
+                self._sigterm.finish(terminated=terminated)
 
 
 def _fail(path: Path, message: str) -> FileFormatError:

@@ -21,6 +21,7 @@ from jaxcompress.core.mesh import spec_for
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.version import __version__
 from jaxcompress.io import container, shards, treecodec
+from jaxcompress.io import metadata as file_metadata
 from jaxcompress.io.errors import FileFormatError
 from jaxcompress.runtime.report import human_bytes
 
@@ -77,14 +78,29 @@ def save(
             ``nnx.State`` (with ``nnx.Param``/``BatchStat`` variables), lists,
             tuples, ``None`` and Python scalars.
         entropy: entropy-code code streams and masks where that is smaller.
-        metadata: JSON-serializable values stored in the header.
+        metadata: a dict stored in the header and read back by
+            ``load(path, metadata=True)`` and ``inspect_file(path).metadata``. It may
+            hold ``None``, ``bool``, ``int``, finite ``float``, ``str``, lists and
+            dicts with ``str`` keys; numpy bool, integer and floating scalars are
+            stored as the equal Python number and tuples as lists. Anything else
+            (NaN, Inf, arrays, other objects, non-``str`` keys) is refused before
+            anything is written.
         progress: show a progress bar over the leaves.
 
     Returns:
         The :class:`FileReport` of the written file.
 
+    The temporary file is created next to the file the path resolves to: a symlink
+    is written through (it stays a link, to the new file). Anything at the path that
+    is not a regular file (a directory, a device, a FIFO) is refused. An existing
+    file's permission bits are kept; a new file gets the usual mode (``0o666`` less
+    the umask). A ``SIGTERM`` during the save removes the temporary file, and a later
+    save to the same path removes temporary files left by killed processes.
+
     Raises:
         TypeError: a node or dtype the format can't store, naming its path.
+        ValueError: ``metadata`` holds a value JSON cannot hold exactly, naming its key.
+        FileExistsError: the path is not a regular file (or a symlink to one).
 
     Example:
         >>> import os, tempfile
@@ -102,6 +118,7 @@ def save(
         >>> bool((jc.materialize(restored)["w"] == jc.materialize(compressed)["w"]).all())
         True
     """
+    stored_metadata = file_metadata.checked(metadata)  # refused before any file exists
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_compressed)
     parts, part = jax.process_count(), jax.process_index()
     save_id = _save_id() if parts > 1 else None
@@ -125,7 +142,7 @@ def save(
                 "version": container.VERSION,
                 "library": __version__,
                 "tree": root,
-                "metadata": metadata or {},
+                "metadata": stored_metadata,
                 "buffers": writer.buffers,
             }
             if parts > 1:
@@ -228,6 +245,7 @@ def load(
     *,
     sharding: ShardingSpec = None,
     progress: bool = False,
+    metadata: bool = False,
 ) -> Any:
     """Reads a file written by :func:`save` back into the same pytree.
 
@@ -249,9 +267,11 @@ def load(
             for arrays saved shard by shard (only the blocks a device's slice touches
             are decoded, from whichever process's part file holds them).
         progress: show a progress bar over the leaves.
+        metadata: also return the ``metadata`` dict given to :func:`save`.
 
     Returns:
-        The pytree, with ``jax.Array`` leaves and compressed leaves.
+        The pytree, with ``jax.Array`` leaves and compressed leaves; with
+        ``metadata=True``, the pair ``(tree, metadata)``.
 
     Example:
         >>> import os, tempfile
@@ -261,10 +281,14 @@ def load(
         >>> _ = jc.save(path, jc.quantize(8)({"w": jnp.ones((16, 16))})[0])
         >>> jc.load(path)["w"]
         Quantized(shape=(16, 16), dtype=float32, bits=8, axis=1, group_size=None)
+        >>> _ = jc.save(path, {"b": jnp.zeros(2)}, metadata={"step": 100})
+        >>> jc.load(path, metadata=True)[1]
+        {'step': 100}
     """
     header, body, _ = container.read_container(path)
     if header.get("format") != FORMAT:
         raise FileFormatError(f"{path}: header format is {header.get('format')!r}, not {FORMAT!r}")
+    saved_metadata = file_metadata.read(header, path)
     root = header.get("tree")
     count = len(treecodec.leaf_nodes(root))
     place = _placer(sharding)
@@ -283,7 +307,7 @@ def load(
             return container.buffer_view(path, header, body, index, where=where)
 
         tree = treecodec.decode_node(root, get, place, on_leaf=lambda _: bar.advance(task))
-    return tree
+    return (tree, saved_metadata) if metadata else tree
 
 
 # ---------------------------------------------------------------- inspecting
@@ -329,6 +353,7 @@ class FileReport:
         leaves: one :class:`FileLeaf` per leaf.
         stream_bytes: bytes of the code streams and masks (entropy-coded or packed).
         stream_entropy_bytes: their empirical entropy, in bytes.
+        metadata: the ``metadata`` dict given to :func:`save`.
 
     Example:
         >>> import os, tempfile
@@ -346,6 +371,7 @@ class FileReport:
     leaves: tuple[FileLeaf, ...]
     stream_bytes: int
     stream_entropy_bytes: float
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def dense_bytes(self) -> int:
@@ -373,6 +399,7 @@ class FileReport:
             "entropy_bound_bytes": self.entropy_bound_bytes,
             "stream_bytes": self.stream_bytes,
             "stream_entropy_bytes": self.stream_entropy_bytes,
+            "metadata": self.metadata,
             "leaves": [
                 {**dataclasses.asdict(leaf), "shape": list(leaf.shape)} for leaf in self.leaves
             ],
@@ -514,10 +541,22 @@ def _stream_totals(node: dict, size_of: SizeOf) -> tuple[int, float]:
     return stored, entropy
 
 
-def inspect_file(path: str | os.PathLike) -> FileReport:
+def _verify_buffers(path: str | os.PathLike, header: dict, body: memoryview) -> None:
+    for index in range(len(header["buffers"])):
+        container.buffer_view(path, header, body, index, where=f"buffer {index}")
+
+
+def inspect_file(path: str | os.PathLike, *, verify: bool = False) -> FileReport:
     """Reads a file's header and reports every leaf's size against its entropy bound.
 
-    Buffers are not read, so it is instant on any file size; :func:`load` checks them.
+    Buffers are not read, so it is instant on any file size; :func:`load` checks them,
+    and so does ``verify=True``.
+
+    Args:
+        path: the file.
+        verify: also check every buffer's CRC-32 (in part files too), reading the
+            whole file, so damage anywhere raises
+            :class:`~jaxcompress.io.errors.FileFormatError`.
 
     Example:
         >>> import os, tempfile
@@ -530,7 +569,12 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
         >>> report.leaves[0].kind, report.stream_bytes <= 1.02 * report.stream_entropy_bytes
         ('clustered', True)
     """
-    header, _, header_bytes = container.read_container(path)
+    header, body, header_bytes = container.read_container(path)
+    if verify:
+        _verify_buffers(path, header, body)
+        for part in range(1, header.get("parts", 1)):
+            part_path = shards.part_path(path, part)
+            _verify_buffers(part_path, *container.read_container(part_path)[:2])
     leaves, stream_bytes, stream_entropy = [], 0, 0.0
     try:
         size_of = _sizes(path, header)
@@ -566,4 +610,5 @@ def inspect_file(path: str | os.PathLike) -> FileReport:
         leaves=tuple(leaves),
         stream_bytes=stream_bytes,
         stream_entropy_bytes=stream_entropy,
+        metadata=file_metadata.read(header, path),
     )

@@ -138,7 +138,8 @@ def array_node(x: Any, add: AddBuffer, path: str) -> dict[str, Any]:
     if shards.is_split(x):
         dtype_name(x.dtype, path)
         return shards.blocks_node(x, add, path, entropy=False)
-    array = np.ascontiguousarray(np.asarray(x))
+    # Not np.ascontiguousarray: it makes a 0-d array (a step counter) 1-d.
+    array = np.asarray(x, order="C")
     name = dtype_name(array.dtype, path)
     return {"type": "array", "dtype": name, "shape": list(array.shape), "buffer": add(array)}
 
