@@ -463,7 +463,7 @@ def test_a_filter_that_selects_nothing_warns_with_the_paths_it_may_have_meant():
         out, stats = jc.prune(0.5, where="Dense/Kernel")(TYPO_PARAMS)
     message = _only_warning(record)
     assert "where='Dense/Kernel' selects none of the 4 leaves" in message
-    assert "did you mean 'Dense_1/kernel', 'Dense_0/kernel'" in message
+    assert "did you mean 'Dense_0/kernel', 'Dense_1/kernel'" in message
     assert "searched anywhere" in message
     assert record[0].filename == __file__  # it points at the caller, not the library
     assert stats == {} and out["Dense_0"]["kernel"] is TYPO_PARAMS["Dense_0"]["kernel"]

@@ -305,9 +305,14 @@ def close_paths(where: Filter, paths: Sequence[str], *, limit: int = 3) -> list[
     by_lower: dict[str, str] = {}
     for path in paths:
         by_lower.setdefault(path.lower(), path)
+    order = {lower: position for position, lower in enumerate(by_lower)}
     found: list[str] = []
     for text in _path_texts(where):
-        for match in difflib.get_close_matches(text.lower(), list(by_lower), n=limit):
+        query = text.lower()
+        matches = difflib.get_close_matches(query, list(by_lower), n=limit)
+        # Equally close paths in tree order, not difflib's reverse alphabetical one.
+        closeness = {m: difflib.SequenceMatcher(None, query, m).ratio() for m in matches}
+        for match in sorted(matches, key=lambda m: (-closeness[m], order[m])):
             if by_lower[match] not in found:
                 found.append(by_lower[match])
     return found[:limit]
