@@ -99,7 +99,7 @@ def test_compress_inspect_export_round_trip(checkpoint, lenet_params, tmp_path):
             '[[transform]]\nkind = "cluster"\nbitz = 4\n',
             "recipe.toml:3: cluster has no option 'bitz'",
         ),
-        ('[[transform]]\nkind = "quantize"\nbits = 13\n', "recipe.toml:1: quantize: "),
+        ('[[transform]]\nkind = "quantize"\nbits = 13\n', "recipe.toml:3: quantize: "),
         ('[[transform]]\nkind = "prune"\nsparsity = 0.5\nwhere = 3\n', "recipe.toml:4: where must"),
         ("[[transform]\n", "invalid TOML"),
         ("[settings]\nx = 1\n", "unknown table 'settings'"),

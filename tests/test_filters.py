@@ -364,3 +364,167 @@ def test_same_filter_selects_same_leaves_in_linen_and_nnx():
         assert [e.leaf.shape for e in linen_selected] == [e.leaf.shape for e in nnx_selected]
     selected, _, _ = select_leaves(nnx_state, "kernel$")
     assert [e.path for e in selected] == ["dense1/kernel", "dense2/kernel", "dense3/kernel"]
+
+
+# --------------------------------------------------------------------------- exact and glob
+
+
+def test_a_regex_is_searched_anywhere_so_dense1_also_selects_dense10():
+    # Documented: the reason exact() and glob() exist.
+    assert compile_filter("dense1")("dense10/kernel", MATRIX) is True
+    assert jc.filters.exact("dense1/kernel")("dense10/kernel", MATRIX) is False
+    assert jc.filters.glob("dense1/*")("dense10/kernel", MATRIX) is False
+
+
+@pytest.mark.parametrize(
+    ("paths", "path", "expected"),
+    [
+        (("dense1/kernel",), "dense1/kernel", True),
+        (("dense1/kernel",), "dense10/kernel", False),
+        (("dense1/kernel",), "enc/dense1/kernel", False),
+        (("dense1/kernel",), "dense1/kernel2", False),
+        (("a", "b/c"), "b/c", True),
+        ((), "a", False),
+        (("a.b",), "aXb", False),  # no regex
+    ],
+)
+def test_exact_compares_whole_paths(paths, path, expected):
+    assert jc.filters.exact(*paths)(path, MATRIX) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("layers/*/kernel", "layers/0/kernel", True),
+        ("layers/*/kernel", "layers/10/kernel", True),
+        ("layers/*/kernel", "layers/0/attn/kernel", False),  # * stays in one segment
+        ("layers/*/kernel", "enc/layers/0/kernel", False),  # whole path
+        ("layers/*/kernel", "layers/0/kernel_2", False),
+        ("*", "kernel", True),
+        ("*", "dense/kernel", False),
+        ("**/kernel", "kernel", True),
+        ("**/kernel", "a/b/c/kernel", True),
+        ("**/kernel", "a/b/c/kernels", False),
+        ("enc/**", "enc/a/b", True),
+        ("dense?/kernel", "dense1/kernel", True),
+        ("dense?/kernel", "dense10/kernel", False),
+        ("dense?/kernel", "dense/kernel", False),
+        ("a?b", "a/b", False),  # ? never matches /
+        ("dense[12]/kernel", "dense2/kernel", True),
+        ("dense[12]/kernel", "dense3/kernel", False),
+        ("dense[!12]/kernel", "dense3/kernel", True),
+        ("dense[!12]/kernel", "dense1/kernel", False),
+        ("a[!x]b", "a/b", False),  # a negated set never matches /
+        ("Dense/kernel", "dense/kernel", False),  # case matters
+        ("a.b", "aXb", False),  # . is literal
+        ("a+b(c)", "a+b(c)", True),
+    ],
+)
+def test_glob_is_fnmatch_with_slash_aware_star(pattern, path, expected):
+    assert jc.filters.glob(pattern)(path, MATRIX) is expected
+
+
+def test_glob_and_exact_take_several_and_combine_with_other_filters():
+    params = {
+        "layers": {"0": {"kernel": MATRIX, "bias": VECTOR}, "1": {"kernel": MATRIX}},
+        "head": {"kernel": MATRIX},
+    }
+    where = (jc.filters.glob("layers/*/bias"), jc.filters.exact("head/kernel"))
+    selected, _, _ = select_leaves(params, where)
+    assert [entry.path for entry in selected] == ["head/kernel", "layers/0/bias"]
+    selected, _, _ = select_leaves(params, all_of(jc.filters.glob("layers/**"), kernels))
+    assert [entry.path for entry in selected] == ["layers/0/kernel", "layers/1/kernel"]
+    assert repr(jc.filters.glob("a/*", "b")) == "glob('a/*', 'b')"
+    assert repr(jc.filters.exact("a/b")) == "exact('a/b')"
+
+
+@pytest.mark.parametrize("factory", [lambda: jc.filters.exact(3), lambda: jc.filters.glob(None)])
+def test_exact_and_glob_refuse_non_strings(factory):
+    with pytest.raises(TypeError, match="must be strings"):
+        factory()
+
+
+# --------------------------------------------------------------------------- nothing selected
+
+TYPO_PARAMS = {
+    "Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+    "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
+}
+
+
+def _only_warning(record) -> str:
+    messages = [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    return messages[0]
+
+
+def test_a_filter_that_selects_nothing_warns_with_the_paths_it_may_have_meant():
+    with pytest.warns(UserWarning) as record:
+        out, stats = jc.prune(0.5, where="Dense/Kernel")(TYPO_PARAMS)
+    message = _only_warning(record)
+    assert "where='Dense/Kernel' selects none of the 4 leaves" in message
+    assert "did you mean 'Dense_0/kernel', 'Dense_1/kernel'" in message
+    assert "searched anywhere" in message
+    assert record[0].filename == __file__  # it points at the caller, not the library
+    assert stats == {} and out["Dense_0"]["kernel"] is TYPO_PARAMS["Dense_0"]["kernel"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jc.prune(0.5, where=jc.filters.exact("dense_0/kernel")),
+        lambda: jc.quantize(4, where=jc.filters.glob("Dense_0/Kernel")),
+        lambda: jc.cluster(3, where=("nope", "dense_1/kernel")),
+        lambda: jc.low_rank(1, where="dense_0/kernel"),
+        lambda: jc.prune_nm("2:4", where="dense_0/kernel"),
+    ],
+)
+def test_every_factory_and_filter_form_suggests_close_paths(make):
+    with pytest.warns(UserWarning, match="did you mean") as record:
+        make()(TYPO_PARAMS)
+    assert len(record) == 1
+
+
+def test_the_default_filter_on_a_tree_without_kernels_warns_too():
+    with pytest.warns(UserWarning, match="where=kernels selects none of the 2 leaves") as record:
+        _, stats = jc.quantize(8)({"scale": VECTOR, "bias": VECTOR})
+    assert stats == {} and "the paths are 'bias', 'scale'" in _only_warning(record)
+
+
+def test_no_warning_when_something_is_selected_or_nothing_was_asked_for(recwarn):
+    jc.prune(0.5, where="Dense_0/kernel")(TYPO_PARAMS)
+    jc.prune(0.5, where=nothing)(TYPO_PARAMS)
+    jc.prune(0.5, where=())(TYPO_PARAMS)
+    jc.prune(0.5)({})  # no leaf to select from
+    jc.masked(jc.prune(0.5), "Dense_0")(TYPO_PARAMS)
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_masked_that_selects_nothing_warns_once():
+    with pytest.warns(UserWarning) as record:
+        jc.masked(jc.prune(0.5), "dense_0")(TYPO_PARAMS)
+    assert _only_warning(record).startswith("masked: where='dense_0' selects none")
+    # The inner transform's own filter, over the leaves masked shows it.
+    with pytest.warns(UserWarning) as record:
+        jc.masked(jc.prune(0.5), "Dense_0/bias")(TYPO_PARAMS)
+    assert "where=kernels selects none of the 1 leaf" in _only_warning(record)
+
+
+@pytest.mark.parametrize("key", [None, jax.random.key(0)])  # leaf by leaf, stage by stage
+def test_a_later_chain_stage_that_selects_nothing_warns_once(key):
+    tx = jc.chain(jc.prune(0.5), jc.cluster(3, where="Dense_2"))
+    with pytest.warns(UserWarning) as record:
+        _, (first, second) = tx(TYPO_PARAMS, key=key)
+    assert "cluster" in _only_warning(record) and second == {} and len(first) == 2
+
+
+def test_partition_warns_for_a_group_its_transform_selects_nothing_in():
+    labels = {"Dense_0": {"kernel": "a", "bias": "b"}, "Dense_1": {"kernel": "a", "bias": "b"}}
+    with pytest.warns(UserWarning) as record:
+        jc.partition({"a": jc.prune(0.5), "b": jc.prune(0.5)}, labels)(TYPO_PARAMS)
+    assert "where=kernels selects none of the 2 leaves" in _only_warning(record)
+
+
+def test_a_filter_that_selects_nothing_warns_under_jit():
+    with pytest.warns(UserWarning, match="selects none"):
+        jax.jit(lambda p: jc.quantize(8, where="Dense/Kernel")(p)[0])(TYPO_PARAMS)

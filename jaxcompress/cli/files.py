@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from jaxcompress.cli.recipes import read_recipe
+from jaxcompress.cli.options import check_output_path
+from jaxcompress.cli.recipes import RecipeError, RecipeStep, read_recipe_steps
 from jaxcompress.io.checkpoints import read_checkpoint
 from jaxcompress.io.files import inspect_file, load, save
 from jaxcompress.io.interop import export_dense
 from jaxcompress.runtime.report import summarize
+from jaxcompress.transforms.base import chain, flatten_leaves
+from jaxcompress.transforms.filters import NothingSelectedWarning, nothing_selected_message
 
 
 def _console() -> Console:
@@ -40,8 +45,11 @@ applied in order:
   where = "kernel"        # regex on leaf paths like dense1/kernel (default: kernels)
 
 Every other key is a keyword option of the transform (see help(jaxcompress.prune),
-help(jaxcompress.quantize), help(jaxcompress.cluster)). The output is written
-atomically; code streams and masks are entropy-coded unless --no-entropy.
+help(jaxcompress.quantize), help(jaxcompress.cluster)). A `where` regex is searched
+anywhere in the path ("dense1" also selects dense10/kernel; anchor it as "^dense1/").
+A table whose filter selects no leaf is an error naming its line, unless
+--allow-empty. The output is written atomically; code streams and masks are
+entropy-coded unless --no-entropy.
 """
 
 INSPECT_HELP = """\
@@ -73,6 +81,11 @@ def add_file_commands(commands: argparse._SubParsersAction) -> None:
     compress.add_argument(
         "--no-entropy", action="store_true", help="store codes bit-packed, without rANS coding"
     )
+    compress.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write the file even when a [[transform]] selects no leaf (it warns instead)",
+    )
     compress.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     inspect = commands.add_parser(
@@ -98,12 +111,13 @@ def add_file_commands(commands: argparse._SubParsersAction) -> None:
 def run_compress(args: argparse.Namespace) -> int:
     """``jaxcompress compress``: checkpoint + recipe -> .jxc, with a summary."""
     status = Console(stderr=True)
-    transform = read_recipe(args.recipe)  # recipe errors before any heavy work
+    steps = read_recipe_steps(args.recipe)  # recipe errors before any heavy work
+    check_output_path(args.output, flag="--output")
     start = time.perf_counter()
     with status.status(f"reading {args.checkpoint}"):
         params = read_checkpoint(args.checkpoint)
     with status.status("compressing"):
-        compressed, _ = transform(params)
+        compressed = _apply_recipe(steps, params, allow_empty=args.allow_empty)
     file_report = save(args.output, compressed, entropy=not args.no_entropy, progress=True)
     report = summarize(params, compressed)
     seconds = time.perf_counter() - start
@@ -127,6 +141,33 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_recipe(steps: list[RecipeStep], params: Any, *, allow_empty: bool) -> Any:
+    """The recipe's transforms applied; a step that selects nothing is an error naming its line.
+
+    Errors of a step (a leaf it refuses) are prefixed with its table's line too.
+    """
+    transform = steps[0].transform if len(steps) == 1 else chain(*(s.transform for s in steps))
+    with warnings.catch_warnings():
+        if not allow_empty:  # the error below says it better, with the line
+            warnings.simplefilter("ignore", NothingSelectedWarning)
+        try:
+            compressed, stats = transform(params)
+        except (TypeError, ValueError) as error:
+            step = next((s for s in steps if str(error).startswith(s.transform.name)), None)
+            if step is None:
+                raise
+            raise RecipeError(f"{step.locate(error)}: {error}") from None
+    if not allow_empty:
+        paths = [entry.path for entry in flatten_leaves(params)[0]]
+        for step, step_stats in zip(steps, stats if len(steps) > 1 else (stats,), strict=True):
+            if not step_stats:
+                message = nothing_selected_message(step.kind, step.where, paths)
+                raise RecipeError(
+                    f"{step.at}: {message} (pass --allow-empty to write the file anyway)"
+                )
+    return compressed
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """``jaxcompress inspect``: the per-leaf table of a file."""
     report = inspect_file(args.file, verify=True)  # damage anywhere exits non-zero
@@ -139,6 +180,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """``jaxcompress export``: dense weights of a .jxc file for other tools."""
+    output = check_output_path(args.output, flag="--output")
+    if output.suffix.lower() not in (".safetensors", ".msgpack"):
+        raise ValueError(f"--output {args.output!r}: name it .safetensors or .msgpack")
     export_dense(args.output, load(args.file, progress=not args.json))
     size = Path(args.output).stat().st_size
     if args.json:

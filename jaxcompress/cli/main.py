@@ -15,17 +15,19 @@ from rich.table import Table
 from jaxcompress.cli.bench import add_bench_command, run_bench
 from jaxcompress.cli.demo import run_demo
 from jaxcompress.cli.files import add_file_commands, run_compress, run_export, run_inspect
+from jaxcompress.cli.options import check_output_path, fraction_below_one, int_in
+from jaxcompress.core.version import __version__
 
 
-def _sparsity(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the flag, then exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxcompress",
         description=(
             "Model compression for JAX and Flax: prune, quantize and cluster parameter "
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
             "`jaxcompress COMMAND --help` for each command's options."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"jaxcompress {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -44,15 +47,24 @@ def _parser() -> argparse.ArgumentParser:
             "Prints accuracy and bytes after each stage, and a per-layer table."
         ),
     )
-    demo.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     demo.add_argument(
-        "--sparsity", type=_sparsity, default=0.94, help="fraction of kernel entries to prune"
+        "--seed", type=int_in(0, 2**32 - 1), default=0, help="init and data-order seed (default 0)"
+    )
+    demo.add_argument(
+        "--sparsity",
+        type=fraction_below_one,
+        default=0.94,
+        help="fraction of kernel entries to prune, in [0, 1) (default 0.94)",
     )
     demo.add_argument("--scope", choices=("global", "layer"), default="global")
-    demo.add_argument("--bits", type=int, default=4, help="cluster index bits (default 4)")
-    demo.add_argument("--epochs", type=int, default=40, help="dense training epochs")
-    demo.add_argument("--prune-epochs", type=int, default=60, help="gradual pruning epochs")
-    demo.add_argument("--finetune-epochs", type=int, default=10, help="centroid fine-tuning epochs")
+    demo.add_argument("--bits", type=int_in(1, 8), default=4, help="cluster index bits, 1 to 8")
+    demo.add_argument("--epochs", type=int_in(0), default=40, help="dense training epochs")
+    demo.add_argument(
+        "--prune-epochs", type=int_in(1), default=60, help="gradual pruning epochs (at least 1)"
+    )
+    demo.add_argument(
+        "--finetune-epochs", type=int_in(0), default=10, help="centroid fine-tuning epochs"
+    )
     demo.add_argument(
         "-o", "--output", default=None, help="the .jxc file to write (default: a temp dir)"
     )
@@ -74,6 +86,8 @@ def _progress(console: Console) -> Progress:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        check_output_path(args.output, flag="-o")  # before minutes of training
     # Progress goes to stderr so `--json` leaves stdout as pure JSON.
     progress_console = Console(stderr=True)
     with _progress(progress_console) as progress:
@@ -178,8 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, OSError) as error:
-        # Bad input (a damaged file, a bad recipe, a missing path) gets one clear line.
-        parser.exit(2, f"jaxcompress {args.command}: error: {error}\n")
+        # Bad input (a damaged file, a bad recipe, a missing path, a filter that selects
+        # nothing; FileFormatError is a ValueError) gets one line, not a traceback.
+        parser.exit(2, f"jaxcompress {args.command}: error: {_one_line(error)}\n")
+
+
+def _one_line(error: Exception) -> str:
+    """The error's first line (JAX's own messages run on over many)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return f"{text} ..." if len(lines) > 1 else text
 
 
 if __name__ == "__main__":

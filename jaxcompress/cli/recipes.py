@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -33,6 +33,7 @@ from jaxcompress.methods.cluster import cluster
 from jaxcompress.methods.prune import prune
 from jaxcompress.methods.quantize import quantize
 from jaxcompress.transforms.base import Transform, chain
+from jaxcompress.transforms.filters import Filter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +55,38 @@ class RecipeError(ValueError):
         >>> issubclass(RecipeError, ValueError)
         True
     """
+
+
+class RecipeStep(NamedTuple):
+    """One ``[[transform]]`` table of a recipe, built.
+
+    Attributes:
+        kind: the transform factory's name (``"prune"``).
+        where: the filter it runs with (the factory's default when the table has none).
+        at: ``"<source>:<line>"`` of the table's header, for messages.
+        transform: the transform.
+        key_lines: ``"<source>:<line>"`` of each key of the table.
+    """
+
+    kind: str
+    where: Filter
+    at: str
+    transform: Transform
+    key_lines: dict[str, str]
+
+    def locate(self, error: Exception) -> str:
+        """``"<source>:<line>"`` of the option ``error`` names, else of the table.
+
+        Example:
+            >>> step = parse_recipe_steps('[[transform]]\\nkind = "quantize"\\nbits = 3\\n')[0]
+            >>> step.locate(ValueError("bits must be 2 to 8")), step.locate(ValueError("no"))
+            ('recipe:3', 'recipe:1')
+        """
+        text = str(error)
+        for key, at in self.key_lines.items():
+            if key != "kind" and re.search(rf"\b{re.escape(key)}\b", text):
+                return at
+        return self.at
 
 
 def _table_lines(text: str) -> list[tuple[int, dict[str, int]]]:
@@ -99,6 +132,57 @@ def _options(kind: str, table: dict[str, Any], at: Callable[[str], str]) -> dict
     return options
 
 
+def parse_recipe_steps(text: str, *, source: str = "recipe") -> list[RecipeStep]:
+    """Turns recipe TOML text into its steps, one per ``[[transform]]`` table, in order.
+
+    Args:
+        text: the TOML text.
+        source: the file name used in error messages.
+
+    Raises:
+        RecipeError: as :func:`parse_recipe`.
+
+    Example:
+        >>> steps = parse_recipe_steps('[[transform]]\\nkind = "cluster"\\nbits = 3\\n')
+        >>> [(step.kind, step.where.__name__, step.at) for step in steps]
+        [('cluster', 'kernels', 'recipe:1')]
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{source}: invalid TOML: {error}") from None
+    unknown = sorted(set(document) - {"transform"})
+    if unknown:
+        raise RecipeError(
+            f"{source}: unknown table {unknown[0]!r}; a recipe has [[transform]] tables"
+        )
+    tables = document.get("transform")
+    if not isinstance(tables, list) or not tables:
+        raise RecipeError(f"{source}: no [[transform]] tables")
+    lines = _table_lines(text)
+    steps = []
+    for index, table in enumerate(tables):
+        header, keys = lines[index] if index < len(lines) else (0, {})
+
+        def at(key: str | None = None, header=header, keys=keys) -> str:
+            return f"{source}:{keys.get(key, header) if key else header}"
+
+        kind = table.get("kind")
+        if kind not in KINDS:
+            raise RecipeError(
+                f"{at('kind')}: unknown transform kind {kind!r}; choose one of {', '.join(KINDS)}"
+            )
+        options = _options(kind, table, at)
+        where = options.get("where", inspect.signature(KINDS[kind]).parameters["where"].default)
+        step = RecipeStep(kind, where, at(), chain(), {key: at(key) for key in keys})
+        try:
+            transform = KINDS[kind](**options)
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f"{step.locate(error)}: {kind}: {error}") from None
+        steps.append(step._replace(transform=transform))
+    return steps
+
+
 def parse_recipe(text: str, *, source: str = "recipe") -> Transform:
     """Turns recipe TOML text into one transform (a ``chain`` of its tables).
 
@@ -125,48 +209,19 @@ def parse_recipe(text: str, *, source: str = "recipe") -> Transform:
         ...
         jaxcompress.cli.recipes.RecipeError: recipe:4: prune has no option 'bitz'; it takes ...
     """
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{source}: invalid TOML: {error}") from None
-    unknown = sorted(set(document) - {"transform"})
-    if unknown:
-        raise RecipeError(
-            f"{source}: unknown table {unknown[0]!r}; a recipe has [[transform]] tables"
-        )
-    tables = document.get("transform")
-    if not isinstance(tables, list) or not tables:
-        raise RecipeError(f"{source}: no [[transform]] tables")
-    lines = _table_lines(text)
-    transforms = []
-    for index, table in enumerate(tables):
-        header, keys = lines[index] if index < len(lines) else (0, {})
-
-        def at(key: str | None = None, header=header, keys=keys) -> str:
-            return f"{source}:{keys.get(key, header) if key else header}"
-
-        kind = table.get("kind")
-        if kind not in KINDS:
-            raise RecipeError(
-                f"{at('kind')}: unknown transform kind {kind!r}; choose one of {', '.join(KINDS)}"
-            )
-        options = _options(kind, table, at)
-        try:
-            transforms.append(KINDS[kind](**options))
-        except (TypeError, ValueError) as error:
-            raise RecipeError(f"{at()}: {kind}: {error}") from None
+    transforms = [step.transform for step in parse_recipe_steps(text, source=source)]
     return transforms[0] if len(transforms) == 1 else chain(*transforms)
 
 
-def read_recipe(path: str | Path) -> Transform:
-    """Reads and parses a recipe file (see :func:`parse_recipe`).
+def read_recipe_steps(path: str | Path) -> list[RecipeStep]:
+    """Reads a recipe file's steps (see :func:`parse_recipe_steps`).
 
     Example:
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "r.toml")
         >>> _ = open(path, "w").write('[[transform]]\\nkind = "quantize"\\nbits = 4\\n')
-        >>> read_recipe(path)  # doctest: +ELLIPSIS
-        Transform(...)
+        >>> [step.at for step in read_recipe_steps(path)]
+        ['r.toml:1']
     """
     path = Path(path)
-    return parse_recipe(path.read_text(), source=path.name)
+    return parse_recipe_steps(path.read_text(), source=path.name)

@@ -17,7 +17,7 @@ import jax
 
 from jaxcompress.arrays import is_compressed
 from jaxcompress.core.paths import path_to_str
-from jaxcompress.transforms.filters import Filter, compile_filter
+from jaxcompress.transforms.filters import Filter, compile_filter, warn_nothing_selected
 
 ApplyFn = Callable[..., tuple[Any, Any]]
 
@@ -37,6 +37,9 @@ class LeafPass(NamedTuple):
         select: ``select(entry)``, whether the transform changes this leaf, given the
             leaf as it arrives (after the transforms before it in a :func:`chain`).
         step: ``step(entry) -> (new_leaf, leaf_stats)`` for a selected leaf.
+        nothing_selected: optional ``nothing_selected(paths)``, called with every leaf
+            path when ``select`` took none of them (to warn, as
+            :func:`select_leaves` does for a named transform).
 
     The transform's stats are then the dict from each selected leaf's path to its
     ``leaf_stats``, in leaf order.
@@ -44,6 +47,7 @@ class LeafPass(NamedTuple):
 
     select: Callable[[LeafEntry], bool]
     step: Callable[[LeafEntry], tuple[Any, Any]]
+    nothing_selected: Callable[[list[str]], None] | None = None
 
 
 LeafwiseFn = Callable[[Any, Any], "LeafPass | None"]
@@ -96,8 +100,16 @@ def flatten_leaves(tree: Any) -> tuple[list[LeafEntry], jax.tree_util.PyTreeDef]
     return entries, treedef
 
 
-def select_leaves(tree: Any, where: Filter) -> tuple[list[LeafEntry], list[LeafEntry], Any]:
+def select_leaves(
+    tree: Any, where: Filter, *, name: str | None = None
+) -> tuple[list[LeafEntry], list[LeafEntry], Any]:
     """Splits the leaves of ``tree`` into those ``where`` selects and the rest.
+
+    Args:
+        tree: the pytree.
+        where: the filter.
+        name: the transform selecting; given, a filter that selects no leaf of a
+            non-empty tree warns (:func:`~jaxcompress.transforms.filters.warn_nothing_selected`).
 
     Returns:
         ``(selected, all_entries, treedef)``.
@@ -112,6 +124,8 @@ def select_leaves(tree: Any, where: Filter) -> tuple[list[LeafEntry], list[LeafE
     select = compile_filter(where)
     entries, treedef = flatten_leaves(tree)
     selected = [entry for entry in entries if select(entry.path, entry.leaf)]
+    if name is not None and not selected:
+        warn_nothing_selected(name, where, [entry.path for entry in entries])
     return selected, entries, treedef
 
 
@@ -194,14 +208,19 @@ def _apply_leaf_by_leaf(passes: list[LeafPass], params: Any) -> tuple[Any, tuple
     entries, treedef = flatten_leaves(params)
     leaves = [entry.leaf for entry in entries]
     all_stats: tuple[dict[str, Any], ...] = tuple({} for _ in passes)
+    taken = [0] * len(passes)
     for entry in entries:
         leaf = entry.leaf
-        for leaf_pass, stats in zip(passes, all_stats, strict=True):
+        for position, (leaf_pass, stats) in enumerate(zip(passes, all_stats, strict=True)):
             current = LeafEntry(entry.index, entry.path, leaf)
             if leaf_pass.select(current):
                 leaf, stats[entry.path] = leaf_pass.step(current)
+                taken[position] += 1
         # The stage outputs before the last are dropped here, leaf by leaf.
         leaves[entry.index] = leaf
+    for leaf_pass, count in zip(passes, taken, strict=True):
+        if count == 0 and leaf_pass.nothing_selected is not None:
+            leaf_pass.nothing_selected([entry.path for entry in entries])
     return jax.tree_util.tree_unflatten(treedef, leaves), all_stats
 
 
@@ -268,6 +287,8 @@ def masked(transform: Transform, where: Filter) -> Transform:
     def apply(params, *, key=None, data=None):
         entries, _ = flatten_leaves(params)
         keep = [bool(select(entry.path, entry.leaf)) for entry in entries]
+        if not any(keep):
+            warn_nothing_selected("masked", where, [entry.path for entry in entries])
         return _apply_to_subset(transform, params, keep, key=key, data=data)
 
     return Transform(apply, f"masked({getattr(transform, 'name', transform)!s}, where={where!r})")

@@ -33,7 +33,7 @@ from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like
 from jaxcompress.core.progress import leaf_bytes, over_leaves
 from jaxcompress.transforms.base import LeafEntry, LeafPass, Transform, select_leaves
-from jaxcompress.transforms.filters import Filter, compile_filter
+from jaxcompress.transforms.filters import Filter, compile_filter, warn_nothing_selected
 
 __all__ = [
     "LeafItem",
@@ -156,7 +156,7 @@ def per_leaf(
     def planned(params: Any, key: jax.Array | None, data: Any):
         """Every selected leaf checked (and globally planned) before any work."""
         context = prepare(key, data)
-        selected, entries, treedef = select_leaves(params, where)
+        selected, entries, treedef = select_leaves(params, where, name=name)
         items = [checked(entry, context) for entry in selected]
         if plan is not None:
             plans = plan(items)
@@ -198,6 +198,7 @@ def per_leaf(
             return LeafPass(
                 lambda entry: bool(select(entry.path, entry.leaf)),
                 lambda entry: finish(checked(entry, context), None),
+                functools.partial(warn_nothing_selected, name, where),
             )
         items, _, _ = planned(params, None, data)
         if any(is_traced(item.weight) for item in items):
