@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -33,9 +34,11 @@ def _is_none(leaf: Any) -> bool:
 
 
 def _is_trainable(leaf: Any) -> bool:
-    # float0 (jax.grad's cotangent of an integer input), integer leaves and None (the
-    # gradient of a non-array leaf, such as an equinox activation) are frozen.
-    return leaf is not None and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    # float0 (jax.grad's cotangent of an integer input), integer leaves, None (the
+    # gradient of a non-array leaf) and non-array leaves (an equinox activation) are frozen.
+    if not isinstance(leaf, jax.Array | np.ndarray | np.generic | float):
+        return False
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
 def _trainable_view(tree: Any) -> tuple[Any, list[bool], Any, list[Any]]:
