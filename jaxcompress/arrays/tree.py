@@ -1,10 +1,17 @@
-"""Running compressed pytrees: dense reconstruction and storage accounting."""
+"""Whole pytrees: dense reconstruction, storage accounting, and array/non-array split.
+
+Models such as equinox modules hold non-array leaves (activation functions, ints,
+``None``) next to their weights. :func:`split_arrays` and :func:`combine` separate the
+two so that ``jit``, tracing and the file format see arrays only, and put them back.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxcompress.arrays import is_compressed, leaf_nbytes
 from jaxcompress.core.mesh import named_sharding_of, place_like
@@ -55,3 +62,78 @@ def nbytes(tree: Any) -> int:
     """
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_compressed)
     return sum(leaf_nbytes(leaf) for leaf in leaves)
+
+
+def is_array_leaf(leaf: Any) -> bool:
+    """Whether a leaf is array data: a jax or numpy array, a stand-in, or compressed.
+
+    Python scalars, functions and other objects are not: like equinox's
+    ``is_array``, they are treated as part of the model's structure.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> is_array_leaf(jnp.ones(2)), is_array_leaf(jnp.tanh), is_array_leaf(3)
+        (True, False, False)
+    """
+    return is_compressed(leaf) or isinstance(
+        leaf, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct
+    )
+
+
+def split_arrays(tree: Any) -> tuple[Any, Any]:
+    """Splits a pytree into ``(arrays, rest)``, each with ``None`` where the other has a leaf.
+
+    Compressed leaves count as arrays and stay whole. Both halves keep the tree's
+    structure (and its key paths), so ``combine(arrays, rest)`` rebuilds the tree,
+    also after a transform replaced leaves of ``arrays``. This is ``eqx.partition``
+    with :func:`is_array_leaf`, without needing equinox.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> arrays, rest = split_arrays({"w": jnp.ones(2), "act": jnp.tanh, "n": 3})
+        >>> arrays["act"] is None, rest["w"] is None, rest["n"]
+        (True, True, 3)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_compressed)
+    arrays = [leaf if is_array_leaf(leaf) else None for leaf in leaves]
+    rest = [None if is_array_leaf(leaf) else leaf for leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, arrays), jax.tree_util.tree_unflatten(
+        treedef, rest
+    )
+
+
+def combine(arrays: Any, rest: Any) -> Any:
+    """Inverse of :func:`split_arrays`: each leaf from ``arrays``, or ``rest`` where it is ``None``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree = {"w": jnp.ones(2), "act": jnp.tanh}
+        >>> combine(*split_arrays(tree))["act"] is jnp.tanh
+        True
+    """
+    return jax.tree.map(
+        lambda a, r: r if a is None else a,
+        arrays,
+        rest,
+        is_leaf=lambda x: x is None or is_compressed(x),
+    )
+
+
+def on_arrays(fn: Callable[..., Any], rest: Any) -> Callable[..., Any]:
+    """``fn(params, *args)`` as a function of the array half of ``params`` only.
+
+    The returned function rebuilds the full tree with ``rest`` before calling ``fn``,
+    so tracing it (``jit``, ``make_jaxpr``) sees array inputs only.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> arrays, rest = split_arrays({"w": jnp.ones(2), "act": jnp.tanh})
+        >>> apply = on_arrays(lambda p, x: p["act"](x * p["w"]), rest)
+        >>> apply(arrays, jnp.zeros(2)).tolist()
+        [0.0, 0.0]
+    """
+
+    def apply(arrays: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(combine(arrays, rest), *args, **kwargs)
+
+    return apply

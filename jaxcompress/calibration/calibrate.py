@@ -17,6 +17,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxcompress.arrays.tree import on_arrays, split_arrays
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.jaxpr import graph
 
@@ -379,7 +380,9 @@ def calibrate(
         apply_fn: ``apply_fn(params, x) -> output``, or ``apply_fn(params, x, key)`` when
             ``key`` is given. For nnx, ``graphdef, state = nnx.split(model)`` and
             ``apply_fn = lambda s, x: nnx.merge(graphdef, s)(x)`` with ``params=state``.
-        params: the parameter pytree (linen params, ``nnx.State``, dict); may be sharded.
+        params: the parameter pytree (linen params, ``nnx.State``, dict, an equinox
+            module); may be sharded. Leaves that are not arrays are passed through to
+            ``apply_fn`` as they are.
         batches: an iterable of input arrays ``(batch, *features)``. Every batch has the
             same feature shape and dtype; the batch size may vary (each new size is
             traced and compiled once).
@@ -427,6 +430,10 @@ def calibrate(
         >>> data["dense1"]["bias"] is None
         True
     """
+    # Only arrays cross the jit boundary; other leaves (an equinox module's activation)
+    # are bound into the function, and get None in the result.
+    params, rest = split_arrays(params)
+    apply_fn = on_arrays(apply_fn, rest)
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     flat_params = [leaf for _, leaf in flat]
     if labels is not None and num_classes is None:

@@ -12,6 +12,7 @@ import optax
 from rich.progress import Progress
 
 from jaxcompress.arrays.tree import materialize
+from jaxcompress.training.grads import grad
 
 _BATCH = 64
 
@@ -33,7 +34,8 @@ def train_classifier(
     """Trains a flax linen classifier with any optax optimizer and softmax cross-entropy.
 
     The loss sees :func:`jaxcompress.materialize` of the params, and gradients are
-    taken with ``allow_int=True``, so compressed params (``Clustered`` leaves for
+    taken with :func:`jaxcompress.training.grad` (floating children only), so
+    compressed params (``Clustered`` leaves for
     centroid fine-tuning) train as they are, with an optimizer such as
     :func:`jaxcompress.training.clustered`; wrappers that need the params in
     ``update`` (such as :func:`jaxcompress.training.pruned`) get them.
@@ -75,7 +77,7 @@ def train_classifier(
             logits = model.apply({"params": forward(dense) if forward else dense}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        grads = jax.grad(loss_fn, allow_int=True)(params)
+        grads = grad(loss_fn)(params)
         if masks is not None:
             grads = jax.tree.map(jnp.multiply, grads, masks)
         updates, opt_state = optimizer.update(grads, opt_state, params)

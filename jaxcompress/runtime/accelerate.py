@@ -50,6 +50,7 @@ from jaxcompress.arrays.serving import (
     to_serving,
     uniform_codebook_as_quantized,
 )
+from jaxcompress.arrays.tree import on_arrays, split_arrays
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.jaxpr.graph import CONV, DOT, bind_equation, evaluate, trace_jaxpr
 from jaxcompress.runtime import kernels
@@ -338,6 +339,35 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(one, tree, is_leaf=is_compressed)
 
 
+class _Static:
+    """The non-array half of a params tree as a hashable ``jit`` static argument.
+
+    Equal when the structure and every leaf are the same (by ``==`` where the leaf
+    defines it, else by identity), so one compiled program serves every call with
+    the same activation functions and options.
+    """
+
+    def __init__(self, tree: Any) -> None:
+        self.tree = tree
+        self._leaves, self._treedef = jax.tree_util.tree_flatten(tree)
+
+    def _key(self) -> tuple[Any, ...]:
+        def one(leaf: Any) -> Any:
+            try:
+                hash(leaf)
+            except TypeError:
+                return id(leaf)
+            return leaf
+
+        return (self._treedef, *(one(leaf) for leaf in self._leaves))
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and self._key() == other._key()
+
+
 class Accelerated:
     """``apply_fn`` over compressed pytrees; made by :func:`accelerate`.
 
@@ -361,13 +391,15 @@ class Accelerated:
         self.route = route
         self.int8_activations = int8_activations
         self.last_plan: Plan | None = None
-        self._jitted = jax.jit(self._run)
+        self._jitted = jax.jit(self._run, static_argnums=1)
 
     def __call__(self, params: Any, *args: Any) -> Any:
         leaves = jax.tree_util.tree_leaves(params, is_leaf=is_compressed)
         if not any(is_compressed(leaf) for leaf in leaves):
             return self.apply_fn(params, *args)
-        return self._jitted(params, *args)
+        # Non-array leaves (an equinox module's activation) are static, not jit inputs.
+        arrays, rest = split_arrays(params)
+        return self._jitted(arrays, _Static(rest), *args)
 
     def prepare(self, params: Any) -> Any:
         """``params`` with quantized and clustered weights in their serving layout.
@@ -416,7 +448,8 @@ class Accelerated:
             {'w': 'factored'}
         """
         router = self._router()
-        jax.eval_shape(lambda p, *a: self._evaluate(router, p, *a), params, *args)
+        arrays, rest = split_arrays(params)
+        jax.eval_shape(lambda p, *a: self._evaluate(router, p, rest, *a), arrays, *args)
         return Plan(tuple(router.decisions), router.backend)
 
     def _router(self) -> _Router:
@@ -426,19 +459,21 @@ class Accelerated:
             backend=jax.default_backend(),
         )
 
-    def _run(self, params: Any, *args: Any) -> Any:
+    def _run(self, arrays: Any, rest: _Static, *args: Any) -> Any:
         router = self._router()
-        out = self._evaluate(router, params, *args)
+        out = self._evaluate(router, arrays, rest.tree, *args)
         self.last_plan = Plan(tuple(router.decisions), router.backend)
         return out
 
-    def _evaluate(self, router: _Router, params: Any, *args: Any) -> Any:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_compressed)
+    def _evaluate(self, router: _Router, arrays: Any, rest: Any, *args: Any) -> Any:
+        """Runs ``apply_fn`` on ``combine(arrays, rest)`` (``arrays``: the array leaves)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(arrays, is_leaf=is_compressed)
         stand_ins = jax.tree.unflatten(treedef, [_abstract(leaf) for _, leaf in flat])
         out_tree = {}
+        apply_fn = on_arrays(self.apply_fn, rest)
 
         def flat_apply(p: Any, *a: Any) -> list[Any]:
-            leaves, out_tree["def"] = jax.tree.flatten(self.apply_fn(p, *a))
+            leaves, out_tree["def"] = jax.tree.flatten(apply_fn(p, *a))
             return leaves
 
         try:
@@ -494,8 +529,10 @@ def accelerate(
 
     Args:
         apply_fn: ``apply_fn(params, *args)``: a linen ``lambda p, x:
-            model.apply({"params": p}, x)``, an nnx ``lambda s, x: nnx.merge(g, s)(x)``
-            or any function. Non-array options should be bound beforehand.
+            model.apply({"params": p}, x)``, an nnx ``lambda s, x: nnx.merge(g, s)(x)``,
+            an equinox ``lambda m, x: jax.vmap(m)(x)`` (the module is ``params``; its
+            non-array leaves are static) or any function. Non-array options should be
+            bound beforehand.
         route: ``"auto"``, or force one route (``"int8"``, ``"blocked"``,
             ``"dequantize"``, ``"materialize"``) for every quantized or clustered use,
             as the benchmarks do.

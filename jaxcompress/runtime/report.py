@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 import jax.numpy as jnp
 
 from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
+from jaxcompress.arrays.tree import is_array_leaf
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.transforms.base import flatten_leaves
 
@@ -225,8 +226,11 @@ def _leaf_row(path: str, original: Any, compressed: Any) -> LeafReport:
 def summarize(original: Any, compressed: Any) -> Report:
     """Compares a pytree with its compressed version, leaf by leaf.
 
+    Leaves that are not arrays (an equinox module's activation function, Python
+    numbers) hold no weights and get no row.
+
     Args:
-        original: the dense pytree.
+        original: the dense pytree (a params dict, an ``nnx.State``, an equinox module).
         compressed: the output of a transform on ``original`` (same structure).
 
     Returns:
@@ -252,8 +256,10 @@ def summarize(original: Any, compressed: Any) -> Report:
             "summarize: original and compressed have different pytree structures "
             f"({len(original_entries)} vs {len(compressed_entries)} leaves)"
         )
+    # Non-array leaves (an equinox module's activation, ints) hold no weights.
     rows = tuple(
         _leaf_row(before.path, before.leaf, after.leaf)
         for before, after in zip(original_entries, compressed_entries, strict=True)
+        if is_array_leaf(before.leaf)
     )
     return Report(rows)

@@ -7,12 +7,25 @@
   (Deep Compression).
 * :func:`fake_quant`: quantization-aware training with straight-through rounding,
   using the same quantizer as :func:`jaxcompress.quantize`.
+* :func:`grad` and :func:`value_and_grad`: ``jax.grad`` / ``jax.value_and_grad`` over
+  the floating children of compressed leaves (and the array leaves of equinox
+  modules), for training loops over compressed trees.
 """
 
 from jaxcompress.training.clustering import clustered as clustered
+from jaxcompress.training.grads import grad as grad
+from jaxcompress.training.grads import value_and_grad as value_and_grad
 from jaxcompress.training.pruning import cubic_sparsity as cubic_sparsity
 from jaxcompress.training.pruning import finalize as finalize
 from jaxcompress.training.pruning import pruned as pruned
 from jaxcompress.training.qat import fake_quant as fake_quant
 
-__all__ = ["clustered", "cubic_sparsity", "fake_quant", "finalize", "pruned"]
+__all__ = [
+    "clustered",
+    "cubic_sparsity",
+    "fake_quant",
+    "finalize",
+    "grad",
+    "pruned",
+    "value_and_grad",
+]

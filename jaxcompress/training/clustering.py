@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -28,21 +29,34 @@ class ClusteredState(NamedTuple):
     inner: Any
 
 
+def _is_none(leaf: Any) -> bool:
+    return leaf is None
+
+
 def _is_trainable(leaf: Any) -> bool:
-    # float0 (jax.grad's cotangent of an integer input) and integer leaves are frozen.
+    # float0 (jax.grad's cotangent of an integer input), integer leaves, None (the
+    # gradient of a non-array leaf) and non-array leaves (an equinox activation) are frozen.
+    if not isinstance(leaf, jax.Array | np.ndarray | np.generic | float):
+        return False
     return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
 def _trainable_view(tree: Any) -> tuple[Any, list[bool], Any, list[Any]]:
-    """``tree`` with frozen leaves replaced by ``None``; also the mask, treedef, leaves."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    """``tree`` with frozen leaves replaced by ``None``; also the mask, treedef, leaves.
+
+    ``None`` counts as a leaf, so a gradient with ``None`` for a non-array parameter
+    flattens like the parameters themselves.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_none)
     keep = [_is_trainable(leaf) for leaf in leaves]
     view = [leaf if k else None for leaf, k in zip(leaves, keep, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, view), keep, treedef, leaves
 
 
-def _frozen_update(grad: Any, param: Any) -> jax.Array:
+def _frozen_update(grad: Any, param: Any) -> jax.Array | None:
     """A zero update in the parameter's own dtype, so ``apply_updates`` leaves it as is."""
+    if grad is None:
+        return None  # a non-array leaf: apply_updates keeps a None update's parameter
     reference = grad if param is None else param
     dtype = jnp.result_type(reference)
     if dtype == jax.dtypes.float0:
@@ -56,8 +70,12 @@ def clustered(inner: optax.GradientTransformation) -> optax.GradientTransformati
     The parameter pytree holds :class:`~jaxcompress.Clustered` leaves (or
     ``Sparse(values=Clustered)`` from ``jc.chain(jc.prune(...), jc.cluster(...))``)
     next to ordinary dense leaves. The loss calls :func:`jaxcompress.materialize`,
-    and the gradient is taken with ``jax.grad(loss, allow_int=True)`` (the indices
-    and masks are uint8 children of the tree; ``nnx.grad`` takes the same flag).
+    and the gradient is taken with :func:`jaxcompress.training.grad` (or
+    :func:`~jaxcompress.training.value_and_grad`), which differentiates the floating
+    children only and gives the uint8 indices and masks ``float0`` zeros, and
+    non-array leaves (an equinox module's activation) ``None``. Plain
+    ``jax.grad(loss)`` refuses the uint8 children; ``jax.grad(loss, allow_int=True)``
+    gives the same result on a tree of arrays only.
     Through the gather in ``materialize``, each centroid's gradient is the sum of the
     gradients of the weights assigned to it, as in Deep Compression.
 
@@ -88,7 +106,7 @@ def clustered(inner: optax.GradientTransformation) -> optax.GradientTransformati
         ...     return jnp.sum(jnp.square(jc.materialize(p)["w"] - target))
         >>> tx = jc.training.clustered(optax.sgd(0.1))
         >>> state = tx.init(params)
-        >>> grads = jax.grad(loss, allow_int=True)(params)
+        >>> grads = jc.training.grad(loss)(params)
         >>> updates, state = tx.update(grads, state, params)
         >>> new = optax.apply_updates(params, updates)
         >>> bool((new["w"].indices == params["w"].indices).all())
@@ -107,7 +125,7 @@ def clustered(inner: optax.GradientTransformation) -> optax.GradientTransformati
         if params is None:
             trainable_params, param_leaves = None, [None] * len(grad_leaves)
         else:
-            param_leaves = jax.tree_util.tree_leaves(params)
+            param_leaves = treedef.flatten_up_to(params)
             trainable_params = jax.tree_util.tree_unflatten(
                 treedef, [p if k else None for p, k in zip(param_leaves, keep, strict=True)]
             )
