@@ -241,12 +241,12 @@ def test_indivisible_leaf_is_named_with_shape_and_block():
         with pytest.raises(
             ValueError, match=r"prune_blocks\(.*'bad/kernel' of shape \(6, 8\).*block \(4, 4\)"
         ):
-            jc.prune_blocks(0.5, scope=scope)(params)
+            jc.prune_blocks(0.5, scope=scope, where="kernel")(params)
     # A conv kernel's rows are h * w * in: (3, 3, 2, 8) has 18, not a multiple of 4.
     with pytest.raises(ValueError, match=r"'conv' of shape \(3, 3, 2, 8\).*\(18, 8\)"):
-        jc.prune_blocks(0.5)({"conv": jnp.ones((3, 3, 2, 8))})
+        jc.prune_blocks(0.5, where="conv")({"conv": jnp.ones((3, 3, 2, 8))})
     with pytest.raises(ValueError, match=r"'w' of shape \(8, 6\)"):
-        jc.prune_blocks(0.5)({"w": jnp.ones((8, 6))})
+        jc.prune_blocks(0.5, where="w")({"w": jnp.ones((8, 6))})
 
 
 @pytest.mark.parametrize("block", [(0, 4), (4,), (4, 4, 4), "4x4", (4.0, 4), (True, 4), (-2, 2), 4])

@@ -230,7 +230,7 @@ def test_bad_options_name_the_argument(options, error, match):
 def test_bad_leaves_and_calls_name_the_leaf():
     params = {"dense": {"kernel": _weight((64, 32))}}
     with pytest.raises(ValueError, match=r"rank=32 must be below min\(m, n\) = 32.*dense/kernel"):
-        low_rank(32)(params)
+        low_rank(32, where="kernel")(params)
     with pytest.raises(ValueError, match="fan_in_axes=2 leaves no output axes.*dense/kernel"):
         low_rank(2, fan_in_axes=2)(params)
     with pytest.raises(ValueError, match="pass key="):

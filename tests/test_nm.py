@@ -83,7 +83,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="importance"):
         jc.prune_nm("2:4", importance="taylor")
     with pytest.raises(ValueError, match=r"'w' of shape \(6, 3\) contracts 6 inputs"):
-        jc.prune_nm("2:4")({"w": jnp.ones((6, 3))})
+        jc.prune_nm("2:4", where="w")({"w": jnp.ones((6, 3))})
 
 
 # ---------------------------------------------------------------- SparseGPT N:M
@@ -229,7 +229,7 @@ def test_sparsegpt_bad_input_is_named():
     w3 = {"w": jnp.ones((4, 16, 8))}
     stats4 = {"w": _input_stats(XC[:, :4])}
     with pytest.raises(ValueError, match="N:M runs need every axis but the last"):
-        jc.prune_nm("2:4", importance="sparsegpt")(w3, data=stats4)
+        jc.prune_nm("2:4", importance="sparsegpt", where="w")(w3, data=stats4)
     ones = jnp.ones((K_IN, K_IN))  # rank one: singular without damping
     singular = {"w": jc.InputStats(jnp.float32(1), jnp.zeros(K_IN), ones, None, None)}
     with pytest.raises(ValueError, match="not positive definite.*raise damp="):

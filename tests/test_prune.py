@@ -89,13 +89,18 @@ def test_global_scope_uses_one_threshold_and_exact_total():
         "b": 100 * jnp.arange(1.0, 11.0).reshape(2, 5),
     }
     pruned, stats = jc.prune(0.5, scope="global")(scaled)
-    assert stats["a"]["pruned"] == 10 and stats["b"]["pruned"] == 0
+    # "a" would lose all 10 weights; each of its 5 output units keeps its largest.
+    assert stats["a"]["pruned"] == 5 and stats["b"]["pruned"] == 0
+    assert pruned["a"].keep_mask().tolist() == [[False] * 5, [True] * 5]
 
 
 def test_global_scope_ties_across_leaves_follow_leaf_order():
     params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+    _, stats = jc.prune(0.25, scope="global")(params)
+    assert stats["a"]["pruned"] == 2 and stats["b"]["pruned"] == 0
     _, stats = jc.prune(0.75, scope="global")(params)
-    assert stats["a"]["pruned"] == 4 and stats["b"]["pruned"] == 2
+    # Ties would take all of "a" first; each of its 2 output units keeps one weight.
+    assert stats["a"]["pruned"] == 2 and stats["b"]["pruned"] == 2
 
 
 def test_layer_scope_under_jit_matches_eager():

@@ -24,7 +24,7 @@ from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import check_sparsity, pruned_count, sparse_from_mask
 from jaxcompress.transforms.base import Transform
-from jaxcompress.transforms.engine import per_leaf
+from jaxcompress.transforms.engine import Unfit, per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
 from jaxcompress.transforms.stats import BlockStats
 
@@ -202,7 +202,10 @@ def prune_blocks(
             ``floor(sparsity * total_tiles)`` of them (ties by leaf order, then tile
             order); each leaf's storage size then depends on the data, so it needs
             concrete arrays: call it outside ``jit``.
-        where: which leaves; by default floating leaves with ndim >= 2.
+        where: which leaves; by default floating leaves with ndim >= 2. Under the
+            default filter, a leaf the block does not tile is skipped (left dense,
+            stats ``{"skipped": reason}``, one warning per call; a global ranking
+            leaves it out); a filter of your own that selects such a leaf raises.
         progress: show a bar on stderr, by leaf and bytes, while it runs (not under
             ``jit``).
 
@@ -214,7 +217,8 @@ def prune_blocks(
 
     Raises:
         ValueError: sparsity outside ``[0, 1)``, a bad block, importance or scope, a
-            leaf the block does not tile (named with its shape), NaN or Inf values,
+            leaf your own ``where`` selects that the block does not tile (named with
+            its shape), NaN or Inf values,
             or ``scope="global"`` under ``jit``.
         TypeError: a non-numeric sparsity, or a selected integer, boolean or
             already-compressed leaf.
@@ -251,7 +255,7 @@ def prune_blocks(
         del context
         if not _tiles_fit(tuple(weight.shape), block):
             rows, columns = _matrix_shape(tuple(weight.shape))
-            raise ValueError(
+            raise Unfit(
                 f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} has the matrix "
                 f"view ({rows}, {columns}), which block {block} does not tile ({rows} rows "
                 f"must be a multiple of {bk} and {columns} columns of {bn})"
@@ -296,4 +300,5 @@ def prune_blocks(
         plan=global_tiles if scope == "global" else None,
         step=step,
         progress=progress,
+        default_where=kernels,
     )

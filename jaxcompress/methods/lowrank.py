@@ -40,7 +40,7 @@ from jaxcompress.calibration.calibrate import stats_by_path
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import place_like, unsharded
 from jaxcompress.transforms.base import Transform
-from jaxcompress.transforms.engine import per_leaf
+from jaxcompress.transforms.engine import Unfit, per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
 from jaxcompress.transforms.stats import LowRankStats
 
@@ -305,7 +305,10 @@ def low_rank(
             integer for other layouts, for example 1 for a DenseGeneral
             ``(in, heads, head_dim)`` kernel.
         where: which leaves to factorize; by default
-            :func:`jaxcompress.filters.kernels`.
+            :func:`jaxcompress.filters.kernels`. Under the default filter, a leaf
+            with ``rank >= min(m, n)`` (a 10-class head, a first conv layer) is
+            skipped (left dense, stats ``{"skipped": reason}``, one warning per
+            call); a filter of your own that selects such a leaf raises.
         oversample: extra sketch columns for ``method="randomized"``.
         power_iterations: subspace iterations for ``method="randomized"``.
         progress: show a bar on stderr, by leaf and bytes, while it runs (not under
@@ -325,8 +328,9 @@ def low_rank(
     Raises:
         ValueError: neither or both of ``rank`` and ``energy``; ``rank < 1``;
             ``energy`` outside ``(0, 1]``; an unknown ``method``; a bad
-            ``fan_in_axes``, ``oversample`` or ``power_iterations``; a leaf with
-            ``rank >= min(m, n)``, fewer than 2 dimensions, or non-finite values;
+            ``fan_in_axes``, ``oversample`` or ``power_iterations``; a leaf your own
+            ``where`` selects with ``rank >= min(m, n)``; a leaf with fewer than 2
+            dimensions or non-finite values;
             ``whiten`` without ``data`` or without stats for a leaf; ``randomized``
             without ``key``; ``energy`` under ``jit``. Leaves are named.
         TypeError: a non-integer ``rank``, a non-real ``energy``, or a selected
@@ -370,7 +374,7 @@ def low_rank(
         leaf_fan_in = _leaf_fan_in(name, entry.path, shape, fan_in_axes)
         m, n = matrix_shape(shape, leaf_fan_in)
         if rank is not None and rank >= min(m, n):
-            raise ValueError(
+            raise Unfit(
                 f"{name}: rank={rank} must be below min(m, n) = {min(m, n)} for leaf "
                 f"{entry.path!r} (shape {shape}, matrix {m}x{n})"
             )
@@ -407,6 +411,7 @@ def low_rank(
         step=step,
         place=_place_factors,
         progress=progress,
+        default_where=kernels,
     )
 
 

@@ -30,7 +30,7 @@ from jaxcompress.numerics.select import nm_keep_mask
 from jaxcompress.numerics.sparsegpt import sparsegpt
 from jaxcompress.numerics.wanda import wanda_scores
 from jaxcompress.transforms.base import Transform
-from jaxcompress.transforms.engine import per_leaf
+from jaxcompress.transforms.engine import Unfit, per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
 from jaxcompress.transforms.stats import NMStats
 
@@ -88,7 +88,11 @@ def prune_nm(
             by the other importances, as in :func:`jaxcompress.prune`).
         block_size: SparseGPT's rows per block of lazy updates (the result does not
             depend on it beyond float rounding).
-        where: which leaves; by default floating leaves with ndim >= 2.
+        where: which leaves; by default floating leaves with ndim >= 2. Under the
+            default filter, a leaf whose contracted size is not a multiple of ``M``
+            (a first conv layer with 1 or 3 input channels) is skipped (left dense,
+            stats ``{"skipped": reason}``, one warning per call); a filter of your
+            own that selects such a leaf raises.
 
         progress: show a bar on stderr, by leaf and bytes, while it runs (not under
             ``jit``).
@@ -101,9 +105,10 @@ def prune_nm(
 
     Raises:
         ValueError: a malformed pattern, an unknown importance, a bad ``damp`` or
-            ``block_size``, a leaf whose contracted size is not a multiple of ``M``
-            (named), ``wanda`` or ``sparsegpt`` without matching ``data=`` (or with
-            statistics of a leaf contracted over fewer axes than all but its last),
+            ``block_size``, a leaf your own ``where`` selects whose contracted size
+            is not a multiple of ``M`` (named) or (``wanda``, ``sparsegpt``) whose
+            statistics are contracted over fewer axes than all but its last,
+            ``wanda`` or ``sparsegpt`` without matching ``data=``,
             or (outside ``jit``) a Gram not positive definite after damping.
 
     Example:
@@ -140,7 +145,7 @@ def prune_nm(
         """The leaf's Gram (data-aware importances), its runs of ``M`` checked."""
         rows = math.prod(weight.shape[:-1])
         if rows % m:
-            raise ValueError(
+            raise Unfit(
                 f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} contracts "
                 f"{rows} inputs, not a multiple of M={m}"
             )
@@ -149,7 +154,7 @@ def prune_nm(
         shape = tuple(weight.shape)
         gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
         if fan_in != len(shape) - 1:
-            raise ValueError(
+            raise Unfit(
                 f"{name}: leaf {entry.path!r} is contracted over its first {fan_in} "
                 "axes; N:M runs need every axis but the last"
             )
@@ -177,4 +182,12 @@ def prune_nm(
             keep = nm_keep_mask(scores, n, m).reshape(shape)
         return sparse_from_mask(values, keep, size * n // m), leaf_stats
 
-    return per_leaf(name, where, prepare=prepare, check=check, step=step, progress=progress)
+    return per_leaf(
+        name,
+        where,
+        prepare=prepare,
+        check=check,
+        step=step,
+        progress=progress,
+        default_where=kernels,
+    )

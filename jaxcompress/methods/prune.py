@@ -387,6 +387,32 @@ def _below_and_tied(convert: Callable, x: jax.Array, threshold: jax.Array):
     return below, jnp.sum(keys == threshold, dtype=_int_dtype())
 
 
+def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> tuple[Sparse, int]:
+    """``sparse`` (``weight`` with ``num_pruned`` entries pruned), or, if that empties an
+    output unit (an index of the last axis), the same count pruned with each unit's
+    largest-magnitude entry kept: ``(Sparse, entries pruned)``.
+
+    Needs concrete arrays. Ties go by row-major index, as in :func:`magnitude_sparse`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.array([[3.0, 0.25], [2.0, 0.5]])  # the 2 smallest empty column 1
+        >>> sparse, count = keep_one_per_output(w, magnitude_sparse(w, 2), 2)
+        >>> sparse.materialize().tolist(), count
+        ([[3.0, 0.0], [0.0, 0.5]], 2)
+    """
+    units = weight.shape[-1] if weight.ndim >= 2 else 1
+    kept_per_unit = jnp.any(sparse.keep_mask().reshape(-1, units), axis=0)
+    if bool(jnp.all(kept_per_unit)):
+        return sparse, num_pruned
+    magnitudes = jnp.abs(unsharded(weight).astype(jnp.float32)).reshape(-1, units)
+    strongest = jnp.argmax(magnitudes, axis=0)
+    protected = magnitudes.at[strongest, jnp.arange(units)].set(jnp.inf)
+    num_pruned = min(num_pruned, magnitudes.size - units)
+    keep = magnitude_keep_mask(protected.reshape(weight.shape), num_pruned)
+    return sparse_from_mask(weight, keep, magnitudes.size - num_pruned), num_pruned
+
+
 def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> list[jax.Array]:
     """Per-weight prune counts from one global magnitude threshold; works under ``jit``.
 
@@ -497,6 +523,19 @@ def _data_aware_leaf(weight, gram, *, fan_in, count, importance, comparison, fra
     return _sparse_from_mask(values, keep, nnz=math.prod(shape) - count), stats
 
 
+def _refuse_empty_output(name: str, path: str, sparse: Sparse) -> None:
+    """Raises naming ``path`` if a global threshold left an output unit no weight."""
+    units = sparse.shape[-1] if len(sparse.shape) >= 2 else 1
+    kept_per_unit = jnp.any(sparse.keep_mask().reshape(-1, units), axis=0)
+    if not bool(jnp.all(kept_per_unit)):
+        empty = int(units - jnp.sum(kept_per_unit))
+        raise ValueError(
+            f"{name}: the global threshold prunes every weight of {empty} output unit(s) "
+            f"of leaf {path!r} (shape {tuple(sparse.shape)}); lower the sparsity, use "
+            "scope='layer', or leave the leaf out with where="
+        )
+
+
 def prune(
     sparsity: float,
     *,
@@ -525,6 +564,12 @@ def prune(
             ``floor(sparsity * total)`` entries in all; it needs concrete arrays (each
             leaf's storage size depends on the data), so call it outside ``jit``. Not
             supported with ``importance="sparsegpt"`` or ``comparison="output"``.
+            A global threshold never empties a layer's output unit (an index of its
+            last axis, a column of its matrix view), which would leave that output
+            constant and a later stage nothing to compress: with magnitudes, each
+            unit's largest ``|w|`` is kept and the leaf prunes that many fewer
+            entries (only where a unit would otherwise be emptied, so "pruned" in its
+            stats can be below its share); with Wanda scores it raises naming the leaf.
         importance: which entries go:
 
             * ``"magnitude"``: the smallest ``|w|`` (ties by row-major index).
@@ -664,7 +709,10 @@ def prune(
         weight, (gram, count) = item.weight, item.plan
         leaf_stats: PruneStats = {"pruned": count, "size": math.prod(weight.shape)}
         if importance == "magnitude":
-            return magnitude_sparse(weight, count), leaf_stats
+            sparse = magnitude_sparse(weight, count)
+            if scope == "global":
+                sparse, leaf_stats["pruned"] = keep_one_per_output(weight, sparse, count)
+            return sparse, leaf_stats
         sparse, extra = _data_aware_leaf(
             weight,
             gram[0],
@@ -677,6 +725,8 @@ def prune(
         )
         if "factorized" in extra:
             check_factorized(name, item.entry.path, extra, damp)
+        if scope == "global":
+            _refuse_empty_output(name, item.entry.path, sparse)
         leaf_stats.update(extra)
         return sparse, leaf_stats
 

@@ -26,7 +26,7 @@ from jaxcompress.numerics.gptq import gptq
 from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
 from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import Transform
-from jaxcompress.transforms.engine import per_leaf
+from jaxcompress.transforms.engine import Unfit, per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
 from jaxcompress.transforms.stats import QuantizeStats
 
@@ -99,7 +99,7 @@ def leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
         channels = 1 if axis is None else shape[axis]
         contracted = math.prod(shape) // channels
         if contracted % group_size:
-            raise ValueError(
+            raise Unfit(
                 f"{name}: group_size={group_size} does not divide the {contracted} entries per "
                 f"channel of leaf {path!r} of shape {tuple(shape)} (axis={axis})"
             )
@@ -372,6 +372,10 @@ def quantize(
         awq_grid: AWQ only: how many values of ``alpha``, evenly spaced on ``[0, 1]``
             (``1``: only ``alpha = 0``, round-to-nearest with unit input scales).
         where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
+            Under the default filter, a leaf whose entries per channel
+            ``group_size`` does not divide is skipped (left dense, stats
+            ``{"skipped": reason}``, one warning per call); a filter of your own that
+            selects such a leaf raises.
 
         progress: show a bar on stderr, by leaf and bytes, while it runs (not under
             ``jit``).
@@ -389,8 +393,9 @@ def quantize(
         ValueError: bad ``bits``, ``axis``, ``group_size``, ``calibration``,
             ``percentile``, ``scale_dtype``, ``method``, ``damp``, ``block_size``,
             ``awq_grid``; ``act_order`` without GPTQ; ``awq_grid`` without AWQ; a
-            selected scalar, zero-size or non-finite leaf; an axis or group size that
-            does not fit a leaf; GPTQ or AWQ without ``data=``, without statistics for
+            selected scalar, zero-size or non-finite leaf; an axis that does not fit
+            a leaf, or a group size that does not fit a leaf your own ``where``
+            selects; GPTQ or AWQ without ``data=``, without statistics for
             a leaf, with statistics whose feature size fits no fan-in of the leaf
             (or, outside ``jit``, a Gram with NaN or Inf); GPTQ with a scale layout it
             does not support, or (outside ``jit``) with a Gram not positive definite
@@ -533,6 +538,7 @@ def quantize(
         place=_place_quantized,
         progress=progress,
         nests_in_sparse=True,
+        default_where=kernels,
     )
 
 

@@ -8,7 +8,10 @@ every method:
 1. ``prepare(key, data)``: checks of the call itself (a key, ``data=``) and what
    every leaf's check reads (statistics by path).
 2. select the leaves ``where`` picks, and check every one of them before any work,
-   so nothing is half done and errors name the leaf path.
+   so nothing is half done and errors name the leaf path. A check that finds the
+   method cannot take a leaf raises :class:`Unfit`: under the factory's default
+   filter that leaf is skipped (left as it is, stats ``{"skipped": reason}``, one
+   warning per call naming every skipped path); under a user's own filter it raises.
 3. ``plan(items)``: optional, a plan over all selected leaves at once (a global
    threshold); without one, each leaf is planned on its own and the transform can
    run leaf by leaf in a :func:`~jaxcompress.transforms.base.chain`.
@@ -21,6 +24,7 @@ every method:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -37,9 +41,29 @@ from jaxcompress.transforms.filters import Filter, compile_filter, warn_nothing_
 
 __all__ = [
     "LeafItem",
+    "Unfit",
     "per_leaf",
     "place_children",
 ]
+
+
+class Unfit(ValueError):
+    """A check's verdict that the method cannot take a leaf (its shape does not fit).
+
+    Raised by a factory's per-leaf ``check``, with a message naming the leaf. Under
+    the factory's default filter :func:`per_leaf` skips the leaf instead; under a
+    user's own filter it reaches the caller as the ``ValueError`` it is.
+
+    Example:
+        >>> isinstance(Unfit("prune_nm: leaf 'w' ..."), ValueError)
+        True
+    """
+
+
+class _Skip(NamedTuple):
+    """The plan of a selected leaf the default filter picked but the method cannot take."""
+
+    reason: str
 
 
 class LeafItem(NamedTuple):
@@ -106,6 +130,7 @@ def per_leaf(
     place: Place = place_children,
     progress: bool = False,
     nests_in_sparse: bool = False,
+    default_where: Filter | None = None,
 ) -> Transform:
     """Lifts a per-leaf compression step into a :class:`~jaxcompress.transforms.base.Transform`.
 
@@ -130,6 +155,10 @@ def per_leaf(
         nests_in_sparse: whether a selected ``Sparse`` leaf has its kept values
             compressed and re-wrapped in its mask (value compressors: quantize,
             cluster); otherwise it is refused like any compressed leaf.
+        default_where: the factory's default filter. When ``where`` is it, a leaf
+            whose ``check`` raises :class:`Unfit` is skipped: left as it is, with stats
+            ``{"skipped": reason}`` (``True`` under ``jit``, which returns no
+            strings), and one warning per call lists the skipped paths.
 
     Returns:
         A transform whose stats map each selected leaf's path to its step's stats, in
@@ -145,26 +174,53 @@ def per_leaf(
         ([0.25, 0.25], [1.0, 1.0], ({'w': {}}, {'w': {}}))
     """
     select = compile_filter(where)
+    skips_unfit = default_where is not None and where is default_where
 
     def checked(entry: LeafEntry, context: Any) -> LeafItem:
         if nests_in_sparse:
             weight = check_values_to_compress(name, entry.path, entry.leaf)
         else:
             weight = check_selected_leaf(name, entry.path, entry.leaf)
-        return LeafItem(entry, weight, check(entry, weight, context))
+        try:
+            return LeafItem(entry, weight, check(entry, weight, context))
+        except Unfit as unfit:
+            if not skips_unfit:
+                raise
+            return LeafItem(entry, weight, _Skip(str(unfit)))
+
+    def warn_skipped(items: list[LeafItem]) -> None:
+        skipped = [item for item in items if isinstance(item.plan, _Skip)]
+        if skipped:
+            reasons = "; ".join(item.plan.reason for item in skipped)
+            paths = ", ".join(repr(item.entry.path) for item in skipped)
+            warnings.warn(
+                f"{name}: the default filter selected {len(skipped)} leaf/leaves the method "
+                f"cannot take, left as they are: {paths} ({reasons}). Pass where= to "
+                "choose the leaves yourself",
+                stacklevel=5,
+            )
 
     def planned(params: Any, key: jax.Array | None, data: Any):
         """Every selected leaf checked (and globally planned) before any work."""
         context = prepare(key, data)
         selected, entries, treedef = select_leaves(params, where, name=name)
         items = [checked(entry, context) for entry in selected]
+        warn_skipped(items)
         if plan is not None:
-            plans = plan(items)
-            items = [item._replace(plan=p) for item, p in zip(items, plans, strict=True)]
+            # Skipped leaves take no part in a global criterion.
+            fit = [item for item in items if not isinstance(item.plan, _Skip)]
+            plans = iter(plan(fit))
+            items = [
+                item if isinstance(item.plan, _Skip) else item._replace(plan=next(plans))
+                for item in items
+            ]
         return items, entries, treedef
 
     def finish(item: LeafItem, key: jax.Array | None) -> tuple[Any, Any]:
         """One leaf compressed, placed and re-nested: ``(new leaf, leaf stats)``."""
+        if isinstance(item.plan, _Skip):
+            reason = True if is_traced(item.weight) else item.plan.reason
+            return item.entry.leaf, {"skipped": reason}
         new_leaf, leaf_stats = step(item, key)
         if new_leaf is None:
             return item.entry.leaf, leaf_stats
@@ -195,9 +251,16 @@ def per_leaf(
             if plan is not None:
                 return None
             context = prepare(None, data)
+
+            def later_step(entry: LeafEntry) -> tuple[Any, Any]:
+                # A later stage sees one leaf at a time, so it warns per skipped leaf.
+                item = checked(entry, context)
+                warn_skipped([item])
+                return finish(item, None)
+
             return LeafPass(
                 lambda entry: bool(select(entry.path, entry.leaf)),
-                lambda entry: finish(checked(entry, context), None),
+                later_step,
                 functools.partial(warn_nothing_selected, name, where),
             )
         items, _, _ = planned(params, None, data)

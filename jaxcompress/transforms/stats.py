@@ -35,9 +35,20 @@ __all__ = [
     "ProjectionStats",
     "PruneStats",
     "QuantizeStats",
+    "SkippedStats",
 ]
 
 Number = int | float | jax.Array
+
+
+class SkippedStats(TypedDict):
+    """A leaf the default filter selected but the method cannot take, left as it is.
+
+    ``skipped`` is the reason (``True`` under ``jit``, which returns no strings); see
+    :class:`jaxcompress.transforms.engine.Unfit`.
+    """
+
+    skipped: str | bool
 
 
 class _ObsStats(TypedDict, total=False):
