@@ -528,3 +528,17 @@ def test_partition_warns_for_a_group_its_transform_selects_nothing_in():
 def test_a_filter_that_selects_nothing_warns_under_jit():
     with pytest.warns(UserWarning, match="selects none"):
         jax.jit(lambda p: jc.quantize(8, where="Dense/Kernel")(p)[0])(TYPO_PARAMS)
+
+
+def test_the_training_wrappers_and_projections_warn_when_their_filter_selects_nothing():
+    import optax
+    from calibration_stats import stats_of
+
+    params = {"dense": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
+    with pytest.warns(UserWarning, match="pruned: where='Dense/Kernel' selects none"):
+        jc.training.pruned(optax.sgd(0.1), 0.5, where="Dense/Kernel").init(params)
+    with pytest.warns(UserWarning, match=r"fake_quant\(8.*where='Dense/Kernel' selects none"):
+        jc.training.fake_quant(bits=8, where="Dense/Kernel")(params)
+    stats = {"dense/kernel": stats_of(jnp.ones((4, 8)))}
+    with pytest.warns(UserWarning, match=r"pca\(2\): where='Dense/Kernel' selects none"):
+        jc.pca(2, where="Dense/Kernel")(params, data=stats)

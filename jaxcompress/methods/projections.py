@@ -354,7 +354,7 @@ def _run(name: str, params: Any, data: Any, where: Filter, *, check, project, pr
     ``(None, None, extra_stats)`` to leave the leaf dense.
     """
     stats_map = _stats_map(name, data)
-    selected, entries, treedef = select_leaves(params, where)
+    selected, entries, treedef = select_leaves(params, where, name=name)
     by_path = {entry.path: entry for entry in entries}
     selected_paths = {entry.path for entry in selected}
     # Every leaf is checked before anything is computed, so nothing is half done.

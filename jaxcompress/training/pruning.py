@@ -235,7 +235,7 @@ def pruned(
         return [_schedule_count(value, n) for n in sizes]
 
     def init_fn(params: Any) -> PrunedState:
-        selected, _, _ = select_leaves(params, where)
+        selected, _, _ = select_leaves(params, where, name="pruned")
         weights = [check_selected_leaf("pruned", e.path, e.leaf) for e in selected]
         if schedule is not None:
             # Called like optax calls schedules: with an int32 array step.

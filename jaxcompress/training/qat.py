@@ -134,7 +134,7 @@ def fake_quant(
     name = f"fake_quant({options['bits']}, axis={axis}, group_size={group_size})"
 
     def apply(params: Any) -> Any:
-        selected, entries, treedef = select_leaves(params, where)
+        selected, entries, treedef = select_leaves(params, where, name=name)
         leaves = [entry.leaf for entry in entries]
         for entry in selected:
             values = check_values_to_compress(name, entry.path, entry.leaf)
