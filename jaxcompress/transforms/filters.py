@@ -29,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxcompress.arrays import is_compressed
+from jaxcompress.core.paths import path_to_str as path_to_str
 
 Predicate = Callable[[str, Any], bool]
 Filter = str | Predicate | tuple["Filter", ...]
