@@ -106,7 +106,7 @@ def _gradual(model, dense, images, labels, sparsity, seed):
             logits = model.apply({"params": p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        grads = jax.grad(loss_fn)(params)
+        grads = jc.training.grad(loss_fn)(params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 

@@ -40,6 +40,7 @@ import optax
 from _common import command, markdown_table, write
 from flax import linen as nn
 
+import jaxcompress as jc
 from jaxcompress.examples.classifier import fit_classifier
 from jaxcompress.examples.data import load_digits
 from jaxcompress.examples.models import LeNet5, LeNet300100
@@ -95,7 +96,7 @@ def finetune(apply_thinned: Callable, params: Any, x: np.ndarray, y: np.ndarray,
             logits = apply_thinned(q, xb)
             return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(p)
+        loss, grads = jc.training.value_and_grad(loss_fn)(p)
         updates, state = optimizer.update(grads, state, p)
         return optax.apply_updates(p, updates), state, loss
 

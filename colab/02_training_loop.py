@@ -112,7 +112,9 @@ print(
 #
 # An ordinary jitted optax step. The only differences from dense training: the
 # optimizer is wrapped, and `tx.update` needs the current `params` (to rank the
-# weights and to zero the pruned ones).
+# weights and to zero the pruned ones). `jc.training.grad` is `jax.grad` for this
+# dense tree; it also takes compressed trees, whose integer children `jax.grad`
+# refuses.
 
 # %%
 model = LeNet300100()
@@ -125,7 +127,7 @@ def train_step(params, opt_state, x, y):
         logits = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    grads = jax.grad(loss_fn)(params)
+    grads = jc.training.grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 

@@ -149,7 +149,7 @@ def step(tree, opt_state, x, y):
         logits = stats.apply_fn(t, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(tree)
+    loss, grads = jc.training.value_and_grad(loss_fn)(tree)
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(tree, updates), opt_state, loss
 

@@ -167,6 +167,11 @@ def pruned(
     ``optax.apply_updates(params, updates)`` pruned weights are exactly ``0.0`` with
     no extra call (``p + (-p)`` is exactly zero in floating point).
 
+    Take the gradients with :func:`jaxcompress.training.grad` (or
+    :func:`~jaxcompress.training.value_and_grad`): on a dense tree it equals
+    ``jax.grad``, and it also accepts trees that hold integer or non-array leaves
+    (a step counter, an equinox module's activation), which ``jax.grad`` refuses.
+
     Args:
         inner: the optimizer to wrap, for example ``optax.sgd(0.1)``.
         sparsity: the fraction of entries to prune, a float in ``[0, 1)`` or an
