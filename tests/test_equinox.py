@@ -132,3 +132,97 @@ def test_clustered_fine_tuning_under_filter_jit():
     assert float(loss(trained, x, y)) < float(loss(params, x, y))
     np.testing.assert_array_equal(trained.layers[0].weight.indices, params.layers[0].weight.indices)
     assert trained.activation is mlp.activation
+
+
+@pytest.fixture(scope="module")
+def mlp_and_input():
+    return _mlp()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_prune_units_rebuilds_a_smaller_module(name):
+    model, x = MODELS[name]()
+    thinned, stats = jc.prune_units(0.5, apply_fn=_apply, example_input=x)(model)
+    assert type(thinned) is type(model)
+    assert stats.module is thinned
+    assert _non_arrays(thinned) == _non_arrays(model)
+    assert jc.nbytes(thinned) < jc.nbytes(model)
+    # Removed units are zeroed units: the rebuilt module computes the masked dense model.
+    np.testing.assert_allclose(
+        _apply(thinned, x), _apply(stats.masked(model), x), rtol=1e-5, atol=1e-5
+    )
+    if name == "mlp":
+        first, second, last = thinned.layers
+        assert first.weight.shape == (16, 8) and second.weight.shape == (16, 16)
+        assert (first.out_features, second.in_features, last.in_features) == (16, 16, 16)
+        assert thinned.width_size == 16 and last.weight.shape == (4, 16)
+    else:
+        assert thinned.conv.weight.shape == (4, 1, 3, 3) and thinned.conv.out_channels == 4
+        assert thinned.head.weight.shape == (10, 4 * 6 * 6)
+        assert thinned.head.in_features == 4 * 6 * 6
+
+
+def test_prune_units_on_attention_heads():
+    model, x = _attention()
+    groups = jc.coupled_groups(_apply, model, x)
+    heads = [g for g in groups if g.prunable and g.size == 2]
+    assert heads, [(g.name, g.size, g.reason) for g in groups]
+    tx = jc.prune_units({heads[0].name: 0.5}, apply_fn=_apply, example_input=x)
+    thinned, stats = tx(model)
+    assert thinned.attention.num_heads == 1
+    assert stats.module is thinned, stats.module_note
+    np.testing.assert_allclose(
+        _apply(thinned, x), _apply(stats.masked(model), x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_sensitivity_of_units(mlp_and_input):
+    model, x = mlp_and_input
+
+    def loss(m):
+        return float(jnp.mean(jnp.square(_apply(m, x) - _apply(model, x))))
+
+    report = jc.sensitivity(
+        _apply,
+        model,
+        loss,
+        method="units",
+        example_input=x,
+        levels=(0.5,),
+        higher_is_better=False,
+        progress=False,
+    )
+    assert report.layers == ("layers/0/weight", "layers/1/weight")
+    assert report.baseline == 0.0 and all(report.drops(layer)[0] > 0 for layer in report.layers)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["dense", "pruned+quantized"])
+def test_save_and_load_with_a_template(tmp_path, mlp_and_input, compress):
+    model, x = mlp_and_input
+    tree = jc.chain(jc.prune(0.5), jc.quantize(bits=8))(model)[0] if compress else model
+    path = tmp_path / "mlp.jxc"
+    report = jc.save(path, tree)
+    assert [leaf.path for leaf in report.leaves][:2] == ["layers/0/weight", "layers/0/bias"]
+    with pytest.raises(ValueError, match="like="):
+        jc.load(path)
+    # The template gives the structure and the non-array leaves; shapes are enough.
+    template = eqx.filter_eval_shape(eqx.nn.MLP, 8, 4, 32, 2, key=jax.random.key(9))
+    loaded = jc.load(path, like=template)
+    assert type(loaded) is type(model) and loaded.activation is model.activation
+    assert jax.tree.structure(loaded, is_leaf=jc.is_compressed) == jax.tree.structure(
+        tree, is_leaf=jc.is_compressed
+    )
+    np.testing.assert_array_equal(
+        _apply(jc.materialize(loaded), x), _apply(jc.materialize(tree), x)
+    )
+
+
+def test_load_refuses_a_template_of_other_shapes(tmp_path, mlp_and_input):
+    model, _ = mlp_and_input
+    path = tmp_path / "mlp.jxc"
+    jc.save(path, model)
+    wider = eqx.nn.MLP(8, 4, 16, 2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(32, 8\).*\(16, 8\)"):
+        jc.load(path, like=wider)
+    with pytest.raises(ValueError, match="layers/3/weight"):
+        jc.load(path, like=eqx.nn.MLP(8, 4, 32, 3, key=jax.random.key(0)))
