@@ -226,3 +226,58 @@ def test_load_refuses_a_template_of_other_shapes(tmp_path, mlp_and_input):
         jc.load(path, like=wider)
     with pytest.raises(ValueError, match="layers/3/weight"):
         jc.load(path, like=eqx.nn.MLP(8, 4, 32, 3, key=jax.random.key(0)))
+
+
+def _regression(model):
+    x = jax.random.normal(jax.random.key(5), (64, 8))
+    y = jnp.sin(x[:, :4])
+
+    def loss(model):
+        return jnp.mean(jnp.square(_apply(model, x) - y))
+
+    return loss
+
+
+def test_pruned_training_under_filter_jit(mlp_and_input):
+    model, _ = mlp_and_input
+    loss = _regression(model)
+    tx = jc.training.pruned(optax.sgd(0.05), 0.5, every=1)
+    state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        grads = jc.training.grad(loss)(model)
+        updates, state = tx.update(
+            eqx.filter(grads, eqx.is_array), state, eqx.filter(model, eqx.is_array)
+        )
+        return eqx.apply_updates(model, updates), state
+
+    trained = model
+    for _ in range(5):
+        trained, state = step(trained, state)
+    weights = [layer.weight for layer in trained.layers]
+    assert all(int(jnp.sum(w == 0)) == w.size // 2 for w in weights)
+    assert float(loss(trained)) < float(loss(jc.materialize(jc.prune(0.5)(model)[0])))
+    assert trained.activation is model.activation
+
+
+def test_fake_quant_training_under_filter_jit(mlp_and_input):
+    model, _ = mlp_and_input
+    loss = _regression(model)
+    fake = jc.training.fake_quant(4)
+    tx = optax.sgd(0.05)
+    state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        grads = jc.training.grad(lambda m: loss(fake(m)))(model)
+        updates, state = tx.update(eqx.filter(grads, eqx.is_array), state)
+        return eqx.apply_updates(model, updates), state
+
+    trained = model
+    for _ in range(10):
+        trained, state = step(trained, state)
+    assert float(loss(fake(trained))) < float(loss(fake(model)))
+    # What was trained is what quantize stores.
+    stored = jc.materialize(jc.quantize(4)(trained)[0])
+    np.testing.assert_array_equal(stored.layers[0].weight, fake(trained).layers[0].weight)
