@@ -89,12 +89,31 @@ def test_transforms_summarize_materialize(model_and_input, transform):
     assert _apply(dense, x).shape == _apply(model, x).shape
 
 
-def test_calibrate_runs_and_leaves_non_arrays_none(model_and_input):
+def test_calibrate_sees_every_weight(model_and_input):
     model, x = model_and_input
-    with pytest.warns(UserWarning):  # equinox's (out, in) weights are contracted last
-        data = jc.calibrate(_apply, model, [x, x])
+    data = jc.calibrate(_apply, model, [x, x])
     assert all(leaf is None for leaf in _non_arrays(data))
-    assert stats_by_path(data) == {} or all(s.count > 0 for s in stats_by_path(data).values())
+    stats = stats_by_path(data)
+    # (the default filter also takes eqx's (out, 1, 1) conv bias, which is no kernel)
+    weights = [path for path in jc.prune(0.5)(model)[1] if path.endswith("weight")]
+    assert sorted(stats) == sorted(weights)
+    # (out, in) weights are contracted over their trailing axes: in (x h x w) features.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
+        if jc.filters.path_to_str(path) in stats:
+            s = stats[jc.filters.path_to_str(path)]
+            assert s.trailing and s.gram.shape == (leaf[0].size,) * 2
+
+
+def test_calibrate_statistics_of_an_mlp_match_numpy(mlp_and_input):
+    model, _ = mlp_and_input
+    x = np.asarray(jax.random.normal(jax.random.key(6), (7, 8)))
+    stats = stats_by_path(jc.calibrate(_apply, model, [x[:4], x[4:]]))
+    inputs = x
+    for index, layer in enumerate(model.layers):
+        s = stats[f"layers/{index}/weight"]
+        np.testing.assert_allclose(s.mean, inputs.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.gram, inputs.T @ inputs / len(x), rtol=1e-5, atol=1e-6)
+        inputs = np.maximum(inputs @ np.asarray(layer.weight).T + np.asarray(layer.bias), 0)
 
 
 def test_accelerate_matches_the_materialized_module(model_and_input):
@@ -281,3 +300,12 @@ def test_fake_quant_training_under_filter_jit(mlp_and_input):
     # What was trained is what quantize stores.
     stored = jc.materialize(jc.quantize(4)(trained)[0])
     np.testing.assert_array_equal(stored.layers[0].weight, fake(trained).layers[0].weight)
+
+
+def test_data_aware_methods_refuse_trailing_statistics(mlp_and_input):
+    model, x = mlp_and_input
+    data = jc.calibrate(_apply, model, [x])
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\)"):
+        jc.quantize(bits=4, method="gptq")(model, data=data)
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\)"):
+        jc.low_rank(rank=2, whiten=True)(model, data=data)
