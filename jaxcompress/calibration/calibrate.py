@@ -258,7 +258,9 @@ def _select(uses: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str,
             fan_in = graph.fan_in_axes(use)
             if fan_in is None and graph.trailing_fan_in_axes(use) is None:
                 reasons.append(
-                    use.note or f"contracted axes {use.contracting_axes} are not its leading axes"
+                    use.note
+                    or f"contracted axes {use.contracting_axes} are neither its leading nor "
+                    "its trailing axes"
                 )
             elif use.conv is not None and (
                 use.conv.feature_group_count != 1 or use.conv.batch_group_count != 1
