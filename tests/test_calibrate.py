@@ -3,6 +3,7 @@
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -231,12 +232,21 @@ def test_key_is_folded_per_batch():
 
 
 def test_weights_that_cannot_be_calibrated_are_left_out_with_a_warning():
-    w = _data((3, 4))  # (out, in) used as x @ w.T: contracted axis is not leading
+    w = _data((3, 4, 2))  # contracted over its middle axis: neither leading nor trailing
     with pytest.warns(UserWarning, match=r"not calibrating w: contracted axes \(1,\)"):
         data = calibrate(
-            lambda p, x: x @ p["w"].T + p["b"][None, :], {"w": w, "b": w[0, :3]}, [_data((2, 4))]
+            lambda p, x: jnp.einsum("bj,ijk->bik", x, p["w"]) + p["b"][None, :, None],
+            {"w": w, "b": w[:, 0, 0]},
+            [_data((2, 4))],
         )
     assert data == {"w": None, "b": None}
+
+
+def test_an_out_in_weight_is_calibrated_over_its_trailing_axis():
+    w, x = _data((3, 4)), _data((5, 4))  # (out, in) used as x @ w.T
+    data = calibrate(lambda p, x: x @ p["w"].T, {"w": w}, [x])
+    assert data["w"].trailing
+    np.testing.assert_allclose(data["w"].gram, x.T @ x / 5, rtol=1e-5, atol=1e-6)
 
 
 def test_errors(mlp):

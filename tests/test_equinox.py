@@ -89,12 +89,31 @@ def test_transforms_summarize_materialize(model_and_input, transform):
     assert _apply(dense, x).shape == _apply(model, x).shape
 
 
-def test_calibrate_runs_and_leaves_non_arrays_none(model_and_input):
+def test_calibrate_sees_every_weight(model_and_input):
     model, x = model_and_input
-    with pytest.warns(UserWarning):  # equinox's (out, in) weights are contracted last
-        data = jc.calibrate(_apply, model, [x, x])
+    data = jc.calibrate(_apply, model, [x, x])
     assert all(leaf is None for leaf in _non_arrays(data))
-    assert stats_by_path(data) == {} or all(s.count > 0 for s in stats_by_path(data).values())
+    stats = stats_by_path(data)
+    # (the default filter also takes eqx's (out, 1, 1) conv bias, which is no kernel)
+    weights = [path for path in jc.prune(0.5)(model)[1] if path.endswith("weight")]
+    assert sorted(stats) == sorted(weights)
+    # (out, in) weights are contracted over their trailing axes: in (x h x w) features.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
+        if jc.filters.path_to_str(path) in stats:
+            s = stats[jc.filters.path_to_str(path)]
+            assert s.trailing and s.gram.shape == (leaf[0].size,) * 2
+
+
+def test_calibrate_statistics_of_an_mlp_match_numpy(mlp_and_input):
+    model, _ = mlp_and_input
+    x = np.asarray(jax.random.normal(jax.random.key(6), (7, 8)))
+    stats = stats_by_path(jc.calibrate(_apply, model, [x[:4], x[4:]]))
+    inputs = x
+    for index, layer in enumerate(model.layers):
+        s = stats[f"layers/{index}/weight"]
+        np.testing.assert_allclose(s.mean, inputs.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.gram, inputs.T @ inputs / len(x), rtol=1e-5, atol=1e-6)
+        inputs = np.maximum(inputs @ np.asarray(layer.weight).T + np.asarray(layer.bias), 0)
 
 
 def test_accelerate_matches_the_materialized_module(model_and_input):
@@ -132,3 +151,161 @@ def test_clustered_fine_tuning_under_filter_jit():
     assert float(loss(trained, x, y)) < float(loss(params, x, y))
     np.testing.assert_array_equal(trained.layers[0].weight.indices, params.layers[0].weight.indices)
     assert trained.activation is mlp.activation
+
+
+@pytest.fixture(scope="module")
+def mlp_and_input():
+    return _mlp()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_prune_units_rebuilds_a_smaller_module(name):
+    model, x = MODELS[name]()
+    thinned, stats = jc.prune_units(0.5, apply_fn=_apply, example_input=x)(model)
+    assert type(thinned) is type(model)
+    assert stats.module is thinned
+    assert _non_arrays(thinned) == _non_arrays(model)
+    assert jc.nbytes(thinned) < jc.nbytes(model)
+    # Removed units are zeroed units: the rebuilt module computes the masked dense model.
+    np.testing.assert_allclose(
+        _apply(thinned, x), _apply(stats.masked(model), x), rtol=1e-5, atol=1e-5
+    )
+    if name == "mlp":
+        first, second, last = thinned.layers
+        assert first.weight.shape == (16, 8) and second.weight.shape == (16, 16)
+        assert (first.out_features, second.in_features, last.in_features) == (16, 16, 16)
+        assert thinned.width_size == 16 and last.weight.shape == (4, 16)
+    else:
+        assert thinned.conv.weight.shape == (4, 1, 3, 3) and thinned.conv.out_channels == 4
+        assert thinned.head.weight.shape == (10, 4 * 6 * 6)
+        assert thinned.head.in_features == 4 * 6 * 6
+
+
+def test_prune_units_on_attention_heads():
+    model, x = _attention()
+    groups = jc.coupled_groups(_apply, model, x)
+    heads = [g for g in groups if g.prunable and g.size == 2]
+    assert heads, [(g.name, g.size, g.reason) for g in groups]
+    tx = jc.prune_units({heads[0].name: 0.5}, apply_fn=_apply, example_input=x)
+    thinned, stats = tx(model)
+    assert thinned.attention.num_heads == 1
+    assert stats.module is thinned, stats.module_note
+    np.testing.assert_allclose(
+        _apply(thinned, x), _apply(stats.masked(model), x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_sensitivity_of_units(mlp_and_input):
+    model, x = mlp_and_input
+
+    def loss(m):
+        return float(jnp.mean(jnp.square(_apply(m, x) - _apply(model, x))))
+
+    report = jc.sensitivity(
+        _apply,
+        model,
+        loss,
+        method="units",
+        example_input=x,
+        levels=(0.5,),
+        higher_is_better=False,
+        progress=False,
+    )
+    assert report.layers == ("layers/0/weight", "layers/1/weight")
+    assert report.baseline == 0.0 and all(report.drops(layer)[0] > 0 for layer in report.layers)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["dense", "pruned+quantized"])
+def test_save_and_load_with_a_template(tmp_path, mlp_and_input, compress):
+    model, x = mlp_and_input
+    tree = jc.chain(jc.prune(0.5), jc.quantize(bits=8))(model)[0] if compress else model
+    path = tmp_path / "mlp.jxc"
+    report = jc.save(path, tree)
+    assert [leaf.path for leaf in report.leaves][:2] == ["layers/0/weight", "layers/0/bias"]
+    with pytest.raises(ValueError, match="like="):
+        jc.load(path)
+    # The template gives the structure and the non-array leaves; shapes are enough.
+    template = eqx.filter_eval_shape(eqx.nn.MLP, 8, 4, 32, 2, key=jax.random.key(9))
+    loaded = jc.load(path, like=template)
+    assert type(loaded) is type(model) and loaded.activation is model.activation
+    assert jax.tree.structure(loaded, is_leaf=jc.is_compressed) == jax.tree.structure(
+        tree, is_leaf=jc.is_compressed
+    )
+    np.testing.assert_array_equal(
+        _apply(jc.materialize(loaded), x), _apply(jc.materialize(tree), x)
+    )
+
+
+def test_load_refuses_a_template_of_other_shapes(tmp_path, mlp_and_input):
+    model, _ = mlp_and_input
+    path = tmp_path / "mlp.jxc"
+    jc.save(path, model)
+    wider = eqx.nn.MLP(8, 4, 16, 2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(32, 8\).*\(16, 8\)"):
+        jc.load(path, like=wider)
+    with pytest.raises(ValueError, match="layers/3/weight"):
+        jc.load(path, like=eqx.nn.MLP(8, 4, 32, 3, key=jax.random.key(0)))
+
+
+def _regression(model):
+    x = jax.random.normal(jax.random.key(5), (64, 8))
+    y = jnp.sin(x[:, :4])
+
+    def loss(model):
+        return jnp.mean(jnp.square(_apply(model, x) - y))
+
+    return loss
+
+
+def test_pruned_training_under_filter_jit(mlp_and_input):
+    model, _ = mlp_and_input
+    loss = _regression(model)
+    tx = jc.training.pruned(optax.sgd(0.05), 0.5, every=1)
+    state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        grads = jc.training.grad(loss)(model)
+        updates, state = tx.update(
+            eqx.filter(grads, eqx.is_array), state, eqx.filter(model, eqx.is_array)
+        )
+        return eqx.apply_updates(model, updates), state
+
+    trained = model
+    for _ in range(5):
+        trained, state = step(trained, state)
+    weights = [layer.weight for layer in trained.layers]
+    assert all(int(jnp.sum(w == 0)) == w.size // 2 for w in weights)
+    assert float(loss(trained)) < float(loss(jc.materialize(jc.prune(0.5)(model)[0])))
+    assert trained.activation is model.activation
+
+
+def test_fake_quant_training_under_filter_jit(mlp_and_input):
+    model, _ = mlp_and_input
+    loss = _regression(model)
+    fake = jc.training.fake_quant(4)
+    tx = optax.sgd(0.05)
+    state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        grads = jc.training.grad(lambda m: loss(fake(m)))(model)
+        updates, state = tx.update(eqx.filter(grads, eqx.is_array), state)
+        return eqx.apply_updates(model, updates), state
+
+    trained = model
+    for _ in range(10):
+        trained, state = step(trained, state)
+    assert float(loss(fake(trained))) < float(loss(fake(model)))
+    # What was trained is what quantize stores.
+    stored = jc.materialize(jc.quantize(4)(trained)[0])
+    np.testing.assert_array_equal(stored.layers[0].weight, fake(trained).layers[0].weight)
+
+
+def test_data_aware_methods_refuse_trailing_statistics(mlp_and_input):
+    model, x = mlp_and_input
+    data = jc.calibrate(_apply, model, [x])
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\)"):
+        jc.quantize(bits=4, method="gptq")(model, data=data)
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\)"):
+        jc.low_rank(rank=2, whiten=True)(model, data=data)

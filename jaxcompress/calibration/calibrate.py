@@ -41,6 +41,9 @@ class InputStats:
             ``gram - outer(mean, mean)``.
         class_count: rows seen per class, ``(c,)``, or ``None`` without labels.
         class_mean: per-class means, ``(c, m)``, or ``None`` without labels.
+        trailing: the features are the weight's trailing axes, flattened row-major: a
+            weight stored output first and used as ``weight @ x``, such as equinox's
+            ``Linear`` ``(out, in)`` or ``Conv`` ``(out, in, h, w)``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -56,6 +59,7 @@ class InputStats:
     gram: jax.Array
     class_count: jax.Array | None
     class_mean: jax.Array | None
+    trailing: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def covariance(self) -> jax.Array:
         """The (population) covariance of the features, ``gram - mean meanᵀ``."""
@@ -252,16 +256,18 @@ def _select(uses: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str,
         reasons = []
         for use in path_uses:
             fan_in = graph.fan_in_axes(use)
-            if fan_in is None:
+            if fan_in is None and graph.trailing_fan_in_axes(use) is None:
                 reasons.append(
-                    use.note or f"contracted axes {use.contracting_axes} are not its leading axes"
+                    use.note
+                    or f"contracted axes {use.contracting_axes} are neither its leading nor "
+                    "its trailing axes"
                 )
             elif use.conv is not None and (
                 use.conv.feature_group_count != 1 or use.conv.batch_group_count != 1
             ):
                 reasons.append("grouped convolution")
         # Read only without reasons, that is where every use has a fan-in.
-        fans = {fan for use in path_uses if (fan := graph.fan_in_axes(use)) is not None}
+        fans = {(graph.fan_in_axes(use), graph.trailing_fan_in_axes(use)) for use in path_uses}
         if not reasons and len(fans) != 1:
             reasons.append(f"its uses disagree on the fan-in ({sorted(fans)})")
         if reasons:
@@ -371,9 +377,11 @@ def calibrate(
     batch by one jitted function per batch shape, in float32, and divided at the end.
     A weight used more than once (tied) pools the rows of all its uses.
 
-    Weights whose uses cannot be put in that form are left out with a warning:
-    contracted axes that are not the leading ones (an ``(out, in)`` kernel used as
-    ``x @ w.T``), grouped/depthwise convolutions, a weight with ``dot_general`` batch
+    A weight stored output first (equinox's ``(out, in)`` ``Linear``, ``(out, in, h, w)``
+    ``Conv``) contracted over its trailing axes gets statistics of those axes' features,
+    marked ``trailing=True``. Weights whose uses cannot be put in that form are left out
+    with a warning: contracted axes that are neither the leading nor the trailing ones,
+    grouped/depthwise convolutions, a weight with ``dot_general`` batch
     axes, or one reached only through a reshape that splits its axes.
 
     Args:
@@ -541,11 +549,15 @@ def calibrate(
     if label_iter is not None and next(label_iter, None) is not None:
         raise ValueError(f"there are more labels than the {n_batches} batches")
 
+    assert calibrated is not None  # set by the first batch
     stats = {
-        path: _finish(
-            acc,
-            np.float32(counts[path]),
-            class_counts[path].astype(np.float32) if "class_sum" in acc else None,
+        path: dataclasses.replace(
+            _finish(
+                acc,
+                np.float32(counts[path]),
+                class_counts[path].astype(np.float32) if "class_sum" in acc else None,
+            ),
+            trailing=graph.fan_in_axes(calibrated[path][0]) is None,
         )
         for path, acc in totals.items()
     }

@@ -35,6 +35,25 @@ def require_data(name: str, option: str, data: Any) -> dict[str, InputStats]:
     return stats_by_path(data)
 
 
+def refuse_trailing(name: str, option: str, path: str, stats: InputStats) -> None:
+    """Raises for statistics of a weight contracted over its trailing axes.
+
+    The data-aware methods work on the ``(fan-in, outputs)`` matrix view of a weight
+    stored inputs first; an ``(out, in)`` weight (equinox) would be read transposed.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s = InputStats(jnp.float32(1), jnp.zeros(2), jnp.eye(2), None, None)
+        >>> refuse_trailing("prune", "importance='wanda'", "w", s)  # leading: fine
+    """
+    if stats.trailing:
+        raise ValueError(
+            f"{name}: {option} reads a weight's inputs off its leading axes (a linen "
+            f"(in, out) kernel), but leaf {path!r} is stored output first and contracted "
+            "over its trailing axes (an equinox (out, in) weight); exclude it with where="
+        )
+
+
 def leaf_gram(
     name: str, option: str, path: str, by_path: dict, shape: tuple[int, ...]
 ) -> tuple[jax.Array, int, int, int]:
@@ -61,6 +80,7 @@ def leaf_gram(
             f"{name}: {option} but data= has no InputStats for leaf {path!r}; calibrate that "
             "weight or exclude it with where="
         )
+    refuse_trailing(name, option, path, stats)
     gram = stats.gram
     gram_shape = tuple(getattr(gram, "shape", ()))
     m = gram_shape[0] if len(gram_shape) == 2 and gram_shape[0] == gram_shape[1] else None

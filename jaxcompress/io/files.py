@@ -20,7 +20,7 @@ from jaxcompress.arrays.lowrank import factor_shardings
 from jaxcompress.core.mesh import spec_for
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.version import __version__
-from jaxcompress.io import container, shards, treecodec
+from jaxcompress.io import container, shards, templates, treecodec
 from jaxcompress.io import metadata as file_metadata
 from jaxcompress.io.errors import FileFormatError
 from jaxcompress.runtime.report import human_bytes
@@ -246,6 +246,7 @@ def load(
     sharding: ShardingSpec = None,
     progress: bool = False,
     metadata: bool = False,
+    like: Any = None,
 ) -> Any:
     """Reads a file written by :func:`save` back into the same pytree.
 
@@ -268,10 +269,22 @@ def load(
             are decoded, from whichever process's part file holds them).
         progress: show a progress bar over the leaves.
         metadata: also return the ``metadata`` dict given to :func:`save`.
+        like: a template of the saved tree's structure: its array leaves (arrays or
+            ``jax.ShapeDtypeStruct``, dense where a compressed leaf was saved) are
+            replaced by the file's leaves at the same paths, and everything else
+            (classes, functions, static fields, Python scalars) is kept from it.
+            Required for a tree holding equinox modules, whose code the file does
+            not store: pass the model itself, or its shapes from
+            ``eqx.filter_eval_shape``.
 
     Returns:
         The pytree, with ``jax.Array`` leaves and compressed leaves; with
         ``metadata=True``, the pair ``(tree, metadata)``.
+
+    Raises:
+        FileFormatError: a damaged or foreign file.
+        ValueError: a file holding an equinox module loaded without ``like=``, or a
+            ``like=`` whose array paths, shapes or dtypes differ from the file's.
 
     Example:
         >>> import os, tempfile
@@ -284,6 +297,16 @@ def load(
         >>> _ = jc.save(path, {"b": jnp.zeros(2)}, metadata={"step": 100})
         >>> jc.load(path, metadata=True)[1]
         {'step': 100}
+
+        An equinox module comes back through a template, here of shapes only:
+
+        >>> import equinox as eqx, jax
+        >>> mlp = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+        >>> _ = jc.save(path, jc.quantize(8)(mlp)[0])
+        >>> like = eqx.filter_eval_shape(eqx.nn.MLP, 4, 2, 8, 1, key=jax.random.key(1))
+        >>> loaded = jc.load(path, like=like)
+        >>> loaded.layers[0].weight, loaded.activation is mlp.activation
+        (Quantized(shape=(8, 4), dtype=float32, bits=8, axis=1, group_size=None), True)
     """
     header, body, _ = container.read_container(path)
     if header.get("format") != FORMAT:
@@ -307,6 +330,10 @@ def load(
             return container.buffer_view(path, header, body, index, where=where)
 
         tree = treecodec.decode_node(root, get, place, on_leaf=lambda _: bar.advance(task))
+    if like is None:
+        templates.refuse_saved_modules(tree, path)
+    else:
+        tree = templates.fill_template(tree, like, path)
     return (tree, saved_metadata) if metadata else tree
 
 

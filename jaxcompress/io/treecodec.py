@@ -15,6 +15,7 @@ shape against the leaf's metadata, and raises
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,13 +23,30 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxcompress.arrays import CompressedArray
+from jaxcompress.arrays import CompressedArray, is_compressed
+from jaxcompress.arrays.tree import is_array_leaf
+from jaxcompress.core.paths import path_to_str
 from jaxcompress.io import codecs, nodes
 from jaxcompress.io.nodes import AddBuffer, GetBuffer
 from jaxcompress.io.nodes import Place as Place
 
 _VARIABLES = ("Param", "BatchStat", "Cache", "Variable")  # the nnx variable classes saved
-_CONTAINERS = "dict, FrozenDict, nnx.State, list, tuple, None, nnx.Param/BatchStat/Cache/Variable"
+_CONTAINERS = (
+    "dict, FrozenDict, nnx.State, list, tuple, None, nnx.Param/BatchStat/Cache/Variable, "
+    "equinox modules"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModule:
+    """An equinox module read from a file: its class name and array leaves by path.
+
+    The file holds no code, so the module itself (its structure, activation functions,
+    static fields) comes back only from a template: ``jaxcompress.load(path, like=...)``.
+    """
+
+    class_name: str
+    leaves: dict[str, Any]
 
 
 def _compressed_node(leaf: CompressedArray, add: AddBuffer, path: str, entropy: bool) -> dict:
@@ -126,6 +144,18 @@ def _encode_container(tree, add, path, entropy, on_leaf) -> dict[str, Any] | Non
         return {"type": type(tree).__name__, "items": children}
     if tree is None:
         return {"type": "none"}
+    eqx = sys.modules.get("equinox")  # loaded if the tree holds equinox modules
+    if eqx is not None and isinstance(tree, eqx.Module):
+        # Only the array leaves, by path: functions and static fields are code, which
+        # the format does not store; load rebuilds them from a template (like=).
+        found, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)
+        items = [
+            [path_to_str(key), child(leaf, path_to_str(key))]
+            for key, leaf in found
+            if is_array_leaf(leaf)
+        ]
+        cls = type(tree)
+        return {"type": "module", "class": f"{cls.__module__}.{cls.__qualname__}", "items": items}
     return None
 
 
@@ -198,6 +228,16 @@ def decode_node(
         return cls(decode_node(node.get("value"), get, place, path, on_leaf=on_leaf))
     if kind == "none":
         return None
+    if kind == "module":
+        name = node.get("class")
+        if not isinstance(name, str):
+            raise nodes.fail(path, f"module class {name!r} is not a string")
+        leaves = {}
+        for key, child in _items(node, path, keyed=True):
+            if key in leaves:
+                raise nodes.fail(path, f"duplicate key {key!r}")
+            leaves[key] = decode_node(child, get, place, nodes.join(path, key), on_leaf=on_leaf)
+        return SavedModule(name, leaves)
     leaf = _decode_leaf(node, kind, get, place, path)
     if on_leaf is not None:
         on_leaf(path)
@@ -242,7 +282,7 @@ def leaf_nodes(node: Any, path: str = "") -> list[tuple[str, dict]]:
     items = node.get("items")
     if not isinstance(items, list):
         return []
-    keyed = kind in ("dict", "frozendict", "state")
+    keyed = kind in ("dict", "frozendict", "state", "module")
     found = []
     for index, item in enumerate(items):
         key, child = (

@@ -528,6 +528,34 @@ def trace_uses(
     return uses_in_jaxpr(closed, paths)
 
 
+def trailing_fan_in_axes(use: WeightUse) -> int | None:
+    """How many trailing axes of the weight are its contracted inputs, or ``None``.
+
+    The mirror of :func:`fan_in_axes` for weights stored output first, as equinox's
+    ``Linear`` ``(out, in)`` (-> 1) and ``Conv`` ``(out, in, h, w)`` (-> 3) used as
+    ``weight @ x``. ``None`` where :func:`fan_in_axes` applies or neither does.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> use, = trace_uses(lambda w, x: x @ w.T, jnp.ones((4, 3)), jnp.ones((2, 3)))[""]
+        >>> fan_in_axes(use), trailing_fan_in_axes(use)
+        (None, 1)
+    """
+    shape = tuple(use.weight_shape)
+    if fan_in_axes(use) is not None or use.contracting_axes is None or use.batch_axes:
+        return None
+    if use.primitive == CONV and use.operand == 0:
+        return None
+    contracted = set(use.contracting_axes)
+    if not contracted:
+        return None
+    first = min(contracted)
+    for axis in range(len(shape)):
+        if shape[axis] != 1 and (axis >= first) != (axis in contracted):
+            return None
+    return len(shape) - first
+
+
 def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> int | None:
     """How many leading axes of the weight are contracted inputs, or ``None``.
 

@@ -37,6 +37,7 @@ import numpy as np
 from jaxcompress.arrays import LowRank
 from jaxcompress.arrays.lowrank import factor_shardings, matrix_shape
 from jaxcompress.calibration.calibrate import stats_by_path
+from jaxcompress.calibration.lookup import refuse_trailing
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import place_like, unsharded
 from jaxcompress.transforms.base import Transform
@@ -248,6 +249,7 @@ def _leaf_gram(name: str, path: str, by_path: dict, m: int) -> jax.Array:
             f"{name}: whiten=True but data= has no InputStats for leaf {path!r}; calibrate "
             "that weight or exclude it with where="
         )
+    refuse_trailing(name, "whiten=True", path, stats)
     gram = stats.gram
     if tuple(getattr(gram, "shape", ())) != (m, m):
         raise ValueError(

@@ -49,6 +49,7 @@ from jaxcompress.arrays import LowRank, is_compressed
 from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.lowrank import matrix_shape
 from jaxcompress.calibration.calibrate import InputStats, stats_by_path
+from jaxcompress.calibration.lookup import refuse_trailing
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like, unsharded
 from jaxcompress.core.progress import leaf_bytes, over_leaves
@@ -120,6 +121,7 @@ def _leaf_stats(name: str, path: str, stats_map: dict[str, InputStats]) -> Input
             f"{name}: no InputStats for leaf {path!r} in data= (statistics found for "
             f"{known if known else 'no leaf'}); calibrate it or exclude it with where="
         )
+    refuse_trailing(name, "data=", path, stats)
     mean, gram = stats.mean, stats.gram
     if getattr(mean, "ndim", None) != 1 or getattr(gram, "ndim", None) != 2:
         raise ValueError(

@@ -431,7 +431,14 @@ def analyze(flat: Flat) -> Coupling:
                 for i, d in enumerate(params["broadcast_dimensions"]):
                     if shape(ins[0])[i] == flat.shapes[outs[0]][d]:
                         atoms.unify([lay(ins[0])[i]], [layouts[outs[0]][d]], why)
-        elif name in ("reshape", "squeeze", "expand_dims"):
+        elif name == "squeeze":
+            # Drops size-1 axes (equinox's conv adds and removes a batch axis): the
+            # others keep their order.
+            dropped = {d % len(lay(ins[0])) for d in params["dimensions"]}
+            remaining = [i for i in range(len(lay(ins[0]))) if i not in dropped]
+            for k, i in enumerate(remaining):
+                atoms.unify([lay(ins[0])[i]], [layouts[outs[0]][k]], why)
+        elif name in ("reshape", "expand_dims"):
             if params.get("dimensions") is not None:
                 block_all([*ins, *outs], why)
             else:

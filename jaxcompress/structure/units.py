@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.arrays.tree import combine, on_arrays, split_arrays
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.progress import over_leaves
 from jaxcompress.structure.coupling import Coupling, Group, analyze, trace_flat
+from jaxcompress.structure.equinox_sizes import is_equinox_module, resize_equinox
 from jaxcompress.structure.thinning import cut, flops, new_shapes_of, run, zero_removed
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.filters import Filter, compile_filter
@@ -72,6 +74,11 @@ def _module_fn(apply_fn: Any) -> tuple[Callable[..., Any], Any]:
         return (lambda state, *args: nnx.merge(graphdef, state)(*args)), graphdef
     if not callable(apply_fn):
         raise TypeError(f"prune_units: apply_fn must be callable, got {type(apply_fn).__name__}")
+    if is_equinox_module(apply_fn):
+        raise TypeError(
+            "prune_units: for an equinox module, pass apply_fn=lambda m, x: jax.vmap(m)(x) "
+            "(or however it is called) and give the module itself to the transform"
+        )
     return apply_fn, None
 
 
@@ -101,7 +108,8 @@ def coupled_groups(apply_fn: Any, params: Any, example_input: Any) -> list[Group
         dense3/kernel 10 a model output
     """
     fn, _ = _module_fn(apply_fn)
-    return list(_Programs(fn, params).get(_as_args(example_input)).groups)
+    arrays, rest = split_arrays(params)
+    return list(_Programs(on_arrays(fn, rest), arrays).get(_as_args(example_input)).groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -467,10 +475,12 @@ def prune_units(
     loss = loss_fn or _cross_entropy
     name = f"prune_units({sparsity!r}, importance={importance})"
 
-    def apply(params, *, key=None, data=None):
+    def apply(tree, *, key=None, data=None):
         del key
         batches = data if data is not None else default_data
-        programs = _Programs(fn, params)
+        # Non-array leaves (an equinox module's activation) are part of the program.
+        params, rest = split_arrays(tree)
+        programs = _Programs(on_arrays(fn, rest), params)
         coupling = programs.get(_as_args(example_input))
         groups = _selected_groups(list(coupling.groups), params, where)
         fractions = _fractions(sparsity, groups)
@@ -517,12 +527,19 @@ def prune_units(
                 enabled=progress and not any(is_traced(leaf) for leaf in leaves),
             )
         ]
-        thinned = jax.tree_util.tree_unflatten(treedef, thinned_leaves)
+        thinned = combine(jax.tree_util.tree_unflatten(treedef, thinned_leaves), rest)
         by_key = {coupling.key(g): kept[g.atom] for g in chosen if g.atom in kept}
         thinned_apply = _thinned_apply(programs, by_key)
         module, note = None, ""
         if graphdef is not None:
-            module, note = _rebuild_checked(graphdef, thinned, thinned_apply, example_input)
+            rebuilt = _rebuild(graphdef, thinned)
+            call = lambda _, *args: rebuilt(*args)  # noqa: E731  (the module holds the state)
+            module, note = _checked(rebuilt, call, thinned, thinned_apply, example_input)
+        elif is_equinox_module(thinned):
+            thinned = resize_equinox(
+                thinned, lambda path, axis: _factor_sizes(coupling, path, axis, kept)
+            )
+            module, note = _checked(thinned, fn, thinned, thinned_apply, example_input)
         stats = UnitStats(
             groups=tuple(results),
             skipped={g.name: g.reason for g in coupling.groups if g.reason is not None},
@@ -530,7 +547,9 @@ def prune_units(
             module=module,
             module_note=note,
             flops=(flops(coupling, {}), flops(coupling, kept)),
-            _zero=lambda tree: _zeroed(coupling, tree, kept),
+            _zero=lambda tree: combine(
+                _zeroed(coupling, split_arrays(tree)[0], kept), split_arrays(tree)[1]
+            ),
         )
         return thinned, stats
 
@@ -555,7 +574,7 @@ def _thinned_apply(programs: _Programs, by_key: dict[tuple[int, int, int], np.nd
     def apply_thinned(thinned: Any, *args: Any) -> Any:
         coupling = programs.get(args)
         kept = {_group_by_key(coupling, key).atom: units for key, units in by_key.items()}
-        leaves = jax.tree_util.tree_leaves(thinned)
+        leaves = jax.tree_util.tree_leaves(split_arrays(thinned)[0])
         flat = coupling.flat
         if len(leaves) != flat.num_params:
             raise ValueError(
@@ -600,18 +619,35 @@ def _rebuild(graphdef: Any, thinned: Any) -> Any:
     return module
 
 
-def _rebuild_checked(graphdef, thinned, thinned_apply, example_input) -> tuple[Any, str]:
-    module = _rebuild(graphdef, thinned)
+def _factor_sizes(
+    coupling: Coupling, path: str, axis: int, kept: dict[int, np.ndarray]
+) -> tuple[int, ...]:
+    """The new size of each row-major factor of parameter ``path``'s ``axis``."""
+    value = coupling.flat.inputs[coupling.flat.paths.index(path)]
+    factors = coupling.axis_factors(value, axis)
+    return tuple(len(kept[a]) if a in kept else coupling.atoms.size[a] for a in factors)
+
+
+def _checked(module, call, thinned, thinned_apply, example_input) -> tuple[Any, str]:
+    """``(module, "")`` when ``call(thinned, *inputs)`` computes the thinned program, else
+    ``(None, why)``."""
+    arrays, rest = split_arrays(thinned)
+
+    @jax.jit  # one compile for both; run eagerly, each op of the replay compiles alone
+    def outputs(arrays, args):
+        tree = combine(arrays, rest)
+        return thinned_apply(tree, *args), call(tree, *args)
+
+    rng = np.random.default_rng(0)  # numpy: a jax.random draw would compile each shape
     args = jax.tree.map(
         lambda x: (
-            jax.random.normal(jax.random.key(0), np.shape(x), jnp.result_type(x))
+            jnp.asarray(rng.standard_normal(np.shape(x)), jnp.result_type(x))
             if jnp.issubdtype(jnp.result_type(x), jnp.floating)
             else x
         ),
         _as_args(example_input),
     )
-    expected = jax.tree_util.tree_leaves(thinned_apply(thinned, *args))
-    got = jax.tree_util.tree_leaves(module(*args))
+    expected, got = map(jax.tree_util.tree_leaves, outputs(arrays, args))
     gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(expected, got, strict=True))
     scale = max(float(jnp.max(jnp.abs(a))) for a in expected)
     if gap <= 1e-4 * max(scale, 1.0):
