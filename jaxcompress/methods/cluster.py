@@ -63,6 +63,7 @@ def cluster_array(
     block_size: int = 128,
     act_order: bool = False,
     count: jax.Array | None = None,
+    non_finite: bool = False,
 ) -> tuple[Clustered, dict]:
     """Clusters one array into a :class:`~jaxcompress.Clustered` leaf.
 
@@ -74,6 +75,11 @@ def cluster_array(
     stats). ``count`` (histogram path only) says that a 1-D ``weight`` holds ``count``
     real values followed by padding copies of its first value; the padding changes
     nothing but the shape, and gets code 0. Works under ``jit``.
+
+    ``non_finite=True`` (for a traced leaf, which may hold NaN or Inf) fits the
+    codebook with each non-finite entry standing in as one value far above the finite
+    ones (per channel with ``per_channel``), which k-means gives a centroid of its
+    own, then sets every centroid a non-finite entry is assigned to to NaN.
 
     Returns:
         ``(leaf, stats)`` with stats ``{"k", "inertia", "relative_error",
@@ -106,6 +112,9 @@ def cluster_array(
         # Sorting (and per-channel regrouping) needs the leaf in one piece.
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
+    finite = None
+    if non_finite:
+        values, finite = _outlier_stand_in(values, per_channel=per_channel)
     bits = max(1, (k - 1).bit_length())
     options = kmeans1d.FitOptions(
         k=k,
@@ -169,6 +178,8 @@ def cluster_array(
         else:
             codes = kmeans1d.assign(values, codebook)
             approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
+    if finite is not None:
+        codebook = _poison_centroids(codebook, codes, finite, per_channel=per_channel)
     if not histogram:
         inertia = jnp.sum(jnp.square(values - approx))
     squares = jnp.square(values)
@@ -212,8 +223,42 @@ cluster_array_compiled = jax.jit(
         "codebook_dtype",
         "block_size",
         "act_order",
+        "non_finite",
     ),
 )
+
+
+def _outlier_stand_in(values: jax.Array, *, per_channel: bool) -> tuple[jax.Array, jax.Array]:
+    """``values`` with NaN and Inf replaced by a value far above the finite ones.
+
+    More than three ranges above the largest finite value, the stand-in is nearer its
+    own centroid than any finite value can be, so k-means fits the finite values with
+    the other ``k - 1`` centroids as if the non-finite entries were not there.
+    """
+    finite = jnp.isfinite(values)
+    axes = tuple(range(values.ndim - 1)) if per_channel else None
+    high = jnp.max(jnp.where(finite, values, -jnp.inf), axis=axes, keepdims=True)
+    low = jnp.min(jnp.where(finite, values, jnp.inf), axis=axes, keepdims=True)
+    some_finite = jnp.isfinite(high)
+    high = jnp.where(some_finite, high, jnp.zeros_like(high))
+    low = jnp.where(some_finite, low, jnp.zeros_like(low))
+    stand_in = high + 3 * (high - low) + jnp.abs(high) + 1
+    return jnp.where(finite, values, stand_in), finite
+
+
+def _poison_centroids(
+    codebook: jax.Array, codes: jax.Array, finite: jax.Array, *, per_channel: bool
+) -> jax.Array:
+    """NaN in every centroid (of its channel's codebook) that a non-finite entry uses."""
+    codes = codes.astype(jnp.int32)
+    hits = (~finite).astype(jnp.int32)
+    used = jnp.zeros(codebook.shape, jnp.int32)
+    if per_channel:
+        channel = jnp.broadcast_to(jnp.arange(codes.shape[-1], dtype=jnp.int32), codes.shape)
+        used = used.at[channel, codes].add(hits)
+    else:
+        used = used.at[codes].add(hits)
+    return jnp.where(used > 0, jnp.full_like(codebook, jnp.nan), codebook)
 
 
 def bucket_length(n: int) -> int:
@@ -692,7 +737,12 @@ def cluster(
             clustered, leaf_stats = _cluster_padded(weight, leaf_options, leaf_key)
         else:
             clustered, leaf_stats = cluster_array_compiled(
-                weight, **leaf_options, key=leaf_key, **data_args
+                weight,
+                **leaf_options,
+                key=leaf_key,
+                # Only a traced leaf can hold NaN or Inf: eager calls refuse them.
+                non_finite=is_traced(weight),
+                **data_args,
             )
         if gptq:
             check_factorized(name, item.entry.path, leaf_stats, damp)

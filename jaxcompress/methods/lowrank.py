@@ -389,8 +389,12 @@ def low_rank(
 
     def step(item, leaf_key) -> tuple[LowRank | None, LowRankStats]:
         gram, leaf_fan_in, m, n = item.plan
-        return _factorize(
-            item.weight,
+        weight, finite_rows = item.weight, None
+        if is_traced(weight):
+            # Only a traced leaf can hold NaN or Inf (eager calls refuse them).
+            weight, finite_rows = _zero_non_finite(weight, m, n)
+        leaf, leaf_stats = _factorize(
+            weight,
             gram,
             leaf_key,
             leaf_fan_in,
@@ -402,6 +406,9 @@ def low_rank(
             oversample=oversample,
             power_iterations=power_iterations,
         )
+        if leaf is not None and finite_rows is not None:
+            leaf = _poison_rows(leaf, finite_rows)
+        return leaf, leaf_stats
 
     return per_leaf(
         name,
@@ -413,6 +420,23 @@ def low_rank(
         progress=progress,
         default_where=kernels,
     )
+
+
+def _zero_non_finite(weight: jax.Array, m: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """``weight`` with NaN and Inf set to zero, and which rows of its matrix view had none."""
+    finite = jnp.isfinite(weight)
+    rows = jnp.all(finite.reshape(m, n), axis=1)
+    return jnp.where(finite, weight, jnp.zeros_like(weight)), rows
+
+
+def _poison_rows(leaf: LowRank, finite_rows: jax.Array) -> LowRank:
+    """NaN in the rows of ``u`` whose weights held NaN or Inf.
+
+    Entry ``(i, j)`` is ``u[i] @ v[:, j]``, so a row of ``u`` is the smallest part of
+    the factors that can carry NaN to it.
+    """
+    u = jnp.where(finite_rows[:, None], leaf.u, jnp.full_like(leaf.u, jnp.nan))
+    return dataclasses.replace(leaf, u=u)
 
 
 def _place_factors(leaf: LowRank, reference) -> LowRank:

@@ -69,6 +69,7 @@ def quantize_array(
         calibration=calibration,
         percentile=percentile,
         scale_dtype=scale_dtype,
+        poison=True,
     )
     return Quantized(
         codes=pack(codes, bits),

@@ -18,6 +18,7 @@ import numpy as np
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.arrays.quantized import decode
+from jaxcompress.core.checks import is_traced
 from jaxcompress.methods.quantize import check_options, leaf_layout
 from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import select_leaves
@@ -39,6 +40,9 @@ def _fake_quant_array(weight: jax.Array, *, axis: int | None, group_size: int | 
             bits=options["bits"],
             dtype=w.dtype,
         )
+        if is_traced(w):
+            # A float output can hold NaN and Inf: they pass through as they are.
+            dense = jnp.where(jnp.isfinite(w), dense, w)
         return dense, inside
 
     @jax.custom_vjp
