@@ -530,6 +530,13 @@ def cluster(
     (``"iterations"`` is then 0). Distinct values closer than ``h`` can share a bin;
     such a leaf gets the binned Lloyd codebook instead, which need not be exact.
 
+    NaN and Inf: an eager call raises. Under ``jax.jit`` every NaN or Inf entry is
+    assigned a centroid of its own, which is NaN (per channel with
+    ``per_channel=True``); the other ``k - 1`` centroids are fitted on the finite
+    entries, which take the nearest of them. Only the non-finite entries materialize
+    to NaN. With ``weights=`` or ``method="gptq"`` the fit is not checked for this:
+    wrap them in :func:`jaxcompress.checked` to raise instead.
+
     Args:
         bits: index width, 1 to 8; ``k = 2**bits``. Give exactly one of ``bits``, ``k``.
         k: number of clusters, 2 to 256.

@@ -283,6 +283,12 @@ def low_rank(
     A leaf whose factors would not save bytes (``r * (m + n) >= m * n``) is left
     dense, and its stats say so under ``"skipped"``.
 
+    NaN and Inf: an eager call raises. Under ``jax.jit`` the factors are those of the
+    matrix view with its NaN and Inf entries set to zero, and each row of ``u`` whose
+    matrix row held one is NaN: factored entry ``(i, j)`` is ``u[i] @ v[:, j]``, so a
+    row is the smallest part that can carry NaN to it. Exactly those rows of the
+    matrix view materialize to NaN.
+
     Args:
         rank: the rank ``r`` of every selected leaf, ``1 <= r < min(m, n)``.
         energy: instead of ``rank``, per leaf the smallest rank whose squared

@@ -90,6 +90,12 @@ def fake_quant(
     ``jit`` and ``grad``. The optimizer is any optax optimizer, unwrapped; after
     training, ``jc.quantize`` with the same options converts with no drift.
 
+    NaN and Inf: an eager call raises. Under ``jit`` each NaN or Inf comes back as it
+    is (with zero gradient) and every other entry is quantized with scales from the
+    finite entries alone (a non-finite entry counts as its group's smallest finite
+    value, which changes no absmax scale). :func:`jaxcompress.quantize` stores the
+    same finite entries but makes the whole scale group NaN, so there the two differ.
+
     Args:
         bits: bits per code, an integer from 2 to 8.
         axis: ``None`` for one scale per tensor, or the channel axis (see
