@@ -79,7 +79,7 @@ def cluster_array(
     ``non_finite=True`` (for a traced leaf, which may hold NaN or Inf) fits the
     codebook with each non-finite entry standing in as one value far above the finite
     ones (per channel with ``per_channel``), which k-means gives a centroid of its
-    own, then sets every centroid a non-finite entry is assigned to to NaN.
+    own, then sets that centroid to NaN (the whole codebook with ``method="gptq"``).
 
     Returns:
         ``(leaf, stats)`` with stats ``{"k", "inertia", "relative_error",
@@ -112,9 +112,9 @@ def cluster_array(
         # Sorting (and per-channel regrouping) needs the leaf in one piece.
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
-    finite = None
+    finite = stand_in = None
     if non_finite:
-        values, finite = _outlier_stand_in(values, per_channel=per_channel)
+        values, finite, stand_in = _outlier_stand_in(values, per_channel=per_channel)
     bits = max(1, (k - 1).bit_length())
     options = kmeans1d.FitOptions(
         k=k,
@@ -179,7 +179,9 @@ def cluster_array(
             codes = kmeans1d.assign(values, codebook)
             approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
     if finite is not None:
-        codebook = _poison_centroids(codebook, codes, finite, per_channel=per_channel)
+        codebook = _poison_centroids(
+            codebook, stand_in, finite, per_channel=per_channel, whole=gptq
+        )
     if not histogram:
         inertia = jnp.sum(jnp.square(values - approx))
     squares = jnp.square(values)
@@ -228,8 +230,10 @@ cluster_array_compiled = jax.jit(
 )
 
 
-def _outlier_stand_in(values: jax.Array, *, per_channel: bool) -> tuple[jax.Array, jax.Array]:
-    """``values`` with NaN and Inf replaced by a value far above the finite ones.
+def _outlier_stand_in(
+    values: jax.Array, *, per_channel: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(values, finite, stand_in)``: NaN and Inf replaced by a value far above the rest.
 
     More than three ranges above the largest finite value, the stand-in is nearer its
     own centroid than any finite value can be, so k-means fits the finite values with
@@ -243,22 +247,28 @@ def _outlier_stand_in(values: jax.Array, *, per_channel: bool) -> tuple[jax.Arra
     high = jnp.where(some_finite, high, jnp.zeros_like(high))
     low = jnp.where(some_finite, low, jnp.zeros_like(low))
     stand_in = high + 3 * (high - low) + jnp.abs(high) + 1
-    return jnp.where(finite, values, stand_in), finite
+    return jnp.where(finite, values, stand_in), finite, stand_in
 
 
 def _poison_centroids(
-    codebook: jax.Array, codes: jax.Array, finite: jax.Array, *, per_channel: bool
+    codebook: jax.Array, stand_in: jax.Array, finite: jax.Array, *, per_channel: bool, whole: bool
 ) -> jax.Array:
-    """NaN in every centroid (of its channel's codebook) that a non-finite entry uses."""
-    codes = codes.astype(jnp.int32)
-    hits = (~finite).astype(jnp.int32)
-    used = jnp.zeros(codebook.shape, jnp.int32)
+    """NaN in the centroid the stand-in of a non-finite entry takes, per leaf or channel.
+
+    Every such entry holds the stand-in, so all take its centroid; no scatter over the
+    (possibly sharded) codes is needed. ``whole=True`` (GPTQ, whose sweep moves the
+    stand-ins) makes the whole codebook NaN instead.
+    """
+    positions = jnp.arange(codebook.shape[-1], dtype=jnp.int32)
     if per_channel:
-        channel = jnp.broadcast_to(jnp.arange(codes.shape[-1], dtype=jnp.int32), codes.shape)
-        used = used.at[channel, codes].add(hits)
+        holds = ~jnp.all(finite.reshape(-1, codebook.shape[0]), axis=0)[:, None]
+        code = jax.vmap(kmeans1d.assign)(stand_in.reshape(-1, 1), codebook)
+        positions = positions[None, :]
     else:
-        used = used.at[codes].add(hits)
-    return jnp.where(used > 0, jnp.full_like(codebook, jnp.nan), codebook)
+        holds = ~jnp.all(finite)
+        code = kmeans1d.assign(stand_in.reshape(1), codebook)
+    hit = jnp.ones(codebook.shape, bool) if whole else positions == code.astype(jnp.int32)
+    return jnp.where(hit & holds, jnp.full_like(codebook, jnp.nan), codebook)
 
 
 def bucket_length(n: int) -> int:
@@ -534,8 +544,9 @@ def cluster(
     assigned a centroid of its own, which is NaN (per channel with
     ``per_channel=True``); the other ``k - 1`` centroids are fitted on the finite
     entries, which take the nearest of them. Only the non-finite entries materialize
-    to NaN. With ``weights=`` or ``method="gptq"`` the fit is not checked for this:
-    wrap them in :func:`jaxcompress.checked` to raise instead.
+    to NaN. ``method="gptq"``, whose sweep moves every entry, makes the whole codebook
+    NaN. With ``weights=`` this is untested; wrap such calls in
+    :func:`jaxcompress.checked` to raise instead.
 
     Args:
         bits: index width, 1 to 8; ``k = 2**bits``. Give exactly one of ``bits``, ``k``.
