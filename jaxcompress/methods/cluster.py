@@ -112,9 +112,11 @@ def cluster_array(
         # Sorting (and per-channel regrouping) needs the leaf in one piece.
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
-    finite = stand_in = None
+    # (finite entries, stand-in value) of a leaf that may hold NaN or Inf.
+    outlier: tuple[jax.Array, jax.Array] | None = None
     if non_finite:
         values, finite, stand_in = _outlier_stand_in(values, per_channel=per_channel)
+        outlier = (finite, stand_in)
     bits = max(1, (k - 1).bit_length())
     options = kmeans1d.FitOptions(
         k=k,
@@ -178,7 +180,8 @@ def cluster_array(
         else:
             codes = kmeans1d.assign(values, codebook)
             approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
-    if finite is not None:
+    if outlier is not None:
+        finite, stand_in = outlier
         codebook = _poison_centroids(
             codebook, stand_in, finite, per_channel=per_channel, whole=gptq
         )
