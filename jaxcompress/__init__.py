@@ -71,6 +71,7 @@ from jaxcompress.transforms.base import Transform as Transform
 from jaxcompress.transforms.base import chain as chain
 from jaxcompress.transforms.base import masked as masked
 from jaxcompress.transforms.base import partition as partition
+from jaxcompress.transforms.checked import checked as checked
 
 if TYPE_CHECKING:
     from jaxcompress import training as training
@@ -113,6 +114,7 @@ __all__ = [
     "accelerate",
     "calibrate",
     "chain",
+    "checked",
     "cluster",
     "coupled_groups",
     "data_parallel",

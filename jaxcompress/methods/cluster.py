@@ -63,6 +63,7 @@ def cluster_array(
     block_size: int = 128,
     act_order: bool = False,
     count: jax.Array | None = None,
+    non_finite: bool = False,
 ) -> tuple[Clustered, dict]:
     """Clusters one array into a :class:`~jaxcompress.Clustered` leaf.
 
@@ -74,6 +75,11 @@ def cluster_array(
     stats). ``count`` (histogram path only) says that a 1-D ``weight`` holds ``count``
     real values followed by padding copies of its first value; the padding changes
     nothing but the shape, and gets code 0. Works under ``jit``.
+
+    ``non_finite=True`` (for a traced leaf, which may hold NaN or Inf) fits the
+    codebook with each non-finite entry standing in as one value far above the finite
+    ones (per channel with ``per_channel``), which k-means gives a centroid of its
+    own, then sets that centroid to NaN (the whole codebook with ``method="gptq"``).
 
     Returns:
         ``(leaf, stats)`` with stats ``{"k", "inertia", "relative_error",
@@ -106,6 +112,11 @@ def cluster_array(
         # Sorting (and per-channel regrouping) needs the leaf in one piece.
         weight = unsharded(weight)
     values = weight.astype(jnp.float32)
+    # (finite entries, stand-in value) of a leaf that may hold NaN or Inf.
+    outlier: tuple[jax.Array, jax.Array] | None = None
+    if non_finite:
+        values, finite, stand_in = _outlier_stand_in(values, per_channel=per_channel)
+        outlier = (finite, stand_in)
     bits = max(1, (k - 1).bit_length())
     options = kmeans1d.FitOptions(
         k=k,
@@ -169,6 +180,11 @@ def cluster_array(
         else:
             codes = kmeans1d.assign(values, codebook)
             approx = jnp.take(codebook.astype(jnp.float32), codes.astype(jnp.int32))
+    if outlier is not None:
+        finite, stand_in = outlier
+        codebook = _poison_centroids(
+            codebook, stand_in, finite, per_channel=per_channel, whole=gptq
+        )
     if not histogram:
         inertia = jnp.sum(jnp.square(values - approx))
     squares = jnp.square(values)
@@ -212,8 +228,50 @@ cluster_array_compiled = jax.jit(
         "codebook_dtype",
         "block_size",
         "act_order",
+        "non_finite",
     ),
 )
+
+
+def _outlier_stand_in(
+    values: jax.Array, *, per_channel: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(values, finite, stand_in)``: NaN and Inf replaced by a value far above the rest.
+
+    More than three ranges above the largest finite value, the stand-in is nearer its
+    own centroid than any finite value can be, so k-means fits the finite values with
+    the other ``k - 1`` centroids as if the non-finite entries were not there.
+    """
+    finite = jnp.isfinite(values)
+    axes = tuple(range(values.ndim - 1)) if per_channel else None
+    high = jnp.max(jnp.where(finite, values, -jnp.inf), axis=axes, keepdims=True)
+    low = jnp.min(jnp.where(finite, values, jnp.inf), axis=axes, keepdims=True)
+    some_finite = jnp.isfinite(high)
+    high = jnp.where(some_finite, high, jnp.zeros_like(high))
+    low = jnp.where(some_finite, low, jnp.zeros_like(low))
+    stand_in = high + 3 * (high - low) + jnp.abs(high) + 1
+    return jnp.where(finite, values, stand_in), finite, stand_in
+
+
+def _poison_centroids(
+    codebook: jax.Array, stand_in: jax.Array, finite: jax.Array, *, per_channel: bool, whole: bool
+) -> jax.Array:
+    """NaN in the centroid the stand-in of a non-finite entry takes, per leaf or channel.
+
+    Every such entry holds the stand-in, so all take its centroid; no scatter over the
+    (possibly sharded) codes is needed. ``whole=True`` (GPTQ, whose sweep moves the
+    stand-ins) makes the whole codebook NaN instead.
+    """
+    positions = jnp.arange(codebook.shape[-1], dtype=jnp.int32)
+    if per_channel:
+        holds = ~jnp.all(finite.reshape(-1, codebook.shape[0]), axis=0)[:, None]
+        code = jax.vmap(kmeans1d.assign)(stand_in.reshape(-1, 1), codebook)
+        positions = positions[None, :]
+    else:
+        holds = ~jnp.all(finite)
+        code = kmeans1d.assign(stand_in.reshape(1), codebook)
+    hit = jnp.ones(codebook.shape, bool) if whole else positions == code.astype(jnp.int32)
+    return jnp.where(hit & holds, jnp.full_like(codebook, jnp.nan), codebook)
 
 
 def bucket_length(n: int) -> int:
@@ -485,6 +543,14 @@ def cluster(
     (``"iterations"`` is then 0). Distinct values closer than ``h`` can share a bin;
     such a leaf gets the binned Lloyd codebook instead, which need not be exact.
 
+    NaN and Inf: an eager call raises. Under ``jax.jit`` every NaN or Inf entry is
+    assigned a centroid of its own, which is NaN (per channel with
+    ``per_channel=True``); the other ``k - 1`` centroids are fitted on the finite
+    entries, which take the nearest of them. Only the non-finite entries materialize
+    to NaN. ``method="gptq"``, whose sweep moves every entry, makes the whole codebook
+    NaN. With ``weights=`` this is untested; wrap such calls in
+    :func:`jaxcompress.checked` to raise instead.
+
     Args:
         bits: index width, 1 to 8; ``k = 2**bits``. Give exactly one of ``bits``, ``k``.
         k: number of clusters, 2 to 256.
@@ -692,7 +758,12 @@ def cluster(
             clustered, leaf_stats = _cluster_padded(weight, leaf_options, leaf_key)
         else:
             clustered, leaf_stats = cluster_array_compiled(
-                weight, **leaf_options, key=leaf_key, **data_args
+                weight,
+                **leaf_options,
+                key=leaf_key,
+                # Only a traced leaf can hold NaN or Inf: eager calls refuse them.
+                non_finite=is_traced(weight),
+                **data_args,
             )
         if gptq:
             check_factorized(name, item.entry.path, leaf_stats, damp)

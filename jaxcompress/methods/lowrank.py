@@ -285,6 +285,12 @@ def low_rank(
     A leaf whose factors would not save bytes (``r * (m + n) >= m * n``) is left
     dense, and its stats say so under ``"skipped"``.
 
+    NaN and Inf: an eager call raises. Under ``jax.jit`` the factors are those of the
+    matrix view with its NaN and Inf entries set to zero, and each row of ``u`` whose
+    matrix row held one is NaN: factored entry ``(i, j)`` is ``u[i] @ v[:, j]``, so a
+    row is the smallest part that can carry NaN to it. Exactly those rows of the
+    matrix view materialize to NaN.
+
     Args:
         rank: the rank ``r`` of every selected leaf, ``1 <= r < min(m, n)``.
         energy: instead of ``rank``, per leaf the smallest rank whose squared
@@ -391,8 +397,12 @@ def low_rank(
 
     def step(item, leaf_key) -> tuple[LowRank | None, LowRankStats]:
         gram, leaf_fan_in, m, n = item.plan
-        return _factorize(
-            item.weight,
+        weight, finite_rows = item.weight, None
+        if is_traced(weight):
+            # Only a traced leaf can hold NaN or Inf (eager calls refuse them).
+            weight, finite_rows = _zero_non_finite(weight, m, n)
+        leaf, leaf_stats = _factorize(
+            weight,
             gram,
             leaf_key,
             leaf_fan_in,
@@ -404,6 +414,9 @@ def low_rank(
             oversample=oversample,
             power_iterations=power_iterations,
         )
+        if leaf is not None and finite_rows is not None:
+            leaf = _poison_rows(leaf, finite_rows)
+        return leaf, leaf_stats
 
     return per_leaf(
         name,
@@ -415,6 +428,23 @@ def low_rank(
         progress=progress,
         default_where=kernels,
     )
+
+
+def _zero_non_finite(weight: jax.Array, m: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """``weight`` with NaN and Inf set to zero, and which rows of its matrix view had none."""
+    finite = jnp.isfinite(weight)
+    rows = jnp.all(finite.reshape(m, n), axis=1)
+    return jnp.where(finite, weight, jnp.zeros_like(weight)), rows
+
+
+def _poison_rows(leaf: LowRank, finite_rows: jax.Array) -> LowRank:
+    """NaN in the rows of ``u`` whose weights held NaN or Inf.
+
+    Entry ``(i, j)`` is ``u[i] @ v[:, j]``, so a row of ``u`` is the smallest part of
+    the factors that can carry NaN to it.
+    """
+    u = jnp.where(finite_rows[:, None], leaf.u, jnp.full_like(leaf.u, jnp.nan))
+    return dataclasses.replace(leaf, u=u)
 
 
 def _place_factors(leaf: LowRank, reference) -> LowRank:

@@ -73,6 +73,11 @@ def prune_nm(
 ) -> Transform:
     """N:M sparsity along the contracted axis (``"2:4"``: 2 of every 4 inputs kept).
 
+    NaN and Inf: an eager call raises. Under ``jax.jit`` a NaN or Inf ranks above
+    every finite magnitude in its run of ``M``, so it is kept as it is, in one of the
+    run's ``N`` slots. ``importance="sparsegpt"`` is not covered: wrap it in
+    :func:`jaxcompress.checked` to raise instead.
+
     Args:
         pattern: ``"N:M"`` with ``0 < N < M``.
         importance: ``"magnitude"`` (``|w|``), ``"wanda"`` (``|w| · ‖x‖``) or

@@ -556,6 +556,12 @@ def prune(
     statistics were taken over: ``in`` for a Dense ``(in, out)`` kernel, ``h * w * in``
     for a conv kernel) by ``n`` outputs. See :mod:`jaxcompress.numerics.obs`.
 
+    NaN and Inf: an eager call raises. Under ``jax.jit`` magnitude pruning ranks a NaN
+    or Inf above every finite magnitude, so it is kept as it is, never zeroed (unless
+    a leaf holds more of them than it keeps values); each takes one of the kept
+    slots, so the leaf keeps that many fewer finite weights. Wanda and SparseGPT are
+    not covered: wrap them in :func:`jaxcompress.checked` to raise instead.
+
     Args:
         sparsity: fraction of entries to zero, in ``[0, 1)``.
         scope: ``"layer"`` zeroes exactly ``floor(sparsity * n)`` entries of each

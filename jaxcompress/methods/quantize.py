@@ -69,6 +69,7 @@ def quantize_array(
         calibration=calibration,
         percentile=percentile,
         scale_dtype=scale_dtype,
+        poison=True,
     )
     return Quantized(
         codes=pack(codes, bits),
@@ -333,6 +334,15 @@ def quantize(
     :func:`jaxcompress.save`), and it materializes to ``Ŵ``.
     :func:`jaxcompress.accelerate` serves such a leaf dense (its ``materialize``
     route). See :mod:`jaxcompress.awq`.
+
+    NaN and Inf: an eager call raises. A traced one (under ``jax.jit``) cannot, and
+    never stores a finite value for them: each scale group's scale comes from its
+    finite entries, and a group holding a NaN or Inf gets a NaN scale (integer codes
+    cannot hold NaN), so exactly that group (a column per channel, one group of
+    ``group_size``, or the whole leaf per tensor) materializes to NaN; every other
+    group is as without them. The data-aware ``method="gptq"`` and ``"awq"`` spread a
+    non-finite value through their error updates: wrap them in
+    :func:`jaxcompress.checked` to raise instead.
 
     Args:
         bits: bits per code, an integer from 2 to 8.

@@ -40,7 +40,9 @@ def rank_keep(scores: jax.Array, count: jax.Array | int, axis: int | None = None
 def nm_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
     """Keep-mask of a ``(K, C)`` score matrix: the ``n`` best of every ``m`` rows per column.
 
-    Ties go to the lower row index, as in :func:`jaxcompress.prune`.
+    Ties go to the lower row index, as in :func:`jaxcompress.prune`. A NaN score ranks
+    above every other (as in :func:`jaxcompress.prune`'s magnitude keys), so a NaN
+    weight is kept rather than zeroed.
 
     Example:
         >>> import jax.numpy as jnp
@@ -49,6 +51,7 @@ def nm_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
     """
     rows, columns = scores.shape
     grouped = scores.reshape(rows // m, m, columns)
-    order = jnp.argsort(-grouped, axis=1, stable=True)
+    descending = jnp.where(jnp.isnan(grouped), -jnp.inf, -grouped)
+    order = jnp.argsort(descending, axis=1, stable=True)
     rank = jnp.argsort(order, axis=1, stable=True)
     return (rank < n).reshape(rows, columns)

@@ -13,7 +13,13 @@ For ``b`` bits:
 Codes are computed with the stored (rounded) scale and zero point, so the round-trip
 error is at most ``s / 2`` per entry inside the clipping range for the stored ``s``.
 A constant group (zero range) gets ``s = |c|`` (or 1 for ``c == 0``) and decodes
-exactly; nothing is ever divided by zero. :func:`jaxcompress.quantize`, GPTQ and
+exactly; nothing is ever divided by zero.
+
+Non-finite entries reach the quantizer only under ``jit`` (eager callers refuse them).
+There each group's scale and zero point come from its finite entries (a NaN or Inf
+counts as the group's smallest finite value), the entry gets no gradient, and with
+``poison=True`` the scale of every group holding one is NaN, since no integer code can
+stand for NaN. :func:`jaxcompress.quantize`, GPTQ and
 :func:`jaxcompress.training.fake_quant` all round with it.
 """
 
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays.quantized import from_groups, group_layout, to_groups
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import unsharded
 
 # Clipping ratios searched by calibration="mse", largest first so ties keep more range.
@@ -128,6 +135,17 @@ def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
     return jax.lax.fori_loop(1, ratios.shape[0], consider, start)[1]
 
 
+def _finite_stand_in(v: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``v`` with each non-finite entry replaced by its group's smallest finite value.
+
+    That value changes no absmax range; a group with no finite entry gets zeros.
+    """
+    finite = jnp.isfinite(v)
+    low = jnp.min(jnp.where(finite, v, jnp.inf), axis=axes, keepdims=True)
+    low = jnp.where(jnp.isfinite(low), low, jnp.zeros_like(low))
+    return jnp.where(finite, v, low), finite
+
+
 def quantize_view(
     v: jax.Array,
     axes: tuple[int, ...],
@@ -137,8 +155,12 @@ def quantize_view(
     calibration: str,
     percentile: float,
     scale_dtype,
+    poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
     """Quantizes ``v`` with one scale per slice reduced over ``axes``.
+
+    Under ``jit`` a NaN or Inf is left out of its group's scale (see the module
+    docstring); ``poison=True`` makes that group's scale NaN.
 
     Returns:
         ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``v``; scale (in
@@ -155,6 +177,10 @@ def quantize_view(
         ([[1, 2, 3]], [[1.0]], None, True)
     """
     v = v.astype(jnp.float32)
+    # Eager callers have refused non-finite leaves already; only traced ones can hold any.
+    finite = None
+    if is_traced(v):
+        v, finite = _finite_stand_in(v, axes)
     if calibration == "percentile":
         # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
         v = unsharded(v)
@@ -188,6 +214,11 @@ def quantize_view(
         exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
         zero = jnp.where(constant, exact_zero, zero)
     codes, inside = encode(v, scale, zero, bits)
+    if finite is not None:
+        inside = inside & finite
+        if poison:
+            holds_non_finite = ~jnp.all(finite, axis=axes, keepdims=True)
+            scale = jnp.where(holds_non_finite, jnp.nan, scale)
     zero = None if zero is None else zero.astype(scale_dtype)
     return codes.astype(jnp.uint8), scale.astype(scale_dtype), zero, inside
 
@@ -202,12 +233,15 @@ def quantize_codes(
     calibration: str,
     percentile: float,
     scale_dtype,
+    poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
     """The one quantizer: unpacked codes, scales and zero points of one array.
 
     Both :func:`quantize` (which packs the codes) and
     :func:`jaxcompress.training.fake_quant` (which decodes them straight away) call
     this, so a model trained with fake quantization converts without drift.
+    ``poison=True`` gives a NaN scale to each group holding a NaN or Inf under ``jit``
+    (see the module docstring).
 
     Returns:
         ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``weight``;
@@ -231,6 +265,7 @@ def quantize_codes(
         calibration=calibration,
         percentile=percentile,
         scale_dtype=scale_dtype,
+        poison=poison,
     )
     if groups == 1:
         # Reduce in place over every axis but the channel one: no reshape of the weight.

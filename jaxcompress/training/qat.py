@@ -18,6 +18,7 @@ import numpy as np
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.checks import check_values_to_compress
 from jaxcompress.arrays.quantized import decode
+from jaxcompress.core.checks import is_traced
 from jaxcompress.methods.quantize import check_options, leaf_layout
 from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import select_leaves
@@ -39,6 +40,9 @@ def _fake_quant_array(weight: jax.Array, *, axis: int | None, group_size: int | 
             bits=options["bits"],
             dtype=w.dtype,
         )
+        if is_traced(w):
+            # A float output can hold NaN and Inf: they pass through as they are.
+            dense = jnp.where(jnp.isfinite(w), dense, w)
         return dense, inside
 
     @jax.custom_vjp
@@ -85,6 +89,12 @@ def fake_quant(
     returns only the parameters (no stats) and is meant to run on every step, under
     ``jit`` and ``grad``. The optimizer is any optax optimizer, unwrapped; after
     training, ``jc.quantize`` with the same options converts with no drift.
+
+    NaN and Inf: an eager call raises. Under ``jit`` each NaN or Inf comes back as it
+    is (with zero gradient) and every other entry is quantized with scales from the
+    finite entries alone (a non-finite entry counts as its group's smallest finite
+    value, which changes no absmax scale). :func:`jaxcompress.quantize` stores the
+    same finite entries but makes the whole scale group NaN, so there the two differ.
 
     Args:
         bits: bits per code, an integer from 2 to 8.
