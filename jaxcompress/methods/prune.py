@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -12,6 +13,7 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.lowrank import matrix_shape
@@ -405,12 +407,26 @@ def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> t
     kept_per_unit = jnp.any(sparse.keep_mask().reshape(-1, units), axis=0)
     if bool(jnp.all(kept_per_unit)):
         return sparse, num_pruned
-    magnitudes = jnp.abs(unsharded(weight).astype(jnp.float32)).reshape(-1, units)
-    strongest = jnp.argmax(magnitudes, axis=0)
-    protected = magnitudes.at[strongest, jnp.arange(units)].set(jnp.inf)
-    num_pruned = min(num_pruned, magnitudes.size - units)
-    keep = magnitude_keep_mask(protected.reshape(weight.shape), num_pruned)
-    return sparse_from_mask(weight, keep, magnitudes.size - num_pruned), num_pruned
+    weight = unsharded(weight)
+    num_pruned = min(num_pruned, weight.size - units)
+    mesh = getattr(weight.sharding, "mesh", None)
+    explicit = isinstance(mesh, jax.sharding.Mesh) and AxisType.Explicit in mesh.axis_types
+    # Eager programs on a weight with Explicit mesh axes need that mesh in context.
+    with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+        keep = _keep_strongest_per_unit(weight, jnp.asarray(num_pruned, _int_dtype()))
+    return sparse_from_mask(weight, keep, weight.size - num_pruned), num_pruned
+
+
+@jax.jit
+def _keep_strongest_per_unit(weight: jax.Array, num_pruned: jax.Array) -> jax.Array:
+    """The keep-mask pruning ``num_pruned`` entries, never an output unit's largest."""
+    units = weight.shape[-1] if weight.ndim >= 2 else 1
+    # Integer keys, not floats: XLA on CPU compares subnormal floats as zeros.
+    keys = magnitude_keys(weight).reshape(-1, units)
+    rows = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 0)
+    strongest = rows == jnp.argmax(keys, axis=0)[None, :]
+    protected = jnp.where(strongest, jnp.uint32(np.iinfo(np.uint32).max), keys)
+    return _keep_mask(protected, num_pruned).reshape(weight.shape)
 
 
 def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> list[jax.Array]:
