@@ -312,7 +312,7 @@ def route_activation(style: str, rng: np.random.Generator, shape) -> np.ndarray:
     return x.astype(np.float32)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     case=st.sampled_from(ROUTE_CASES),
     batch=st.sampled_from([(1,), (3,), (2, 5)]),

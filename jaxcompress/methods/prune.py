@@ -239,7 +239,7 @@ def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
     keep = unsharded(keep)
     if is_traced(weight) or is_traced(keep):
         kept_index = jnp.flatnonzero(keep.reshape(-1), size=nnz)
-        values = weight.reshape(-1)[kept_index]
+        values = _gather_exactly(weight.reshape(-1), kept_index)
     else:
         # One program per leaf shape, not per kept count: with a global threshold every
         # leaf keeps a different count, and compiling once per leaf dominated big models.
@@ -252,7 +252,19 @@ def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
 def _kept_values_first(weight: jax.Array, keep: jax.Array) -> jax.Array:
     """``weight``'s kept values in row-major order, then filler up to the full size."""
     kept_index = jnp.flatnonzero(keep.reshape(-1), size=keep.size, fill_value=0)
-    return weight.reshape(-1)[kept_index]
+    return _gather_exactly(weight.reshape(-1), kept_index)
+
+
+def _gather_exactly(values: jax.Array, index: jax.Array) -> jax.Array:
+    """``values[index]`` gathered as bit patterns.
+
+    XLA partitions a gather from a sharded operand into masked gathers and a sum over
+    the devices; as floats that sum flushes subnormals to zero (on CPU) and turns
+    -0.0 into +0.0, as unsigned integers it is exact.
+    """
+    uint = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[values.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(values, uint)[index]
+    return jax.lax.bitcast_convert_type(bits, values.dtype)
 
 
 def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
@@ -582,10 +594,11 @@ def prune(
             supported with ``importance="sparsegpt"`` or ``comparison="output"``.
             A global threshold never empties a layer's output unit (an index of its
             last axis, a column of its matrix view), which would leave that output
-            constant and a later stage nothing to compress: with magnitudes, each
-            unit's largest ``|w|`` is kept and the leaf prunes that many fewer
-            entries (only where a unit would otherwise be emptied, so "pruned" in its
-            stats can be below its share); with Wanda scores it raises naming the leaf.
+            constant and a later stage nothing to compress: with magnitudes, where a
+            leaf's share would empty a unit, each of its units' largest ``|w|`` is
+            kept and the share is pruned from the rest (at most the leaf's size less
+            its units, so "pruned" in its stats can be below its share); with Wanda
+            scores it raises naming the leaf.
         importance: which entries go:
 
             * ``"magnitude"``: the smallest ``|w|`` (ties by row-major index).
