@@ -221,7 +221,7 @@ SHARDED_CASES = [
 ]
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     case=st.sampled_from(SHARDED_CASES),
     dtype=st.sampled_from([np.float32, jnp.bfloat16]),
