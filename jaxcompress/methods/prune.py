@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -12,6 +13,7 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 
 from jaxcompress.arrays import Sparse
 from jaxcompress.arrays.lowrank import matrix_shape
@@ -237,7 +239,7 @@ def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
     keep = unsharded(keep)
     if is_traced(weight) or is_traced(keep):
         kept_index = jnp.flatnonzero(keep.reshape(-1), size=nnz)
-        values = weight.reshape(-1)[kept_index]
+        values = _gather_exactly(weight.reshape(-1), kept_index)
     else:
         # One program per leaf shape, not per kept count: with a global threshold every
         # leaf keeps a different count, and compiling once per leaf dominated big models.
@@ -250,7 +252,19 @@ def sparse_from_mask(weight: jax.Array, keep: jax.Array, nnz: int) -> Sparse:
 def _kept_values_first(weight: jax.Array, keep: jax.Array) -> jax.Array:
     """``weight``'s kept values in row-major order, then filler up to the full size."""
     kept_index = jnp.flatnonzero(keep.reshape(-1), size=keep.size, fill_value=0)
-    return weight.reshape(-1)[kept_index]
+    return _gather_exactly(weight.reshape(-1), kept_index)
+
+
+def _gather_exactly(values: jax.Array, index: jax.Array) -> jax.Array:
+    """``values[index]`` gathered as bit patterns.
+
+    XLA partitions a gather from a sharded operand into masked gathers and a sum over
+    the devices; as floats that sum flushes subnormals to zero (on CPU) and turns
+    -0.0 into +0.0, as unsigned integers it is exact.
+    """
+    uint = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[values.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(values, uint)[index]
+    return jax.lax.bitcast_convert_type(bits, values.dtype)
 
 
 def magnitude_sparse(weight: jax.Array, num_pruned: int) -> Sparse:
@@ -405,12 +419,26 @@ def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> t
     kept_per_unit = jnp.any(sparse.keep_mask().reshape(-1, units), axis=0)
     if bool(jnp.all(kept_per_unit)):
         return sparse, num_pruned
-    magnitudes = jnp.abs(unsharded(weight).astype(jnp.float32)).reshape(-1, units)
-    strongest = jnp.argmax(magnitudes, axis=0)
-    protected = magnitudes.at[strongest, jnp.arange(units)].set(jnp.inf)
-    num_pruned = min(num_pruned, magnitudes.size - units)
-    keep = magnitude_keep_mask(protected.reshape(weight.shape), num_pruned)
-    return sparse_from_mask(weight, keep, magnitudes.size - num_pruned), num_pruned
+    weight = unsharded(weight)
+    num_pruned = min(num_pruned, weight.size - units)
+    mesh = getattr(weight.sharding, "mesh", None)
+    explicit = isinstance(mesh, jax.sharding.Mesh) and AxisType.Explicit in mesh.axis_types
+    # Eager programs on a weight with Explicit mesh axes need that mesh in context.
+    with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+        keep = _keep_strongest_per_unit(weight, jnp.asarray(num_pruned, _int_dtype()))
+    return sparse_from_mask(weight, keep, weight.size - num_pruned), num_pruned
+
+
+@jax.jit
+def _keep_strongest_per_unit(weight: jax.Array, num_pruned: jax.Array) -> jax.Array:
+    """The keep-mask pruning ``num_pruned`` entries, never an output unit's largest."""
+    units = weight.shape[-1] if weight.ndim >= 2 else 1
+    # Integer keys, not floats: XLA on CPU compares subnormal floats as zeros.
+    keys = magnitude_keys(weight).reshape(-1, units)
+    rows = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 0)
+    strongest = rows == jnp.argmax(keys, axis=0)[None, :]
+    protected = jnp.where(strongest, jnp.uint32(np.iinfo(np.uint32).max), keys)
+    return _keep_mask(protected, num_pruned).reshape(weight.shape)
 
 
 def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> list[jax.Array]:
@@ -572,10 +600,11 @@ def prune(
             supported with ``importance="sparsegpt"`` or ``comparison="output"``.
             A global threshold never empties a layer's output unit (an index of its
             last axis, a column of its matrix view), which would leave that output
-            constant and a later stage nothing to compress: with magnitudes, each
-            unit's largest ``|w|`` is kept and the leaf prunes that many fewer
-            entries (only where a unit would otherwise be emptied, so "pruned" in its
-            stats can be below its share); with Wanda scores it raises naming the leaf.
+            constant and a later stage nothing to compress: with magnitudes, where a
+            leaf's share would empty a unit, each of its units' largest ``|w|`` is
+            kept and the share is pruned from the rest (at most the leaf's size less
+            its units, so "pruned" in its stats can be below its share); with Wanda
+            scores it raises naming the leaf.
         importance: which entries go:
 
             * ``"magnitude"``: the smallest ``|w|`` (ties by row-major index).

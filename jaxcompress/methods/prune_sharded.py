@@ -211,6 +211,21 @@ def below_and_tied(
     )(weight, threshold)
 
 
+_UINTS = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def _to_bits(x: jax.Array) -> jax.Array:
+    """``x``'s bit patterns as unsigned integers of at least 32 bits."""
+    bits = jax.lax.bitcast_convert_type(x, _UINTS[x.dtype.itemsize])
+    return bits.astype(jnp.uint32) if x.dtype.itemsize < 4 else bits
+
+
+def _from_bits(bits: jax.Array, dtype: np.dtype) -> jax.Array:
+    """The inverse of :func:`_to_bits`."""
+    uint = _UINTS[np.dtype(dtype).itemsize]
+    return jax.lax.bitcast_convert_type(bits.astype(uint), dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("nnz", "mesh", "spec"))
 def _sharded_sparse(weight: jax.Array, num_pruned: jax.Array, *, nnz: int, mesh, spec):
     shape = tuple(weight.shape)
@@ -251,10 +266,14 @@ def _sharded_sparse(weight: jax.Array, num_pruned: jax.Array, *, nnz: int, mesh,
         rank = before + jnp.cumsum(kept, axis=-1) - kept
         slots = -(-nnz // shards) * shards
         target = jnp.where(keep, rank, slots).reshape(-1)
-        values = jnp.zeros(slots, block.dtype).at[target].set(block.reshape(-1), mode="drop")
+        # Summed as bit patterns: every slot is set on one device only, and a float sum
+        # would flush subnormals to zero (XLA on CPU) and turn -0.0 into +0.0.
+        bits = _to_bits(block.reshape(-1))
+        values = jnp.zeros(slots, bits.dtype).at[target].set(bits, mode="drop")
         if nnz % shards:
-            return packed, jax.lax.psum(values, axes)[:nnz]
-        return packed, jax.lax.psum_scatter(values, axes, scatter_dimension=0, tiled=True)
+            return packed, _from_bits(jax.lax.psum(values, axes)[:nnz], block.dtype)
+        summed = jax.lax.psum_scatter(values, axes, scatter_dimension=0, tiled=True)
+        return packed, _from_bits(summed, block.dtype)
 
     values_spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
     packed, values = jax.shard_map(

@@ -77,6 +77,24 @@ def prefix_sum(x: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros((1,), x.dtype), total])
 
 
+def bin_width(low: jax.Array, high: jax.Array, bins: int) -> jax.Array:
+    """The width of ``bins`` equal bins over ``[low, high]``, never below the smallest
+    normal float.
+
+    XLA on CPU flushes subnormal floats to zero, so a width of ``range / bins`` for a
+    range below ``bins`` times the smallest normal float would divide by zero (the
+    histogram then made NaN centroids on values of about 1e-36).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(bin_width(jnp.float32(0.0), jnp.float32(1.0), 4))
+        0.25
+        >>> float(bin_width(jnp.float32(0.0), jnp.float32(1e-36), 2**14)) > 0
+        True
+    """
+    return jnp.maximum((high - low) / bins, jnp.finfo(jnp.result_type(low)).tiny)
+
+
 def _segment_edges(sorted_y: jax.Array, centroids: jax.Array) -> jax.Array:
     """Start of each cluster's run in ``sorted_y`` (``k + 1`` edges, first 0, last n)."""
     n = sorted_y.shape[0]
@@ -236,7 +254,7 @@ def _weighted_points(sorted_y: jax.Array) -> tuple[jax.Array, jax.Array]:
         return sorted_y, jnp.ones_like(sorted_y)
     bins = OPTIMAL_POINTS
     low, high = sorted_y[0], sorted_y[-1]
-    width = jnp.maximum(high - low, jnp.finfo(sorted_y.dtype).tiny) / bins
+    width = bin_width(low, high, bins)
     which = jnp.clip(jnp.floor((sorted_y - low) / width), 0, bins - 1).astype(jnp.int32)
     counts = jax.ops.segment_sum(jnp.ones_like(sorted_y), which, bins, indices_are_sorted=True)
     sums = jax.ops.segment_sum(sorted_y, which, bins, indices_are_sorted=True)
@@ -431,7 +449,7 @@ def _histogram(x: jax.Array, bins: int, count: jax.Array | None = None):
     a sharded ``x`` is binned shard by shard (:func:`_reduce_blocks`).
     """
     low, high = jnp.min(x), jnp.max(x)
-    width = jnp.maximum(high - low, jnp.finfo(x.dtype).tiny) / bins
+    width = bin_width(low, high, bins)
 
     def block_sums(block, low, width):
         which, offset = _bin_of(block, low, width, bins)
@@ -654,7 +672,7 @@ def assign_fast(
     centroids = centroids.astype(jnp.float32)
     boundaries = (centroids[:-1] + centroids[1:]) * 0.5
     bins, span = _ASSIGN_BINS, _ASSIGN_SPAN
-    width = jnp.maximum(high - low, jnp.finfo(jnp.float32).tiny) / bins
+    width = bin_width(low, high, bins)
     edges = low + jnp.arange(bins + 1, dtype=jnp.float32) * width
     # A margin covers rounding in the bin index of values near an edge.
     margin = width * 0.01

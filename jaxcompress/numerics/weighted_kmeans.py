@@ -29,6 +29,7 @@ import numpy as np
 from jaxcompress.numerics.kmeans1d import (
     OPTIMAL_POINTS,
     assign,
+    bin_width,
     exact_codebook,
     initial_centroids,
     kmeans_plus_plus,
@@ -147,7 +148,7 @@ def weighted_points(sorted_y: jax.Array, sorted_w: jax.Array) -> tuple[jax.Array
         return sorted_y, sorted_w
     bins = OPTIMAL_POINTS
     low, high = sorted_y[0], sorted_y[-1]
-    width = jnp.maximum(high - low, jnp.finfo(sorted_y.dtype).tiny) / bins
+    width = bin_width(low, high, bins)
     which = jnp.clip(jnp.floor((sorted_y - low) / width), 0, bins - 1).astype(jnp.int32)
     mass = jax.ops.segment_sum(sorted_w, which, bins, indices_are_sorted=True)
     sums = jax.ops.segment_sum(sorted_w * sorted_y, which, bins, indices_are_sorted=True)

@@ -518,9 +518,12 @@ def accelerate(
     *args)``.
 
     Accuracy against ``apply_fn(materialize(params), *args)``: the ``factored``,
-    ``blocked`` and ``dequantize`` routes agree to float32 rounding (relative error
-    about 1e-6 of the output's scale). The ``int8`` route also rounds each activation
-    row to int8 (and ``prepare`` puts a clustered codebook on an int8 grid): the
+    ``blocked`` and ``dequantize`` routes agree to float32 rounding of their sums
+    (relative to ``|x| @ |W|``, about 1e-6 of the output's scale). The ``int8`` route
+    also rounds each activation row to int8, which moves each product entry by at
+    most ``max|x_row| / 254 * sum_k |W_kn|`` (and ``prepare`` puts a clustered
+    codebook on an int8 grid, moving each weight by at most ``max|codebook| / 254``;
+    ``tests/test_fast_paths_more.py`` checks these bounds): the
     3-layer MLP of ``tests/test_accelerate.py`` stays within 3 % relative error of the
     materialized output, and MiniLM-L6's sentence embeddings keep a mean cosine of
     0.9956 to the dense ones against 0.9992 with float activations

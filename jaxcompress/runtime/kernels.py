@@ -105,7 +105,10 @@ def int8_quantized(x: jax.Array, leaf: QuantizedMatrix, *, min_rows: int = 1) ->
         acc = _int_dot(x_codes, leaf.codes)
     y = acc.astype(jnp.float32) * x_scale * leaf.scale
     if leaf.offset is not None:
-        y = y - _offset_term(x, leaf, leaf.offset)
+        # With the rounded activations, as the codes' share has them: then the result
+        # is the product of the rounded activations and W itself, so the rounding costs
+        # at most half a step times sum |W|, not times the larger sum |codes * scale|.
+        y = y - _offset_term(x_codes.astype(jnp.float32) * x_scale, leaf, leaf.offset)
     return y[:rows]
 
 
