@@ -45,7 +45,9 @@ fastest accurate one of that round is not repeated ("1 run"; it cannot be the
 fastest). The speed ratio is the fastest accurate solver's time over ours.
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/pca_vs_sklearn.py``
-(``--repeats N``; ``--spectra flat offset`` for a subset).
+(``--repeats N``; ``--spectra flat offset`` for a subset; ``--name`` another results
+file, e.g. for a run under ``taskset -c 0``, one core for both sides, whose ratios
+suffer less from other jobs on a shared machine than multithreaded ones).
 """
 
 from __future__ import annotations
@@ -316,7 +318,9 @@ def report(rows: list[dict], repeats: int) -> str:
             "",
             f"Load average while writing (1, 5, 15 min): {load[0]:.1f}, {load[1]:.1f}, "
             f"{load[2]:.1f} on {os.cpu_count()} CPUs, shared with other jobs; timings are "
-            "minima of interleaved calls, but a loaded machine still makes them noisy.",
+            "minima of interleaved calls, but a loaded machine still makes them noisy. "
+            f"CPUs this process may run on: {sorted(os.sched_getaffinity(0))} (a run "
+            "under `taskset -c 0` pins every thread of both sides to one core).",
         ]
     )
 
@@ -325,10 +329,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--spectra", nargs="+", choices=SPECTRA, default=list(SPECTRA))
+    parser.add_argument("--name", default="pca_vs_sklearn", help="results file name")
     args = parser.parse_args()
     rows = [run_case(kind, args.repeats) for kind in args.spectra]
     path = write(
-        name="pca_vs_sklearn",
+        name=args.name,
         title="PCA: jaxcompress pca_fit vs scikit-learn PCA, per spectrum",
         command=command(__file__, sys.argv[1:]),
         body_markdown=report(rows, args.repeats),
