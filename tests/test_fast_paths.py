@@ -112,6 +112,20 @@ def test_auto_falls_back_on_the_issue_case():
     assert_within_guarantee(x, 50, result)
 
 
+def test_covariance_krylov_retries_under_jit():
+    # 3000 x 600, k = 40: the Krylov space (3 blocks of 48) is built from the covariance,
+    # and variances 0.93^i fall just short of converging in it. The retry with twice the
+    # space and the exact eigh reuse that covariance inside one jit call, so they run
+    # under the caller's jit too (before, a traced check went straight to the exact path).
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((600, 600)))[0]
+    scales = np.sqrt(0.93 ** np.arange(600.0))
+    x = ((rng.standard_normal((3000, 600)) * scales) @ basis.T).astype(np.float32)
+    result, check = jax.jit(lambda x: pca_fit_checked(x, 40, method="randomized"))(x)
+    assert check.path_name == "randomized, larger space"
+    assert_within_guarantee(x, 40, result)
+
+
 @pytest.mark.parametrize("kind", ["flat", "power-law"])
 def test_wide_sketch_path_is_certified(kind):
     x = spectrum_data(200, 600, kind, seed=1)

@@ -652,30 +652,74 @@ def _pca_krylov_data(
     return result, check
 
 
-@functools.partial(jax.jit, static_argnames=("k", "center", "block", "blocks"))
+@functools.partial(
+    jax.jit, static_argnames=("k", "center", "block", "sizes", "first_path", "certify")
+)
 def _pca_krylov_covariance(
-    x: jax.Array, key: jax.Array, k: int, center: bool, block: int, blocks: int
-) -> tuple[PCAResult, tuple[jax.Array, jax.Array, jax.Array]]:
-    """Randomized block Krylov on the ``d x d`` scatter matrix: one pass over ``x`` for
-    the (blocked) Gram matrix, then ``blocks`` products of ``O(d² block)`` each, a
-    Rayleigh-Ritz step instead of a full ``O(d³)`` eigh, and one more product for the
-    residuals of the certificate."""
-    n, d = x.shape
+    x: jax.Array,
+    key: jax.Array,
+    k: int,
+    center: bool,
+    block: int,
+    sizes: tuple[int, ...],
+    first_path: int,
+    certify: bool,
+) -> tuple[PCAResult, PCACheck, jax.Array]:
+    """Randomized block Krylov on the ``d x d`` scatter matrix, with the whole fallback
+    ladder on that one matrix: ``(result, check, finite)``.
+
+    One pass over ``x`` for the (blocked) Gram matrix, then for each attempt ``blocks``
+    products of ``O(d² block)`` each, a Rayleigh-Ritz step instead of a full ``O(d³)``
+    eigh, and one more product for the residuals of the certificate. ``sizes`` are the
+    block counts to try in order (``PCACheck.path`` ``first_path``, ``first_path + 1``,
+    …); a later one runs only when the previous bound was within ``_RETRY_FACTOR`` of
+    the tolerance. When every attempt fails, the exact ``eigh`` runs on the same
+    scatter: the Gram matrix, the dominant cost at ``n >> d``, is never computed twice.
+    With ``certify=False`` the first attempt is returned unchecked.
+    """
+    n, _ = x.shape
     xc, mean = _center(x, center)
     scatter = blocked_gram(xc)
-    v = _orthonormal(jax.random.normal(key, (d, block), x.dtype))
-    vs, images = [], []
-    for i in range(blocks):
-        vs.append(v)
-        images.append(_mm(scatter, v))
-        if i + 1 < blocks:
-            v = _next_block(images[-1], vs)
-    basis = jnp.concatenate(vs, axis=1)
-    t = _mm(basis.T, jnp.concatenate(images, axis=1))
     total = jnp.trace(scatter)
-    result, values, vectors = _ritz(basis, t, k, n, total, mean)
-    check = _certify(values, vectors, _mm(scatter, vectors), k, jnp.isfinite(total))
-    return result, check
+    finite = jnp.isfinite(total)
+    start = _orthonormal(jax.random.normal(key, (scatter.shape[0], block), x.dtype))
+
+    def attempt(i: int) -> tuple[PCAResult, PCACheck, jax.Array]:
+        v, vs, images = start, [], []
+        for j in range(sizes[i]):
+            vs.append(v)
+            images.append(_mm(scatter, v))
+            if j + 1 < sizes[i]:
+                v = _next_block(images[-1], vs)
+        basis = jnp.concatenate(vs, axis=1)
+        t = _mm(basis.T, jnp.concatenate(images, axis=1))
+        result, values, vectors = _ritz(basis, t, k, n, total, mean)
+        bound, residual, passed = _certify(values, vectors, _mm(scatter, vectors), k, finite)
+        path = jnp.asarray(first_path + i, jnp.int32)
+        return result, PCACheck(path=path, error_bound=bound, max_residual=residual), passed
+
+    def exact(check: PCACheck) -> tuple[PCAResult, PCACheck]:
+        path = jnp.asarray(len(PCA_PATHS) - 1, jnp.int32)
+        cov = scatter / (n - 1)
+        return _pca_from_covariance(cov, jnp.asarray(n, x.dtype), mean, k), dataclasses.replace(
+            check, path=path
+        )
+
+    def ladder(i: int) -> tuple[PCAResult, PCACheck]:
+        result, check, passed = attempt(i)
+        if not certify:
+            return result, check
+        if i + 1 < len(sizes):
+            near = check.error_bound <= _RETRY_FACTOR * _CERTIFY_RTOL
+            failed = functools.partial(
+                jax.lax.cond, near, lambda: ladder(i + 1), lambda: exact(check)
+            )
+        else:
+            failed = functools.partial(exact, check)
+        return jax.lax.cond(passed, lambda: (result, check), failed)
+
+    result, check = ladder(0)
+    return result, check, finite
 
 
 def pca_fit(
@@ -716,9 +760,12 @@ def pca_fit(
       component within ``sin∠ ≤ rᵢ / gapᵢ`` of the exact one (Davis-Kahan). A result
       that fails is recomputed with a space (or ``n_iter``) twice as large when its
       bound is within 100x of the tolerance, else, or if that fails too, by the exact
-      path. Flat spectra (no decay past ``k``) thus cost a randomized attempt plus
-      the exact path. Under :func:`jax.jit` there is no retry: the exact path runs
-      (inside a ``lax.cond``) when the check fails.
+      path. When the space is built from the covariance, the retry and the exact
+      ``eigh`` reuse that covariance (one ``jit`` call, ``lax.cond`` between the
+      steps): flat spectra (no decay past ``k``) then cost the exact path plus a
+      Krylov attempt on the ``d x d`` matrix, not a second pass over ``x``. Under
+      :func:`jax.jit` the attempts on the data are not retried: the exact path runs
+      (inside a ``lax.cond``) when their check fails.
     * ``"auto"`` -- ``"full"`` when ``max(n, d) <= 500`` or ``k >= 0.8 min(n, d)``
       (scikit-learn's rule), and also when ``n >= d``, the Krylov space has more
       than ``d / 2`` columns and would be built from the covariance (e.g. ``k = 256``,
@@ -833,7 +880,8 @@ def _pca(
         _check_finite(name, "x", finite)
         return result, _exact_check(x.dtype)
     key = jax.random.key(0) if key is None else key
-    attempts = _attempts(n, d, k, int(n_oversamples), n_iter)
+    attempts, ladder = _attempts(n, d, k, int(n_oversamples), n_iter)
+    check = _exact_check(x.dtype)
     for path, attempt in enumerate(attempts, start=1):
         result, (error_bound, max_residual, passed) = attempt(x, key, k, center)
         check = PCACheck(
@@ -851,6 +899,14 @@ def _pca(
             return result, check
         if not float(error_bound) <= _RETRY_FACTOR * _CERTIFY_RTOL:
             break  # far from converged: the exact path is cheaper than growing the space
+    else:
+        if ladder is not None:
+            block, sizes = ladder
+            result, check, finite = _pca_krylov_covariance(
+                x, key, k, center, block, sizes, len(attempts) + 1, certify
+            )
+            _check_finite(name, "x", finite)
+            return result, check
     result, finite = _pca_exact(x, k, center)
     _check_finite(name, "x", finite)
     return result, dataclasses.replace(check, path=jnp.asarray(len(PCA_PATHS) - 1, jnp.int32))
@@ -873,28 +929,35 @@ def _pca_exact(x: jax.Array, k: int, center: bool) -> tuple[PCAResult, jax.Array
     return _pca_covariance(x, k, center) if n > d else _pca_svd(x, k, center)
 
 
-def _attempts(n: int, d: int, k: int, n_oversamples: int, n_iter: int | None) -> list[Any]:
+def _attempts(
+    n: int, d: int, k: int, n_oversamples: int, n_iter: int | None
+) -> tuple[list[Any], tuple[int, tuple[int, ...]] | None]:
     """The randomized attempts, in order: the default (or asked-for) size, then one twice
-    as large when that is still well below an exact eigendecomposition's cost."""
+    as large when that is still well below an exact eigendecomposition's cost.
+
+    Returns ``(attempts, ladder)``: the attempts that pass over ``x`` (each returns
+    ``(result, (error_bound, max_residual, passed))``), then ``(block, sizes)`` of the
+    Krylov attempts on the ``d x d`` scatter, which run last, in one call, with the
+    exact fallback on the same scatter (``None`` when there are none).
+    """
     if n >= d:
         block, blocks = krylov_shape(k, d, n_iter)
         sizes = [blocks]
         if block * 2 * blocks <= _AUTO_KRYLOV_FRACTION * d:
             sizes.append(2 * blocks)
-        return [
-            functools.partial(
-                _pca_krylov_data if krylov_on_data(n, d, block, size) else _pca_krylov_covariance,
-                block=block,
-                blocks=size,
-            )
-            for size in sizes
+        on_data = [size for size in sizes if krylov_on_data(n, d, block, size)]
+        # krylov_on_data holds for the smaller sizes first: the data attempts lead.
+        on_covariance = tuple(sizes[len(on_data) :])
+        attempts = [
+            functools.partial(_pca_krylov_data, block=block, blocks=size) for size in on_data
         ]
+        return attempts, ((block, on_covariance) if on_covariance else None)
     width = min(k + n_oversamples, n, d)
     iterations = (7 if k < 0.1 * min(n, d) else 4) if n_iter is None else n_iter
     return [
         functools.partial(_pca_sketch_data, width=width, n_iter=it)
         for it in (iterations, 2 * iterations + 1)
-    ]
+    ], None
 
 
 def _stat_dtype(*arrays: Any) -> Any:
