@@ -1,4 +1,9 @@
-"""The compress, inspect, export and bench subcommands, run as real subprocesses."""
+"""The compress, inspect, export and bench subcommands.
+
+The round trip and the bench script run as real subprocesses (``python -m``, the entry
+point a user runs); the error paths, help and listings call ``main(argv)`` in-process,
+which takes the same path without paying a Python and jax start-up for each call.
+"""
 
 import json
 import subprocess
@@ -12,6 +17,7 @@ import pytest
 from flax import serialization
 
 import jaxcompress as jc
+from jaxcompress.cli.main import main
 from jaxcompress.cli.recipes import RecipeError, parse_recipe
 from jaxcompress.examples.models import LeNet300100
 from jaxcompress.io.checkpoints import read_checkpoint
@@ -31,9 +37,19 @@ where = ["dense1", "dense2"]
 """
 
 
-def _cli(*args, cwd=None):
+def _cli(*args):
     command = [sys.executable, "-m", "jaxcompress.cli.main", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _in_process(capsys, *args):
+    """``main(argv)`` here, as (exit status, stdout, stderr); argparse's exits included."""
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as stop:
+        code = 0 if stop.code is None else stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +121,11 @@ def test_compress_inspect_export_round_trip(checkpoint, lenet_params, tmp_path):
         ("[settings]\nx = 1\n", "unknown table 'settings'"),
     ],
 )
-def test_bad_recipes_name_the_line_and_write_nothing(checkpoint, tmp_path, recipe, message):
+def test_bad_recipes_name_the_line_and_write_nothing(checkpoint, tmp_path, capsys, recipe, message):
     (tmp_path / "recipe.toml").write_text(recipe)
     out = tmp_path / "out.jxc"
-    run = _cli(
+    code, _, err = _in_process(
+        capsys,
         "compress",
         checkpoint / "lenet.safetensors",
         "--recipe",
@@ -116,16 +133,17 @@ def test_bad_recipes_name_the_line_and_write_nothing(checkpoint, tmp_path, recip
         "-o",
         out,
     )
-    assert run.returncode == 2
-    assert message in run.stderr, run.stderr
+    assert code == 2
+    assert message in err, err
     assert not out.exists()
     with pytest.raises(RecipeError):
         parse_recipe(recipe, source="recipe.toml")
 
 
-def test_compress_on_a_non_checkpoint_says_what_it_expected(checkpoint, tmp_path):
+def test_compress_on_a_non_checkpoint_says_what_it_expected(checkpoint, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not weights")
-    run = _cli(
+    code, _, err = _in_process(
+        capsys,
         "compress",
         tmp_path / "notes.txt",
         "--recipe",
@@ -133,11 +151,11 @@ def test_compress_on_a_non_checkpoint_says_what_it_expected(checkpoint, tmp_path
         "-o",
         tmp_path / "o.jxc",
     )
-    assert run.returncode == 2
-    assert "not a checkpoint; expected a jaxcompress file (.jxc), a safetensors file" in run.stderr
+    assert code == 2
+    assert "not a checkpoint; expected a jaxcompress file (.jxc), a safetensors file" in err
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
-    run = _cli("inspect", tmp_path / "bad.safetensors")
-    assert run.returncode == 2 and "not a jaxcompress file" in run.stderr
+    code, _, err = _in_process(capsys, "inspect", tmp_path / "bad.safetensors")
+    assert code == 2 and "not a jaxcompress file" in err
     assert not (tmp_path / "o.jxc").exists()
 
 
@@ -157,26 +175,28 @@ def test_read_checkpoint_reads_every_format(tmp_path, lenet_params):
         read_checkpoint(tmp_path / "missing.safetensors")
 
 
-def test_help_reads_like_documentation():
-    run = _cli("--help")
-    assert run.returncode == 0
+def test_help_reads_like_documentation(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps as in a pipe, whatever the terminal
+    code, out, _ = _in_process(capsys, "--help")
+    assert code == 0
     for command in ("demo", "compress", "inspect", "export", "bench"):
-        assert command in run.stdout
-    run = _cli("compress", "--help")
-    assert "[[transform]]" in run.stdout and "--recipe" in run.stdout
-    assert "entropy bound" in _cli("inspect", "--help").stdout
-    assert "OPENBLAS_CORETYPE" in _cli("bench", "--help").stdout
+        assert command in out
+    _, out, _ = _in_process(capsys, "compress", "--help")
+    assert "[[transform]]" in out and "--recipe" in out
+    assert "entropy bound" in _in_process(capsys, "inspect", "--help")[1]
+    assert "OPENBLAS_CORETYPE" in _in_process(capsys, "bench", "--help")[1]
 
 
-def test_bench_lists_the_suite_and_rejects_unknown_names(tmp_path):
-    run = _cli("bench", "--list")
-    assert run.returncode == 0, run.stderr
-    assert "quantizers" in run.stdout and "kmeans_vs_sklearn" in run.stdout
-    run = _cli("bench", "no_such_benchmark")
-    assert run.returncode == 2 and "unknown benchmark 'no_such_benchmark'" in run.stderr
-    run = _cli("bench", "--list", cwd=tmp_path)  # falls back to the checkout's folder
-    assert run.returncode == 0 and "quantizers" in run.stdout
-    listed = json.loads(_cli("bench", "--list", "--json").stdout)
+def test_bench_lists_the_suite_and_rejects_unknown_names(tmp_path, capsys, monkeypatch):
+    code, out, err = _in_process(capsys, "bench", "--list")
+    assert code == 0, err
+    assert "quantizers" in out and "kmeans_vs_sklearn" in out
+    code, _, err = _in_process(capsys, "bench", "no_such_benchmark")
+    assert code == 2 and "unknown benchmark 'no_such_benchmark'" in err
+    monkeypatch.chdir(tmp_path)  # no benchmarks/ here: falls back to the checkout's folder
+    code, out, _ = _in_process(capsys, "bench", "--list")
+    assert code == 0 and "quantizers" in out
+    listed = json.loads(_in_process(capsys, "bench", "--list", "--json")[1])
     assert "deep_compression" in listed["benchmarks"]
 
 
@@ -201,15 +221,15 @@ def test_bench_runs_a_script_and_reports_json(tmp_path):
     assert "noise on stdout" in run.stderr
 
 
-def test_inspect_exits_non_zero_on_a_damaged_file(tmp_path):
+def test_inspect_exits_non_zero_on_a_damaged_file(tmp_path, capsys):
     path = tmp_path / "w.jxc"
     jc.save(path, {"w": jnp.arange(64.0)}, entropy=False)
     data = bytearray(path.read_bytes())
     data[16 + 10] ^= 1  # one bit of the first buffer; the header is intact
     path.write_bytes(bytes(data))
-    run = _cli("inspect", path)
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
+    code, _, err = _in_process(capsys, "inspect", path)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "checksum mismatch in buffer 0" in lines[0]
     with pytest.raises(jc.FileFormatError, match="checksum"):
         jc.inspect_file(path, verify=True)
