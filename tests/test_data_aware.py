@@ -92,19 +92,36 @@ def test_gptq_output_error_is_below_round_to_nearest(bits, group_size):
     np.testing.assert_allclose(float(stats["w"]["damping"]), 0.01 * np.mean(np.diag(gram)), 1e-5)
 
 
+def _reference_absmax_scale(rows, half):
+    """Symmetric absmax scale per column: the finer unclipped step of the 2**b-level grid
+    (its sign puts the extra level on the larger side), or the old max|w| / (half - 1)
+    where that rounds the column with less squared error."""
+    low, high = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
+    long_side, short_side = np.float32(1.0 / half), np.float32(1.0 / (half - 1))
+    negative_long = np.maximum(-low * long_side, high * short_side)
+    positive_long = np.maximum(high * long_side, -low * short_side)
+    new = np.where(negative_long <= positive_long, negative_long, -positive_long)
+    old = np.maximum(-low, high) * short_side
+
+    def error(scale):
+        q = np.clip(np.round(rows / scale), -half, half - 1) * scale
+        return np.sum(np.square(q - rows), axis=0)
+
+    return np.where(error(old) < error(new), old, new)
+
+
 def _reference_gptq(w, gram, *, bits, group_size, damp):
     """Plain GPTQ, one row at a time, no blocks: symmetric absmax, groups from current rows."""
     w = w.astype(np.float32).copy()
     m, n = w.shape
     h = gram.astype(np.float64) + damp * np.mean(np.diag(gram)) * np.eye(m)
     upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    qmax = 2 ** (bits - 1) - 1
+    half = 2 ** (bits - 1)
     restored = np.zeros_like(w)
     for i in range(m):
         if i % group_size == 0:
-            high = np.max(np.abs(w[i : i + group_size]), axis=0)
-            scale = high * np.float32(1.0 / qmax)
-        q = np.clip(np.round(w[i] / scale), -qmax, qmax) * scale
+            scale = _reference_absmax_scale(w[i : i + group_size], half)
+        q = np.clip(np.round(w[i] / scale), -half, half - 1) * scale
         restored[i] = q
         w[i + 1 :] -= np.outer(upper[i, i + 1 :], (w[i] - q) / upper[i, i])
     return restored

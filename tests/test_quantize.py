@@ -65,11 +65,12 @@ def test_absmax_round_trip_error_is_at_most_half_a_step(bits, symmetric, layout)
     assert dense.shape == weight.shape and dense.dtype == np.float32
     step = _per_entry(q.scale, weight.shape, layout["axis"], layout.get("group_size"))
     error = np.abs(dense - np.asarray(weight))
-    assert np.all(error <= step / 2 * (1 + 1e-5) + 1e-6)
+    # A symmetric scale may be negative: its sign picks the side of the extra level.
+    assert np.all(error <= np.abs(step) / 2 * (1 + 1e-5) + 1e-6)
     codes = np.asarray(unpack(q.codes, bits, weight.shape[-1]))
     assert codes.shape == weight.shape and codes.max() < 2**bits
     if symmetric:
-        assert q.zero_point is None and codes.min() >= 1
+        assert q.zero_point is None
     # The decode formula, computed independently from the stored children.
     zero = (
         2 ** (bits - 1)
@@ -348,7 +349,7 @@ def test_property_error_bound(weight, bits, symmetric, per_channel):
     step = _per_entry(q.scale, weight.shape, axis, None)
     scale_of_values = np.abs(np.asarray(weight)).max() + 1.0
     assert np.all(
-        np.abs(dense - np.asarray(weight)) <= step / 2 * (1 + 1e-5) + 1e-6 * scale_of_values
+        np.abs(dense - np.asarray(weight)) <= np.abs(step) / 2 * (1 + 1e-5) + 1e-6 * scale_of_values
     )
     codes = np.asarray(unpack(q.codes, bits, weight.shape[-1]))
     assert codes.max() < 2**bits

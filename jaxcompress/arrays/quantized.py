@@ -195,6 +195,13 @@ class Quantized(CompressedArray):
     there is one), computed in float32 and cast to ``dtype``. ``nbytes`` is the packed
     codes plus the scales, zero points and input scales.
 
+    Symmetric codes use all ``2**bits`` values: ``code - 2**(bits - 1)`` runs from
+    ``-2**(bits - 1)`` to ``2**(bits - 1) - 1``, code ``2**(bits - 1)`` is an exact zero,
+    and a negative scale mirrors the grid, so the extra level falls on the side of the
+    group's largest magnitude (for int4 a step of ``max|w| / 8``, not ``/ 7``). Files
+    written before this grid use codes ``1`` to ``2**bits - 1`` with positive scales and
+    decode as before.
+
     Example:
         >>> import jax.numpy as jnp
         >>> import jaxcompress as jc
@@ -203,8 +210,10 @@ class Quantized(CompressedArray):
         >>> q
         Quantized(shape=(2, 2), dtype=float32, bits=4, axis=None, group_size=None)
         >>> import numpy as np
-        >>> q.nbytes, np.round(np.asarray(q.materialize(), np.float64), 3).tolist()
-        (6, [[1.143, -1.714], [0.571, 4.0]])
+        >>> q.nbytes, q.scale.tolist()  # 4.0 is the largest magnitude: code 0, step 4 / 8
+        (6, [[-0.5]])
+        >>> np.asarray(q.materialize()).tolist()
+        [[1.0, -2.0], [0.5, 4.0]]
     """
 
     codes: jax.Array

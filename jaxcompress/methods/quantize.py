@@ -353,12 +353,18 @@ def quantize(
             contiguous groups of this size, one scale per (channel, group). With
             ``axis=None`` the whole flattened tensor is grouped. Must divide the
             entries per channel.
-        symmetric: ``True`` for ``2**bits - 1`` levels centred on an exact zero;
-            ``False`` for ``2**bits`` levels with a per-scale zero point.
+        symmetric: ``True`` for ``2**bits`` levels, ``-2**(bits-1)`` to
+            ``2**(bits-1) - 1`` steps, with an exact zero; the scale's sign puts the
+            extra level on the side of each group's largest magnitude (see
+            :class:`~jaxcompress.Quantized`). ``False`` for ``2**bits`` levels with a
+            per-scale zero point.
         calibration: how the clipping range is chosen per scale: ``"absmax"`` (full
-            range), ``"percentile"`` (the ``percentile``-th percentile of ``|w|``; the
-            lower/upper percentiles if asymmetric) or ``"mse"`` (the clipping ratio of
-            100 in ``(0, 1]`` with the least squared reconstruction error).
+            range, never clipped; symmetric, a group keeps the ``2**bits - 1``-level
+            step ``max|w| / (2**(bits-1) - 1)`` of earlier versions where that rounds
+            it better, so no group's error is above that grid's), ``"percentile"``
+            (the lower and upper ``percentile``-th percentiles) or ``"mse"`` (the
+            clipping ratio of 100 in ``(0, 1]`` with the least squared
+            reconstruction error).
         percentile: the percentile for ``calibration="percentile"``, in ``(50, 100]``.
         scale_dtype: float32, float16 or bfloat16; scales (and zero points) are
             stored, counted and decoded in it.

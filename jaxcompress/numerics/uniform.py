@@ -2,16 +2,24 @@
 
 For ``b`` bits:
 
-* **symmetric**: ``q = clip(round(w / s), -(2**(b-1) - 1), 2**(b-1) - 1)``, stored as the
-  unsigned code ``q + 2**(b-1)`` (so code 0 is unused and zero is exact); decoded as
-  ``(code - 2**(b-1)) * s``. ``2**b - 1`` levels.
+* **symmetric**: ``q = clip(round(w / s), -2**(b-1), 2**(b-1) - 1)``, stored as the
+  unsigned code ``q + 2**(b-1)`` and decoded as ``(code - 2**(b-1)) * s``: all ``2**b``
+  levels, with code ``2**(b-1)`` an exact zero. The grid has one more level on the
+  negative side of ``q``, and the scale's sign puts it on the side of the group's
+  largest magnitude: ``s = -w_max / 2**(b-1)`` when that entry is positive, so it is
+  code 0 exactly. The scale is the smallest ``|s|`` whose grid holds the clipping range
+  ``[low, high]`` (which always contains 0) unclipped; with ``calibration="absmax"`` a
+  group keeps the older ``2**b - 1``-level step ``max|w| / (2**(b-1) - 1)`` where that
+  rounds it with less squared error, so no group is worse than on that grid. (Files
+  written before this grid never use code 0 and have positive scales: they decode as
+  they always did.)
 * **asymmetric**: ``code = clip(round(w / s + z), 0, 2**b - 1)`` with a per-scale zero
   point ``z``; decoded as ``(code - z) * s``. ``2**b`` levels. The zero point is stored
   as a float in the scale dtype, so the grid may sit "midrise" (no level at zero),
   as the best uniform quantizer of a symmetric distribution does.
 
 Codes are computed with the stored (rounded) scale and zero point, so the round-trip
-error is at most ``s / 2`` per entry inside the clipping range for the stored ``s``.
+error is at most ``|s| / 2`` per entry inside the clipping range for the stored ``s``.
 A constant group (zero range) gets ``s = |c|`` (or 1 for ``c == 0``) and decodes
 exactly; nothing is ever divided by zero.
 
@@ -44,15 +52,15 @@ def encode(v, scale, zero, bits: int):
 
     Example:
         >>> import jax.numpy as jnp
-        >>> codes, inside = encode(jnp.array([-1.0, 0.4, 5.0]), 1.0, None, 2)
+        >>> codes, inside = encode(jnp.array([-2.0, 0.4, 5.0]), 1.0, None, 2)
         >>> codes.tolist(), inside.tolist()
-        ([1.0, 2.0, 3.0], [True, True, False])
+        ([0.0, 2.0, 3.0], [True, True, False])
     """
     if zero is None:
-        qmax = 2 ** (bits - 1) - 1
+        half = 2 ** (bits - 1)
         raw = jnp.round(v / scale)
-        clipped = jnp.clip(raw, -qmax, qmax)
-        return clipped + 2 ** (bits - 1), raw == clipped
+        clipped = jnp.clip(raw, -half, half - 1)
+        return clipped + half, raw == clipped
     raw = jnp.round(v / scale + zero)
     clipped = jnp.clip(raw, 0, 2**bits - 1)
     return clipped, raw == clipped
@@ -70,16 +78,32 @@ def decode(codes, scale, zero, bits: int):
     return (codes - offset) * scale
 
 
-def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
-    """Stored (rounded to ``scale_dtype``) scale and zero point for a clipping range."""
-    levels = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+def _signed_scale(low, high, *, bits: int):
+    """The symmetric grid's scale for a range ``low <= 0 <= high``, unclipped.
+
+    The grid spans ``[-2**(b-1), 2**(b-1) - 1]`` steps; a negative scale mirrors it, so
+    the longer side covers the range's larger end. Of the two orientations, the one
+    with the smaller step (the positive one on a tie, the old grid's scale for a range
+    symmetric about 0).
+    """
     # Multiplying by 1/levels (not dividing) gives the same float eagerly and under jit,
     # where XLA rewrites a division by a constant; QAT then converts with no drift.
-    inverse = np.float32(1.0 / levels)
-    scale = high * inverse if symmetric else (high - low) * inverse
+    long_side = np.float32(1.0 / 2 ** (bits - 1))
+    short_side = np.float32(1.0 / (2 ** (bits - 1) - 1))
+    negative_long = jnp.maximum(-low * long_side, high * short_side)
+    positive_long = jnp.maximum(high * long_side, -low * short_side)
+    return jnp.where(negative_long <= positive_long, negative_long, -positive_long)
+
+
+def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
+    """Stored (rounded to ``scale_dtype``) scale and zero point for a clipping range."""
+    if symmetric:
+        scale = _signed_scale(low, high, bits=bits)
+    else:
+        scale = (high - low) * np.float32(1.0 / (2**bits - 1))
     scale = scale.astype(scale_dtype).astype(jnp.float32)
     # A zero scale only arises for a zero range; the caller overrides those groups.
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    scale = jnp.where(scale != 0, scale, jnp.ones_like(scale))
     if symmetric:
         return scale, None
     zero = (-low / scale).astype(scale_dtype).astype(jnp.float32)
@@ -87,37 +111,57 @@ def _scale_zero(low, high, *, bits: int, symmetric: bool, scale_dtype):
 
 
 def _clip_range(v, axes, *, symmetric: bool, calibration: str, percentile: float):
-    """``(low, high)`` clipping range per group (``low`` unused when symmetric)."""
+    """``(low, high)`` clipping range per group; a symmetric one always holds 0."""
     if calibration == "percentile":
-        if symmetric:
-            high = jnp.percentile(jnp.abs(v), percentile, axis=axes, keepdims=True)
-            return -high, high
         low = jnp.percentile(v, 100.0 - percentile, axis=axes, keepdims=True)
         high = jnp.percentile(v, percentile, axis=axes, keepdims=True)
-        return low, high
-    low = jnp.min(v, axis=axes, keepdims=True)
-    high = jnp.max(v, axis=axes, keepdims=True)
+    else:
+        low = jnp.min(v, axis=axes, keepdims=True)
+        high = jnp.max(v, axis=axes, keepdims=True)
     if symmetric:
-        high = jnp.maximum(-low, high)
-        return -high, high
+        return jnp.minimum(low, 0.0), jnp.maximum(high, 0.0)
     return low, high
+
+
+def _shrink(low, high, ratio, *, symmetric: bool):
+    """The range ``[low, high]`` narrowed by ``ratio``: about 0 if symmetric, else its centre."""
+    if symmetric:
+        return ratio * low, ratio * high
+    center, half = (low + high) / 2, (high - low) / 2
+    return center - ratio * half, center + ratio * half
+
+
+def _squared_error(v, axes, scale, zero, bits: int):
+    """Per group, the squared error of rounding ``v`` to the grid of ``scale`` and ``zero``."""
+    codes = encode(v, scale, zero, bits)[0]
+    return jnp.sum(jnp.square(decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
+
+
+def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype):
+    """``scale``, or per group the old grid's ``max|w| / (2**(b-1) - 1)`` where that rounds better.
+
+    Both leave the range unclipped. The finer step of ``scale`` almost always wins, but
+    not for every group (at 8 bits the steps differ by under 1 %), and keeping the
+    better of the two makes no group's error exceed the 2**b - 1-level grid's.
+    """
+    old = jnp.maximum(-low, high) * np.float32(1.0 / (2 ** (bits - 1) - 1))
+    old = old.astype(scale_dtype).astype(jnp.float32)
+    old = jnp.where(old != 0, old, jnp.ones_like(old))
+    worse = _squared_error(v, axes, old, None, bits) < _squared_error(v, axes, scale, None, bits)
+    return jnp.where(worse, old, scale)
 
 
 def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
     """Per group, the clipping ratio in ``_MSE_RATIOS`` with the least squared error."""
-    center = (low + high) / 2
-    half = (high - low) / 2
 
     def error(ratio):
         scale, zero = _scale_zero(
-            center - ratio * half,
-            center + ratio * half,
+            *_shrink(low, high, ratio, symmetric=symmetric),
             bits=bits,
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
-        codes = encode(v, scale, zero, bits)[0]
-        return jnp.sum(jnp.square(decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
+        return _squared_error(v, axes, scale, zero, bits)
 
     ratios = jnp.asarray(_MSE_RATIOS)
 
@@ -191,9 +235,10 @@ def quantize_view(
         ratio = _mse_ratio(
             v, axes, low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
         )
-        center, half = (low + high) / 2, (high - low) / 2
-        low, high = center - ratio * half, center + ratio * half
+        low, high = _shrink(low, high, ratio, symmetric=symmetric)
     scale, zero = _scale_zero(low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    if symmetric and calibration == "absmax":
+        scale = _never_above_old_grid(v, axes, scale, low, high, bits=bits, scale_dtype=scale_dtype)
     if calibration == "percentile":
         # A percentile can be zero for a mostly-zero group; then use the full range.
         full_low, full_high = _clip_range(

@@ -120,10 +120,10 @@ def fake_quant(
         >>> import jax
         >>> import jax.numpy as jnp
         >>> import jaxcompress as jc
-        >>> params = {"kernel": jnp.array([[0.1, -0.7], [0.4, 1.0]]), "bias": jnp.zeros(2)}
-        >>> fq = jc.training.fake_quant(2, axis=None)
+        >>> params = {"kernel": jnp.array([[0.6, -0.5], [0.4, 1.0]]), "bias": jnp.zeros(2)}
+        >>> fq = jc.training.fake_quant(2, axis=None)  # scale -0.5: levels 1, 0.5, 0, -0.5
         >>> fq(params)["kernel"].tolist()
-        [[0.0, -1.0], [0.0, 1.0]]
+        [[0.5, -0.5], [0.5, 1.0]]
         >>> converted = jc.materialize(jc.quantize(2, axis=None)(params)[0])
         >>> bool((converted["kernel"] == fq(params)["kernel"]).all())
         True
