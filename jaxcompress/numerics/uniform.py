@@ -302,6 +302,20 @@ def quantize_codes(
         >>> codes.tolist(), scale.tolist(), zero, bool(inside.all())
         ([[1, 2], [3, 2]], [[1.0]], None, True)
     """
+    if not is_traced(weight):
+        # One compiled program per shape and options, reused across leaves and calls,
+        # instead of dozens of op-by-op dispatches per leaf.
+        return _quantize_codes_compiled(
+            weight,
+            bits=bits,
+            axis=axis,
+            group_size=group_size,
+            symmetric=symmetric,
+            calibration=calibration,
+            percentile=percentile,
+            scale_dtype=scale_dtype,
+            poison=poison,
+        )
     shape = tuple(weight.shape)
     groups, _, channels = group_layout(shape, axis, group_size)
     options = dict(
@@ -324,3 +338,18 @@ def quantize_codes(
     scale = scale.reshape(groups, channels)
     zero = None if zero is None else zero.reshape(groups, channels)
     return codes, scale, zero, inside
+
+
+_quantize_codes_compiled = jax.jit(
+    quantize_codes,
+    static_argnames=(
+        "bits",
+        "axis",
+        "group_size",
+        "symmetric",
+        "calibration",
+        "percentile",
+        "scale_dtype",
+        "poison",
+    ),
+)
