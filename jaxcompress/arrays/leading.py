@@ -68,9 +68,10 @@ def leading_axis(axis: int, ndim: int, inputs: int) -> int:
 def groups_transpose(shape: tuple[int, ...], inputs: int, axis: int | None, group_size) -> bool:
     """Whether scales laid out over the leading layout of ``shape`` fit ``shape`` too.
 
-    ``axis`` is the channel axis in the leading layout. A scale group runs over the non-channel axes flattened row-major; the two layouts
-    flatten them in the same order only when the channel axis leaves inputs or
-    outputs alone (an ``(out, in)`` weight per output channel), or there is one group.
+    ``axis`` is the channel axis in the leading layout. A scale group runs over the
+    non-channel axes flattened row-major; the two layouts flatten them in the same
+    order only when the channel axis leaves inputs or outputs alone (an ``(out, in)``
+    weight per output channel), or there is one group.
 
     Example:
         >>> groups_transpose((8, 16), 1, 1, 4), groups_transpose((8, 16), 1, None, 4)

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import LowRank
+from jaxcompress.arrays.leading import from_leading, leading_shape, to_leading
 from jaxcompress.arrays.lowrank import factor_shardings, matrix_shape
 from jaxcompress.calibration.calibrate import stats_by_path
-from jaxcompress.calibration.lookup import refuse_trailing
+from jaxcompress.calibration.lookup import leaf_gram
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import place_like, unsharded
 from jaxcompress.transforms.base import Transform
@@ -242,6 +243,12 @@ def _leaf_fan_in(name: str, path: str, shape: tuple[int, ...], fan_in_axes: int 
     return fan_in_axes
 
 
+def _is_trailing(by_path: dict, path: str) -> bool:
+    """Whether ``path``'s statistics are of its trailing axes (an ``(out, in)`` weight)."""
+    stats = by_path.get(path)
+    return stats is not None and stats.trailing
+
+
 def _leaf_gram(name: str, path: str, by_path: dict, m: int) -> jax.Array:
     stats = by_path.get(path)
     if stats is None:
@@ -249,7 +256,6 @@ def _leaf_gram(name: str, path: str, by_path: dict, m: int) -> jax.Array:
             f"{name}: whiten=True but data= has no InputStats for leaf {path!r}; calibrate "
             "that weight or exclude it with where="
         )
-    refuse_trailing(name, "whiten=True", path, stats)
     gram = stats.gram
     if tuple(getattr(gram, "shape", ())) != (m, m):
         raise ValueError(
@@ -371,9 +377,23 @@ def low_rank(
         return stats_by_path(data) if whiten else {}
 
     def check(entry, weight, by_path):
-        """``(gram, fan_in, m, n)`` of one leaf, its rank checked against its shape."""
+        """``(gram, fan_in, m, n, trailing)`` of one leaf, its rank checked against its shape.
+
+        A weight whose statistics are of its trailing axes (equinox's ``(out, in)``) is
+        factorized inputs first (``trailing`` is then its number of input axes).
+        """
         shape = tuple(weight.shape)
-        leaf_fan_in = _leaf_fan_in(name, entry.path, shape, fan_in_axes)
+        trailing = None
+        if whiten and _is_trailing(by_path, entry.path):
+            if fan_in_axes is not None:
+                raise ValueError(
+                    f"{name}: leaf {entry.path!r} is contracted over its trailing axes (an "
+                    "(out, in) weight), whose inputs its statistics give; fan_in_axes counts "
+                    "leading input axes: leave it None"
+                )
+            trailing = leaf_gram(name, "whiten=True", entry.path, by_path, shape).fan_in
+            shape = leading_shape(shape, trailing)
+        leaf_fan_in = trailing or _leaf_fan_in(name, entry.path, shape, fan_in_axes)
         m, n = matrix_shape(shape, leaf_fan_in)
         if rank is not None and rank >= min(m, n):
             raise Unfit(
@@ -387,12 +407,12 @@ def low_rank(
                 "its storage size depends on the data; call it outside jax.jit or give "
                 "rank="
             )
-        return gram, leaf_fan_in, m, n
+        return gram, leaf_fan_in, m, n, trailing
 
     def step(item, leaf_key) -> tuple[LowRank | None, LowRankStats]:
-        gram, leaf_fan_in, m, n = item.plan
-        return _factorize(
-            item.weight,
+        gram, leaf_fan_in, m, n, trailing = item.plan
+        leaf, stats = _factorize(
+            item.weight if trailing is None else to_leading(item.weight, trailing),
             gram,
             leaf_key,
             leaf_fan_in,
@@ -404,6 +424,7 @@ def low_rank(
             oversample=oversample,
             power_iterations=power_iterations,
         )
+        return (leaf if leaf is None or trailing is None else from_leading(leaf, trailing)), stats
 
     return per_leaf(
         name,

@@ -516,8 +516,19 @@ def quantize(
                     "would run over its axes in another order than over its inputs-first "
                     "view; use per-output-channel scales (axis=-1) or no group_size"
                 )
+            if method == "gptq" and not (
+                (layout is None and group_size is None)
+                or (layout == len(shape) - 1 and found.fan_in == len(shape) - 1)
+            ):
+                raise ValueError(
+                    f"{name}: method='gptq' quantizes leaf {entry.path!r} of shape {shape}, "
+                    f"contracted over its trailing {found.fan_in} axes (an (out, in) weight), "
+                    "one input at a time, so its scales must be per output channel "
+                    "(axis=-1 or 0, with or without group_size) or per tensor (axis=None "
+                    f"without group_size); got axis={axis}, group_size={group_size}"
+                )
             shape = leading_shape(shape, found.fan_in)
-        if method == "gptq":
+        elif method == "gptq":
             _gptq_layout(name, entry.path, shape, layout, group_size, found.fan_in)
         return layout, found.gram, found.fan_in, found.trailing
 

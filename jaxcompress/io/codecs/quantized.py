@@ -112,7 +112,7 @@ def read_input_scale(
     leading = 1 <= len(got) < len(shape) and got == shape[: len(got)]
     # A weight stored output first: 1 on the leading (output) axes, then its inputs.
     outputs = next((k for k, size in enumerate(got) if size != 1), len(got))
-    trailing = len(got) == len(shape) and 1 <= outputs and got[outputs:] == shape[outputs:]
+    trailing = len(got) == len(shape) and outputs >= 1 and got[outputs:] == shape[outputs:]
     if not (leading or trailing):
         raise nodes.fail(
             path,
