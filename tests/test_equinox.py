@@ -119,14 +119,38 @@ def test_calibrate_statistics_of_an_mlp_match_numpy(mlp_and_input):
 
 
 def test_accelerate_matches_the_materialized_module(model_and_input):
+    # Per output channel (axis 0 of (out, in)), eqx Linear's x @ W.T takes the blocked
+    # kernel (float, exact to rounding); the OIHW conv is materialized.
     model, x = model_and_input
-    compressed, _ = jc.quantize(bits=8)(model)
-    fast = jc.accelerate(_apply)
+    compressed, _ = jc.quantize(bits=8, axis=0)(model)
+    fast = jc.accelerate(_apply, int8_activations=False)
     served = fast.prepare(compressed)
     np.testing.assert_allclose(
         fast(served, x), _apply(jc.materialize(compressed), x), rtol=1e-5, atol=1e-5
     )
-    assert set(fast.explain(served, x).routes()) <= set(jc.prune(0.5)(model)[1])
+    routes = fast.explain(served, x).routes()
+    assert set(routes) == set(jc.prune(0.5)(model)[1])
+    expected = {path: "materialize" if path == "conv/weight" else "blocked" for path in routes}
+    assert routes == expected
+
+
+def test_accelerate_int8_and_factored_routes_on_equinox_linears(mlp_twins):
+    (model, data), _, x = mlp_twins
+    reference = _apply(model, x)
+    quantized, _ = jc.quantize(bits=8, axis=0)(model)
+    fast = jc.accelerate(_apply)
+    served = fast.prepare(quantized)
+    assert set(fast.explain(served, x).routes().values()) == {"int8"}
+    # The int8 route's stated accuracy: within 3 % of the output's scale.
+    error = jnp.max(jnp.abs(fast(served, x) - _apply(jc.materialize(quantized), x)))
+    assert float(error) <= 0.03 * float(jnp.max(jnp.abs(reference)))
+    # Whitened factors of an (out, in) weight: x @ W.T = (x @ vᵀ) @ uᵀ.
+    factored, _ = jc.low_rank(rank=2, whiten=True)(model, data=data)
+    routes = fast.explain(factored, x).routes()
+    assert set(routes.values()) == {"factored"}, routes
+    np.testing.assert_allclose(
+        fast(factored, x), _apply(jc.materialize(factored), x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_clustered_fine_tuning_under_filter_jit():
