@@ -301,7 +301,11 @@ def low_rank(
             calibration inputs ``X`` instead of ``‖W − u v‖_F``: with
             ``G = E[x xᵀ]``, ``u v = G^{-1/2} [G^{1/2} W]_r`` (SVD-LLM). ``G``'s
             eigenvalues are clamped below at ``1e-6 * trace(G) / m`` so its inverse
-            root is stable. Needs ``data=`` in the transform call.
+            root is stable. Needs ``data=`` in the transform call. A weight whose
+            statistics are of its trailing axes (equinox's ``(out, in)``) is
+            factorized as its ``W.T`` and stored with ``u`` on its output side:
+            ``u`` ``(out, r)``, ``v`` ``(r, in)``, ``fan_in_axes`` counting its
+            output axes.
         method: ``"svd"`` (exact) or ``"randomized"`` (a randomized range finder of
             ``r + oversample`` columns with ``power_iterations`` subspace iterations;
             needs ``key=`` in the transform call). With ``energy`` the sketch has

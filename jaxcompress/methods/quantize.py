@@ -345,7 +345,13 @@ def quantize(
         bits: bits per code, an integer from 2 to 8.
         axis: ``None`` for one scale per tensor; an axis index for one scale per index
             along it (``-1``: output channel of a Dense ``(in, out)`` or conv
-            ``(h, w, in, out)`` kernel).
+            ``(h, w, in, out)`` kernel). An equinox weight is stored output first,
+            ``(out, in)``: ``axis=0`` puts one scale per output channel there (the
+            layout :func:`jaxcompress.accelerate` serves fast). With GPTQ or AWQ and
+            statistics of a weight's trailing axes (such a weight), ``axis=-1`` (the
+            default) means its output channel, axis 0, as it does on a linen kernel;
+            the weight is compressed through its inputs-first view and stored in its
+            own layout (AWQ's ``input_scale`` as ``(1, in)``).
         group_size: split each channel's other entries (flattened row-major) into
             contiguous groups of this size, one scale per (channel, group). With
             ``axis=None`` the whole flattened tensor is grouped. Must divide the

@@ -17,6 +17,11 @@ leaf                 route
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
 
+A weight stored output first and used as ``x @ W.T`` (equinox's ``Linear``) takes
+the same routes: a ``Quantized`` leaf with scales on axis 0 is prepared as an
+``outputs_first`` ``QuantizedMatrix``, and a ``LowRank`` leaf runs as
+``(x @ vᵀ) @ uᵀ``.
+
 A ``Quantized`` leaf with AWQ input scales has no serving layout yet: ``prepare``
 leaves it as it is and it takes the ``materialize`` route (exact).
 
