@@ -172,6 +172,7 @@ def _kernel_inputs(leaf: Any, contracted: list[int]) -> tuple[int, ...] | None:
     contracts its input axes.
     """
     ndim = len(leaf.shape)
+    sides: tuple[tuple[int, ...], ...]
     if isinstance(leaf, LowRank):
         sides = (tuple(range(leaf.fan_in_axes)), tuple(range(leaf.fan_in_axes, ndim)))
     elif isinstance(leaf, QuantizedMatrix | ClusteredMatrix):
