@@ -163,9 +163,10 @@ def prune_nm(
         if found is None:
             return None, None
         if found.fan_in != len(shape) - 1:
+            side = ("last", "first") if found.trailing else ("first", "last")
             raise Unfit(
-                f"{name}: leaf {entry.path!r} is contracted over {found.fan_in} of its "
-                "axes; N:M runs need every axis but its output axis"
+                f"{name}: leaf {entry.path!r} is contracted over its {side[0]} {found.fan_in} "
+                f"axes; N:M runs need every axis but the {side[1]}"
             )
         return found.gram, found.fan_in if found.trailing else None
 
