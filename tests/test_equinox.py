@@ -1,5 +1,8 @@
 """equinox modules through the public functions: non-array leaves pass through untouched."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,9 +97,8 @@ def test_calibrate_sees_every_weight(model_and_input):
     data = jc.calibrate(_apply, model, [x, x])
     assert all(leaf is None for leaf in _non_arrays(data))
     stats = stats_by_path(data)
-    # (the default filter also takes eqx's (out, 1, 1) conv bias, which is no kernel)
-    weights = [path for path in jc.prune(0.5)(model)[1] if path.endswith("weight")]
-    assert sorted(stats) == sorted(weights)
+    # Every weight the default filter selects (not eqx's (out, 1, 1) conv bias).
+    assert sorted(stats) == sorted(jc.prune(0.5)(model)[1])
     # (out, in) weights are contracted over their trailing axes: in (x h x w) features.
     for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
         if jc.filters.path_to_str(path) in stats:
@@ -117,14 +119,38 @@ def test_calibrate_statistics_of_an_mlp_match_numpy(mlp_and_input):
 
 
 def test_accelerate_matches_the_materialized_module(model_and_input):
+    # Per output channel (axis 0 of (out, in)), eqx Linear's x @ W.T takes the blocked
+    # kernel (float, exact to rounding); the OIHW conv is materialized.
     model, x = model_and_input
-    compressed, _ = jc.quantize(bits=8)(model)
-    fast = jc.accelerate(_apply)
+    compressed, _ = jc.quantize(bits=8, axis=0)(model)
+    fast = jc.accelerate(_apply, int8_activations=False)
     served = fast.prepare(compressed)
     np.testing.assert_allclose(
         fast(served, x), _apply(jc.materialize(compressed), x), rtol=1e-5, atol=1e-5
     )
-    assert set(fast.explain(served, x).routes()) <= set(jc.prune(0.5)(model)[1])
+    routes = fast.explain(served, x).routes()
+    assert set(routes) == set(jc.prune(0.5)(model)[1])
+    expected = {path: "materialize" if path == "conv/weight" else "blocked" for path in routes}
+    assert routes == expected
+
+
+def test_accelerate_int8_and_factored_routes_on_equinox_linears(mlp_twins):
+    (model, data), _, x = mlp_twins
+    reference = _apply(model, x)
+    quantized, _ = jc.quantize(bits=8, axis=0)(model)
+    fast = jc.accelerate(_apply)
+    served = fast.prepare(quantized)
+    assert set(fast.explain(served, x).routes().values()) == {"int8"}
+    # The int8 route's stated accuracy: within 3 % of the output's scale.
+    error = jnp.max(jnp.abs(fast(served, x) - _apply(jc.materialize(quantized), x)))
+    assert float(error) <= 0.03 * float(jnp.max(jnp.abs(reference)))
+    # Whitened factors of an (out, in) weight: x @ W.T = (x @ vᵀ) @ uᵀ.
+    factored, _ = jc.low_rank(rank=2, whiten=True)(model, data=data)
+    routes = fast.explain(factored, x).routes()
+    assert set(routes.values()) == {"factored"}, routes
+    np.testing.assert_allclose(
+        fast(factored, x), _apply(jc.materialize(factored), x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_clustered_fine_tuning_under_filter_jit():
@@ -302,10 +328,87 @@ def test_fake_quant_training_under_filter_jit(mlp_and_input):
     np.testing.assert_array_equal(stored.layers[0].weight, fake(trained).layers[0].weight)
 
 
-def test_data_aware_methods_refuse_trailing_statistics(mlp_and_input):
+@pytest.fixture(scope="module")
+def mlp_twins():
+    """An eqx MLP and its layers as (in, out) kernels W.T, with the same calibration
+    statistics, read as trailing for the first and leading for the second."""
+    model, _ = _mlp()
+    x = jax.random.normal(jax.random.key(7), (48, 8))
+    data = jc.calibrate(_apply, model, [x])
+    kernels = [{"kernel": layer.weight.T, "bias": layer.bias} for layer in model.layers]
+    twin_data = [
+        {"kernel": dataclasses.replace(layer.weight, trailing=False), "bias": None}
+        for layer in data.layers
+    ]
+    return (model, data), (kernels, twin_data), x
+
+
+DATA_AWARE = {
+    "gptq": lambda where: jc.quantize(4, method="gptq", where=where),
+    "gptq-groups": lambda where: jc.quantize(4, group_size=4, method="gptq", where=where),
+    "awq": lambda where: jc.quantize(4, method="awq", awq_grid=4, where=where),
+    "wanda": lambda where: jc.prune(0.5, importance="wanda", where=where),
+    "sparsegpt": lambda where: jc.prune(0.5, importance="sparsegpt", where=where),
+    "sparsegpt-2:4": lambda where: jc.prune_nm("2:4", importance="sparsegpt", where=where),
+    "hessian-kmeans": lambda where: jc.cluster(bits=3, weights="hessian", where=where),
+    "codebook-gptq": lambda where: jc.cluster(bits=3, method="gptq", where=where),
+    "whitened-low-rank": lambda where: jc.low_rank(rank=2, whiten=True, where=where),
+}
+
+
+@pytest.fixture(scope="module")
+def first_layer_compressed(mlp_twins):
+    """``method -> (compressed eqx MLP, stats)``, its first (non-square) layer only."""
+    (model, data), _, _ = mlp_twins
+    return functools.cache(lambda method: DATA_AWARE[method]("layers/0/weight")(model, data=data))
+
+
+@pytest.mark.parametrize("method", sorted(DATA_AWARE))
+def test_data_aware_methods_match_the_inputs_first_twin(mlp_twins, first_layer_compressed, method):
+    # An (out, in) weight with trailing statistics is compressed exactly as its W.T
+    # with leading ones: the same codes, masks and factors, back in (out, in).
+    (model, _), (kernels, twin_data), _ = mlp_twins
+    compressed, stats = first_layer_compressed(method)
+    twin, _ = DATA_AWARE[method]("0/kernel")(kernels, data=twin_data)
+    leaf, twin_leaf = compressed.layers[0].weight, twin[0]["kernel"]
+    assert type(leaf) is type(twin_leaf) and leaf.shape == model.layers[0].weight.shape
+    np.testing.assert_allclose(
+        jc.materialize(leaf), jc.materialize(twin_leaf).T, rtol=1e-6, atol=1e-6
+    )
+    assert list(stats) == ["layers/0/weight"]
+
+
+def test_gptq_scales_an_equinox_weight_per_output_channel(mlp_twins, first_layer_compressed):
+    (model, data), _, x = mlp_twins
+    first = "layers/0/weight"
+    gptq, _ = first_layer_compressed("gptq")
+    # axis=-1 names the output channel, as on a linen kernel: axis 0 of (out, in).
+    leaf = gptq.layers[0].weight
+    assert (leaf.axis, leaf.scale.shape) == (0, (1, 32))
+    explicit, _ = jc.quantize(4, axis=0, method="gptq", where=first)(model, data=data)
+    np.testing.assert_array_equal(explicit.layers[0].weight.codes, leaf.codes)
+    rtn, _ = jc.quantize(4, axis=0, where=first)(model)
+    reference = _apply(model, x)
+
+    def error(tree):
+        return float(jnp.linalg.norm(_apply(jc.materialize(tree), x) - reference))
+
+    assert error(gptq) < error(rtn)
+    with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\).*axis=1"):
+        jc.quantize(4, axis=1, method="gptq", where=first)(model, data=data)
+
+
+def test_awq_input_scales_survive_save_and_load(tmp_path, mlp_twins, first_layer_compressed):
+    (model, _), _, x = mlp_twins
+    awq, _ = first_layer_compressed("awq")
+    assert awq.layers[0].weight.input_scale.shape == (1, 8)
+    jc.save(tmp_path / "awq.jxc", awq)
+    loaded = jc.load(tmp_path / "awq.jxc", like=model)
+    np.testing.assert_array_equal(_apply(jc.materialize(loaded), x), _apply(jc.materialize(awq), x))
+
+
+def test_pca_refuses_trailing_statistics(mlp_and_input):
     model, x = mlp_and_input
     data = jc.calibrate(_apply, model, [x])
     with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\)"):
-        jc.quantize(bits=4, method="gptq")(model, data=data)
-    with pytest.raises(ValueError, match=r"layers/0/weight.*\(out, in\)"):
-        jc.low_rank(rank=2, whiten=True)(model, data=data)
+        jc.pca(2)(model, data=data)

@@ -177,6 +177,13 @@ def test_kernels(leaf, expected):
     assert kernels("any/path", leaf) is expected
 
 
+@pytest.mark.parametrize("path", ["conv/bias", "bias", "attn/query/bias"])
+def test_kernels_leave_biases_of_any_shape(path):
+    # equinox's conv bias is (out, 1, 1); flax DenseGeneral's is (heads, head_dim).
+    assert kernels(path, jnp.zeros((8, 1, 1))) is False
+    assert kernels(path.replace("bias", "biases"), jnp.zeros((8, 1, 1))) is True
+
+
 @pytest.mark.parametrize(
     ("leaf", "expected"),
     [

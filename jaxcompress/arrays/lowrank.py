@@ -113,7 +113,10 @@ class LowRank(CompressedArray):
         v: the output-side factor, shape ``(r, n)``.
         shape: the dense shape (static).
         dtype: the dense dtype (static).
-        fan_in_axes: how many leading axes of ``shape`` are inputs (static).
+        fan_in_axes: how many leading axes of ``shape`` are inputs (static); for a
+            weight stored output first (equinox's ``(out, in)``, factorized by a
+            whitened :func:`jaxcompress.low_rank`) they are its outputs, and
+            :func:`jaxcompress.accelerate` applies it as ``(x @ vᵀ) @ uᵀ``.
 
     Example:
         >>> import jax.numpy as jnp

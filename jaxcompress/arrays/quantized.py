@@ -147,7 +147,9 @@ def decode(
 def scale_inputs(dense: jax.Array, input_scale: jax.Array) -> jax.Array:
     """``dense`` (float32) times per-input-feature scales along its leading axes.
 
-    ``input_scale`` has the shape of ``dense``'s first ``input_scale.ndim`` axes. It is
+    ``input_scale`` has the shape of ``dense``'s first ``input_scale.ndim`` axes, or
+    as many axes as ``dense`` with 1 on its output axes (a weight stored output first:
+    ``(1, in)`` for an ``(out, in)`` one), so it broadcasts as it is. It is
     one float32 multiplication (correctly rounded on every backend, unlike a division),
     so :meth:`Quantized.materialize`, the AWQ search of :func:`jaxcompress.quantize`
     and any reader of a saved file give the same bits.
@@ -187,7 +189,9 @@ class Quantized(CompressedArray):
         input_scale: ``None``, or one positive factor ``r_i`` per input feature,
             shaped like the weight's leading (fan-in) axes, ``shape[:k]`` with
             ``1 <= k < ndim`` (a Dense ``(in, out)`` kernel's rows), in the scale
-            dtype. Entry ``(i, ...)`` decodes as ``(code - zero_point) * scale * r_i``.
+            dtype. A weight stored output first (equinox's ``(out, in)``) keeps them
+            shaped ``(1, …, 1, *in)``, as many axes as the weight with 1 on its output
+            axes. Entry ``(i, ...)`` decodes as ``(code - zero_point) * scale * r_i``.
             AWQ (:func:`jaxcompress.quantize` with ``method="awq"``) stores
             ``r = 1 / s``: the codes encode ``diag(s) W``.
 

@@ -32,12 +32,18 @@ from jaxcompress.core.mesh import fitting, merged_entry, named_like
 
 
 def output_major_specs(
-    reference: NamedSharding, shape: tuple[int, ...], rows: int, columns: int
+    reference: NamedSharding,
+    shape: tuple[int, ...],
+    rows: int,
+    columns: int,
+    *,
+    outputs_first: bool = False,
 ) -> tuple[PartitionSpec, Any]:
     """The spec of ``(N, K)`` output-major codes, and the mesh entry of their rows.
 
-    Rows (output channels) take the dense weight's last-axis entry, columns the mesh
-    axes of its leading (fan-in) axes, each where it divides evenly.
+    Rows (output channels) take the dense weight's last-axis entry (first-axis entry
+    with ``outputs_first``), columns the mesh axes of its other (fan-in) axes, each
+    where it divides evenly.
 
     Example:
         >>> import jax
@@ -47,19 +53,23 @@ def output_major_specs(
         (P('x', None), 'x')
     """
     spec = tuple(reference.spec) + (None,) * (len(shape) - len(reference.spec))
-    fan_in = merged_entry(spec[:-1])
-    row_entry = fitting(reference.mesh, spec[-1], rows)
-    return PartitionSpec(row_entry, fitting(reference.mesh, fan_in, columns)), spec[-1]
+    channel, fan_in = (spec[0], spec[1:]) if outputs_first else (spec[-1], spec[:-1])
+    row_entry = fitting(reference.mesh, channel, rows)
+    return PartitionSpec(row_entry, fitting(reference.mesh, merged_entry(fan_in), columns)), channel
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scale", "offset"],
-    meta_fields=["shape", "dtype", "bits", "packed"],
+    meta_fields=["shape", "dtype", "bits", "packed", "outputs_first"],
 )
 @dataclasses.dataclass(frozen=True, repr=False)
 class QuantizedMatrix(CompressedArray):
     """Linear codes of a ``(K, N)`` matrix view, stored output-major as signed integers.
+
+    The dense weight is ``(…, N)``, inputs first (a linen kernel), or with
+    ``outputs_first`` ``(N, …)``, used as ``x @ W.T`` (an equinox ``(out, in)``
+    weight); ``K`` is the product of its other axes, row-major, either way.
 
     ``W[k, n] = (q[n, k] - offset[g, n]) * scale[g, n]`` for ``k`` in group ``g``.
     Codes of up to 4 bits are packed two per byte, biased by 8: byte ``j`` of a row
@@ -70,10 +80,12 @@ class QuantizedMatrix(CompressedArray):
         codes: ``(N, K)`` int8, or ``(N, K // 2)`` uint8 when ``packed``.
         scale: ``(G, N)`` float32 scales.
         offset: ``(G, N)`` float32 zero-point offsets, or ``None`` (symmetric codes).
-        shape: the dense shape (static); ``K`` is the product of all but its last axis.
+        shape: the dense shape (static); ``K`` is the product of all but its output axis.
         dtype: the dense dtype (static).
         bits: bits per code (static).
         packed: whether two codes share a byte (static).
+        outputs_first: whether the output axis is the dense shape's first, not its
+            last (static).
 
     Example:
         >>> import jax.numpy as jnp
@@ -92,6 +104,7 @@ class QuantizedMatrix(CompressedArray):
     dtype: np.dtype
     bits: int
     packed: bool
+    outputs_first: bool = False
 
     kind = "quantized_matrix"
 
@@ -103,7 +116,15 @@ class QuantizedMatrix(CompressedArray):
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """``(K, N)``."""
+        if self.outputs_first:
+            return math.prod(self.shape[1:]), self.shape[0]
         return math.prod(self.shape[:-1]), self.shape[-1]
+
+    @property
+    def input_axes(self) -> tuple[int, ...]:
+        """The axes of the dense shape a product contracts, in order."""
+        ndim = len(self.shape)
+        return tuple(range(1, ndim)) if self.outputs_first else tuple(range(ndim - 1))
 
     @property
     def groups(self) -> int:
@@ -122,14 +143,17 @@ class QuantizedMatrix(CompressedArray):
         codes = self.signed_codes().astype(jnp.float32).reshape(n, groups, k // groups)
         offset = 0.0 if self.offset is None else self.offset.T[:, :, None]
         dense = (codes - offset) * self.scale.T[:, :, None]
-        return dense.reshape(n, k).T.reshape(self.shape).astype(self.dtype)
+        dense = dense.reshape(n, k) if self.outputs_first else dense.reshape(n, k).T
+        return dense.reshape(self.shape).astype(self.dtype)
 
     def layout_child(self) -> jax.Array:
         return self.codes
 
     def child_shardings(self, reference: NamedSharding) -> QuantizedMatrix:
         # (G, N) scales (and offsets) follow the output channels, the codes' rows.
-        code_spec, channel = output_major_specs(reference, self.shape, *self.codes.shape)
+        code_spec, channel = output_major_specs(
+            reference, self.shape, *self.codes.shape, outputs_first=self.outputs_first
+        )
         channels = fitting(reference.mesh, channel, self.scale.shape[1])
         scale = named_like(reference, PartitionSpec(None, channels))
         return with_shardings(
@@ -140,9 +164,10 @@ class QuantizedMatrix(CompressedArray):
         )
 
     def __repr__(self) -> str:
+        first = ", outputs_first=True" if self.outputs_first else ""
         return (
             f"QuantizedMatrix(shape={self.shape}, bits={self.bits}, groups={self.groups}, "
-            f"packed={self.packed})"
+            f"packed={self.packed}{first})"
         )
 
 
@@ -188,6 +213,11 @@ class ClusteredMatrix(CompressedArray):
     def matrix_shape(self) -> tuple[int, int]:
         """``(K, N)``."""
         return math.prod(self.shape[:-1]), self.shape[-1]
+
+    @property
+    def input_axes(self) -> tuple[int, ...]:
+        """The axes of the dense shape a product contracts, in order."""
+        return tuple(range(len(self.shape) - 1))
 
     def materialize(self) -> jax.Array:
         dense_t = lookup(self.codebook, self.indices)
@@ -248,9 +278,10 @@ def _pack_nibbles(signed: jax.Array) -> jax.Array:
 def servable(leaf: object) -> bool:
     """Whether :func:`to_serving` has a layout for ``leaf``.
 
-    That is a :class:`Quantized` leaf with channels on its last axis (or one scale for
-    the whole tensor) and no AWQ ``input_scale``, or a :class:`Clustered` leaf, of
-    rank 2 or more. (An AWQ leaf is served by materializing it, which is exact.)
+    That is a :class:`Quantized` leaf with channels on its last axis, or on its first
+    (an output-first weight such as equinox's ``(out, in)``), or one scale for the
+    whole tensor, and no AWQ ``input_scale``, or a :class:`Clustered` leaf, of rank 2
+    or more. (An AWQ leaf is served by materializing it, which is exact.)
 
     Example:
         >>> import jax.numpy as jnp
@@ -263,8 +294,8 @@ def servable(leaf: object) -> bool:
             return False
         ndim = len(leaf.shape)
         per_tensor = leaf.axis is None and leaf.group_size is None
-        last = leaf.axis is not None and leaf.axis % ndim == ndim - 1
-        return ndim >= 2 and (per_tensor or last)
+        end = leaf.axis is not None and leaf.axis % ndim in (0, ndim - 1)
+        return ndim >= 2 and (per_tensor or end)
     return isinstance(leaf, Clustered) and len(leaf.shape) >= 2
 
 
@@ -300,7 +331,14 @@ def to_serving(leaf: Quantized | Clustered) -> QuantizedMatrix | ClusteredMatrix
         indices = leaf.codes().reshape(k, n).T
         return ClusteredMatrix(indices, leaf.codebook, leaf.shape, leaf.dtype, leaf.bits)
     half = 2 ** (leaf.bits - 1)
-    signed = (leaf.unpacked_codes().astype(jnp.int16) - half).reshape(k, n).T.astype(jnp.int8)
+    signed = leaf.unpacked_codes().astype(jnp.int16) - half
+    # Scales along the first axis: the weight is stored output first, already (N, K).
+    first = leaf.axis == 0
+    if first:
+        n, k = leaf.shape[0], math.prod(leaf.shape[1:])
+        signed = signed.reshape(n, k).astype(jnp.int8)
+    else:
+        signed = signed.reshape(k, n).T.astype(jnp.int8)
     groups, _, _ = group_layout(leaf.shape, leaf.axis, leaf.group_size)
     scale = jnp.broadcast_to(leaf.scale.astype(jnp.float32), (groups, n))
     offset = None
@@ -308,7 +346,7 @@ def to_serving(leaf: Quantized | Clustered) -> QuantizedMatrix | ClusteredMatrix
         offset = jnp.broadcast_to(leaf.zero_point.astype(jnp.float32) - half, (groups, n))
     packed = leaf.bits <= 4 and k % 2 == 0
     codes = _pack_nibbles(signed) if packed else signed
-    return QuantizedMatrix(codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed)
+    return QuantizedMatrix(codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed, first)
 
 
 def clustered_on_int8_grid(leaf: Clustered) -> QuantizedMatrix:

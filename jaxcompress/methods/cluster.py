@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import Clustered, Sparse
+from jaxcompress.arrays.leading import from_leading, to_leading
 from jaxcompress.calibration.calibrate import InputStats
-from jaxcompress.calibration.lookup import leaf_gram, require_data
+from jaxcompress.calibration.lookup import LeafGram, leaf_gram, require_data
 from jaxcompress.core.bitpack import pack, packed_length
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import place_like, unsharded
@@ -359,7 +360,7 @@ def _data_leaves(data: Any) -> dict[str, Any]:
     return {path_to_str(path): leaf for path, leaf in flat}
 
 
-def _leaf_gram(name: str, option: str, path: str, found: Any, by_path: dict, shape) -> jax.Array:
+def _leaf_gram(name: str, option: str, path: str, found: Any, by_path: dict, shape) -> LeafGram:
     """The Gram of leaf ``path`` from calibration statistics (``found`` is what ``data=``
     holds at that path), with errors naming it."""
     if found is not None and not isinstance(found, InputStats):
@@ -369,8 +370,7 @@ def _leaf_gram(name: str, option: str, path: str, found: Any, by_path: dict, sha
             f"{tuple(getattr(found, 'shape', ()))} there; a per-weight Fisher diagonal goes "
             "with weights='fisher'"
         )
-    gram, _, _, _ = leaf_gram(name, option, path, by_path, shape)
-    return gram
+    return leaf_gram(name, option, path, by_path, shape)
 
 
 def _fisher_weights(name: str, path: str, found: Any, shape) -> jax.Array:
@@ -728,22 +728,41 @@ def cluster(
                 "(exclude it with where=) or cluster before pruning"
             )
         shape = tuple(entry.leaf.shape)
-        gram = None
+        stats = None
         if needs_stats:
-            gram = _leaf_gram(name, stats_option, entry.path, found.get(entry.path), by_path, shape)
+            stats = _leaf_gram(
+                name, stats_option, entry.path, found.get(entry.path), by_path, shape
+            )
+        trailing = stats is not None and stats.trailing
+        if trailing and gptq and per_channel:
+            raise ValueError(
+                f"{name}: leaf {entry.path!r} is contracted over its trailing axes (an "
+                "(out, in) weight), whose output channels are not its last axis, where "
+                "per_channel=True keeps one codebook each; use per_channel=False"
+            )
         leaf_weights = None
         if weights == "hessian":
-            diagonal = jnp.maximum(jnp.diagonal(gram).astype(jnp.float32), 0.0)
-            m = diagonal.shape[0]
-            leaf_weights = jnp.broadcast_to(diagonal[:, None], (m, math.prod(shape) // m))
+            # Each input feature's diagonal, over the weight's input axes.
+            diagonal = jnp.maximum(jnp.diagonal(stats.gram).astype(jnp.float32), 0.0)
+            outputs = math.prod(shape) // diagonal.shape[0]
+            if trailing:
+                leaf_weights = jnp.broadcast_to(diagonal[None, :], (outputs, diagonal.shape[0]))
+            else:
+                leaf_weights = jnp.broadcast_to(diagonal[:, None], (diagonal.shape[0], outputs))
             leaf_weights = leaf_weights.reshape(shape)
         elif weights == "fisher":
             leaf_weights = _fisher_weights(name, entry.path, found.get(entry.path), shape)
-        return sparse, gram, leaf_weights
+        # GPTQ rounds rows of inputs: a trailing-input weight is clustered inputs first.
+        inputs = stats.fan_in if trailing and gptq else None
+        if inputs is not None and leaf_weights is not None:
+            leaf_weights = to_leading(leaf_weights, inputs)
+        return sparse, None if stats is None else stats.gram, leaf_weights, inputs
 
     def step(item, leaf_key) -> tuple[Clustered, ClusterStats]:
         """One checked leaf clustered: ``(Clustered, leaf stats)``."""
-        weight, (sparse, gram, leaf_weights) = item.weight, item.plan
+        weight, (sparse, gram, leaf_weights, inputs) = item.weight, item.plan
+        if inputs is not None:
+            weight = to_leading(weight, inputs)
         data_args = {}
         if leaf_weights is not None:
             if sparse is not None:
@@ -771,7 +790,7 @@ def cluster(
         distinct = leaf_stats["distinct"]
         if not isinstance(distinct, jax.core.Tracer) and int(distinct) < k:
             leaf_stats["note"] = f"{int(distinct)} distinct values < k={k}: exact codebook"
-        return clustered, leaf_stats
+        return (clustered if inputs is None else from_leading(clustered, inputs)), leaf_stats
 
     return per_leaf(
         name,

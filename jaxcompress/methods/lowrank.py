@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import LowRank
+from jaxcompress.arrays.leading import from_leading, leading_shape, to_leading
 from jaxcompress.arrays.lowrank import factor_shardings, matrix_shape
 from jaxcompress.calibration.calibrate import stats_by_path
-from jaxcompress.calibration.lookup import refuse_trailing
+from jaxcompress.calibration.lookup import leaf_gram
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import place_like, unsharded
 from jaxcompress.transforms.base import Transform
@@ -242,6 +243,12 @@ def _leaf_fan_in(name: str, path: str, shape: tuple[int, ...], fan_in_axes: int 
     return fan_in_axes
 
 
+def _is_trailing(by_path: dict, path: str) -> bool:
+    """Whether ``path``'s statistics are of its trailing axes (an ``(out, in)`` weight)."""
+    stats = by_path.get(path)
+    return stats is not None and stats.trailing
+
+
 def _leaf_gram(name: str, path: str, by_path: dict, m: int) -> jax.Array:
     stats = by_path.get(path)
     if stats is None:
@@ -249,7 +256,6 @@ def _leaf_gram(name: str, path: str, by_path: dict, m: int) -> jax.Array:
             f"{name}: whiten=True but data= has no InputStats for leaf {path!r}; calibrate "
             "that weight or exclude it with where="
         )
-    refuse_trailing(name, "whiten=True", path, stats)
     gram = stats.gram
     if tuple(getattr(gram, "shape", ())) != (m, m):
         raise ValueError(
@@ -301,7 +307,11 @@ def low_rank(
             calibration inputs ``X`` instead of ``‖W − u v‖_F``: with
             ``G = E[x xᵀ]``, ``u v = G^{-1/2} [G^{1/2} W]_r`` (SVD-LLM). ``G``'s
             eigenvalues are clamped below at ``1e-6 * trace(G) / m`` so its inverse
-            root is stable. Needs ``data=`` in the transform call.
+            root is stable. Needs ``data=`` in the transform call. A weight whose
+            statistics are of its trailing axes (equinox's ``(out, in)``) is
+            factorized as its ``W.T`` and stored with ``u`` on its output side:
+            ``u`` ``(out, r)``, ``v`` ``(r, in)``, ``fan_in_axes`` counting its
+            output axes.
         method: ``"svd"`` (exact) or ``"randomized"`` (a randomized range finder of
             ``r + oversample`` columns with ``power_iterations`` subspace iterations;
             needs ``key=`` in the transform call). With ``energy`` the sketch has
@@ -377,9 +387,23 @@ def low_rank(
         return stats_by_path(data) if whiten else {}
 
     def check(entry, weight, by_path):
-        """``(gram, fan_in, m, n)`` of one leaf, its rank checked against its shape."""
+        """``(gram, fan_in, m, n, trailing)`` of one leaf, its rank checked against its shape.
+
+        A weight whose statistics are of its trailing axes (equinox's ``(out, in)``) is
+        factorized inputs first (``trailing`` is then its number of input axes).
+        """
         shape = tuple(weight.shape)
-        leaf_fan_in = _leaf_fan_in(name, entry.path, shape, fan_in_axes)
+        trailing = None
+        if whiten and _is_trailing(by_path, entry.path):
+            if fan_in_axes is not None:
+                raise ValueError(
+                    f"{name}: leaf {entry.path!r} is contracted over its trailing axes (an "
+                    "(out, in) weight), whose inputs its statistics give; fan_in_axes counts "
+                    "leading input axes: leave it None"
+                )
+            trailing = leaf_gram(name, "whiten=True", entry.path, by_path, shape).fan_in
+            shape = leading_shape(shape, trailing)
+        leaf_fan_in = trailing or _leaf_fan_in(name, entry.path, shape, fan_in_axes)
         m, n = matrix_shape(shape, leaf_fan_in)
         if rank is not None and rank >= min(m, n):
             raise Unfit(
@@ -393,11 +417,12 @@ def low_rank(
                 "its storage size depends on the data; call it outside jax.jit or give "
                 "rank="
             )
-        return gram, leaf_fan_in, m, n
+        return gram, leaf_fan_in, m, n, trailing
 
     def step(item, leaf_key) -> tuple[LowRank | None, LowRankStats]:
-        gram, leaf_fan_in, m, n = item.plan
-        weight, finite_rows = item.weight, None
+        gram, leaf_fan_in, m, n, trailing = item.plan
+        weight = item.weight if trailing is None else to_leading(item.weight, trailing)
+        finite_rows = None
         if is_traced(weight):
             # Only a traced leaf can hold NaN or Inf (eager calls refuse them).
             weight, finite_rows = _zero_non_finite(weight, m, n)
@@ -416,6 +441,8 @@ def low_rank(
         )
         if leaf is not None and finite_rows is not None:
             leaf = _poison_rows(leaf, finite_rows)
+        if leaf is not None and trailing is not None:
+            leaf = from_leading(leaf, trailing)
         return leaf, leaf_stats
 
     return per_leaf(

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.leading import from_leading, leading_shape, to_leading
 from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import sparse_from_mask
@@ -147,27 +148,38 @@ def prune_nm(
         return require_data(name, option, data) if importance != "magnitude" else {}
 
     def check(entry, weight, by_path):
-        """The leaf's Gram (data-aware importances), its runs of ``M`` checked."""
-        rows = math.prod(weight.shape[:-1])
+        """``(gram, trailing inputs)`` (data-aware importances), its runs of ``M`` checked.
+
+        Statistics of a weight stored output first (equinox's ``(out, in)``) put the
+        runs along its trailing input axes: it is pruned seen inputs first.
+        """
+        shape = tuple(weight.shape)
+        found = None
+        if importance != "magnitude":
+            found = leaf_gram(name, option, entry.path, by_path, shape)
+            if found.trailing:
+                shape = leading_shape(shape, found.fan_in)
+        rows = math.prod(shape[:-1])
         if rows % m:
             raise Unfit(
                 f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} contracts "
                 f"{rows} inputs, not a multiple of M={m}"
             )
-        if importance == "magnitude":
-            return None
-        shape = tuple(weight.shape)
-        gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
-        if fan_in != len(shape) - 1:
+        if found is None:
+            return None, None
+        if found.fan_in != len(shape) - 1:
+            side = ("last", "first") if found.trailing else ("first", "last")
             raise Unfit(
-                f"{name}: leaf {entry.path!r} is contracted over its first {fan_in} "
-                "axes; N:M runs need every axis but the last"
+                f"{name}: leaf {entry.path!r} is contracted over its {side[0]} {found.fan_in} "
+                f"axes; N:M runs need every axis but the {side[1]}"
             )
-        return gram
+        return found.gram, found.fan_in if found.trailing else None
 
     def step(item, key) -> tuple[Sparse, NMStats]:
         del key
-        weight, gram = item.weight, item.plan
+        (gram, trailing), weight = item.plan, item.weight
+        if trailing is not None:
+            weight = to_leading(weight, trailing)
         shape = tuple(weight.shape)
         size = math.prod(shape)
         leaf_stats: NMStats = {"pruned": size - size * n // m, "size": size, "n": n, "m": m}
@@ -185,7 +197,8 @@ def prune_nm(
             else:
                 scores = jnp.abs(matrix.astype(jnp.float32))
             keep = nm_keep_mask(scores, n, m).reshape(shape)
-        return sparse_from_mask(values, keep, size * n // m), leaf_stats
+        sparse = sparse_from_mask(values, keep, size * n // m)
+        return (sparse if trailing is None else from_leading(sparse, trailing)), leaf_stats
 
     return per_leaf(
         name,

@@ -16,8 +16,9 @@ import numpy as np
 from jax.sharding import AxisType
 
 from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.leading import from_leading, to_leading
 from jaxcompress.arrays.lowrank import matrix_shape
-from jaxcompress.calibration.lookup import leaf_gram, require_data
+from jaxcompress.calibration.lookup import LeafGram, leaf_gram, require_data
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune_sharded import (
@@ -551,6 +552,11 @@ def _data_aware_leaf(weight, gram, *, fan_in, count, importance, comparison, fra
     return _sparse_from_mask(values, keep, nnz=math.prod(shape) - count), stats
 
 
+def _view(weight: jax.Array, found: LeafGram) -> jax.Array:
+    """The weight inputs first, as the data-aware importances read it."""
+    return to_leading(weight, found.fan_in) if found.trailing else weight
+
+
 def _refuse_empty_output(name: str, path: str, sparse: Sparse) -> None:
     """Raises naming ``path`` if a global threshold left an output unit no weight."""
     units = sparse.shape[-1] if len(sparse.shape) >= 2 else 1
@@ -730,8 +736,8 @@ def prune(
             )
         if importance == "wanda":
             scores = [
-                wanda_scores(unsharded(w).reshape(m, n), unsharded(g))
-                for w, (g, _, m, n) in zip(weights, grams, strict=True)
+                wanda_scores(unsharded(_view(w, g)).reshape(g.rows, g.cols), unsharded(g.gram))
+                for w, g in zip(weights, grams, strict=True)
             ]
             counts = global_pruned_counts(scores, float(fraction))
         else:
@@ -749,9 +755,9 @@ def prune(
                 sparse, leaf_stats["pruned"] = keep_one_per_output(weight, sparse, count)
             return sparse, leaf_stats
         sparse, extra = _data_aware_leaf(
-            weight,
-            gram[0],
-            fan_in=gram[1],
+            _view(weight, gram),
+            gram.gram,
+            fan_in=gram.fan_in,
             count=count,
             importance=importance,
             comparison=comparison,
@@ -762,6 +768,8 @@ def prune(
             check_factorized(name, item.entry.path, extra, damp)
         if scope == "global":
             _refuse_empty_output(name, item.entry.path, sparse)
+        if gram.trailing:
+            sparse = from_leading(sparse, gram.fan_in)
         leaf_stats.update(extra)
         return sparse, leaf_stats
 

@@ -17,6 +17,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxcompress.arrays import Quantized, Sparse
+from jaxcompress.arrays.leading import (
+    from_leading,
+    groups_transpose,
+    leading_axis,
+    leading_shape,
+    to_leading,
+)
 from jaxcompress.arrays.quantized import decode
 from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.bitpack import pack
@@ -348,7 +355,13 @@ def quantize(
         bits: bits per code, an integer from 2 to 8.
         axis: ``None`` for one scale per tensor; an axis index for one scale per index
             along it (``-1``: output channel of a Dense ``(in, out)`` or conv
-            ``(h, w, in, out)`` kernel).
+            ``(h, w, in, out)`` kernel). An equinox weight is stored output first,
+            ``(out, in)``: ``axis=0`` puts one scale per output channel there (the
+            layout :func:`jaxcompress.accelerate` serves fast). With GPTQ or AWQ and
+            statistics of a weight's trailing axes (such a weight), ``axis=-1`` (the
+            default) means its output channel, axis 0, as it does on a linen kernel;
+            the weight is compressed through its inputs-first view and stored in its
+            own layout (AWQ's ``input_scale`` as ``(1, in)``).
         group_size: split each channel's other entries (flattened row-major) into
             contiguous groups of this size, one scale per (channel, group). With
             ``axis=None`` the whole flattened tensor is grouped. Must divide the
@@ -506,23 +519,57 @@ def quantize(
             )
         # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
         leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
-        layout = leaf_layout(name, entry.path, values.shape, leaf_axis, group_size)
-        gram, fan_in = None, None
-        if data_aware:
-            shape = tuple(values.shape)
-            gram, fan_in, _, _ = leaf_gram(name, option, entry.path, by_path, shape)
-            if method == "gptq":
-                _gptq_layout(name, entry.path, shape, layout, group_size, fan_in)
-        return layout, gram, fan_in
+        shape = tuple(values.shape)
+        if not data_aware:
+            return leaf_layout(name, entry.path, shape, leaf_axis, group_size), None, None, False
+        found = leaf_gram(name, option, entry.path, by_path, shape)
+        if found.trailing and leaf_axis == -1:
+            # -1 is the output channel, as on a linen kernel: an (out, in) weight's axis 0.
+            leaf_axis = len(shape) - found.fan_in - 1
+        layout = leaf_layout(name, entry.path, shape, leaf_axis, group_size)
+        if found.trailing:
+            # The methods run on the weight seen inputs first (see arrays/leading.py).
+            if layout is not None:
+                layout = leading_axis(layout, len(shape), found.fan_in)
+            if not groups_transpose(shape, found.fan_in, layout, group_size):
+                raise ValueError(
+                    f"{name}: leaf {entry.path!r} of shape {shape} is contracted over its "
+                    f"trailing axes, and scale groups of axis={axis}, group_size={group_size} "
+                    "would run over its axes in another order than over its inputs-first "
+                    "view; use per-output-channel scales (axis=-1) or no group_size"
+                )
+            if method == "gptq" and not (
+                (layout is None and group_size is None)
+                or (layout == len(shape) - 1 and found.fan_in == len(shape) - 1)
+            ):
+                raise ValueError(
+                    f"{name}: method='gptq' quantizes leaf {entry.path!r} of shape {shape}, "
+                    f"contracted over its trailing {found.fan_in} axes (an (out, in) weight), "
+                    "one input at a time, so its scales must be per output channel "
+                    "(axis=-1 or 0, with or without group_size) or per tensor (axis=None "
+                    f"without group_size); got axis={axis}, group_size={group_size}"
+                )
+            shape = leading_shape(shape, found.fan_in)
+        elif method == "gptq":
+            _gptq_layout(name, entry.path, shape, layout, group_size, found.fan_in)
+        return layout, found.gram, found.fan_in, found.trailing
 
     def step(item, key) -> tuple[Quantized, QuantizeStats]:
         del key
-        weight, (leaf_axis, gram, fan_in) = item.weight, item.plan
+        weight, (leaf_axis, gram, fan_in, trailing) = item.weight, item.plan
         if gram is None:
             quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
             # The error is that of the codes as placed, as the caller will decode them.
             quantized = _place_quantized(quantized, named_sharding_of(weight))
             return quantized, _error_stats(weight, quantized.materialize(), bits)
+        view = to_leading(weight, fan_in) if trailing else weight
+        quantized, extra = data_aware_step(view, leaf_axis, gram, fan_in)
+        if method == "gptq":
+            check_factorized(name, item.entry.path, extra, damp)
+        return (from_leading(quantized, fan_in) if trailing else quantized), extra
+
+    def data_aware_step(weight, leaf_axis, gram, fan_in) -> tuple[Quantized, QuantizeStats]:
+        """GPTQ or AWQ on a weight whose ``fan_in`` leading axes are its inputs."""
         if method == "awq":
             return _awq_array(
                 weight,
@@ -542,7 +589,6 @@ def quantize(
             gptq_options=tuple(sorted(gptq_options.items())),
             options=tuple(sorted(options.items())),
         )
-        check_factorized(name, item.entry.path, extra, damp)
         return quantized, {**extra, "bits": bits, "damp": damp_value}
 
     return per_leaf(

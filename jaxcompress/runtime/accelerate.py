@@ -17,6 +17,11 @@ leaf                 route
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
 
+A weight stored output first and used as ``x @ W.T`` (equinox's ``Linear``) takes
+the same routes: a ``Quantized`` leaf with scales on axis 0 is prepared as an
+``outputs_first`` ``QuantizedMatrix``, and a ``LowRank`` leaf runs as
+``(x @ vᵀ) @ uᵀ``.
+
 A ``Quantized`` leaf with AWQ input scales has no serving layout yet: ``prepare``
 leaves it as it is and it takes the ``materialize`` route (exact).
 
@@ -159,13 +164,22 @@ def _is_weight(value: Any) -> bool:
     return isinstance(value, _Weight)
 
 
-def _matrix_fan_in(leaf: Any) -> int | None:
-    """How many leading axes a kernel contracts for this leaf's matrix view."""
+def _kernel_inputs(leaf: Any, contracted: list[int]) -> tuple[int, ...] | None:
+    """The leaf's axes a kernel contracts, when they are ``contracted``; else ``None``.
+
+    A ``LowRank`` leaf's matrix view splits its axes at ``fan_in_axes``; a kernel
+    contracts either side (``x @ W`` or, transposed, ``x @ W.T``). A serving matrix
+    contracts its input axes.
+    """
+    ndim = len(leaf.shape)
+    sides: tuple[tuple[int, ...], ...]
     if isinstance(leaf, LowRank):
-        return leaf.fan_in_axes
-    if isinstance(leaf, QuantizedMatrix | ClusteredMatrix):
-        return len(leaf.shape) - 1
-    return None
+        sides = (tuple(range(leaf.fan_in_axes)), tuple(range(leaf.fan_in_axes, ndim)))
+    elif isinstance(leaf, QuantizedMatrix | ClusteredMatrix):
+        sides = (leaf.input_axes,)
+    else:
+        return None
+    return next((side for side in sides if list(side) == contracted), None)
 
 
 class _Router:
@@ -214,7 +228,7 @@ class _Router:
         if op not in (DOT, CONV):
             return f"used by {op}"
         if isinstance(leaf, LowRank | QuantizedMatrix | ClusteredMatrix):
-            return "the op does not contract the leaf's leading axes"
+            return "the op does not contract the leaf's input axes"
         return f"no kernel for {type(leaf).__name__}"
 
     def _dot(self, eqn: Any, invals: list[Any]) -> jax.Array | None:
@@ -224,36 +238,44 @@ class _Router:
             return None
         w_slot = slots[0]
         weight, act = invals[w_slot], invals[1 - w_slot]
-        fan_in = _matrix_fan_in(weight.leaf)
         # Contracted axes in the leaf's own numbering, paired with the activation's.
         pairs = sorted(
             (weight.axes[w], a) for w, a in zip(contract[w_slot], contract[1 - w_slot], strict=True)
         )
-        if fan_in is None or [w for w, _ in pairs] != list(range(fan_in)):
+        inputs = _kernel_inputs(weight.leaf, [w for w, _ in pairs])
+        if inputs is None:
             return None
+        free = [a for a in range(len(weight.leaf.shape)) if a not in inputs]
         act_contract = [a for _, a in pairs]
         act_free = [d for d in range(act.ndim) if d not in act_contract]
         rows = math.prod(act.shape[d] for d in act_free)
         features = math.prod(act.shape[d] for d in act_contract)
         x = jnp.transpose(act, act_free + act_contract).reshape(rows, features)
-        y = self._matmul(weight, x, eqn)
-        out_shape = tuple(act.shape[d] for d in act_free) + tuple(weight.leaf.shape[fan_in:])
+        y = self._matmul(weight, x, eqn, transposed=inputs[0] != 0)
+        out_shape = tuple(act.shape[d] for d in act_free) + tuple(
+            weight.leaf.shape[a] for a in free
+        )
         y = y.reshape(out_shape)
         # The program wants the weight's free axes in its own (possibly transposed) order,
         # and dot_general puts the lhs free axes first.
         n_act = len(act_free)
-        free_order = [a - fan_in for a in weight.axes if a >= fan_in]
-        weight_axes = [n_act + i for i in free_order]
+        weight_axes = [n_act + free.index(a) for a in weight.axes if a in free]
         act_axes = list(range(n_act))
         order = weight_axes + act_axes if w_slot == 0 else act_axes + weight_axes
         return jnp.transpose(y, order).astype(eqn.outvars[0].aval.dtype)
 
-    def _matmul(self, weight: _Weight, x: jax.Array, eqn: Any) -> jax.Array:
+    def _matmul(self, weight: _Weight, x: jax.Array, eqn: Any, *, transposed: bool) -> jax.Array:
+        """``x`` times the leaf's matrix over its contracted axes, ``(M, N)``.
+
+        ``transposed``: those are the leaf's trailing axes (a weight stored output
+        first, used as ``x @ W.T``). A serving matrix knows its own input axes; a
+        ``LowRank`` leaf is then applied as ``(x @ vᵀ) @ uᵀ``.
+        """
         leaf, rows, op = weight.leaf, x.shape[0], eqn.primitive.name
         if isinstance(leaf, LowRank):
             self.record(weight, op, "factored", rows)
             precision = eqn.params.get("precision")
-            return kernels.factored(x, leaf, precision=precision)
+            return kernels.factored(x, leaf, precision=precision, transposed=transposed)
         route, note = self._choose(leaf, rows)
         self.record(weight, op, route, rows, note)
         if route == "int8":
@@ -268,7 +290,8 @@ class _Router:
         if route == "dequantize":
             return kernels.dequantized(x, leaf)
         k, n = leaf.matrix_shape
-        dense = leaf.materialize().reshape(k, n).astype(jnp.float32)
+        dense = leaf.materialize()
+        dense = (dense.reshape(n, k).T if transposed else dense.reshape(k, n)).astype(jnp.float32)
         return x.astype(jnp.float32) @ dense
 
     def _choose(self, leaf: QuantizedMatrix | ClusteredMatrix, rows: int) -> tuple[str, str]:

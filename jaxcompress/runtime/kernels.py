@@ -256,8 +256,11 @@ def dequantized(x: jax.Array, leaf: QuantizedMatrix | ClusteredMatrix) -> jax.Ar
     return lax.dot_general(x.astype(jnp.float32), weights, _NT)
 
 
-def factored(x: jax.Array, leaf: LowRank, *, precision=None) -> jax.Array:
-    """``(x @ u) @ v`` for a :class:`~jaxcompress.LowRank` matrix.
+def factored(x: jax.Array, leaf: LowRank, *, precision=None, transposed: bool = False) -> jax.Array:
+    """``(x @ u) @ v`` for a :class:`~jaxcompress.LowRank` matrix ``u v``.
+
+    With ``transposed``, ``x @ (u v)ᵀ = (x @ vᵀ) @ uᵀ``: the product of a weight
+    stored output first, as equinox's ``(out, in)`` used as ``x @ W.T``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -266,7 +269,10 @@ def factored(x: jax.Array, leaf: LowRank, *, precision=None) -> jax.Array:
         ...                   dtype=jnp.float32, fan_in_axes=1)
         >>> factored(jnp.ones((2, 4)), leaf).tolist()
         [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
+        >>> factored(jnp.ones((1, 3)), leaf, transposed=True).tolist()
+        [[3.0, 3.0, 3.0, 3.0]]
     """
     dtype = jnp.promote_types(x.dtype, leaf.u.dtype)
-    inner = jnp.matmul(x.astype(dtype), leaf.u.astype(dtype), precision=precision)
-    return jnp.matmul(inner, leaf.v.astype(dtype), precision=precision).astype(jnp.float32)
+    first, second = (leaf.v.T, leaf.u.T) if transposed else (leaf.u, leaf.v)
+    inner = jnp.matmul(x.astype(dtype), first.astype(dtype), precision=precision)
+    return jnp.matmul(inner, second.astype(dtype), precision=precision).astype(jnp.float32)

@@ -85,13 +85,19 @@ def _is_floating(leaf: Any) -> bool:
 def kernels(path: str, leaf: Any) -> bool:
     """Selects floating-point leaves with two or more dimensions (weight matrices, convs).
 
-    Biases, norm scales and other 1-D leaves are left alone.
+    Norm scales and other 1-D leaves are left alone, and so is a leaf named ``bias``
+    whatever its shape: equinox's conv bias is ``(out, 1, 1)``, a flax
+    ``DenseGeneral``'s ``(heads, head_dim)``, and neither is a weight to compress.
 
     Example:
         >>> import jax.numpy as jnp
         >>> kernels("dense/kernel", jnp.zeros((4, 3))), kernels("dense/bias", jnp.zeros(3))
         (True, False)
+        >>> kernels("conv/bias", jnp.zeros((8, 1, 1)))
+        False
     """
+    if path.rsplit("/", 1)[-1] == "bias":
+        return False
     return _is_floating(leaf) and len(getattr(leaf, "shape", ())) >= 2
 
 

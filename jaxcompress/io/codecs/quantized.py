@@ -108,10 +108,16 @@ def read_input_scale(
 ) -> nodes.Stored:
     """AWQ's input scales: the weight's leading axes, floating, finite and positive."""
     inputs = nodes.read_array(node, get, nodes.join(path, "input_scale"))
-    if not 1 <= inputs.ndim < len(shape) or tuple(inputs.shape) != shape[: inputs.ndim]:
+    got = tuple(inputs.shape)
+    leading = 1 <= len(got) < len(shape) and got == shape[: len(got)]
+    # A weight stored output first: 1 on the leading (output) axes, then its inputs.
+    outputs = next((k for k, size in enumerate(got) if size != 1), len(got))
+    trailing = len(got) == len(shape) and outputs >= 1 and got[outputs:] == shape[outputs:]
+    if not (leading or trailing):
         raise nodes.fail(
             path,
-            f"input_scale has shape {tuple(inputs.shape)}, expected the leading axes of {shape}",
+            f"input_scale has shape {got}, expected the leading axes of {shape} or "
+            "1 on its leading axes and its trailing axes",
         )
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         raise nodes.fail(path, f"input_scale has dtype {inputs.dtype}; it must be floating-point")
