@@ -10,7 +10,8 @@ For ``b`` bits:
   code 0 exactly. The scale is the smallest ``|s|`` whose grid holds the clipping range
   ``[low, high]`` (which always contains 0) unclipped; with ``calibration="absmax"`` a
   group keeps the older ``2**b - 1``-level step ``max|w| / (2**(b-1) - 1)`` where that
-  rounds it with less squared error, so no group is worse than on that grid. (Files
+  rounds it with less squared error, so no group is worse than on that grid
+  (``calibration="mse"`` weighs that step against its searched ones too). (Files
   written before this grid never use code 0 and have positive scales: they decode as
   they always did.)
 * **asymmetric**: ``code = clip(round(w / s + z), 0, 2**b - 1)`` with a per-scale zero
@@ -140,7 +141,7 @@ def _squared_error(v, axes, scale, zero, bits: int):
 def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype):
     """``scale``, or per group the old grid's ``max|w| / (2**(b-1) - 1)`` where that rounds better.
 
-    Both leave the range unclipped. The finer step of ``scale`` almost always wins, but
+    The old step leaves the range unclipped. The finer step of ``scale`` almost always wins, but
     not for every group (at 8 bits the steps differ by under 1 %), and keeping the
     better of the two makes no group's error exceed the 2**b - 1-level grid's.
     """
@@ -231,14 +232,18 @@ def quantize_view(
     low, high = _clip_range(
         v, axes, symmetric=symmetric, calibration=calibration, percentile=percentile
     )
+    full_low, full_high = low, high
     if calibration == "mse":
         ratio = _mse_ratio(
             v, axes, low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
         )
         low, high = _shrink(low, high, ratio, symmetric=symmetric)
     scale, zero = _scale_zero(low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
-    if symmetric and calibration == "absmax":
-        scale = _never_above_old_grid(v, axes, scale, low, high, bits=bits, scale_dtype=scale_dtype)
+    if symmetric and calibration in ("absmax", "mse"):
+        # mse considers the old grid's step too, so it never loses to absmax.
+        scale = _never_above_old_grid(
+            v, axes, scale, full_low, full_high, bits=bits, scale_dtype=scale_dtype
+        )
     if calibration == "percentile":
         # A percentile can be zero for a mostly-zero group; then use the full range.
         full_low, full_high = _clip_range(
