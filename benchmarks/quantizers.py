@@ -92,7 +92,7 @@ def main() -> None:
         'ours: cluster(method="optimal", k=2**bits) (ratio)',
         "best uniform (2^b levels)",
         'ours: quantize(bits, axis=None, symmetric=False, calibration="mse") (ratio)',
-        "ours: quantize(..., symmetric=True, ...) (2^b - 1 levels; ratio)",
+        "ours: quantize(..., symmetric=True, ...) (2^b levels, exact zero; ratio)",
     ]
     table = markdown_table(header, rows)
     body = "\n\n".join(
@@ -103,8 +103,9 @@ def main() -> None:
             "The asymmetric quantize row is the comparable one for the best-uniform column: "
             "it has 2^b levels and a fractional zero point, so its grid can sit midrise (no "
             "level at zero), as the best uniform quantizer of N(0, 1) does. The symmetric "
-            "row has only 2^b - 1 levels (an exact zero), so it cannot reach that column; it "
-            "is reported for honesty, not comparison. quantize needs 2 to 8 bits, so 1 bit is "
+            "row spends its 2^b levels on a grid with an exact zero (one more level on one "
+            "side), so it cannot sit midrise and cannot reach that column; it is reported "
+            "for honesty, not comparison. quantize needs 2 to 8 bits, so 1 bit is "
             "n/a. 'pending' means jc.cluster(method=\"optimal\") is not available yet.",
             f"jax devices: {len(jax.devices())}.",
         ]

@@ -422,7 +422,8 @@ def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> t
         return sparse, num_pruned
     weight = unsharded(weight)
     num_pruned = min(num_pruned, weight.size - units)
-    mesh = getattr(weight.sharding, "mesh", None)
+    # A numpy leaf has no sharding.
+    mesh = getattr(getattr(weight, "sharding", None), "mesh", None)
     explicit = isinstance(mesh, jax.sharding.Mesh) and AxisType.Explicit in mesh.axis_types
     # Eager programs on a weight with Explicit mesh axes need that mesh in context.
     with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
