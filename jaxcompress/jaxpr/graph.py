@@ -542,18 +542,27 @@ def trailing_fan_in_axes(use: WeightUse) -> int | None:
         (None, 1)
     """
     shape = tuple(use.weight_shape)
-    if fan_in_axes(use) is not None or use.contracting_axes is None or use.batch_axes:
-        return None
-    if use.primitive == CONV and use.operand == 0:
-        return None
-    contracted = set(use.contracting_axes)
-    if not contracted:
+    contracted = _contracted_kernel_axes(use)
+    if contracted is None or fan_in_axes(use) is not None:
         return None
     first = min(contracted)
     for axis in range(len(shape)):
         if shape[axis] != 1 and (axis >= first) != (axis in contracted):
             return None
     return len(shape) - first
+
+
+def _contracted_kernel_axes(use: WeightUse) -> set[int] | None:
+    """The weight's contracted axes, or ``None`` for a use no fan-in can be read from.
+
+    That is an unmappable use, one with ``dot_general`` batch axes, a conv's input
+    rather than its kernel, or one that contracts nothing.
+    """
+    if use.contracting_axes is None or use.batch_axes:
+        return None
+    if use.primitive == CONV and use.operand == 0:
+        return None
+    return set(use.contracting_axes) or None
 
 
 def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> int | None:
@@ -583,12 +592,8 @@ def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> in
         2
     """
     shape = tuple(use.weight_shape if weight_shape is None else weight_shape)
-    if use.contracting_axes is None or use.batch_axes:
-        return None
-    if use.primitive == CONV and use.operand == 0:
-        return None
-    contracted = set(use.contracting_axes)
-    if not contracted:
+    contracted = _contracted_kernel_axes(use)
+    if contracted is None:
         return None
     k = max(contracted) + 1
     for axis in range(len(shape)):
