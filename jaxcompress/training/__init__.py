@@ -7,6 +7,8 @@
   (Deep Compression).
 * :func:`fake_quant`: quantization-aware training with straight-through rounding,
   using the same quantizer as :func:`jaxcompress.quantize`.
+* :func:`lora_init`, :func:`lora_apply` and :func:`lora_merge`: LoRA / QLoRA adapters
+  trained on top of frozen compressed leaves, kept beside them or folded back in.
 * :func:`grad` and :func:`value_and_grad`: ``jax.grad`` / ``jax.value_and_grad`` over
   the floating children of compressed leaves (and the array leaves of equinox
   modules), for training loops over compressed trees.
@@ -15,17 +17,25 @@
 from jaxcompress.training.clustering import clustered as clustered
 from jaxcompress.training.grads import grad as grad
 from jaxcompress.training.grads import value_and_grad as value_and_grad
+from jaxcompress.training.lora import Adapter as Adapter
+from jaxcompress.training.lora import lora_apply as lora_apply
+from jaxcompress.training.lora import lora_init as lora_init
+from jaxcompress.training.lora import lora_merge as lora_merge
 from jaxcompress.training.pruning import cubic_sparsity as cubic_sparsity
 from jaxcompress.training.pruning import finalize as finalize
 from jaxcompress.training.pruning import pruned as pruned
 from jaxcompress.training.qat import fake_quant as fake_quant
 
 __all__ = [
+    "Adapter",
     "clustered",
     "cubic_sparsity",
     "fake_quant",
     "finalize",
     "grad",
+    "lora_apply",
+    "lora_init",
+    "lora_merge",
     "pruned",
     "value_and_grad",
 ]
