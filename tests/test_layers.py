@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training", "structure"),  # optax wrappers | coupling, thinning, units, sensitivity
     ("runtime",),  # sharding, parallel, kernels, accelerate, report
     ("io",),  # the file format, interop, checkpoints
-    ("examples",),  # demo models, classifier, pipeline, MiniLM, data
+    ("examples",),  # demo models, classifier, pipeline, MiniLM, decoder LM, data
     ("cli",),  # the command line
 )
 
