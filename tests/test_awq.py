@@ -59,7 +59,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("options", LAYOUTS)
 def test_a_grid_of_only_alpha_zero_is_round_to_nearest_exactly(options):
     rtn, _ = jc.quantize(4, **options)({"w": jnp.asarray(W)})
-    awq, stats = jc.quantize(4, method="awq", awq_grid=1, **options)(
+    awq, stats = jc.quantize(4, method="awq", awq_grid=1, awq_clip_grid=1, **options)(
         {"w": jnp.asarray(W)}, data=DATA
     )
     a, b = awq["w"], rtn["w"]
@@ -91,20 +91,37 @@ def test_never_above_rtn_and_strictly_below_with_outlier_inputs(options):
     assert _output_error(awq["w"].materialize()) < _output_error(rtn["w"].materialize())
 
 
-def test_every_grid_point_is_no_better_than_the_chosen_alpha():
-    # The chosen alpha of a 5-point grid beats (or ties) each alpha of that grid on its own.
-    _, stats = jc.quantize(4, group_size=16, method="awq", awq_grid=5)(
+def test_every_grid_point_is_no_better_than_the_chosen_alpha_without_clipping():
+    # Without clipping, the full objective of the chosen alpha of a 5-point grid beats
+    # (or ties) each alpha of that grid (a 64-input Gram is one block of the search).
+    _, stats = jc.quantize(4, group_size=16, method="awq", awq_grid=5, awq_clip_grid=1)(
         {"w": jnp.asarray(W)}, data=DATA
     )
     best = float(stats["w"]["relative_output_error"])
     alpha = float(stats["w"]["alpha"])
     assert alpha in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert float(stats["w"]["clip_ratio"]) == 1.0
     a = input_magnitudes(DATA["w"].gram)
     for candidate in (0.0, 0.25, 0.5, 0.75, 1.0):
         r = np.asarray(inverse_scales(a, candidate, jnp.float32))[:, None]
         q, _ = jc.quantize(4, group_size=16)({"w": jnp.asarray(W) / jnp.asarray(r)})
         restored = np.asarray(q["w"].materialize()) * r
         assert best <= _relative_output_error(restored, W, DATA["w"].gram) * (1 + 1e-5)
+
+
+def test_clipping_lowers_the_output_error_and_is_reported():
+    options = dict(group_size=16)
+    plain, plain_stats = jc.quantize(4, method="awq", awq_clip_grid=1, **options)(
+        {"w": jnp.asarray(W)}, data=DATA
+    )
+    clipped, stats = jc.quantize(4, method="awq", **options)({"w": jnp.asarray(W)}, data=DATA)
+    s = stats["w"]
+    assert 0.5 <= float(s["clip_ratio"]) < 1.0
+    gram = DATA["w"].gram
+    got = _relative_output_error(clipped["w"].materialize(), W, gram)
+    assert float(s["relative_output_error"]) == pytest.approx(got, rel=1e-4)
+    assert got < _relative_output_error(plain["w"].materialize(), W, gram)
+    assert got <= float(s["rtn_relative_output_error"])
 
 
 @pytest.mark.parametrize(
@@ -116,7 +133,9 @@ def test_every_grid_point_is_no_better_than_the_chosen_alpha():
     ],
 )
 def test_materializes_to_the_unscaled_quantization_of_the_scaled_weight(weight, data, options):
-    awq, _ = jc.quantize(4, method="awq", **options)({"w": jnp.asarray(weight)}, data=data)
+    # Without clipping, so that what was quantized is diag(r)⁻¹ W itself.
+    tx = jc.quantize(4, method="awq", awq_clip_grid=1, **options)
+    awq, _ = tx({"w": jnp.asarray(weight)}, data=data)
     leaf = awq["w"]
     fan_in = weight.ndim - 1
     assert leaf.input_scale.shape == weight.shape[:fan_in]
@@ -350,6 +369,11 @@ def test_bad_inputs_raise_naming_the_option_and_leaf():
             jc.quantize(4, method="awq", awq_grid=grid)
     with pytest.raises(ValueError, match="awq_grid=5 only applies to method='awq'"):
         jc.quantize(4, awq_grid=5)
+    for grid in (0, 1.5, True):
+        with pytest.raises(ValueError, match="awq_clip_grid must be a positive integer"):
+            jc.quantize(4, method="awq", awq_clip_grid=grid)
+    with pytest.raises(ValueError, match="awq_clip_grid=5 only applies to method='awq'"):
+        jc.quantize(4, awq_clip_grid=5)
     with pytest.raises(ValueError, match="act_order=True only applies to method='gptq'"):
         jc.quantize(4, method="awq", act_order=True)
     sparse, _ = jc.prune(0.5)({"w": jnp.asarray(W)})

@@ -240,8 +240,10 @@ def _gptq_array(weight, gram, damp, *, axis, group_size, gptq_options, options) 
     return quantized, {**errors, **extra}
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "group_size", "fan_in", "grid", "options"))
-def _awq_array(weight, gram, *, axis, group_size, fan_in, grid, options) -> tuple:
+@functools.partial(
+    jax.jit, static_argnames=("axis", "group_size", "fan_in", "grid", "clip_grid", "options")
+)
+def _awq_array(weight, gram, *, axis, group_size, fan_in, grid, clip_grid, options) -> tuple:
     """One leaf quantized by AWQ, as one program: ``(Quantized, stats)``.
 
     ``options`` is a tuple of ``(name, value)`` (hashable).
@@ -257,14 +259,19 @@ def _awq_array(weight, gram, *, axis, group_size, fan_in, grid, options) -> tupl
         return codes, scale, zero
 
     def decoder(codes, scale, zero):
-        return decode(codes, scale, zero, dtype=jnp.float32, **layout)
+        # The search also decodes some output columns only: the shape is the codes'.
+        return decode(codes, scale, zero, dtype=jnp.float32, **{**layout, "shape": codes.shape})
 
     with mesh_scope(weight):
         (codes, scale, zero, input_scale), extra = awq_search(
             weight,
             unsharded(gram),
             fan_in=fan_in,
+            axis=axis,
+            group_size=group_size,
+            symmetric=options["symmetric"],
             grid=grid,
+            clip_grid=clip_grid,
             scale_dtype=options["scale_dtype"],
             quantize=quantizer,
             decode=decoder,
@@ -298,6 +305,7 @@ def quantize(
     block_size: int = 128,
     act_order: bool = False,
     awq_grid: int = 20,
+    awq_clip_grid: int = 11,
     where: Filter = kernels,
     progress: bool = False,
 ) -> Transform:
@@ -332,9 +340,13 @@ def quantize(
     float32 product on every backend, so ``Ŵ = diag(r) Q(diag(r)⁻¹ W)``.)
     ``a_i`` is input ``i``'s RMS ``√G_ii`` from the calibration Gram (AWQ's paper uses
     its mean ``|x_i|``, which the statistics do not keep). ``alpha`` is chosen per leaf
-    from ``awq_grid`` even steps on ``[0, 1]`` for the least output error
-    ``tr(Eᵀ G E)``, ``E = Ŵ − W``; ``alpha = 0`` is round-to-nearest exactly, so
-    AWQ's output error is never above it. The scales are *stored*, not folded into
+    from ``awq_grid`` even steps on ``[0, 1]``, then (with per-output-channel scales,
+    grouped or not) a clipping ratio per group from ``awq_clip_grid`` even steps on
+    ``[1, 0.5]`` (AWQ's auto-clip), both for the least output error on the calibration
+    data, read from the Gram's diagonal blocks of up to 128 inputs (each group's own
+    output error); the full output error ``tr(Eᵀ G E)``, ``E = Ŵ − W``, then picks
+    between the result, the unclipped one and round-to-nearest (``alpha = 0``), so
+    AWQ's output error is never above round-to-nearest's. The scales are *stored*, not folded into
     the preceding op: the leaf is a :class:`~jaxcompress.Quantized` with an
     ``input_scale`` child (``r``) shaped like the weight's input axes (``in`` of a
     Dense kernel, ``(h, w, in)`` of a conv kernel; counted by ``nbytes``, saved by
@@ -400,6 +412,9 @@ def quantize(
             contiguous.
         awq_grid: AWQ only: how many values of ``alpha``, evenly spaced on ``[0, 1]``
             (``1``: only ``alpha = 0``, round-to-nearest with unit input scales).
+        awq_clip_grid: AWQ only: how many clipping ratios per group, evenly spaced on
+            ``[1, 0.5]`` (``1``: no clipping; the default 11 steps by 0.05, as AWQ's
+            auto-clip).
         where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
             Under the default filter, a leaf whose entries per channel
             ``group_size`` does not divide is skipped (left dense, stats
@@ -415,13 +430,15 @@ def quantize(
         it works under ``jit``); with GPTQ also ``"damp"``, ``"damping"`` (the ``λ``
         added to the Gram's diagonal), ``"factorized"`` (whether the Cholesky factors
         were finite) and ``"relative_output_error"`` (``√(tr(Eᵀ G E) / tr(Wᵀ G W))``);
-        with AWQ also ``"alpha"`` (the chosen exponent), ``"relative_output_error"``
+        with AWQ also ``"alpha"`` (the chosen exponent), ``"clip_ratio"`` (the mean
+        clipping ratio), ``"relative_output_error"``
         (AWQ's) and ``"rtn_relative_output_error"`` (round-to-nearest's, ``alpha = 0``).
 
     Raises:
         ValueError: bad ``bits``, ``axis``, ``group_size``, ``calibration``,
             ``percentile``, ``scale_dtype``, ``method``, ``damp``, ``block_size``,
-            ``awq_grid``; ``act_order`` without GPTQ; ``awq_grid`` without AWQ; a
+            ``awq_grid``, ``awq_clip_grid``; ``act_order`` without GPTQ; ``awq_grid``
+            or ``awq_clip_grid`` without AWQ; a
             selected scalar, zero-size or non-finite leaf; an axis that does not fit
             a leaf, or a group size that does not fit a leaf your own ``where``
             selects; GPTQ or AWQ without ``data=``, without statistics for
@@ -490,6 +507,12 @@ def quantize(
         raise ValueError(f"quantize: awq_grid must be a positive integer, got {awq_grid!r}")
     if awq_grid != 20 and method != "awq":
         raise ValueError(f"quantize: awq_grid={awq_grid} only applies to method='awq'")
+    if not _is_int(awq_clip_grid) or awq_clip_grid < 1:
+        raise ValueError(
+            f"quantize: awq_clip_grid must be a positive integer, got {awq_clip_grid!r}"
+        )
+    if awq_clip_grid != 11 and method != "awq":
+        raise ValueError(f"quantize: awq_clip_grid={awq_clip_grid} only applies to method='awq'")
     damp_value = check_damp("quantize", damp)
     gptq_options = {
         "block_size": check_block_size("quantize", block_size),
@@ -501,7 +524,8 @@ def quantize(
     if method == "gptq":
         name = name[:-1] + f", method=gptq{', act_order=True' if act_order else ''})"
     if method == "awq":
-        name = name[:-1] + f", method=awq, awq_grid={int(awq_grid)})"
+        name = name[:-1] + f", method=awq, awq_grid={int(awq_grid)}"
+        name += f", awq_clip_grid={int(awq_clip_grid)})"
     data_aware = method in ("gptq", "awq")
     option = f"method={method!r}"
 
@@ -578,6 +602,7 @@ def quantize(
                 group_size=group_size,
                 fan_in=fan_in,
                 grid=int(awq_grid),
+                clip_grid=int(awq_clip_grid),
                 options=tuple(sorted(options.items())),
             )
         quantized, extra = _gptq_array(

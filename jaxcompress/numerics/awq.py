@@ -1,27 +1,47 @@
-"""AWQ (Lin et al. 2023): per-input-channel scales searched against the layer's output error.
+"""AWQ (Lin et al. 2023): per-input-channel scales and per-group clipping, searched
+against the layer's output error on the calibration data.
 
 A weight's ``(m, n)`` matrix view ``W`` (rows: the ``m`` input features it contracts,
 see :func:`~jaxcompress.arrays.lowrank.matrix_shape`) is quantized as
-``Ŵ = diag(s)⁻¹ Q(diag(s) W)``: rows whose inputs are large get a larger scale ``s_i``
-before the (unchanged) quantizer ``Q`` rounds them, so their relative rounding error
-shrinks, at the expense of rows whose inputs are small. Since ``X Ŵ = (X diag(s)⁻¹)
-Q(diag(s) W)``, the scales fold into whatever produces ``X`` or, as here, are stored
-next to the codes: :class:`~jaxcompress.Quantized`'s ``input_scale`` holds
-``r = 1 / s`` (rounded to the scale dtype), so decoding is a multiplication, exact on
-every backend, and ``Ŵ = diag(r) Q(diag(r)⁻¹ W)`` for the stored ``r``.
+``Ŵ = diag(s)⁻¹ Q(clip(diag(s) W))``: rows whose inputs are large get a larger scale
+``s_i`` before the (unchanged) quantizer ``Q`` rounds them, so their relative rounding
+error shrinks, at the expense of rows whose inputs are small; ``clip`` narrows each
+quantization group's range (AWQ's "auto-clip"), trading a few clipped entries for a
+finer grid. Since ``X Ŵ = (X diag(s)⁻¹) Q(...)``, the scales fold into whatever
+produces ``X`` or, as here, are stored next to the codes:
+:class:`~jaxcompress.Quantized`'s ``input_scale`` holds ``r = 1 / s`` (rounded to the
+scale dtype), so decoding is a multiplication, exact on every backend.
 
 The scales are ``s_i = a_i ** alpha``, normalised by ``√(max s · min s)`` as AWQ does,
-with ``a_i`` the input's magnitude. AWQ's paper uses the mean ``|x_i|``; calibration
-statistics (:class:`~jaxcompress.InputStats`) keep the Gram ``G = E[x xᵀ]``
-but not ``E|x|``, so ``a_i = √G_ii``, the input's RMS, is used instead (an input never
-seen, ``G_ii = 0``, takes the mean of the others' ``a``, as in
-:mod:`jaxcompress.numerics.obs`, and every ``a_i`` is floored at ``1e-4 · max a``).
-``alpha`` is searched over an even grid on
-``[0, 1]`` for the least output error ``tr(Eᵀ G E)``, ``E = Ŵ − W``, which the Gram
-alone gives (``‖X W − X Ŵ‖_F² = N tr(Eᵀ G E)`` for the ``N`` calibration rows). At
-``alpha = 0`` every scale is exactly 1, so that candidate is round-to-nearest itself
-and the chosen one is never worse. Each candidate costs one quantization and one
-``(m, m) @ (m, n)`` product, so a leaf costs ``O(grid · m² n)``.
+with ``a_i`` the input's magnitude. AWQ's paper (and Qwix) use the mean ``|x_i|``;
+calibration statistics (:class:`~jaxcompress.InputStats`) keep the Gram ``G = E[x xᵀ]``
+but not ``E|x|``, so ``a_i = √G_ii``, the input's RMS, is used instead (proportional to
+the mean ``|x_i|`` for Gaussian inputs; an input never seen, ``G_ii = 0``, takes the
+mean of the others' ``a``, and every ``a_i`` is floored at ``1e-4 · max a``).
+
+**The objective** is the output error on the calibration data,
+``‖X W − X Ŵ‖_F² = N tr(Eᵀ G E)`` (``E = Ŵ − W``, ``N`` calibration rows), which the
+Gram alone gives. Evaluating it costs an ``(m, m) @ (m, n)`` product, so the search
+reads only its block-diagonal part: for blocks of ``B <= 128`` consecutive inputs
+(dividing the quantization group), ``Σ_b tr(E_bᵀ G_bb E_b)``, each block's own
+contribution to the output error, ``O(B m n)`` per candidate. That is exactly AWQ's
+auto-clip objective for a group (the output error its inputs cause), and what makes
+the clipping ratios separable by group. The search:
+
+1. ``alpha`` over an even grid on ``[0, 1]``, by the block objective summed (where
+   each output column is quantized on its own, over at most 512 evenly spread output
+   columns: the objective is a sum over columns, and ``alpha`` one number for all);
+2. at that ``alpha``, a clipping ratio per group and output column from an even grid on
+   ``[1, 0.5]`` (ratio 1 first, so ties keep the full range), by the group's block
+   objective (only where the groups are runs of one output column's inputs: per output
+   channel, with or without ``group_size``; elsewhere no clipping);
+3. the full objective ``tr(Eᵀ G E)`` of step 2's result and of round to nearest
+   (``alpha = 0``, no clipping: every scale exactly 1); the lesser wins, so the result
+   is never worse than round to nearest on the calibration objective, and the reported
+   errors are exact (three ``(m, m) @ (m, n)`` products, with ``tr(Wᵀ G W)``).
+
+A leaf costs ``O(grid · B m min(n, 512) + clip_grid · B m n + m² n)``, not
+``O(grid · m² n)``.
 """
 
 from __future__ import annotations
@@ -36,9 +56,20 @@ from jax import lax
 
 from jaxcompress.arrays.quantized import scale_inputs
 
-__all__ = ["awq_search", "input_magnitudes", "inverse_scales"]
+__all__ = [
+    "awq_search",
+    "block_losses",
+    "block_size",
+    "clip_groups",
+    "clip_ratios",
+    "gram_blocks",
+    "input_magnitudes",
+    "inverse_scales",
+]
 
 _HIGHEST = lax.Precision.HIGHEST
+_BLOCK = 128  # the search's Gram blocks: O(128 m n) per candidate
+_ALPHA_COLUMNS = 512  # output columns the alpha search reads
 
 
 def input_magnitudes(gram: jax.Array) -> jax.Array:
@@ -83,9 +114,95 @@ def inverse_scales(magnitudes: jax.Array, alpha: jax.Array | float, scale_dtype:
     return jnp.exp(-logs).astype(scale_dtype)
 
 
+def gram_blocks(gram: jax.Array, block: int) -> jax.Array:
+    """The ``(m / block, block, block)`` diagonal blocks of an ``(m, m)`` Gram, float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> gram_blocks(jnp.arange(16.0).reshape(4, 4), 2)[1].tolist()
+        [[10.0, 11.0], [14.0, 15.0]]
+    """
+    m = gram.shape[0]
+    if block < 1 or m % block:
+        raise ValueError(f"gram_blocks: block {block} must divide the Gram's size {m}")
+    k = m // block
+    g = gram.astype(jnp.float32).reshape(k, block, k, block)
+    index = jnp.arange(k)
+    return g[index, :, index, :]
+
+
+def block_losses(error: jax.Array, blocks: jax.Array) -> jax.Array:
+    """``eᵀ G_bb e`` for each diagonal block ``b`` and column: ``(k, n)``, float32.
+
+    ``error`` is an ``(m, n)`` error ``E = Ŵ − W`` of the matrix view; ``blocks`` the
+    Gram's diagonal blocks (:func:`gram_blocks`). Entry ``(b, j)`` is the squared output
+    error that block ``b``'s inputs alone cause in output ``j`` on the calibration data
+    (per calibration row), the part of ``tr(Eᵀ G E)`` that depends on block ``b`` only.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> block_losses(jnp.array([[1.0], [2.0]]), jnp.array([[[2.0]], [[3.0]]])).tolist()
+        [[2.0], [12.0]]
+    """
+    k, b, _ = blocks.shape
+    e = error.astype(jnp.float32).reshape(k, b, -1)
+    ge = jnp.einsum("kab,kbn->kan", blocks, e, precision=_HIGHEST)
+    return jnp.sum(e * ge, axis=1)
+
+
+def block_size(m: int, group: int, *, largest: int = _BLOCK) -> int:
+    """The largest divisor of ``gcd(m, group)`` not above ``largest``.
+
+    Example:
+        >>> block_size(4096, 128), block_size(4096, 4096), block_size(36, 36), block_size(7, 7)
+        (128, 128, 36, 7)
+    """
+    common = math.gcd(m, group)
+    return max(d for d in range(1, min(common, largest) + 1) if common % d == 0)
+
+
+def clip_groups(scaled: jax.Array, ratio: jax.Array, *, group: int, symmetric: bool) -> jax.Array:
+    """An ``(m, n)`` matrix clipped, per group of ``group`` rows in a column, to ``ratio``.
+
+    ``ratio`` is ``(m / group, n)``. Symmetric: into ``±ratio · max |v|``; asymmetric:
+    the range ``[min, max]`` narrowed about its centre. A ratio of 1 leaves the group
+    exactly as it was.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> clip_groups(jnp.array([[4.0], [-1.0]]), jnp.array([[0.5]]), group=2,
+        ...     symmetric=True).tolist()
+        [[2.0], [-1.0]]
+    """
+    m, n = scaled.shape
+    v = scaled.reshape(m // group, group, n)
+    rho = ratio[:, None, :].astype(v.dtype)
+    if symmetric:
+        top = jnp.max(jnp.abs(v), axis=1, keepdims=True) * rho
+        low = -top
+    else:
+        high, lowest = jnp.max(v, axis=1, keepdims=True), jnp.min(v, axis=1, keepdims=True)
+        centre, half = (high + lowest) * 0.5, (high - lowest) * 0.5
+        low, top = centre - rho * half, centre + rho * half
+    clipped = jnp.clip(v, low, top)
+    return jnp.where(rho < 1, clipped, v).reshape(m, n)
+
+
 def _relative(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     safe = jnp.where(denominator > 0, denominator, jnp.ones_like(denominator))
     return jnp.where(denominator > 0, jnp.sqrt(jnp.maximum(numerator, 0.0) / safe), 0.0)
+
+
+def clip_ratios(grid: int) -> jax.Array:
+    """The clipping ratios searched: ``grid`` even steps from 1 down to 0.5 (1: only 1).
+
+    Example:
+        >>> clip_ratios(3).tolist(), clip_ratios(1).tolist()
+        ([1.0, 0.75, 0.5], [1.0])
+    """
+    if grid == 1:
+        return jnp.ones(1, jnp.float32)
+    return jnp.linspace(1.0, 0.5, grid, dtype=jnp.float32)
 
 
 def awq_search(
@@ -93,81 +210,131 @@ def awq_search(
     gram: jax.Array,
     *,
     fan_in: int,
+    axis: int | None,
+    group_size: int | None,
+    symmetric: bool,
     grid: int,
+    clip_grid: int,
     scale_dtype: Any,
     quantize: Callable[[jax.Array], tuple],
     decode: Callable[..., jax.Array],
 ) -> tuple[tuple, dict]:
-    """The grid search of one weight: the best candidate and its statistics.
+    """The search of one weight (see the module docstring): the winner and its statistics.
 
-    Runs under ``jit`` (a :func:`jax.lax.fori_loop` over the grid, keeping the best
-    candidate so far, so memory is a few copies of the weight whatever the grid).
+    Runs under ``jit``; the grids are :func:`jax.lax.map` loops that keep only losses,
+    so memory is a few copies of the weight whatever the grids.
 
     Args:
         weight: the weight, any shape; its first ``fan_in`` axes are the inputs.
         gram: the ``(m, m)`` Gram of those inputs, ``m`` the product of their sizes.
         fan_in: how many leading axes of ``weight`` are inputs.
+        axis: the quantizer's channel axis (``None``: per tensor).
+        group_size: the quantizer's group size along the other axes (``None``: one group).
+        symmetric: whether the quantizer's grid is symmetric (how a range is clipped).
         grid: how many values of ``alpha``, evenly spaced on ``[0, 1]`` (1: only 0).
+        clip_grid: how many clipping ratios, evenly spaced on ``[1, 0.5]`` (1: none).
         scale_dtype: the dtype the scales are stored (and so used) in.
         quantize: ``quantize(scaled) -> (codes, scale, zero_point)``, the leaf's
-            quantizer, applied to ``diag(r)⁻¹ W`` (float32, the weight's shape).
+            quantizer, applied to ``clip(diag(r)⁻¹ W)`` (float32, the weight's shape).
         decode: ``decode(codes, scale, zero_point)``, the float32 dense values of codes.
 
     Returns:
         ``((codes, scale, zero_point, r), stats)``: the winning quantizer outputs and
         input scales ``r = 1 / s`` (shaped ``weight.shape[:fan_in]``, in
         ``scale_dtype``), with ``decode(...) * r`` the quantized weight; stats
-        ``{"alpha", "relative_output_error", "rtn_relative_output_error"}`` with the
-        relative output errors ``√(tr(Eᵀ G E) / tr(Wᵀ G W))`` of the chosen and the
-        ``alpha = 0`` (round-to-nearest) candidate, the first never above the second.
+        ``{"alpha", "clip_ratio", "relative_output_error", "rtn_relative_output_error"}``:
+        the winner's ``alpha`` and mean clipping ratio, and the relative output errors
+        ``√(tr(Eᵀ G E) / tr(Wᵀ G W))`` of the winner and of round to nearest, the first
+        never above the second.
 
     Example:
         >>> import jax.numpy as jnp
         >>> w = jnp.array([[0.1, -0.2], [3.0, 1.0]])
         >>> q = lambda v: (jnp.round(v * 4), None, None)
         >>> (_, _, _, r), stats = awq_search(w, jnp.diag(jnp.array([100.0, 1.0])), fan_in=1,
-        ...     grid=3, scale_dtype=jnp.float32, quantize=q, decode=lambda c, s, z: c / 4)
+        ...     axis=None, group_size=None, symmetric=True, grid=3, clip_grid=1,
+        ...     scale_dtype=jnp.float32, quantize=q, decode=lambda c, s, z: c / 4)
         >>> float(stats["alpha"]), [round(v, 4) for v in r.tolist()]  # s = √10 and 1/√10
         (1.0, [0.3162, 3.1623])
         >>> bool(stats["relative_output_error"] < stats["rtn_relative_output_error"])
         True
     """
     shape = tuple(weight.shape)
+    ndim = len(shape)
     m = math.prod(shape[:fan_in])
     w = weight.astype(jnp.float32)
     matrix = w.reshape(m, -1)
     g = gram.astype(jnp.float32)
     magnitudes = input_magnitudes(g)
     alphas = jnp.linspace(0.0, 1.0, grid, dtype=jnp.float32) if grid > 1 else jnp.zeros(1)
-    broadcast = shape[:fan_in] + (1,) * (len(shape) - fan_in)
+    broadcast = shape[:fan_in] + (1,) * (ndim - fan_in)
+    # Clipping is per quantization group; it is searched where a group is a run of one
+    # output column's inputs, so that its loss is a sum of the column's block losses.
+    columns = axis is not None and fan_in == ndim - 1 and axis % ndim == ndim - 1
+    group = (group_size or m) if columns else m
+    block = block_size(m, group)
+    blocks = gram_blocks(g, block)
+    clip = columns and clip_grid > 1
+    ratios = clip_ratios(clip_grid if clip else 1)
+    n = matrix.shape[1]
 
-    def candidate(alpha):
+    groups = (m // group, n)
+    unclipped = jnp.ones(groups, jnp.float32)
+
+    def candidate(alpha, ratio, columns_of=None):
+        """The error ``Ŵ − W`` (m, n) and quantizer outputs, or those of some columns."""
         r = inverse_scales(magnitudes, alpha, scale_dtype).reshape(shape[:fan_in])
-        codes, scale, zero = quantize(w / r.astype(jnp.float32).reshape(broadcast))
+        base = w if columns_of is None else columns_of
+        scaled = base / r.astype(jnp.float32).reshape(broadcast)
+        width = math.prod(scaled.shape) // m
+        if clip and ratio is not None:  # a ratio of 1 leaves a group exactly as it was
+            clipped = clip_groups(scaled.reshape(m, width), ratio, group=group, symmetric=symmetric)
+            scaled = clipped.reshape(scaled.shape)
+        codes, scale, zero = quantize(scaled)
         # What Quantized.materialize gives, in the weight's dtype.
         restored = scale_inputs(decode(codes, scale, zero), r)
         restored = restored.astype(weight.dtype).astype(jnp.float32)
-        error = restored.reshape(m, -1) - matrix
-        total = jnp.sum(error * jnp.dot(g, error, precision=_HIGHEST))
-        return total, (codes, scale, zero, r)
+        return (restored - base).reshape(m, width), (codes, scale, zero, r)
 
-    def step(i, carry):
-        best, index, rtn, payload = carry
-        total, found = candidate(alphas[i])
-        better = (total < best) | (i == 0)  # strict: ties keep the smaller alpha
-        payload = jax.tree.map(lambda new, old: jnp.where(better, new, old), found, payload)
-        rtn = jnp.where(i == 0, total, rtn)
-        return jnp.where(better, total, best), jnp.where(better, i, index), rtn, payload
+    # 1. alpha by the block objective; argmin keeps the first (smallest) of ties. Where
+    # each output column is quantized on its own, on evenly spread columns only (at most
+    # _ALPHA_COLUMNS): the objective is a sum over columns, and alpha is one number.
+    stride = -(-n // _ALPHA_COLUMNS) if columns else 1
+    some = w[..., ::stride]
 
-    shapes = jax.eval_shape(candidate, alphas[0])[1]
-    empty = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    inf = jnp.float32(jnp.inf)
-    start = (inf, jnp.int32(0), inf, empty)
-    best, index, rtn, payload = lax.fori_loop(0, grid, step, start)
+    def alpha_loss(alpha):
+        return jnp.sum(block_losses(candidate(alpha, None, some)[0], blocks))
+
+    best_alpha = alphas[jnp.argmin(lax.map(alpha_loss, alphas))] if grid > 1 else alphas[0]
+
+    # 2. a ratio per group and column at that alpha; strict < keeps the larger ratio.
+    def consider(i, carry):
+        best_loss, best_ratio = carry
+        losses = block_losses(candidate(best_alpha, jnp.full(groups, ratios[i]))[0], blocks)
+        loss = losses.reshape(m // group, group // block, n).sum(axis=1)
+        better = loss < best_loss
+        return jnp.where(better, loss, best_loss), jnp.where(better, ratios[i], best_ratio)
+
+    # Ratio 1 (first) wins unless another is strictly better: start from an infinite loss.
+    start = (jnp.full(groups, jnp.inf, jnp.float32), unclipped)
+    chosen_ratio = lax.fori_loop(0, ratios.shape[0], consider, start)[1] if clip else unclipped
+
+    # 3. the full objective decides between round to nearest and the searched result.
+    def final(args):
+        error, payload = candidate(*args)
+        return jnp.dot(g, error, precision=_HIGHEST), error, payload
+
+    options = (jnp.stack([jnp.float32(0.0), best_alpha]), jnp.stack([unclipped, chosen_ratio]))
+    products, errors, payloads = lax.map(final, options)
+    totals = jnp.sum(errors * products, axis=(1, 2))
     denominator = jnp.sum(matrix * jnp.dot(g, matrix, precision=_HIGHEST))
+    # Strict: a tie keeps round to nearest.
+    index = jnp.where(totals[1] < totals[0], 1, 0)
+    payload = jax.tree.map(lambda x: x[index], payloads)
     stats = {
-        "alpha": alphas[index],
-        "relative_output_error": _relative(best, denominator),
-        "rtn_relative_output_error": _relative(rtn, denominator),
+        "alpha": jnp.where(index == 1, best_alpha, 0.0),
+        "clip_ratio": jnp.where(index == 1, jnp.mean(chosen_ratio), 1.0),
+        "relative_output_error": _relative(totals[index], denominator),
+        "rtn_relative_output_error": _relative(totals[0], denominator),
     }
     return payload, stats

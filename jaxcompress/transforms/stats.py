@@ -86,6 +86,7 @@ class BlockStats(TypedDict):
 
 class _QuantizeOptional(_ObsStats, total=False):
     alpha: Number
+    clip_ratio: Number
     rtn_relative_output_error: Number
 
 
