@@ -78,8 +78,16 @@ def test_sparse_leaf_keeps_zeros_and_matches_quantize():
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="fake_quant: bits"):
         jc.training.fake_quant(9)
-    with pytest.raises(ValueError, match="group_size=5"):
-        jc.training.fake_quant(4, group_size=5)({"kernel": jnp.ones((4, 4))})
+    with pytest.raises(ValueError, match="group_size"):
+        jc.training.fake_quant(4, group_size=0)
+
+
+def test_group_size_that_does_not_divide_matches_quantize():
+    # 10 rows in groups of 4: the last group has 2, and fake_quant rounds as quantize does.
+    w = jax.random.normal(jax.random.key(5), (10, 3))
+    fake = jc.training.fake_quant(4, group_size=4)({"kernel": w})["kernel"]
+    restored = jc.materialize(jc.quantize(4, group_size=4)({"kernel": w})[0])["kernel"]
+    np.testing.assert_array_equal(fake, restored)
 
 
 def _qat(model, params, images, labels, fq, steps, state=None):

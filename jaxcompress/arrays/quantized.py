@@ -37,44 +37,95 @@ def group_layout(
     The channel axis (if any) is moved last and the other axes are flattened
     row-major into the contracted dimension ``K``, which is split into ``G``
     contiguous groups of ``g``. Per-channel is ``G == 1``; per-tensor is ``C == 1``.
+    When ``g`` does not divide ``K`` the last group is shorter, ``K - (G - 1) g``
+    entries: ``G = ceil(K / g)``, and the view is padded to ``G g`` (see
+    :func:`to_groups`). A ``g`` of ``K`` or more is one group of ``K``, as per channel.
 
     Example:
         >>> group_layout((3, 3, 8, 16), -1, 24), group_layout((64, 32), None, None)
         ((3, 24, 16), (1, 2048, 1))
+        >>> group_layout((10, 4), -1, 4), group_layout((10, 4), -1, 64)  # 4 + 4 + 2; all 10
+        ((3, 4, 4), (1, 10, 4))
     """
     channels = 1 if axis is None else shape[axis]
     contracted = math.prod(shape) // channels
-    size = contracted if group_size is None else group_size
-    return contracted // size, size, channels
+    size = contracted if group_size is None else min(group_size, contracted)
+    return -(-contracted // size), size, channels
 
 
-def to_groups(x: jax.Array, axis: int | None, group_size: int | None) -> jax.Array:
+def ragged(shape: tuple[int, ...], axis: int | None, group_size: int | None) -> int:
+    """How many padding entries per channel the ``(G, g, C)`` view adds (0: ``g`` divides ``K``).
+
+    Example:
+        >>> ragged((10, 4), -1, 4), ragged((8, 4), -1, 4), ragged((3, 4), -1, 8)
+        (2, 0, 0)
+    """
+    groups, size, channels = group_layout(shape, axis, group_size)
+    return groups * size - math.prod(shape) // channels
+
+
+def to_groups(x: jax.Array, axis: int | None, group_size: int | None, *, fill=0) -> jax.Array:
     """The canonical ``(G, g, C)`` view of ``x`` (see :func:`group_layout`).
+
+    When ``g`` does not divide ``K``, the last group is padded at its end with
+    ``fill``; :func:`from_groups` drops the padding again, and :func:`group_mask`
+    says which entries are real.
 
     Example:
         >>> import jax.numpy as jnp
         >>> to_groups(jnp.arange(8.0).reshape(4, 2), -1, 2)[:, :, 0].tolist()
         [[0.0, 2.0], [4.0, 6.0]]
+        >>> to_groups(jnp.arange(3.0).reshape(3, 1), -1, 2)[:, :, 0].tolist()
+        [[0.0, 1.0], [2.0, 0.0]]
     """
-    groups, size, channels = group_layout(tuple(x.shape), axis, group_size)
+    shape = tuple(x.shape)
+    groups, size, channels = group_layout(shape, axis, group_size)
+    pad = ragged(shape, axis, group_size)
     moved = x if axis is None else jnp.moveaxis(x, axis, -1)
     try:
-        return moved.reshape(groups, size, channels)
+        flat = moved.reshape(groups * size - pad, channels)
     except Exception:  # jax raises a private ShardingTypeError here
         # Explicit mesh axes refuse a reshape that splits or merges a sharded dimension
         # unevenly; then the leaf is replicated first (a gather).
-        return unsharded(moved).reshape(groups, size, channels)
+        flat = unsharded(moved).reshape(groups * size - pad, channels)
+    if pad:
+        flat = jnp.pad(unsharded(flat), ((0, pad), (0, 0)), constant_values=fill)
+    try:
+        return flat.reshape(groups, size, channels)
+    except Exception:  # as above
+        return unsharded(flat).reshape(groups, size, channels)
+
+
+def group_mask(shape: tuple[int, ...], axis: int | None, group_size: int | None) -> np.ndarray:
+    """Which entries of the ``(G, g, 1)`` view of ``shape`` are real (not padding).
+
+    Example:
+        >>> group_mask((3, 1), -1, 2)[:, :, 0].tolist()
+        [[True, True], [True, False]]
+    """
+    groups, size, _ = group_layout(shape, axis, group_size)
+    real = groups * size - ragged(shape, axis, group_size)
+    return (np.arange(groups * size) < real).reshape(groups, size, 1)
 
 
 def from_groups(x: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
     """Inverse of :func:`to_groups`: the ``(G, g, C)`` view back in ``shape``.
+
+    Padding at the end of the last group (``G g`` beyond ``K``) is dropped.
 
     Example:
         >>> import jax.numpy as jnp
         >>> w = jnp.arange(8.0).reshape(4, 2)
         >>> bool((from_groups(to_groups(w, 0, 2), (4, 2), 0) == w).all())
         True
+        >>> w = jnp.arange(6.0).reshape(3, 2)
+        >>> bool((from_groups(to_groups(w, -1, 2), (3, 2), -1) == w).all())
+        True
     """
+    channels = 1 if axis is None else shape[axis]
+    contracted = math.prod(shape) // channels
+    if x.shape[0] * x.shape[1] != contracted:
+        x = unsharded(x).reshape(-1, x.shape[-1])[:contracted]
     if axis is None:
         return x.reshape(shape)
     moved = tuple(np.delete(np.asarray(shape), axis)) + (shape[axis],)
@@ -185,7 +236,11 @@ class Quantized(CompressedArray):
         bits: bits per code, 2 to 8 (static).
         axis: the channel axis (non-negative) or ``None`` for per-tensor (static).
         group_size: entries per group along the contracted dimension, or ``None``
-            for one group per channel (static).
+            for one group per channel (static). It need not divide the entries per
+            channel ``K``: the last group is then shorter (``K - (G - 1) g`` entries)
+            and its scale comes from those entries alone. Only real entries have codes
+            (they are laid out like the dense array), so nothing is stored for the
+            padding of the ``(G, g, C)`` view.
         input_scale: ``None``, or one positive factor ``r_i`` per input feature,
             shaped like the weight's leading (fan-in) axes, ``shape[:k]`` with
             ``1 <= k < ndim`` (a Dense ``(in, out)`` kernel's rows), in the scale

@@ -61,7 +61,7 @@ def output_major_specs(
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scale", "offset"],
-    meta_fields=["shape", "dtype", "bits", "packed", "outputs_first"],
+    meta_fields=["shape", "dtype", "bits", "packed", "outputs_first", "group_size"],
 )
 @dataclasses.dataclass(frozen=True, repr=False)
 class QuantizedMatrix(CompressedArray):
@@ -86,6 +86,9 @@ class QuantizedMatrix(CompressedArray):
         packed: whether two codes share a byte (static).
         outputs_first: whether the output axis is the dense shape's first, not its
             last (static).
+        group_size: ``None`` when the ``G`` groups split ``K`` evenly; else the
+            entries per group, the last group being shorter (``K - (G - 1) g``), as
+            the :class:`Quantized` leaf it came from (static).
 
     Example:
         >>> import jax.numpy as jnp
@@ -105,6 +108,7 @@ class QuantizedMatrix(CompressedArray):
     bits: int
     packed: bool
     outputs_first: bool = False
+    group_size: int | None = None
 
     kind = "quantized_matrix"
 
@@ -131,6 +135,13 @@ class QuantizedMatrix(CompressedArray):
         """``G``, the number of scale groups along ``K``."""
         return int(self.scale.shape[0])
 
+    @property
+    def group(self) -> int:
+        """``g``, the entries of ``K`` per scale group (the last group may have fewer)."""
+        if self.group_size is not None:
+            return self.group_size
+        return self.matrix_shape[0] // self.groups
+
     def signed_codes(self) -> jax.Array:
         """The ``(N, K)`` int8 codes, unpacked."""
         if not self.packed:
@@ -139,11 +150,10 @@ class QuantizedMatrix(CompressedArray):
 
     def materialize(self) -> jax.Array:
         k, n = self.matrix_shape
-        groups = self.groups
-        codes = self.signed_codes().astype(jnp.float32).reshape(n, groups, k // groups)
+        codes = grouped_rows(self.signed_codes().astype(jnp.float32), self.groups, self.group)
         offset = 0.0 if self.offset is None else self.offset.T[:, :, None]
-        dense = (codes - offset) * self.scale.T[:, :, None]
-        dense = dense.reshape(n, k) if self.outputs_first else dense.reshape(n, k).T
+        dense = ((codes - offset) * self.scale.T[:, :, None]).reshape(n, -1)[:, :k]
+        dense = dense if self.outputs_first else dense.T
         return dense.reshape(self.shape).astype(self.dtype)
 
     def layout_child(self) -> jax.Array:
@@ -238,6 +248,23 @@ class ClusteredMatrix(CompressedArray):
 
     def __repr__(self) -> str:
         return f"ClusteredMatrix(shape={self.shape}, k={self.codebook.shape[-1]})"
+
+
+def grouped_rows(rows: jax.Array, groups: int, size: int) -> jax.Array:
+    """``(B, K)`` rows as ``(B, G, g)`` scale groups, zero-padded at the end when ``G g > K``.
+
+    A short last group's padding multiplies nothing real: callers drop it with
+    ``[..., :K]`` after flattening, or sum it as zeros.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> grouped_rows(jnp.arange(3.0)[None], 2, 2).tolist()
+        [[[0.0, 1.0], [2.0, 0.0]]]
+    """
+    pad = groups * size - rows.shape[1]
+    if pad:
+        rows = jnp.pad(rows, ((0, 0), (0, pad)))
+    return rows.reshape(rows.shape[0], groups, size)
 
 
 def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -346,7 +373,11 @@ def to_serving(leaf: Quantized | Clustered) -> QuantizedMatrix | ClusteredMatrix
         offset = jnp.broadcast_to(leaf.zero_point.astype(jnp.float32) - half, (groups, n))
     packed = leaf.bits <= 4 and k % 2 == 0
     codes = _pack_nibbles(signed) if packed else signed
-    return QuantizedMatrix(codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed, first)
+    # A size that does not divide K (a short last group) cannot be read off G and K.
+    size = group_layout(leaf.shape, leaf.axis, leaf.group_size)[1] if k % groups else None
+    return QuantizedMatrix(
+        codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed, first, group_size=size
+    )
 
 
 def clustered_on_int8_grid(leaf: Clustered) -> QuantizedMatrix:

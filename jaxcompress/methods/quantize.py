@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 
 import jax
@@ -33,7 +32,7 @@ from jaxcompress.numerics.gptq import gptq
 from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
 from jaxcompress.numerics.uniform import quantize_codes
 from jaxcompress.transforms.base import Transform
-from jaxcompress.transforms.engine import Unfit, per_leaf
+from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
 from jaxcompress.transforms.stats import QuantizeStats
 
@@ -93,24 +92,21 @@ def quantize_array(
 def leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
     """The normalized axis for a leaf of ``shape``; raises naming the path if it cannot fit.
 
+    Any positive ``group_size`` fits: one that does not divide the entries per channel
+    leaves a shorter last group, and one larger than them makes a single group (see
+    :func:`~jaxcompress.arrays.quantized.group_layout`).
+
     Example:
-        >>> leaf_layout("quantize", "w", (4, 6), -1, None)
+        >>> leaf_layout("quantize", "w", (4, 6), -1, None)  # group_size=4 would fit as well
         1
     """
+    del group_size  # every positive size fits (checked by check_options)
     if axis is not None:
         if not -len(shape) <= axis < len(shape):
             raise ValueError(
                 f"{name}: axis={axis} is out of range for leaf {path!r} of shape {tuple(shape)}"
             )
         axis = axis % len(shape)
-    if group_size is not None:
-        channels = 1 if axis is None else shape[axis]
-        contracted = math.prod(shape) // channels
-        if contracted % group_size:
-            raise Unfit(
-                f"{name}: group_size={group_size} does not divide the {contracted} entries per "
-                f"channel of leaf {path!r} of shape {tuple(shape)} (axis={axis})"
-            )
     return axis
 
 
@@ -376,8 +372,11 @@ def quantize(
             own layout (AWQ's ``input_scale`` as ``(1, in)``).
         group_size: split each channel's other entries (flattened row-major) into
             contiguous groups of this size, one scale per (channel, group). With
-            ``axis=None`` the whole flattened tensor is grouped. Must divide the
-            entries per channel.
+            ``axis=None`` the whole flattened tensor is grouped. It need not divide
+            the entries per channel: the last group is then shorter, and its scale
+            comes from its own entries alone (no padding value takes part in it or is
+            stored). A size at least the entries per channel is one group, as per
+            channel, though the leaf keeps the ``group_size`` asked for.
         symmetric: ``True`` for ``2**bits`` levels, ``-2**(bits-1)`` to
             ``2**(bits-1) - 1`` steps, with an exact zero; the scale's sign puts the
             extra level on the side of each group's largest magnitude (see
@@ -416,11 +415,6 @@ def quantize(
             ``[1, 0.5]`` (``1``: no clipping; the default 11 steps by 0.05, as AWQ's
             auto-clip).
         where: which leaves to quantize; by default :func:`jaxcompress.filters.kernels`.
-            Under the default filter, a leaf whose entries per channel
-            ``group_size`` does not divide is skipped (left dense, stats
-            ``{"skipped": reason}``, one warning per call); a filter of your own that
-            selects such a leaf raises.
-
         progress: show a bar on stderr, by leaf and bytes, while it runs (not under
             ``jit``).
     Returns:
@@ -440,8 +434,7 @@ def quantize(
             ``awq_grid``, ``awq_clip_grid``; ``act_order`` without GPTQ; ``awq_grid``
             or ``awq_clip_grid`` without AWQ; a
             selected scalar, zero-size or non-finite leaf; an axis that does not fit
-            a leaf, or a group size that does not fit a leaf your own ``where``
-            selects; GPTQ or AWQ without ``data=``, without statistics for
+            a leaf; GPTQ or AWQ without ``data=``, without statistics for
             a leaf, with statistics whose feature size fits no fan-in of the leaf
             (or, outside ``jit``, a Gram with NaN or Inf); GPTQ with a scale layout it
             does not support, or (outside ``jit``) with a Gram not positive definite

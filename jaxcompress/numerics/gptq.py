@@ -67,7 +67,8 @@ def gptq(
         zero_point: likewise, or ``None`` when symmetric.
         bits, symmetric, calibration, percentile, scale_dtype: as for
             :func:`jaxcompress.quantize`.
-        group_size: rows per scale group (``None``: one group).
+        group_size: rows per scale group (``None``: one group); when it does not
+            divide ``m`` the last group is shorter, ``G = ceil(m / group_size)``.
         dynamic_groups: compute each group's scale (with ``calibration``) from the
             current, error-updated rows when the sweep reaches the group, as GPTQ does.
         act_order: sweep the rows in order of decreasing ``G_ii`` (codes are put back
@@ -95,7 +96,9 @@ def gptq(
     w = matrix.astype(jnp.float32)
     m, n = w.shape
     groups, channels = scale.shape
-    size = m if group_size is None else group_size
+    size = m if group_size is None else min(group_size, m)
+    # A size that does not divide m leaves a shorter last group (see group_layout).
+    short_last = m % size != 0
     block, padded = block_padding(m, block_size)
     h = gram.astype(jnp.float32)
     order = None
@@ -122,10 +125,19 @@ def gptq(
 
     def fresh_scale(args):
         r, g, err, u_block, w, scales, zeros = args
-        rows = lax.dynamic_slice_in_dim(w, r, size, axis=0)
-        u_rows = lax.dynamic_slice_in_dim(u_block, r, size, axis=1)
+        valid = None
+        if short_last:
+            # The last group's rows run past m (and maybe past the padded rows, where a
+            # slice would be clamped): gather them, and leave the rows beyond m out.
+            index = r + jnp.arange(size)
+            valid = (index < m)[:, None]
+            index = jnp.minimum(index, w.shape[0] - 1)
+            rows, u_rows = w[index], u_block[:, index]
+        else:
+            rows = lax.dynamic_slice_in_dim(w, r, size, axis=0)
+            u_rows = lax.dynamic_slice_in_dim(u_block, r, size, axis=1)
         rows = rows - dot(u_rows.T, err)
-        _, s, z, _ = uniform.quantize_view(rows, (0,), **options)
+        _, s, z, _ = uniform.quantize_view(rows, (0,), valid=valid, **options)
         scales = lax.dynamic_update_slice_in_dim(scales, s.astype(jnp.float32), g, axis=0)
         if z is not None:
             zeros = lax.dynamic_update_slice_in_dim(zeros, z.astype(jnp.float32), g, axis=0)

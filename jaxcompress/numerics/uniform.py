@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.arrays.quantized import from_groups, group_layout, to_groups
+from jaxcompress.arrays.quantized import from_groups, group_layout, group_mask, ragged, to_groups
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import unsharded
 
@@ -132,13 +132,19 @@ def _shrink(low, high, ratio, *, symmetric: bool):
     return center - ratio * half, center + ratio * half
 
 
-def _squared_error(v, axes, scale, zero, bits: int):
-    """Per group, the squared error of rounding ``v`` to the grid of ``scale`` and ``zero``."""
+def _squared_error(v, axes, scale, zero, bits: int, valid=None):
+    """Per group, the squared error of rounding ``v`` to the grid of ``scale`` and ``zero``.
+
+    Entries where ``valid`` is false (padding of a short last group) count nothing.
+    """
     codes = encode(v, scale, zero, bits)[0]
-    return jnp.sum(jnp.square(decode(codes, scale, zero, bits) - v), axis=axes, keepdims=True)
+    error = jnp.square(decode(codes, scale, zero, bits) - v)
+    if valid is not None:
+        error = jnp.where(valid, error, 0.0)
+    return jnp.sum(error, axis=axes, keepdims=True)
 
 
-def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype):
+def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype, valid=None):
     """``scale``, or per group the old grid's ``max|w| / (2**(b-1) - 1)`` where that rounds better.
 
     The old step leaves the range unclipped. The finer step of ``scale`` almost always wins, but
@@ -148,11 +154,13 @@ def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype):
     old = jnp.maximum(-low, high) * np.float32(1.0 / (2 ** (bits - 1) - 1))
     old = old.astype(scale_dtype).astype(jnp.float32)
     old = jnp.where(old != 0, old, jnp.ones_like(old))
-    worse = _squared_error(v, axes, old, None, bits) < _squared_error(v, axes, scale, None, bits)
+    worse = _squared_error(v, axes, old, None, bits, valid) < _squared_error(
+        v, axes, scale, None, bits, valid
+    )
     return jnp.where(worse, old, scale)
 
 
-def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
+def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype, valid=None):
     """Per group, the clipping ratio in ``_MSE_RATIOS`` with the least squared error."""
 
     def error(ratio):
@@ -162,7 +170,7 @@ def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
             symmetric=symmetric,
             scale_dtype=scale_dtype,
         )
-        return _squared_error(v, axes, scale, zero, bits)
+        return _squared_error(v, axes, scale, zero, bits, valid)
 
     ratios = jnp.asarray(_MSE_RATIOS)
 
@@ -180,15 +188,15 @@ def _mse_ratio(v, axes, low, high, *, bits: int, symmetric: bool, scale_dtype):
     return jax.lax.fori_loop(1, ratios.shape[0], consider, start)[1]
 
 
-def _finite_stand_in(v: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``v`` with each non-finite entry replaced by its group's smallest finite value.
+def _stand_in(v: jax.Array, axes: tuple[int, ...], usable: jax.Array) -> jax.Array:
+    """``v`` with each entry not ``usable`` replaced by its group's smallest usable value.
 
-    That value changes no absmax range; a group with no finite entry gets zeros.
+    That value changes no group's minimum, maximum or constancy; a group with no
+    usable entry gets zeros.
     """
-    finite = jnp.isfinite(v)
-    low = jnp.min(jnp.where(finite, v, jnp.inf), axis=axes, keepdims=True)
+    low = jnp.min(jnp.where(usable, v, jnp.inf), axis=axes, keepdims=True)
     low = jnp.where(jnp.isfinite(low), low, jnp.zeros_like(low))
-    return jnp.where(finite, v, low), finite
+    return jnp.where(usable, v, low)
 
 
 def quantize_view(
@@ -201,11 +209,15 @@ def quantize_view(
     percentile: float,
     scale_dtype,
     poison: bool = False,
+    valid: jax.Array | np.ndarray | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
     """Quantizes ``v`` with one scale per slice reduced over ``axes``.
 
     Under ``jit`` a NaN or Inf is left out of its group's scale (see the module
-    docstring); ``poison=True`` makes that group's scale NaN.
+    docstring); ``poison=True`` makes that group's scale NaN. ``valid`` (broadcasting
+    against ``v``) marks the real entries of a padded view: the others (the padding
+    of a short last group) take no part in any scale, zero point or error, and their
+    codes mean nothing.
 
     Returns:
         ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``v``; scale (in
@@ -225,24 +237,51 @@ def quantize_view(
     # Eager callers have refused non-finite leaves already; only traced ones can hold any.
     finite = None
     if is_traced(v):
-        v, finite = _finite_stand_in(v, axes)
+        finite = jnp.isfinite(v)
+        if valid is not None:
+            finite = finite | ~valid  # padding is never a non-finite entry
+    if finite is not None or valid is not None:
+        usable = finite if valid is None else valid if finite is None else finite & valid
+        v = _stand_in(v, axes, usable)
     if calibration == "percentile":
         # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
         v = unsharded(v)
-    low, high = _clip_range(
-        v, axes, symmetric=symmetric, calibration=calibration, percentile=percentile
-    )
+    if calibration == "percentile" and valid is not None:
+        # Padding stands for no entry: the quantiles of each group's real entries.
+        masked = jnp.where(valid, v, jnp.nan)
+        low = jnp.nanpercentile(masked, 100.0 - percentile, axis=axes, keepdims=True)
+        high = jnp.nanpercentile(masked, percentile, axis=axes, keepdims=True)
+        if symmetric:
+            low, high = jnp.minimum(low, 0.0), jnp.maximum(high, 0.0)
+    else:
+        low, high = _clip_range(
+            v, axes, symmetric=symmetric, calibration=calibration, percentile=percentile
+        )
     full_low, full_high = low, high
     if calibration == "mse":
         ratio = _mse_ratio(
-            v, axes, low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype
+            v,
+            axes,
+            low,
+            high,
+            bits=bits,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            valid=valid,
         )
         low, high = _shrink(low, high, ratio, symmetric=symmetric)
     scale, zero = _scale_zero(low, high, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
     if symmetric and calibration in ("absmax", "mse"):
         # mse considers the old grid's step too, so it never loses to absmax.
         scale = _never_above_old_grid(
-            v, axes, scale, full_low, full_high, bits=bits, scale_dtype=scale_dtype
+            v,
+            axes,
+            scale,
+            full_low,
+            full_high,
+            bits=bits,
+            scale_dtype=scale_dtype,
+            valid=valid,
         )
     if calibration == "percentile":
         # A percentile can be zero for a mostly-zero group; then use the full range.
@@ -296,7 +335,9 @@ def quantize_codes(
     Returns:
         ``(codes, scale, zero_point, inside)``: uint8 codes shaped like ``weight``;
         scale and zero point (``None`` if symmetric) shaped ``(G, C)`` (see
-        :func:`~jaxcompress.arrays.quantized.group_layout`); and a boolean mask, shaped
+        :func:`~jaxcompress.arrays.quantized.group_layout`; when ``group_size`` does
+        not divide the entries per channel, the last group's scale comes from its
+        fewer entries alone); and a boolean mask, shaped
         like ``weight``, of the entries whose rounded code needed no clipping.
 
     Example:
@@ -337,7 +378,9 @@ def quantize_codes(
         codes, scale, zero, inside = quantize_view(weight, axes, **options)
     else:
         view = to_groups(weight, axis, group_size)
-        codes, scale, zero, inside = quantize_view(view, (1,), **options)
+        # A short last group is padded; its scale comes from its real entries only.
+        valid = group_mask(shape, axis, group_size) if ragged(shape, axis, group_size) else None
+        codes, scale, zero, inside = quantize_view(view, (1,), valid=valid, **options)
         codes = from_groups(codes, shape, axis)
         inside = from_groups(inside, shape, axis)
     scale = scale.reshape(groups, channels)

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcompress.arrays.lowrank import LowRank
-from jaxcompress.arrays.serving import ClusteredMatrix, QuantizedMatrix, lookup, unpack_nibbles
+from jaxcompress.arrays.serving import (
+    ClusteredMatrix,
+    QuantizedMatrix,
+    grouped_rows,
+    lookup,
+    unpack_nibbles,
+)
 
 __all__ = [
     "BLOCK",
@@ -65,9 +71,8 @@ def _int_dot(x_codes: jax.Array, w_codes: jax.Array) -> jax.Array:
 
 def _offset_term(x: jax.Array, leaf: QuantizedMatrix, offset: jax.Array) -> jax.Array:
     """``sum_g (sum of x over group g) * offset[g] * scale[g]``, the zero-point share."""
-    k, _ = leaf.matrix_shape
-    groups = leaf.groups
-    sums = x.astype(jnp.float32).reshape(x.shape[0], groups, k // groups).sum(axis=2)
+    # A short last group's padding holds zeros: it adds nothing to its sum.
+    sums = grouped_rows(x.astype(jnp.float32), leaf.groups, leaf.group).sum(axis=2)
     return sums @ (offset * leaf.scale)
 
 
@@ -166,13 +171,13 @@ def _decode_rows(leaf: QuantizedMatrix, start: jax.Array, block: int) -> jax.Arr
         raw = jnp.concatenate(unpack_nibbles(raw), axis=1)
     if leaf.groups == 1 and leaf.offset is None:
         return raw.astype(jnp.float32)  # the per-channel scale is applied to the result
-    groups = leaf.groups
-    codes = raw.astype(jnp.float32).reshape(block, groups, k // groups)
+    codes = grouped_rows(raw.astype(jnp.float32), leaf.groups, leaf.group)
     scale = lax.dynamic_slice_in_dim(leaf.scale, start, block, axis=1).T[:, :, None]
     if leaf.offset is not None:
         offset = lax.dynamic_slice_in_dim(leaf.offset, start, block, axis=1).T[:, :, None]
         codes = codes - offset
-    return (codes * scale).reshape(block, k)
+    # A short last group's padding is dropped before the product.
+    return (codes * scale).reshape(block, -1)[:, :k]
 
 
 def blocked_quantized(x: jax.Array, leaf: QuantizedMatrix) -> jax.Array:
@@ -248,11 +253,10 @@ def dequantized(x: jax.Array, leaf: QuantizedMatrix | ClusteredMatrix) -> jax.Ar
     if isinstance(leaf, ClusteredMatrix):
         weights = lookup(leaf.codebook.astype(jnp.float32), leaf.indices)
     else:
-        group = k // leaf.groups
-        codes = leaf.signed_codes().astype(jnp.float32).reshape(n, leaf.groups, group)
+        codes = grouped_rows(leaf.signed_codes().astype(jnp.float32), leaf.groups, leaf.group)
         if leaf.offset is not None:
             codes = codes - leaf.offset.T[:, :, None]
-        weights = (codes * leaf.scale.T[:, :, None]).reshape(n, k)
+        weights = (codes * leaf.scale.T[:, :, None]).reshape(n, -1)[:, :k]
     return lax.dot_general(x.astype(jnp.float32), weights, _NT)
 
 

@@ -7,7 +7,6 @@ them; every other leaf's node is unchanged.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -64,14 +63,13 @@ def decode(node: dict[str, Any], decoding: nodes.Decoding, path: str) -> Quantiz
         lambda a: a is None or (nodes.is_int(a) and a < len(shape)),
         "None or an axis",
     )
-    channels = 1 if axis is None else shape[axis]
-    contracted = math.prod(shape) // channels
     group_size = nodes.field(
         node,
         "group_size",
         path,
-        lambda g: g is None or (nodes.is_int(g, 1) and contracted % g == 0),
-        f"None or a positive divisor of {contracted}",
+        # Any positive size: one that does not divide leaves a shorter last group.
+        lambda g: g is None or nodes.is_int(g, 1),
+        "None or a positive integer",
     )
     groups, _, channels = group_layout(shape, axis, group_size)
     scale = nodes.read_array(node.get("scale"), get, nodes.join(path, "scale"))
