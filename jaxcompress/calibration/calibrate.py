@@ -247,16 +247,28 @@ def _rows(use: Any) -> int:
     return math.prod(features.shape[:-1])
 
 
-def _select(uses: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str, str]]:
+def _select(
+    uses: dict[str, list[Any]], hidden: dict[str, list[str]], *, labelled: bool
+) -> tuple[dict[str, list[Any]], dict[str, str]]:
     """The weights every use of which can be calibrated, and why the others cannot."""
     chosen, skipped = {}, {}
     for path, path_uses in uses.items():
-        if not path_uses:
-            continue
         reasons = []
+        if hidden.get(path):
+            # Its rows there are unseen: statistics of the other uses alone would be wrong.
+            reasons.append(f"it enters {', '.join(hidden[path])}, whose code calibrate cannot read")
+        elif not path_uses:
+            continue
         for use in path_uses:
             fan_in = graph.fan_in_axes(use)
-            if fan_in is None and graph.trailing_fan_in_axes(use) is None:
+            if use.note:
+                reasons.append(use.note)
+            elif labelled and use.gathered is not None:
+                reasons.append(
+                    "used inside a shard_map: with labels, the order of the examples "
+                    "across its devices is unknown"
+                )
+            elif fan_in is None and graph.trailing_fan_in_axes(use) is None:
                 reasons.append(
                     use.note
                     or f"contracted axes {use.contracting_axes} are neither its leading nor "
@@ -291,7 +303,9 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
     extra = () if key is None else (key,)
     labelled = num_classes is not None
     closed, paths = graph.trace_jaxpr(apply_fn, params, local, *extra)
-    uses, skipped = _select(graph.uses_in_jaxpr(closed, paths))
+    uses, skipped = _select(
+        graph.uses_in_jaxpr(closed, paths), graph.opaque_uses(closed, paths), labelled=labelled
+    )
     examples = _example_dims(apply_fn, params, local, extra, paths, uses) if labelled else {}
     sites = {
         path: [

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,15 @@ from jaxcompress.arrays.serving import (
 )
 from jaxcompress.arrays.tree import on_arrays, split_arrays
 from jaxcompress.core.paths import path_to_str
-from jaxcompress.jaxpr.graph import CONV, DOT, bind_equation, evaluate, trace_jaxpr
+from jaxcompress.jaxpr.graph import (
+    CONV,
+    DOT,
+    SHARD_MAP,
+    bind_equation,
+    evaluate,
+    is_opaque,
+    trace_jaxpr,
+)
 from jaxcompress.runtime import kernels
 
 __all__ = ["Accelerated", "Decision", "Plan", "ROUTES", "accelerate"]
@@ -129,6 +138,20 @@ class Plan:
             out.setdefault(d.path, []).append(d.route)
         return {path: "+".join(r) for path, r in out.items()}
 
+    def dense(self) -> dict[str, str]:
+        """``{path: why}`` for the leaves some use of which ran on the dense weight.
+
+        Example:
+            >>> d = Decision("w", "Quantized", "pallas_call", "materialize", 0, "opaque")
+            >>> Plan((d,), "cpu").dense()
+            {'w': 'pallas_call: opaque'}
+        """
+        out: dict[str, list[str]] = {}
+        for d in self.decisions:
+            if d.route == "materialize":
+                out.setdefault(d.path, []).append(f"{d.op}: {d.note}" if d.note else d.op)
+        return {path: "; ".join(dict.fromkeys(notes)) for path, notes in out.items()}
+
     def __str__(self) -> str:
         header = ("leaf", "type", "op", "route", "rows", "note")
         rows = [header] + [
@@ -190,6 +213,8 @@ class _Router:
         self.int8_activations = int8_activations
         self.backend = backend
         self.decisions: list[Decision] = []
+        # Leaves that entered a shard_map or an opaque kernel (pallas_call, scan, ...).
+        self.opaque: dict[str, list[str]] = {}
 
     def record(self, weight: _Weight, op: str, route: str, rows: int, note: str = "") -> None:
         kind = type(weight.leaf).__name__
@@ -215,7 +240,11 @@ class _Router:
                 return [out]
         for value in invals:
             if _is_weight(value):
-                self.record(value, name, "materialize", 0, self._why_dense(value, name))
+                why = self._why_dense(value, name)
+                if name == SHARD_MAP or is_opaque(eqn):
+                    why = f"its body runs as written, on the dense weight ({why})"
+                    self.opaque.setdefault(value.path, []).append(name)
+                self.record(value, name, "materialize", 0, why)
         dense = [v.value() if _is_weight(v) else v for v in invals]
         return bind_equation(eqn, dense)
 
@@ -486,6 +515,15 @@ class Accelerated:
         router = self._router()
         out = self._evaluate(router, arrays, rest.tree, *args)
         self.last_plan = Plan(tuple(router.decisions), router.backend)
+        if router.opaque:  # once per trace: each input shape compiles once
+            left = ", ".join(
+                f"{path} (in {', '.join(dict.fromkeys(ops))})"
+                for path, ops in router.opaque.items()
+            )
+            warnings.warn(
+                f"accelerate: left dense, as the code they enter runs as written: {left}",
+                stacklevel=3,
+            )
         return out
 
     def _evaluate(self, router: _Router, arrays: Any, rest: Any, *args: Any) -> Any:
