@@ -175,3 +175,35 @@ def test_accelerate_without_opaque_kernels_does_not_warn():
         warnings.simplefilter("error")
         fast(fast.prepare(compressed), jnp.ones((4, 32)))
     assert fast.last_plan.dense() == {}
+
+
+def test_uses_inside_shard_map_carry_the_gathered_activation_shape():
+    from jaxcompress.jaxpr import graph
+
+    uses = graph.trace_uses(apply, PARAMS, X)
+    (sm,) = uses["sm/kernel"]
+    assert sm.gathered == ("d",) and sm.gather_dim == 0
+    assert sm.activation_shape == X.shape  # 8 shards of 2 rows, gathered
+    (vjp,) = uses["vjp/kernel"]
+    assert vjp.gathered is None and vjp.contracting_axes == (0,)
+    assert uses["pallas/kernel"] == []
+    closed, paths = graph.trace_jaxpr(apply, PARAMS, X)
+    hidden = graph.opaque_uses(closed, paths)
+    assert hidden["pallas/kernel"] == ["pallas_call"] and hidden["sm/kernel"] == []
+
+
+def test_a_weight_used_both_outside_and_inside_a_scan_is_declined_but_a_bias_is_not_named():
+    def looped(p, x):
+        x = x @ p["w"] + p["b"][None, :]  # seen
+        return jax.lax.scan(
+            lambda c, _: (jnp.tanh(c @ p["w"]) + p["b"][None, :], None), x, None, 2
+        )[0]
+
+    params = {"w": jnp.eye(8), "b": jnp.zeros(8)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = jc.calibrate(looped, params, [jnp.ones((4, 8))])
+    messages = [str(w.message) for w in caught]
+    assert any("not calibrating w: it enters scan" in m for m in messages), messages
+    assert not any("not calibrating b" in m for m in messages)
+    assert data["w"] is None  # its rows inside the scan are unseen: no partial statistics

@@ -248,13 +248,18 @@ def _rows(use: Any) -> int:
 
 
 def _select(
-    uses: dict[str, list[Any]], hidden: dict[str, list[str]], *, labelled: bool
+    uses: dict[str, list[Any]],
+    hidden: dict[str, list[str]],
+    ranks: dict[str, int],
+    *,
+    labelled: bool,
 ) -> tuple[dict[str, list[Any]], dict[str, str]]:
     """The weights every use of which can be calibrated, and why the others cannot."""
     chosen, skipped = {}, {}
     for path, path_uses in uses.items():
         reasons = []
-        if hidden.get(path):
+        # A vector that only enters a scan or a kernel is a bias or a scale: no warning.
+        if hidden.get(path) and (path_uses or ranks.get(path, 2) >= 2):
             # Its rows there are unseen: statistics of the other uses alone would be wrong.
             reasons.append(f"it enters {', '.join(hidden[path])}, whose code calibrate cannot read")
         elif not path_uses:
@@ -303,8 +308,13 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
     extra = () if key is None else (key,)
     labelled = num_classes is not None
     closed, paths = graph.trace_jaxpr(apply_fn, params, local, *extra)
+    leaves = jax.tree.leaves(params)
+    ranks = {p: len(getattr(leaf, "shape", ())) for p, leaf in zip(paths, leaves, strict=True)}
     uses, skipped = _select(
-        graph.uses_in_jaxpr(closed, paths), graph.opaque_uses(closed, paths), labelled=labelled
+        graph.uses_in_jaxpr(closed, paths),
+        graph.opaque_uses(closed, paths),
+        ranks,
+        labelled=labelled,
     )
     examples = _example_dims(apply_fn, params, local, extra, paths, uses) if labelled else {}
     sites = {
