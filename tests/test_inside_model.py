@@ -148,20 +148,40 @@ def test_accelerate_matches_the_materialized_model_and_names_dense_weights(name,
     reference = apply(jc.materialize(compressed), X)
     fast = jc.accelerate(fn, int8_activations=False)
     served = fast.prepare(compressed)
-    with pytest.warns(UserWarning, match=r"pallas/kernel.*pallas_call") as caught:
+    with pytest.warns(UserWarning, match=r"pallas/kernel \(in pallas_call\)") as caught:
         out = fast(served, X)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
     routes = fast.last_plan.routes()
     dense = fast.last_plan.dense()
     assert "pallas/kernel" in dense and "pallas_call" in dense["pallas/kernel"]
-    assert "sm/kernel" in " ".join(str(w.message) for w in caught)
+    # shard_map and custom_vjp bodies are run with the compressed weight inside
+    assert not any("sm/kernel" in str(w.message) for w in caught)
     if name == "int8":
-        assert routes["vjp/kernel"] == "blocked"  # the custom_vjp body takes a fast route
+        assert routes["sm/kernel"] == routes["vjp/kernel"] == "blocked"
+        assert set(dense) == {"pallas/kernel"}
+    else:
+        assert "no kernel for Sparse" in dense["sm/kernel"]
     # the int8 activation route: within the tolerance accelerate's docstring states
     fast8 = jc.accelerate(fn)
     with pytest.warns(UserWarning):
         out8 = fast8(fast8.prepare(compressed), X)
     assert _relative(out8, reference) < 0.03
+    if name == "int8":
+        assert fast8.last_plan.routes()["sm/kernel"] == "int8"
+
+
+def test_accelerate_materializes_a_weight_that_shard_map_splits_and_says_so():
+    def split(params, x):  # column-parallel: each device holds 4 of the 32 outputs
+        body = lambda w, x: jnp.tanh(x @ w)  # noqa: E731
+        sm = jax.shard_map(body, mesh=MESH, in_specs=(P(None, "d"), P()), out_specs=P(None, "d"))
+        return sm(params["kernel"], x)
+
+    compressed, _ = jc.quantize(bits=8, axis=-1)(PARAMS["sm"])
+    fast = jc.accelerate(split)
+    with pytest.warns(UserWarning, match=r"kernel \(in shard_map\)"):
+        out = fast(fast.prepare(compressed), X)
+    np.testing.assert_allclose(out, split(jc.materialize(compressed), X), rtol=1e-6, atol=1e-6)
+    assert fast.last_plan.routes() == {"kernel": "materialize"}
 
 
 def test_accelerate_without_opaque_kernels_does_not_warn():

@@ -408,6 +408,15 @@ def calibrate(
     grouped/depthwise convolutions, a weight with ``dot_general`` batch
     axes, or one reached only through a reshape that splits its axes.
 
+    Inside the model, ``jit``, ``remat``, ``custom_jvp`` and ``custom_vjp`` bodies are
+    seen through, and so are ``shard_map`` bodies for a weight passed in replicated:
+    the per-device inputs are gathered over the mesh axes they vary along, so each row
+    counts once. A weight is left out with a warning naming it, never calibrated on
+    part of its uses, when the ``shard_map`` splits it across devices or runs with
+    ``check_vma=False`` or nested in another, when it is used inside a ``shard_map``
+    and ``labels`` are given, or when it (2-D or more) enters code that is not read:
+    a Pallas kernel, a ``scan``/``while``/``cond`` body, an ``ffi_call``.
+
     Args:
         apply_fn: ``apply_fn(params, x) -> output``, or ``apply_fn(params, x, key)`` when
             ``key`` is given. For nnx, ``graphdef, state = nnx.split(model)`` and

@@ -10,11 +10,23 @@ values (``convert_element_type``, ``reshape``, ``transpose``, ``broadcast_in_dim
 Each consumption is one :class:`WeightUse`, with the contracted and free axes in the
 weight's *original* numbering.
 
+It also enters ``shard_map`` bodies. A weight passed in replicated (its ``in_specs``
+entry names no mesh axis) is followed as anywhere else; its uses there carry
+``gathered``, the manual mesh axes over which :func:`capture` concatenates the
+per-device activations on their first row dim (only the axes the activation varies
+along, as the ``check_vma`` avals say, so a replicated activation comes back once), and
+``activation_shape`` is that whole shape. A weight the ``in_specs`` split across
+devices, a use under ``check_vma=False`` (which devices hold copies is unknown), one in
+a nested ``shard_map`` or on an input with no row dim keeps its use with a ``note``
+saying why its statistics cannot be assembled.
+
 What it does not follow: any op that computes new values from the weight (``mul`` by a
 mask, ``dequantize``-style arithmetic, ``concatenate``, ``slice``, ``gather``/``take``
-for embedding lookups, ``rev``), control flow (``scan``, ``while``, ``cond``, so
-``nn.scan`` over layers is not seen) and ``shard_map`` bodies. A weight that only
-reaches a dot through one of those has no uses. A ``reshape`` that splits an original
+for embedding lookups, ``rev``). A weight that only reaches a dot through one of those
+has no uses. Ops that run code of their own on the weight (``pallas_call``, ``scan``,
+``while``, ``cond``, ``ffi_call``; see :func:`is_opaque`) are not entered either, but
+:func:`opaque_uses` names the weights that reach one, so callers can tell a weight
+seen whole from one whose uses are incomplete. A ``reshape`` that splits an original
 axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
 ``contracting_axes=None`` and a ``note`` saying why.
 
@@ -1062,9 +1074,12 @@ def evaluate(
 
     Values for which ``special(value)`` is true (stand-ins for compressed weights, say)
     never reach a primitive: a call-like equation (``jit``, ``remat``, custom
-    derivatives) that receives one is inlined, and any other equation that receives
-    one is evaluated by ``rule(eqn, input_values)``, which returns the list of its
-    outputs (special or not). Every other equation is bound as traced. Call it inside
+    derivatives) that receives one is inlined, a ``shard_map`` that receives one
+    replicated (its ``in_specs`` entry names no mesh axis) is evaluated body and all
+    inside a new ``shard_map`` with the same mesh and specs (special values must then
+    be pytrees of arrays; they cross as their leaves), and any other equation that
+    receives one is evaluated by ``rule(eqn, input_values)``, which returns the list
+    of its outputs (special or not). Every other equation is bound as traced. Call it inside
     :func:`jax.jit` so the interpretation happens once, at trace time.
 
     Args:
@@ -1120,9 +1135,69 @@ def _evaluate(jaxpr, consts, args, special, rule) -> list[Any]:
             sub = sub_jaxpr(eqn)
             if sub is not None:
                 outs = _evaluate(sub[0], sub[1], invals, special, rule)
+            elif eqn.primitive.name == SHARD_MAP:
+                outs = _evaluate_shard_map(eqn, invals, special, rule)
             else:
                 outs = rule(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
             if not isinstance(var, jex.DropVar):
                 env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+class _Escapes(Exception):
+    """A special value would leave a shard_map body: it cannot cross out_specs."""
+
+
+def _evaluate_shard_map(eqn, invals, special, rule) -> list[Any]:
+    """Evaluates a shard_map's body inside a new one, special values passed replicated.
+
+    Each special value must be a pytree of arrays (it crosses the boundary as its
+    leaves, each with ``PartitionSpec()``); one the ``in_specs`` split across devices,
+    or one the body would return, sends the whole equation to ``rule``.
+    """
+    body = _shard_map_body(eqn)
+    specs = tuple(eqn.params["in_specs"])
+    split = any(
+        special(v) and any(e is not None for e in tuple(spec))
+        for v, spec in zip(invals, specs, strict=True)
+    )
+    if body is None or split:
+        return rule(eqn, invals)
+    flat: list[Any] = []
+    flat_specs: list[Any] = []
+    rebuild: list[tuple[int, int | None, Any]] = []
+    for value, spec in zip(invals, specs, strict=True):
+        if special(value):
+            leaves, treedef = jax.tree.flatten(value)
+            rebuild.append((len(flat), len(leaves), treedef))
+            flat += leaves
+            flat_specs += [jax.sharding.PartitionSpec()] * len(leaves)
+        else:
+            rebuild.append((len(flat), None, None))
+            flat.append(value)
+            flat_specs.append(spec)
+
+    def local(*xs: Any) -> tuple[Any, ...]:
+        vals = [
+            xs[i] if n is None else jax.tree.unflatten(tree, xs[i : i + n])
+            for i, n, tree in rebuild
+        ]
+        outs = _evaluate(body, [], vals, special, rule)
+        if any(special(o) for o in outs):
+            raise _Escapes
+        return tuple(outs)
+
+    manual = _manual_of(eqn, None)
+    try:
+        outs = jax.shard_map(
+            local,
+            mesh=eqn.params["mesh"],
+            in_specs=tuple(flat_specs),
+            out_specs=tuple(eqn.params["out_specs"]),
+            axis_names=frozenset(manual.axes),
+            check_vma=manual.checked,
+        )(*flat)
+    except _Escapes:
+        return rule(eqn, invals)
+    return list(outs)

@@ -17,6 +17,11 @@ leaf                 route
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
 
+A leaf reaching its product through ``jit``, ``remat``, a custom-derivative body or
+a ``shard_map`` that receives it replicated takes these routes too; one a
+``shard_map`` splits, or one entering a Pallas kernel or control flow, is
+materialized there and the code runs as written (with a warning naming it).
+
 A weight stored output first and used as ``x @ W.T`` (equinox's ``Linear``) takes
 the same routes: a ``Quantized`` leaf with scales on axis 0 is prepared as an
 ``outputs_first`` ``QuantizedMatrix``, and a ``LowRank`` leaf runs as
@@ -176,11 +181,25 @@ class _Weight:
     dtype: np.dtype
     axes: tuple[int, ...]
     dense: Any = None
+    # pvary equations met inside a shard_map body: the dense value must vary the same way.
+    casts: tuple[Any, ...] = ()
 
     def value(self) -> jax.Array:
         if self.dense is None:
             self.dense = self.leaf.materialize()
-        return jnp.transpose(self.dense, self.axes).astype(self.dtype)
+        out = jnp.transpose(self.dense, self.axes).astype(self.dtype)
+        for eqn in self.casts:
+            (out,) = bind_equation(eqn, [out])
+        return out
+
+
+# A pytree, so a weight can enter a shard_map body as its leaf's arrays; the cached
+# dense value stays behind.
+jax.tree_util.register_pytree_node(
+    _Weight,
+    lambda w: ((w.leaf,), (w.path, w.dtype, w.axes, w.casts)),
+    lambda aux, children: _Weight(aux[0], children[0], aux[1], aux[2], casts=aux[3]),
+)
 
 
 def _is_weight(value: Any) -> bool:
@@ -222,6 +241,8 @@ class _Router:
 
     def __call__(self, eqn: Any, invals: list[Any]) -> list[Any]:
         name = eqn.primitive.name
+        if name == "pvary" and len(invals) == 1 and _is_weight(invals[0]):
+            return [dataclasses.replace(invals[0], casts=(*invals[0].casts, eqn))]
         if len(invals) == 1 and name in _PASS_THROUGH:
             return [invals[0]]
         if name == "convert_element_type" and _is_weight(invals[0]):
@@ -577,6 +598,16 @@ def accelerate(
 
     With no compressed leaf in ``params``, the call is exactly ``apply_fn(params,
     *args)``.
+
+    Inside the model, products in ``jit``, ``remat``, ``custom_jvp`` and
+    ``custom_vjp`` bodies take the fast routes (only the forward runs), and so do those
+    in a ``shard_map`` body that receives the leaf replicated (its ``in_specs`` entry
+    names no mesh axis). A compressed leaf that a ``shard_map`` splits across devices,
+    or that enters a ``pallas_call``, control flow (``scan``, ``while``, ``cond``) or
+    an ``ffi_call``, is materialized and that code runs as written on the dense
+    weight: the result is still that of the materialized model, a warning (once per
+    trace) names those leaves, and ``last_plan.dense()`` lists every leaf left dense
+    and why.
 
     Accuracy against ``apply_fn(materialize(params), *args)``: the ``factored``,
     ``blocked`` and ``dequantize`` routes agree to float32 rounding of their sums
