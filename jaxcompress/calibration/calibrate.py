@@ -247,16 +247,33 @@ def _rows(use: Any) -> int:
     return math.prod(features.shape[:-1])
 
 
-def _select(uses: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str, str]]:
+def _select(
+    uses: dict[str, list[Any]],
+    hidden: dict[str, list[str]],
+    ranks: dict[str, int],
+    *,
+    labelled: bool,
+) -> tuple[dict[str, list[Any]], dict[str, str]]:
     """The weights every use of which can be calibrated, and why the others cannot."""
     chosen, skipped = {}, {}
     for path, path_uses in uses.items():
-        if not path_uses:
-            continue
         reasons = []
+        # A vector that only enters a scan or a kernel is a bias or a scale: no warning.
+        if hidden.get(path) and (path_uses or ranks.get(path, 2) >= 2):
+            # Its rows there are unseen: statistics of the other uses alone would be wrong.
+            reasons.append(f"it enters {', '.join(hidden[path])}, whose code calibrate cannot read")
+        elif not path_uses:
+            continue
         for use in path_uses:
             fan_in = graph.fan_in_axes(use)
-            if fan_in is None and graph.trailing_fan_in_axes(use) is None:
+            if use.note:
+                reasons.append(use.note)
+            elif labelled and use.gathered is not None:
+                reasons.append(
+                    "used inside a shard_map: with labels, the order of the examples "
+                    "across its devices is unknown"
+                )
+            elif fan_in is None and graph.trailing_fan_in_axes(use) is None:
                 reasons.append(
                     use.note
                     or f"contracted axes {use.contracting_axes} are neither its leading nor "
@@ -291,7 +308,14 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
     extra = () if key is None else (key,)
     labelled = num_classes is not None
     closed, paths = graph.trace_jaxpr(apply_fn, params, local, *extra)
-    uses, skipped = _select(graph.uses_in_jaxpr(closed, paths))
+    leaves = jax.tree.leaves(params)
+    ranks = {p: len(getattr(leaf, "shape", ())) for p, leaf in zip(paths, leaves, strict=True)}
+    uses, skipped = _select(
+        graph.uses_in_jaxpr(closed, paths),
+        graph.opaque_uses(closed, paths),
+        ranks,
+        labelled=labelled,
+    )
     examples = _example_dims(apply_fn, params, local, extra, paths, uses) if labelled else {}
     sites = {
         path: [
@@ -383,6 +407,15 @@ def calibrate(
     with a warning: contracted axes that are neither the leading nor the trailing ones,
     grouped/depthwise convolutions, a weight with ``dot_general`` batch
     axes, or one reached only through a reshape that splits its axes.
+
+    Inside the model, ``jit``, ``remat``, ``custom_jvp`` and ``custom_vjp`` bodies are
+    seen through, and so are ``shard_map`` bodies for a weight passed in replicated:
+    the per-device inputs are gathered over the mesh axes they vary along, so each row
+    counts once. A weight is left out with a warning naming it, never calibrated on
+    part of its uses, when the ``shard_map`` splits it across devices or runs with
+    ``check_vma=False`` or nested in another, when it is used inside a ``shard_map``
+    and ``labels`` are given, or when it (2-D or more) enters code that is not read:
+    a Pallas kernel, a ``scan``/``while``/``cond`` body, an ``ffi_call``.
 
     Args:
         apply_fn: ``apply_fn(params, x) -> output``, or ``apply_fn(params, x, key)`` when

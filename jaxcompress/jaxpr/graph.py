@@ -10,11 +10,23 @@ values (``convert_element_type``, ``reshape``, ``transpose``, ``broadcast_in_dim
 Each consumption is one :class:`WeightUse`, with the contracted and free axes in the
 weight's *original* numbering.
 
+It also enters ``shard_map`` bodies. A weight passed in replicated (its ``in_specs``
+entry names no mesh axis) is followed as anywhere else; its uses there carry
+``gathered``, the manual mesh axes over which :func:`capture` concatenates the
+per-device activations on their first row dim (only the axes the activation varies
+along, as the ``check_vma`` avals say, so a replicated activation comes back once), and
+``activation_shape`` is that whole shape. A weight the ``in_specs`` split across
+devices, a use under ``check_vma=False`` (which devices hold copies is unknown), one in
+a nested ``shard_map`` or on an input with no row dim keeps its use with a ``note``
+saying why its statistics cannot be assembled.
+
 What it does not follow: any op that computes new values from the weight (``mul`` by a
 mask, ``dequantize``-style arithmetic, ``concatenate``, ``slice``, ``gather``/``take``
-for embedding lookups, ``rev``), control flow (``scan``, ``while``, ``cond``, so
-``nn.scan`` over layers is not seen) and ``shard_map`` bodies. A weight that only
-reaches a dot through one of those has no uses. A ``reshape`` that splits an original
+for embedding lookups, ``rev``). A weight that only reaches a dot through one of those
+has no uses. Ops that run code of their own on the weight (``pallas_call``, ``scan``,
+``while``, ``cond``, ``ffi_call``; see :func:`is_opaque`) are not entered either, but
+:func:`opaque_uses` names the weights that reach one, so callers can tell a weight
+seen whole from one whose uses are incomplete. A ``reshape`` that splits an original
 axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
 ``contracting_axes=None`` and a ``note`` saying why.
 
@@ -46,6 +58,9 @@ __all__ = [
     "fan_in_axes",
     "fan_in_by_path",
     "input_features",
+    "is_opaque",
+    "opaque_uses",
+    "activation_row_dim",
     "sub_jaxpr",
     "trace_jaxpr",
     "trace_uses",
@@ -153,6 +168,12 @@ class WeightUse:
             or ``None`` when unmappable.
         conv: the conv parameters, or ``None`` for a dot.
         note: why the axes could not be mapped back, else ``""``.
+        gathered: ``None`` outside ``shard_map``; inside one, the manual mesh axes over
+            which :func:`capture` concatenates the per-device activations (along
+            :attr:`gather_dim`) to make the whole activation; ``()`` when every
+            device holds the same one. ``activation_shape`` is that whole shape.
+        gather_dim: the activation dim the shards are concatenated along (its first
+            row dim: the first one a dot does not contract, a conv's batch dim).
 
     Example:
         >>> import jax.numpy as jnp
@@ -178,6 +199,8 @@ class WeightUse:
     layout: Layout | None
     conv: ConvInfo | None = None
     note: str = ""
+    gathered: tuple[str, ...] | None = None
+    gather_dim: int | None = None
 
     @property
     def mappable(self) -> bool:
@@ -288,6 +311,83 @@ def _shape(v: Any) -> tuple[int, ...]:
     return tuple(getattr(v.aval, "shape", ()))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Manual:
+    """The ``shard_map`` an equation sits in, as far as gathering its inputs goes."""
+
+    axes: tuple[str, ...]  # its manual mesh axes, in mesh order
+    sizes: tuple[int, ...]  # their sizes
+    checked: bool  # check_vma: the avals say which axes a value varies along
+    note: str = ""  # why nothing in it can be gathered
+
+
+def _manual_of(eqn: Any, outer: _Manual | None) -> _Manual:
+    params = eqn.params
+    mesh = params["mesh"]
+    manual = set(params.get("newly_manual_axes", ()) or mesh.axis_names)
+    axes = tuple(a for a in mesh.axis_names if a in manual)
+    sizes = tuple(int(dict(mesh.shape)[a]) for a in axes)
+    note = "" if outer is None else "used inside a shard_map nested in another"
+    return _Manual(axes, sizes, bool(params.get("check_vma", True)), note)
+
+
+def _varying(aval: Any) -> frozenset[str] | None:
+    """The manual axes a value varies along, from its aval; ``None`` if it does not say."""
+    mat = getattr(aval, "manual_axis_type", None)
+    varying = getattr(mat, "varying", None)
+    if varying is None:
+        varying = getattr(aval, "vma", None)
+    if varying is None or getattr(mat, "unreduced", None):
+        return None
+    return frozenset(varying)
+
+
+def activation_row_dim(eqn: Any, operand: int) -> int | None:
+    """The first row dim of the other operand of a dot/conv whose ``operand`` is a weight.
+
+    That is the activation's first dim a ``dot_general`` neither contracts nor batches,
+    or a convolution's batch dim; ``None`` where there is none (a vector input).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> eqn = jax.make_jaxpr(lambda w, x: x @ w)(jnp.ones((4, 3)), jnp.ones((2, 4))).eqns[0]
+        >>> activation_row_dim(eqn, 1)
+        0
+    """
+    if eqn.primitive.name == DOT:
+        (contract, batch) = eqn.params["dimension_numbers"]
+        act = 1 - operand
+        rank = len(_shape(eqn.invars[act]))
+        free = [d for d in range(rank) if d not in contract[act] and d not in batch[act]]
+        return free[0] if free else None
+    if eqn.primitive.name == CONV and operand == 1:
+        return int(eqn.params["dimension_numbers"].lhs_spec[0])
+    return None
+
+
+def _gather(eqn: Any, operand: int, manual: _Manual) -> tuple[int | None, tuple[str, ...], str]:
+    """``(dim, axes, note)``: how :func:`capture` assembles a use's activation in a shard_map.
+
+    The per-device activations are concatenated along ``dim`` over the manual ``axes``
+    it varies along (one copy of what is replicated); ``note`` says why the result
+    would not be the activation of each row once.
+    """
+    dim = activation_row_dim(eqn, operand)
+    varying = _varying(eqn.invars[1 - operand].aval) if manual.checked else None
+    note = manual.note
+    if varying is None:
+        axes = manual.axes
+        note = note or (
+            "used inside a shard_map with check_vma=False: which devices hold copies of "
+            "its input is unknown"
+        )
+    else:
+        axes = tuple(a for a in manual.axes if a in varying)
+    if axes and dim is None:
+        note = note or "used inside a shard_map on an input with no row dim to gather"
+    return dim, axes, note
+
+
 def _make_use(
     eqn: Any,
     site: tuple[int, ...],
@@ -295,6 +395,7 @@ def _make_use(
     track: _Track,
     path: str,
     weight_shape: tuple[int, ...],
+    manual: _Manual | None = None,
 ) -> WeightUse:
     name = eqn.primitive.name
     weight_var = eqn.invars[operand]
@@ -335,6 +436,17 @@ def _make_use(
         contracting = _axes(layout, w_contract)
         free = _axes(layout, w_free)
         batch_axes = _axes(layout, w_batch)
+    act_shape = _shape(act_var)
+    gathered = gather_dim = None
+    if manual is not None:
+        gather_dim, gathered, gather_note = _gather(eqn, operand, manual)
+        note = note or gather_note
+        if gathered and gather_dim is not None:
+            sizes = dict(zip(manual.axes, manual.sizes, strict=True))
+            shards = math.prod(sizes[a] for a in gathered)
+            act_shape = tuple(
+                size * shards if d == gather_dim else size for d, size in enumerate(act_shape)
+            )
     return WeightUse(
         path=path,
         primitive=name,
@@ -345,13 +457,15 @@ def _make_use(
         contracting_axes=contracting,
         free_axes=free,
         batch_axes=batch_axes,
-        activation_shape=_shape(act_var),
+        activation_shape=act_shape,
         activation_dtype=np.dtype(act_var.aval.dtype),
         activation_contracting_dims=a_contract,
         operand_contracting_dims=w_contract,
         layout=layout,
         conv=conv,
         note=note,
+        gathered=gathered,
+        gather_dim=gather_dim,
     )
 
 
@@ -379,11 +493,67 @@ def sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
     return jaxpr, consts
 
 
+SHARD_MAP = "shard_map"
+# Ops that run code of their own on a weight (a kernel) without a body to follow.
+_KERNEL_CALLS = frozenset({"ffi_call", "custom_call", "tpu_custom_call", "triton_kernel_call"})
+
+
+def _bodies(value: Any) -> bool:
+    if isinstance(value, jex.Jaxpr | jex.ClosedJaxpr):
+        return True
+    return isinstance(value, tuple | list) and any(_bodies(v) for v in value)
+
+
+def is_opaque(eqn: Any) -> bool:
+    """Whether an equation runs code on its inputs that :func:`trace_uses` does not read.
+
+    That is one with a body the walk does not enter (``pallas_call``, ``cond``,
+    ``while``, ``scan``, a call whose arity differs from its body's) or a foreign
+    kernel (``ffi_call``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda x: jax.lax.cond(x.sum() > 0, jnp.sin, jnp.cos, x)
+        >>> [is_opaque(e) for e in jax.make_jaxpr(f)(jnp.ones(2)).eqns][-1]
+        True
+    """
+    name = eqn.primitive.name
+    if name in _KERNEL_CALLS:
+        return True
+    if name in (DOT, CONV, SHARD_MAP) or sub_jaxpr(eqn) is not None:
+        return False
+    return any(_bodies(v) for v in eqn.params.values())
+
+
+def _shard_map_body(eqn: Any) -> Any:
+    body = eqn.params.get("jaxpr")
+    if isinstance(body, jex.ClosedJaxpr):
+        body = body.jaxpr if not body.consts else None
+    if not isinstance(body, jex.Jaxpr) or len(body.invars) != len(eqn.invars):
+        return None
+    return body
+
+
+def _into_shard_map(track: _Track | None, spec: Any) -> _Track | None:
+    """A weight's track inside a shard_map: unmappable where ``in_specs`` split it."""
+    if track is None or track.layout is None:
+        return track
+    split = [entry for entry in tuple(spec) if entry is not None]
+    if split:
+        return _unmappable(track.leaf, f"shard_map splits it across mesh axes (in_specs {spec})")
+    return track
+
+
+Emit = Callable[[Any, tuple[int, ...], int, _Track, "_Manual | None"], None]
+
+
 def _walk(
     jaxpr: Any,
     tracks: Sequence[_Track | None],
     prefix: tuple[int, ...],
-    emit: Callable[[Any, tuple[int, ...], int, _Track], None],
+    emit: Emit,
+    hide: Callable[[Any, _Track], None],
+    manual: _Manual | None = None,
 ) -> list[_Track | None]:
     env: dict[Any, _Track] = {}
     for var, track in zip(jaxpr.invars, tracks, strict=True):
@@ -403,7 +573,7 @@ def _walk(
         if name in (DOT, CONV):
             for operand, track in enumerate(ins[:2]):
                 if track is not None:
-                    emit(eqn, site, operand, track)
+                    emit(eqn, site, operand, track, manual)
         elif name in _RELABEL and len(eqn.invars) == 1 and len(eqn.outvars) == 1:
             assert ins[0] is not None  # the only input; all-None inputs were skipped above
             outs[0] = _relabel(
@@ -411,14 +581,53 @@ def _walk(
             )
         elif name in _MANY_SAME and len(eqn.invars) == len(eqn.outvars):
             outs = list(ins)
+        elif name == SHARD_MAP and _shard_map_body(eqn) is not None:
+            # Outputs are not followed: out_specs may concatenate them.
+            specs = eqn.params["in_specs"]
+            inner = [_into_shard_map(t, s) for t, s in zip(ins, specs, strict=True)]
+            _walk(_shard_map_body(eqn), inner, site, emit, hide, _manual_of(eqn, manual))
         else:
             sub = sub_jaxpr(eqn)
             if sub is not None:
-                outs = _walk(sub[0], ins, site, emit)
+                outs = _walk(sub[0], ins, site, emit, hide, manual)
+            elif is_opaque(eqn) or name == SHARD_MAP:
+                for track in ins:
+                    if track is not None:
+                        hide(eqn, track)
         for var, track in zip(eqn.outvars, outs, strict=True):
             if track is not None and not isinstance(var, jex.DropVar):
                 env[var] = track
     return [get(v) for v in jaxpr.outvars]
+
+
+def _collect(
+    closed_jaxpr: Any, paths: Sequence[str]
+) -> tuple[dict[str, list[WeightUse]], dict[str, list[str]]]:
+    """The dot/conv uses of each leading input, and the opaque ops each one enters."""
+    jaxpr = closed_jaxpr.jaxpr
+    if len(paths) > len(jaxpr.invars):
+        raise ValueError(f"{len(paths)} paths for a jaxpr with {len(jaxpr.invars)} inputs")
+    shapes = [_shape(v) for v in jaxpr.invars[: len(paths)]]
+    result: dict[str, list[WeightUse]] = {path: [] for path in paths}
+    hidden: dict[str, list[str]] = {path: [] for path in paths}
+    tracks: list[_Track | None] = [
+        _Track(i, tuple(((i_axis, size),) for i_axis, size in enumerate(shape)))
+        for i, shape in enumerate(shapes)
+    ]
+    tracks += [None] * (len(jaxpr.invars) - len(paths))
+
+    def emit(eqn, site, operand, track, manual) -> None:
+        path = paths[track.leaf]
+        use = _make_use(eqn, site, operand, track, path, shapes[track.leaf], manual)
+        result[path].append(use)
+
+    def hide(eqn: Any, track: _Track) -> None:
+        names = hidden[paths[track.leaf]]
+        if eqn.primitive.name not in names:
+            names.append(eqn.primitive.name)
+
+    _walk(jaxpr, tracks, (), emit, hide)
+    return result, hidden
 
 
 def uses_in_jaxpr(closed_jaxpr: Any, paths: Sequence[str]) -> dict[str, list[WeightUse]]:
@@ -440,23 +649,30 @@ def uses_in_jaxpr(closed_jaxpr: Any, paths: Sequence[str]) -> dict[str, list[Wei
         >>> uses_in_jaxpr(jaxpr, ["w"])["w"][0].contracting_axes
         (1,)
     """
-    jaxpr = closed_jaxpr.jaxpr
-    if len(paths) > len(jaxpr.invars):
-        raise ValueError(f"{len(paths)} paths for a jaxpr with {len(jaxpr.invars)} inputs")
-    shapes = [_shape(v) for v in jaxpr.invars[: len(paths)]]
-    result: dict[str, list[WeightUse]] = {path: [] for path in paths}
-    tracks: list[_Track | None] = [
-        _Track(i, tuple(((i_axis, size),) for i_axis, size in enumerate(shape)))
-        for i, shape in enumerate(shapes)
-    ]
-    tracks += [None] * (len(jaxpr.invars) - len(paths))
+    return _collect(closed_jaxpr, paths)[0]
 
-    def emit(eqn: Any, site: tuple[int, ...], operand: int, track: _Track) -> None:
-        path = paths[track.leaf]
-        result[path].append(_make_use(eqn, site, operand, track, path, shapes[track.leaf]))
 
-    _walk(jaxpr, tracks, (), emit)
-    return result
+def opaque_uses(closed_jaxpr: Any, paths: Sequence[str]) -> dict[str, list[str]]:
+    """For each leading input of a jaxpr, the opaque ops (:func:`is_opaque`) it enters.
+
+    The companion of :func:`uses_in_jaxpr`: a weight listed here reaches code whose
+    products :func:`trace_uses` cannot see (a Pallas kernel, a ``scan`` body), so its
+    uses are incomplete. Weights are followed as in :func:`uses_in_jaxpr`.
+
+    Args:
+        closed_jaxpr: a ``ClosedJaxpr``.
+        paths: the names of its leading inputs.
+
+    Returns:
+        ``{path: [primitive name, ...]}``, ``[]`` for a weight seen whole.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda w, x: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=2)[0]
+        >>> opaque_uses(jax.make_jaxpr(f)(jnp.eye(2), jnp.ones(2)), ["w"])
+        {'w': ['scan']}
+    """
+    return _collect(closed_jaxpr, paths)[1]
 
 
 def trace_jaxpr(
@@ -690,6 +906,8 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
         sub = sub_jaxpr(eqn) if site in inline else None
         if sub is not None:
             outs = _interpret(sub[0], sub[1], invals, site, wanted, inline, captured)
+        elif site in inline and eqn.primitive.name == SHARD_MAP:
+            outs = _interpret_shard_map(eqn, invals, site, wanted, inline, captured)
         else:
             for operand in wanted.get(site, ()):
                 if eqn.primitive.name in (DOT, CONV):
@@ -699,6 +917,59 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
             if not isinstance(var, jex.DropVar):
                 env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+def _eqn_at(jaxpr: Any, rel: tuple[int, ...]) -> Any:
+    """The equation at ``rel`` (indices down through call sub-jaxprs) below ``jaxpr``."""
+    eqn = jaxpr.eqns[rel[0]]
+    for i in rel[1:]:
+        sub = sub_jaxpr(eqn)
+        body = sub[0] if sub is not None else _shard_map_body(eqn)
+        eqn = body.eqns[i]
+    return eqn
+
+
+def _interpret_shard_map(eqn, invals, site, wanted, inline, captured) -> list[Any]:
+    """Runs a shard_map whose body holds wanted sites, gathering their operands.
+
+    The body is interpreted inside a new ``shard_map`` with the same mesh and specs
+    that also returns each wanted operand, concatenated over the manual axes it
+    varies along on its row dim (see :attr:`WeightUse.gathered`); one copy of a
+    replicated operand comes back.
+    """
+    params = eqn.params
+    body = _shard_map_body(eqn)
+    manual = _manual_of(eqn, None)
+    keys = [(s, o) for s, ops in wanted.items() if s[: len(site)] == site for o in ops if s != site]
+    specs = []
+    for s, operand in keys:
+        inner = _eqn_at(body, s[len(site) :])
+        if inner.primitive.name not in (DOT, CONV):
+            raise ValueError(f"site {s} is not a dot/conv equation of this jaxpr")
+        dim, axes, _ = _gather(inner, 1 - operand, manual)
+        if not axes:
+            specs.append(jax.sharding.PartitionSpec())
+        elif dim is None:
+            raise ValueError(f"site {s}: its operand has no row dim to gather the shards on")
+        else:
+            specs.append(jax.sharding.PartitionSpec(*(None,) * dim, axes))
+    n_out = len(eqn.outvars)
+
+    def local(*args: Any) -> tuple[Any, ...]:
+        found: dict[tuple[tuple[int, ...], int], jax.Array] = {}
+        outs = _interpret(body, [], list(args), site, wanted, inline, found)
+        return (*outs, *(found[k] for k in keys))
+
+    results = jax.shard_map(
+        local,
+        mesh=params["mesh"],
+        in_specs=tuple(params["in_specs"]),
+        out_specs=(*params["out_specs"], *specs),
+        axis_names=frozenset(manual.axes),
+        check_vma=bool(params.get("check_vma", True)),
+    )(*invals)
+    captured.update(zip(keys, results[n_out:], strict=True))
+    return list(results[:n_out])
 
 
 def _conv_patches(use: WeightUse, activation: jax.Array) -> tuple[jax.Array, list[int]]:
@@ -803,9 +1074,12 @@ def evaluate(
 
     Values for which ``special(value)`` is true (stand-ins for compressed weights, say)
     never reach a primitive: a call-like equation (``jit``, ``remat``, custom
-    derivatives) that receives one is inlined, and any other equation that receives
-    one is evaluated by ``rule(eqn, input_values)``, which returns the list of its
-    outputs (special or not). Every other equation is bound as traced. Call it inside
+    derivatives) that receives one is inlined, a ``shard_map`` that receives one
+    replicated (its ``in_specs`` entry names no mesh axis) is evaluated body and all
+    inside a new ``shard_map`` with the same mesh and specs (special values must then
+    be pytrees of arrays; they cross as their leaves), and any other equation that
+    receives one is evaluated by ``rule(eqn, input_values)``, which returns the list
+    of its outputs (special or not). Every other equation is bound as traced. Call it inside
     :func:`jax.jit` so the interpretation happens once, at trace time.
 
     Args:
@@ -861,9 +1135,69 @@ def _evaluate(jaxpr, consts, args, special, rule) -> list[Any]:
             sub = sub_jaxpr(eqn)
             if sub is not None:
                 outs = _evaluate(sub[0], sub[1], invals, special, rule)
+            elif eqn.primitive.name == SHARD_MAP:
+                outs = _evaluate_shard_map(eqn, invals, special, rule)
             else:
                 outs = rule(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
             if not isinstance(var, jex.DropVar):
                 env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+class _Escapes(Exception):
+    """A special value would leave a shard_map body: it cannot cross out_specs."""
+
+
+def _evaluate_shard_map(eqn, invals, special, rule) -> list[Any]:
+    """Evaluates a shard_map's body inside a new one, special values passed replicated.
+
+    Each special value must be a pytree of arrays (it crosses the boundary as its
+    leaves, each with ``PartitionSpec()``); one the ``in_specs`` split across devices,
+    or one the body would return, sends the whole equation to ``rule``.
+    """
+    body = _shard_map_body(eqn)
+    specs = tuple(eqn.params["in_specs"])
+    split = any(
+        special(v) and any(e is not None for e in tuple(spec))
+        for v, spec in zip(invals, specs, strict=True)
+    )
+    if body is None or split:
+        return rule(eqn, invals)
+    flat: list[Any] = []
+    flat_specs: list[Any] = []
+    rebuild: list[tuple[int, int | None, Any]] = []
+    for value, spec in zip(invals, specs, strict=True):
+        if special(value):
+            leaves, treedef = jax.tree.flatten(value)
+            rebuild.append((len(flat), len(leaves), treedef))
+            flat += leaves
+            flat_specs += [jax.sharding.PartitionSpec()] * len(leaves)
+        else:
+            rebuild.append((len(flat), None, None))
+            flat.append(value)
+            flat_specs.append(spec)
+
+    def local(*xs: Any) -> tuple[Any, ...]:
+        vals = [
+            xs[i] if n is None else jax.tree.unflatten(tree, xs[i : i + n])
+            for i, n, tree in rebuild
+        ]
+        outs = _evaluate(body, [], vals, special, rule)
+        if any(special(o) for o in outs):
+            raise _Escapes
+        return tuple(outs)
+
+    manual = _manual_of(eqn, None)
+    try:
+        outs = jax.shard_map(
+            local,
+            mesh=eqn.params["mesh"],
+            in_specs=tuple(flat_specs),
+            out_specs=tuple(eqn.params["out_specs"]),
+            axis_names=frozenset(manual.axes),
+            check_vma=manual.checked,
+        )(*flat)
+    except _Escapes:
+        return rule(eqn, invals)
+    return list(outs)

@@ -17,6 +17,11 @@ leaf                 route
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
 
+A leaf reaching its product through ``jit``, ``remat``, a custom-derivative body or
+a ``shard_map`` that receives it replicated takes these routes too; one a
+``shard_map`` splits, or one entering a Pallas kernel or control flow, is
+materialized there and the code runs as written (with a warning naming it).
+
 A weight stored output first and used as ``x @ W.T`` (equinox's ``Linear``) takes
 the same routes: a ``Quantized`` leaf with scales on axis 0 is prepared as an
 ``outputs_first`` ``QuantizedMatrix``, and a ``LowRank`` leaf runs as
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +63,15 @@ from jaxcompress.arrays.serving import (
 )
 from jaxcompress.arrays.tree import on_arrays, split_arrays
 from jaxcompress.core.paths import path_to_str
-from jaxcompress.jaxpr.graph import CONV, DOT, bind_equation, evaluate, trace_jaxpr
+from jaxcompress.jaxpr.graph import (
+    CONV,
+    DOT,
+    SHARD_MAP,
+    bind_equation,
+    evaluate,
+    is_opaque,
+    trace_jaxpr,
+)
 from jaxcompress.runtime import kernels
 
 __all__ = ["Accelerated", "Decision", "Plan", "ROUTES", "accelerate"]
@@ -129,6 +143,20 @@ class Plan:
             out.setdefault(d.path, []).append(d.route)
         return {path: "+".join(r) for path, r in out.items()}
 
+    def dense(self) -> dict[str, str]:
+        """``{path: why}`` for the leaves some use of which ran on the dense weight.
+
+        Example:
+            >>> d = Decision("w", "Quantized", "pallas_call", "materialize", 0, "opaque")
+            >>> Plan((d,), "cpu").dense()
+            {'w': 'pallas_call: opaque'}
+        """
+        out: dict[str, list[str]] = {}
+        for d in self.decisions:
+            if d.route == "materialize":
+                out.setdefault(d.path, []).append(f"{d.op}: {d.note}" if d.note else d.op)
+        return {path: "; ".join(dict.fromkeys(notes)) for path, notes in out.items()}
+
     def __str__(self) -> str:
         header = ("leaf", "type", "op", "route", "rows", "note")
         rows = [header] + [
@@ -153,11 +181,25 @@ class _Weight:
     dtype: np.dtype
     axes: tuple[int, ...]
     dense: Any = None
+    # pvary equations met inside a shard_map body: the dense value must vary the same way.
+    casts: tuple[Any, ...] = ()
 
     def value(self) -> jax.Array:
         if self.dense is None:
             self.dense = self.leaf.materialize()
-        return jnp.transpose(self.dense, self.axes).astype(self.dtype)
+        out = jnp.transpose(self.dense, self.axes).astype(self.dtype)
+        for eqn in self.casts:
+            (out,) = bind_equation(eqn, [out])
+        return out
+
+
+# A pytree, so a weight can enter a shard_map body as its leaf's arrays; the cached
+# dense value stays behind.
+jax.tree_util.register_pytree_node(
+    _Weight,
+    lambda w: ((w.leaf,), (w.path, w.dtype, w.axes, w.casts)),
+    lambda aux, children: _Weight(aux[0], children[0], aux[1], aux[2], casts=aux[3]),
+)
 
 
 def _is_weight(value: Any) -> bool:
@@ -190,6 +232,8 @@ class _Router:
         self.int8_activations = int8_activations
         self.backend = backend
         self.decisions: list[Decision] = []
+        # Leaves that entered a shard_map or an opaque kernel (pallas_call, scan, ...).
+        self.opaque: dict[str, list[str]] = {}
 
     def record(self, weight: _Weight, op: str, route: str, rows: int, note: str = "") -> None:
         kind = type(weight.leaf).__name__
@@ -197,6 +241,8 @@ class _Router:
 
     def __call__(self, eqn: Any, invals: list[Any]) -> list[Any]:
         name = eqn.primitive.name
+        if name == "pvary" and len(invals) == 1 and _is_weight(invals[0]):
+            return [dataclasses.replace(invals[0], casts=(*invals[0].casts, eqn))]
         if len(invals) == 1 and name in _PASS_THROUGH:
             return [invals[0]]
         if name == "convert_element_type" and _is_weight(invals[0]):
@@ -215,7 +261,11 @@ class _Router:
                 return [out]
         for value in invals:
             if _is_weight(value):
-                self.record(value, name, "materialize", 0, self._why_dense(value, name))
+                why = self._why_dense(value, name)
+                if name == SHARD_MAP or is_opaque(eqn):
+                    why = f"its body runs as written, on the dense weight ({why})"
+                    self.opaque.setdefault(value.path, []).append(name)
+                self.record(value, name, "materialize", 0, why)
         dense = [v.value() if _is_weight(v) else v for v in invals]
         return bind_equation(eqn, dense)
 
@@ -486,6 +536,15 @@ class Accelerated:
         router = self._router()
         out = self._evaluate(router, arrays, rest.tree, *args)
         self.last_plan = Plan(tuple(router.decisions), router.backend)
+        if router.opaque:  # once per trace: each input shape compiles once
+            left = ", ".join(
+                f"{path} (in {', '.join(dict.fromkeys(ops))})"
+                for path, ops in router.opaque.items()
+            )
+            warnings.warn(
+                f"accelerate: left dense, as the code they enter runs as written: {left}",
+                stacklevel=3,
+            )
         return out
 
     def _evaluate(self, router: _Router, arrays: Any, rest: Any, *args: Any) -> Any:
@@ -539,6 +598,16 @@ def accelerate(
 
     With no compressed leaf in ``params``, the call is exactly ``apply_fn(params,
     *args)``.
+
+    Inside the model, products in ``jit``, ``remat``, ``custom_jvp`` and
+    ``custom_vjp`` bodies take the fast routes (only the forward runs), and so do those
+    in a ``shard_map`` body that receives the leaf replicated (its ``in_specs`` entry
+    names no mesh axis). A compressed leaf that a ``shard_map`` splits across devices,
+    or that enters a ``pallas_call``, control flow (``scan``, ``while``, ``cond``) or
+    an ``ffi_call``, is materialized and that code runs as written on the dense
+    weight: the result is still that of the materialized model, a warning (once per
+    trace) names those leaves, and ``last_plan.dense()`` lists every leaf left dense
+    and why.
 
     Accuracy against ``apply_fn(materialize(params), *args)``: the ``factored``,
     ``blocked`` and ``dequantize`` routes agree to float32 rounding of their sums
