@@ -20,9 +20,11 @@ instead traces the model once with dense stand-ins for the parameters
 ``transpose``, ``convert_element_type`` and copies pass the lazy value on; call-like
 equations (``jit``, ``remat``, custom derivatives) that receive one are inlined.
 This lives in ``training/`` (not ``runtime/``) because it runs on the layers below
-only (``jaxpr/`` for the program, ``arrays/`` for the leaves); serving with adapters
-beside a compressed tree through :func:`jaxcompress.accelerate`'s kernels for the
-base is ``runtime``'s job.
+only (``jaxpr/`` for the program, ``arrays/`` for the leaves). Training may not
+import ``runtime``, so the base product is a hook, ``base_matmul``: serving with the
+adapters kept beside a prepared compressed tree,
+:func:`jaxcompress.accelerate_lora` (``runtime/``) passes ``accelerate``'s kernels
+there, and no dense weight is built at all.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from jaxcompress.core.paths import path_to_str
 from jaxcompress.jaxpr.graph import DOT, bind_equation, evaluate, trace_jaxpr
 from jaxcompress.training.lora import Adapter
 
-__all__ = ["LoraModel", "lora_model"]
+__all__ = ["BaseMatmul", "LoraModel", "lora_model"]
+
+# ``base_matmul(leaf, x, contracted)``: ``(route, x @ W)`` for a frozen compressed
+# ``leaf`` whose axes ``contracted`` the product sums over, ``x`` being ``(rows,
+# prod of those axes)`` and the result ``(rows, prod of the others)``; or ``None``
+# when it has no kernel for that leaf (the dense base is used).
+BaseMatmul = Callable[[Any, jax.Array, tuple[int, ...]], tuple[str, jax.Array] | None]
 
 # Ops that hand their operand on unchanged.
 _PASS_THROUGH = frozenset({"copy", "copy_p", "sharding_constraint", "pvary", "reshard"})
@@ -55,7 +63,7 @@ class _Adapted:
 
     path: str
     leaf: Any
-    adapter: Adapter
+    adapter: Adapter | None  # None: a compressed leaf without one (``base_matmul`` only)
     dtype: np.dtype
     axes: tuple[int, ...]
 
@@ -66,6 +74,8 @@ class _Adapted:
 
     def value(self) -> jax.Array:
         """The ``lora_apply`` weight (float32 sum, masked update) in the program's view."""
+        if self.adapter is None:
+            return self.base()
         base = jax.lax.stop_gradient(as_dense(self.leaf)).astype(jnp.float32)
         delta = self.adapter.delta()
         if isinstance(self.leaf, Sparse):
@@ -81,8 +91,9 @@ def _is_adapted(value: Any) -> bool:
 class _Rule:
     """Evaluates the equations that receive adapted leaves; records each route."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_matmul: BaseMatmul | None) -> None:
         self.routes: dict[str, list[str]] = {}
+        self.base_matmul = base_matmul
 
     def record(self, weight: _Adapted, route: str) -> None:
         self.routes.setdefault(weight.path, []).append(route)
@@ -112,32 +123,51 @@ class _Rule:
             return None
         w_slot = slots[0]
         weight, act = invals[w_slot], invals[1 - w_slot]
-        if isinstance(weight.leaf, Sparse):
-            return None  # the update is masked: no factored form
-        ndim, k = len(weight.leaf.shape), weight.adapter.fan_in_axes
+        adapter, ndim = weight.adapter, len(weight.leaf.shape)
         pairs = sorted(
             (weight.axes[w], a) for w, a in zip(contract[w_slot], contract[1 - w_slot], strict=True)
         )
-        contracted = [w for w, _ in pairs]
-        if contracted == list(range(k)):
-            first, second = weight.adapter.a, weight.adapter.b  # x @ A @ B
-        elif contracted == list(range(k, ndim)):
-            first, second = weight.adapter.b.T, weight.adapter.a.T  # x @ (A @ B).T
-        else:
-            return None
-        # The base product is the original op on the frozen dense base: same result,
-        # same layout, and no gradient reaches the base.
-        base_invals = list(invals)
-        base_invals[w_slot] = weight.base()
-        (base_out,) = bind_equation(eqn, base_invals)
+        contracted = tuple(w for w, _ in pairs)
+        factors = None
+        if adapter is not None:
+            if isinstance(weight.leaf, Sparse):
+                return None  # the update is masked: no factored form
+            k = adapter.fan_in_axes
+            if contracted == tuple(range(k)):
+                factors = (adapter.a, adapter.b)  # x @ A @ B
+            elif contracted == tuple(range(k, ndim)):
+                factors = (adapter.b.T, adapter.a.T)  # x @ (A @ B).T
+            else:
+                return None
         free = [a for a in range(ndim) if a not in contracted]
         act_contract = [a for _, a in pairs]
         act_free = [d for d in range(act.ndim) if d not in act_contract]
         rows = math.prod(act.shape[d] for d in act_free)
         x = jnp.transpose(act, act_free + act_contract).reshape(rows, -1)
-        precision = eqn.params.get("precision")
-        low = jnp.matmul(x.astype(first.dtype), first, precision=precision)
-        term = jnp.matmul(low, second, precision=precision) * weight.adapter.scale
+        kernel = None
+        if self.base_matmul is not None:
+            frozen = jax.tree.map(jax.lax.stop_gradient, weight.leaf)
+            kernel = self.base_matmul(frozen, x, contracted)
+        if kernel is None and factors is None:
+            return None
+        out_dtype = eqn.outvars[0].aval.dtype
+        term = None
+        if factors is not None:
+            precision = eqn.params.get("precision")
+            low = jnp.matmul(x.astype(factors[0].dtype), factors[0], precision=precision)
+            term = jnp.matmul(low, factors[1], precision=precision) * adapter.scale
+        if kernel is None:
+            # The original op on the frozen dense base: same result and layout, and no
+            # gradient reaches the base.
+            base_invals = list(invals)
+            base_invals[w_slot] = weight.base()
+            (base_out,) = bind_equation(eqn, base_invals)
+            self.record(weight, "factored")
+        else:
+            route, base_out = kernel
+            term = base_out if term is None else base_out.astype(jnp.float32) + term
+            base_out = None
+            self.record(weight, route if factors is None else f"factored+{route}")
         term = term.reshape(
             *(act.shape[d] for d in act_free), *(weight.leaf.shape[a] for a in free)
         )
@@ -147,8 +177,8 @@ class _Rule:
         weight_axes = [n_act + free.index(a) for a in weight.axes if a in free]
         act_axes = list(range(n_act))
         order = weight_axes + act_axes if w_slot == 0 else act_axes + weight_axes
-        self.record(weight, "factored")
-        return base_out + jnp.transpose(term, order).astype(base_out.dtype)
+        term = jnp.transpose(term, order).astype(out_dtype)
+        return term if base_out is None else base_out + term
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -167,8 +197,11 @@ class LoraModel:
             where the ``lora_apply`` weight was built for ``op``.
     """
 
-    def __init__(self, apply_fn: Callable[..., Any]) -> None:
+    def __init__(
+        self, apply_fn: Callable[..., Any], *, base_matmul: BaseMatmul | None = None
+    ) -> None:
         self.apply_fn = apply_fn
+        self.base_matmul = base_matmul
         self.last_routes: dict[str, list[str]] = {}
 
     def __call__(self, params: Any, adapters: dict[str, Adapter], *args: Any) -> Any:
@@ -182,7 +215,11 @@ class LoraModel:
         for path, (_, leaf) in zip(paths, flat, strict=True):
             adapter = adapters.get(path)
             if adapter is None:
-                values.append(as_dense(leaf))
+                if self.base_matmul is not None and is_compressed(leaf):
+                    axes = tuple(range(len(leaf.shape)))
+                    values.append(_Adapted(path, leaf, None, np.dtype(leaf.dtype), axes))
+                else:
+                    values.append(as_dense(leaf))
                 continue
             if tuple(leaf.shape) != adapter.shape:
                 raise ValueError(
@@ -201,14 +238,14 @@ class LoraModel:
 
         abstract_args = jax.tree.map(_abstract, args)
         closed, _ = trace_jaxpr(flat_apply, stand_ins, *abstract_args)
-        rule = _Rule()
+        rule = _Rule(self.base_matmul)
         outs = evaluate(closed, values + jax.tree.leaves(args), special=_is_adapted, rule=rule)
         self.last_routes = rule.routes
         dense = [o.value() if _is_adapted(o) else o for o in outs]
         return jax.tree.unflatten(out_tree["def"], dense)
 
 
-def lora_model(apply_fn: Callable[..., Any]) -> LoraModel:
+def lora_model(apply_fn: Callable[..., Any], *, base_matmul: BaseMatmul | None = None) -> LoraModel:
     """``apply_fn`` with LoRA adapters applied factored: ``f(params, adapters, *args)``.
 
     ``f(params, adapters, *args)`` equals ``apply_fn(lora_apply(params, adapters),
@@ -224,6 +261,11 @@ def lora_model(apply_fn: Callable[..., Any]) -> LoraModel:
             model.apply({"params": p}, x)``, an nnx ``lambda s, x: nnx.merge(g, s)(x)``,
             an equinox ``lambda m, x: jax.vmap(m)(x)`` (its non-array leaves are
             static) or any function. Non-array options should be bound beforehand.
+        base_matmul: an optional kernel for ``x @ W_base`` on a compressed leaf
+            without a dense ``W_base`` (see ``BaseMatmul``); it is then also used for
+            compressed leaves without adapters. ``None`` (training): the original
+            op on the materialized base. :func:`jaxcompress.accelerate_lora` passes
+            the serving kernels.
 
     Returns:
         A :class:`LoraModel`, called as ``f(params, adapters, *args)``.
@@ -250,4 +292,4 @@ def lora_model(apply_fn: Callable[..., Any]) -> LoraModel:
         >>> grads["w"].a.shape, grads["w"].b.shape
         ((8, 2), (2, 4))
     """
-    return LoraModel(apply_fn)
+    return LoraModel(apply_fn, base_matmul=base_matmul)
