@@ -59,6 +59,14 @@ class LoraServer:
     Attributes:
         model: the underlying :class:`~jaxcompress.training.LoraModel`
             (``model.last_routes`` says how each compressed leaf was used).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> lr, _ = jc.low_rank(rank=2, where="w")({"w": jnp.ones((8, 8))})
+        >>> serve = jc.accelerate_lora(lambda p, x: x @ p["w"])
+        >>> serve(serve.prepare(lr), {}, jnp.ones((1, 8))).shape, serve.last_routes
+        ((1, 8), {'w': ['factored']})
     """
 
     def __init__(self, apply_fn: Callable[..., Any]) -> None:

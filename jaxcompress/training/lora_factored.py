@@ -195,6 +195,15 @@ class LoraModel:
         last_routes: ``{path: [route, ...]}`` of the most recently traced call, one
             entry per use of an adapted leaf: ``"factored"``, or ``"dense (op)"``
             where the ``lora_apply`` weight was built for ``op``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> params, _ = jc.cluster(k=4, where="w")({"w": jnp.linspace(-1.0, 1.0, 24).reshape(6, 4)})
+        >>> adapters = jc.training.lora_init(params, 1, key=jax.random.key(0), where="w")
+        >>> f = jc.training.lora_model(lambda p, x: x @ p["w"].T.T + jnp.sum(p["w"]))
+        >>> f(params, adapters, jnp.ones((2, 6))).shape, f.last_routes
+        ((2, 4), {'w': ['factored', 'dense (reduce_sum)']})
     """
 
     def __init__(
