@@ -168,6 +168,7 @@ class _Rule:
             term = base_out if term is None else base_out.astype(jnp.float32) + term
             base_out = None
             self.record(weight, route if factors is None else f"factored+{route}")
+        assert term is not None  # a kernel, factors, or both: returned None above otherwise
         term = term.reshape(
             *(act.shape[d] for d in act_free), *(weight.leaf.shape[a] for a in free)
         )
