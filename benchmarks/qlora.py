@@ -8,9 +8,13 @@ same optimizer (Adam, ``--lr``), the same steps and the same sentences, to the d
 model's embeddings with the cosine distillation loss ``mean(1 - cos(student, teacher))``.
 
 - ours: ``jc.quantize(4, group_size=128)``, ``jc.training.lora_init`` (A uniform in
-  ``±1/sqrt(in)``, B zero), ``jc.training.lora_apply`` in the loss, and
-  ``jc.training.lora_merge`` after training (the adapters folded back into int4 codes on
-  the same scales: the merged row shows what the re-rounding costs);
+  ``±1/sqrt(in)``, B zero), and ``jc.training.lora_merge`` after training (the adapters
+  folded back into int4 codes on the same scales: the merged row shows what the
+  re-rounding costs). Two ways to run the adapters in the loss, each its own row:
+  ``jc.training.lora_model(encode)`` (factored: each adapted matmul is
+  ``x @ stop_gradient(W_int4) + scale * (x @ A) @ B``, so the backward never forms a
+  ``(in, out)`` weight gradient) and ``jc.training.lora_apply`` (a dense
+  ``W_int4 + scale * A @ B`` per matrix, the first version);
 - Qwix, its documented path (``docs/source/lora.md``, ``ptq.md``):
   ``qwix.apply_lora_to_model(model, qwix.LoraProvider(module_path=r"layer_\\d+/.*",
   weight_qtype="int4", tile_size=128, rank, alpha))``, the int4 weights from
@@ -115,14 +119,17 @@ def train(
     }
 
 
-def ours(dense, config, args, train_tokens, held_tokens) -> dict[str, Any]:
+def ours(dense, config, args, train_tokens, held_tokens, *, factored: bool) -> dict[str, Any]:
     params = jc.quantize(4, group_size=128, where=KERNELS)(dense)[0]
     adapters = jc.training.lora_init(
         params, args.rank, key=jax.random.key(0), alpha=args.alpha, where=KERNELS
     )
     embed = functools.partial(encode, config=config)
+    adapted = jc.training.lora_model(embed)
 
     def loss(ad, p, ids, mask, target):
+        if factored:  # x @ W_base + scale * (x @ A) @ B inside the encoder's own program
+            return cosine_distance(adapted(p, ad, ids, mask), target)
         return cosine_distance(embed(jc.training.lora_apply(p, ad), ids, mask), target)
 
     result = train(loss, adapters, params, args.steps, args.lr, train_tokens, held_tokens)
@@ -135,6 +142,9 @@ def ours(dense, config, args, train_tokens, held_tokens) -> dict[str, Any]:
     result["merge_error_over_delta_rms"] = float(
         np.mean([s["merge_error_rms"] / s["delta_rms"] for s in stats.values()])
     )
+    if factored:
+        routes = {route for path_routes in adapted.last_routes.values() for route in path_routes}
+        result["routes"] = sorted(routes)
     return result
 
 
@@ -197,7 +207,8 @@ def main() -> None:
     train_tokens = (train_ids, train_mask, embed(dense, train_ids, train_mask))
     held_tokens = (held_ids, held_mask, embed(dense, held_ids, held_mask))
 
-    ours_result = ours(dense, config, args, train_tokens, held_tokens)
+    ours_result = ours(dense, config, args, train_tokens, held_tokens, factored=True)
+    apply_result = ours(dense, config, args, train_tokens, held_tokens, factored=False)
     qwix_result = qwix_run(dense, config, args, train_tokens, held_tokens)
 
     def row(name, r, merged="—"):
@@ -222,7 +233,16 @@ def main() -> None:
             "median step ms",
         ],
         [
-            row("jaxcompress", ours_result, f"{ours_result['held_out_cosine_merged']:.5f}"),
+            row(
+                "jaxcompress `lora_model` (factored)",
+                ours_result,
+                f"{ours_result['held_out_cosine_merged']:.5f}",
+            ),
+            row(
+                "jaxcompress `lora_apply` (dense weight)",
+                apply_result,
+                f"{apply_result['held_out_cosine_merged']:.5f}",
+            ),
             row(f"Qwix {qwix_result['version']}", qwix_result),
         ],
     )
@@ -239,7 +259,12 @@ def main() -> None:
             f"the quantized weights; its adapters are always served beside them.",
         ]
     )
-    data = {"settings": vars(args), "jaxcompress": ours_result, "qwix": qwix_result}
+    data = {
+        "settings": vars(args),
+        "jaxcompress": ours_result,
+        "jaxcompress_lora_apply": apply_result,
+        "qwix": qwix_result,
+    }
     flags = [
         f"--steps {args.steps}",
         f"--rank {args.rank}",

@@ -76,20 +76,25 @@ from jaxcompress.transforms.checked import checked as checked
 if TYPE_CHECKING:
     from jaxcompress import training as training
     from jaxcompress.examples import minilm as minilm
+    from jaxcompress.runtime.lora_serving import accelerate_lora as accelerate_lora
 
 # Loaded on first attribute access, not by `import jaxcompress`: training needs optax,
 # and the MiniLM example flax. `import jaxcompress.training` works as usual.
 _LAZY_MODULES = {"minilm": "jaxcompress.examples.minilm", "training": "jaxcompress.training"}
+# Functions whose module imports training (and so optax), loaded the same way.
+_LAZY_FUNCTIONS = {"accelerate_lora": "jaxcompress.runtime.lora_serving"}
 
 
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
         return importlib.import_module(_LAZY_MODULES[name])
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
     raise AttributeError(f"module 'jaxcompress' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_MODULES})
+    return sorted({*globals(), *_LAZY_MODULES, *_LAZY_FUNCTIONS})
 
 
 __all__ = [
@@ -112,6 +117,7 @@ __all__ = [
     "Transform",
     "UnitStats",
     "accelerate",
+    "accelerate_lora",
     "calibrate",
     "chain",
     "checked",

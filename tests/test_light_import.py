@@ -28,6 +28,7 @@ LAZY = (
     "tokenizers",
     "safetensors",
     "jaxcompress.training",
+    "jaxcompress.runtime.lora_serving",
     "jaxcompress.examples",
     "jaxcompress.cli",
 )
@@ -84,6 +85,7 @@ def test_import_loads_no_optional_parts_and_lazy_names_still_work():
             "pruned": pruned.__module__,
             "same_training": jaxcompress.training is jc.training is training,
             "minilm": jc.minilm.__name__,
+            "accelerate_lora": jc.accelerate_lora.__module__,
             "in_dir": [name for name in ("training", "minilm") if name in dir(jc)],
         }}))
         """
@@ -96,6 +98,7 @@ def test_import_loads_no_optional_parts_and_lazy_names_still_work():
     assert out["pruned"] == "jaxcompress.training.pruning"
     assert out["same_training"]
     assert out["minilm"] == "jaxcompress.examples.minilm"
+    assert out["accelerate_lora"] == "jaxcompress.runtime.lora_serving"
     assert out["in_dir"] == ["training", "minilm"]
 
 

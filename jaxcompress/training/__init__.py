@@ -8,7 +8,9 @@
 * :func:`fake_quant`: quantization-aware training with straight-through rounding,
   using the same quantizer as :func:`jaxcompress.quantize`.
 * :func:`lora_init`, :func:`lora_apply` and :func:`lora_merge`: LoRA / QLoRA adapters
-  trained on top of frozen compressed leaves, kept beside them or folded back in.
+  trained on top of frozen compressed leaves, kept beside them or folded back in;
+  :func:`lora_model` runs a model with them factored (``x @ W + scale·(x @ A) @ B``),
+  so their gradients never form a dense ``(in, out)`` array.
 * :func:`grad` and :func:`value_and_grad`: ``jax.grad`` / ``jax.value_and_grad`` over
   the floating children of compressed leaves (and the array leaves of equinox
   modules), for training loops over compressed trees.
@@ -21,6 +23,8 @@ from jaxcompress.training.lora import Adapter as Adapter
 from jaxcompress.training.lora import lora_apply as lora_apply
 from jaxcompress.training.lora import lora_init as lora_init
 from jaxcompress.training.lora import lora_merge as lora_merge
+from jaxcompress.training.lora_factored import LoraModel as LoraModel
+from jaxcompress.training.lora_factored import lora_model as lora_model
 from jaxcompress.training.pruning import cubic_sparsity as cubic_sparsity
 from jaxcompress.training.pruning import finalize as finalize
 from jaxcompress.training.pruning import pruned as pruned
@@ -28,6 +32,7 @@ from jaxcompress.training.qat import fake_quant as fake_quant
 
 __all__ = [
     "Adapter",
+    "LoraModel",
     "clustered",
     "cubic_sparsity",
     "fake_quant",
@@ -36,6 +41,7 @@ __all__ = [
     "lora_apply",
     "lora_init",
     "lora_merge",
+    "lora_model",
     "pruned",
     "value_and_grad",
 ]

@@ -15,9 +15,11 @@ bit-identical by construction:
   same scales and zero points (codes rounded again) or the same codebook (indices
   assigned again), the same keep-mask, and reports the error that re-rounding adds.
 
-``arrays/`` has no leaf for "compressed plus low rank", so kept-beside serving runs
-through :func:`lora_apply` (one dense weight per call, as the ``materialize`` route of
-:func:`jaxcompress.accelerate` does) rather than through a factored kernel.
+:func:`lora_apply` builds one dense weight per adapted leaf per call, so its backward
+forms each ``(in, out)`` weight gradient. :func:`jaxcompress.training.lora_model`
+runs the same model factored (``x @ W_base + scale * (x @ A) @ B``, faster to train),
+and :func:`jaxcompress.accelerate_lora` serves adapters kept beside a prepared tree
+with the compressed kernels for the base.
 """
 
 from __future__ import annotations
