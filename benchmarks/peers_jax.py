@@ -546,6 +546,17 @@ def quantize_times(n: int, versions: dict) -> list[dict]:
 
 
 LIBS = ("jaxcompress", "qwix", "aqt")
+NOTE_CALIBRATION = (
+    "GPTQ here fits a Gram of the layer's 512 calibration rows, fewer than its input "
+    "features: the Gram is rank-deficient, the error feedback fits the calibration rows, "
+    "and the held-out error can come out above round-to-nearest, for every library "
+    "alike; the AWQ scale search, one exponent per layer, does not overfit that way."
+)
+NOTE_LOAD = (
+    "The timings share the machine's CPUs with other jobs: every library and dense run "
+    "in the same interleaved rounds, so the ratios are side by side, but a single cell "
+    "(one batch size) can be moved by load that changed between batch sizes."
+)
 
 
 def _best(values: dict[str, float], lower: bool) -> str:
@@ -584,6 +595,8 @@ def report(speed, minilm, minilm_note, errors, times, versions, args) -> str:
         "served in SERVE mode, activations dynamic (TRAIN mode).",
         "",
         markdown_table(header, table),
+        "",
+        NOTE_LOAD,
         "",
     ]
     err_rows = {}
@@ -657,6 +670,8 @@ def report(speed, minilm, minilm_note, errors, times, versions, args) -> str:
         ]
     parts += [
         markdown_table(header, table),
+        "",
+        NOTE_CALIBRATION,
         "",
         "Settings per library and method:",
         "",
