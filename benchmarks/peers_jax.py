@@ -37,7 +37,8 @@ Sections:
    included) and warm (a second weight of the same shape in that process).
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/peers_jax.py``
-(``--quick``: 512-wide layers and MLP, one timing round, for trying things).
+(``--quick``: 512-wide layers and MLP, GPTQ and AWQ at 128, one timing round, for trying
+things; Qwix's GPTQ, which runs op by op, is most of its time).
 ``pip install -e '.[peers]'`` installs the peers; a peer that does not import is
 skipped with a message.
 """
@@ -717,7 +718,7 @@ def main() -> None:
         "--calibrated-n",
         type=int,
         default=None,
-        help="layer width for the GPTQ/AWQ rows (default: 2048; --quick 256)",
+        help="layer width for the GPTQ/AWQ rows (default: 2048; --quick 128)",
     )
     args = parser.parse_args()
     if args.cold_child:
@@ -726,7 +727,7 @@ def main() -> None:
         return
     args.n = args.width = args.time_n = 512 if args.quick else 4096
     if args.calibrated_n is None:
-        args.calibrated_n = 256 if args.quick else 2048
+        args.calibrated_n = 128 if args.quick else 2048
     seconds, rounds = (0.0, 1) if args.quick else (8.0, 5)
     versions = peer_versions()
     speed, minilm, note, errors, times = [], [], "", [], []
