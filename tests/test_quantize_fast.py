@@ -1,6 +1,6 @@
 """Eager round-to-nearest runs one cached program per (shape, dtype, options): the same
-leaves and stats, bit for bit, as quantizing op by op, and no compile for a leaf whose
-shape was seen before."""
+leaves, bit for bit, as quantizing op by op (stats within float32 rounding), and no
+compile for a leaf whose shape was seen before."""
 
 import logging
 
@@ -98,8 +98,16 @@ def test_fused_program_matches_op_by_op(case):
         assert _bits_of(a) == _bits_of(b)
     assert stats["w"].keys() == expected_stats.keys()
     assert stats["w"]["bits"] == options["bits"] and isinstance(stats["w"]["bits"], int)
-    for name in ("relative_error", "max_abs_error"):
-        assert _bits_of(stats["w"][name]) == _bits_of(expected_stats[name]), name
+    # The stats are summed in the one program, where XLA may fuse or reassociate (and
+    # LLVM contract the decoding into an fma): within float32 rounding of the op-by-op
+    # values, not bit for bit.
+    largest = float(jnp.max(jnp.abs(weight.astype(jnp.float32))))
+    np.testing.assert_allclose(
+        stats["w"]["max_abs_error"], expected_stats["max_abs_error"], rtol=0, atol=4e-7 * largest
+    )
+    np.testing.assert_allclose(
+        stats["w"]["relative_error"], expected_stats["relative_error"], rtol=1e-5, atol=1e-7
+    )
 
 
 class _Compiles(logging.Handler):
@@ -128,7 +136,7 @@ def _compiles(fn):
 @pytest.mark.parametrize("group_size", [None, 8])
 def test_one_program_per_shape_across_leaves(group_size):
     # Shapes no other test uses, so that nothing is compiled before.
-    shapes = [(40, 24 + (group_size or 0)), (56, 40 + (group_size or 0))]
+    shapes = [(72, 27 + (group_size or 0)), (88, 43 + (group_size or 0))]
     keys = iter(jax.random.split(jax.random.key(0), 12))
     tree = {f"layer{i}": {"kernel": jax.random.normal(next(keys), shapes[i % 2])} for i in range(6)}
     tx = jc.quantize(4, group_size=group_size)

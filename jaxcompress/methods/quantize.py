@@ -103,6 +103,8 @@ def _rtn_array(weight, *, axis, group_size, options) -> tuple[Quantized, dict]:
     """
     options = dict(options)
     quantized = quantize_array(weight, axis=axis, group_size=group_size, **options)
+    # The leaf is bit for bit the op-by-op one; the error stats, fused with decoding here,
+    # may differ from op-by-op sums in their last bits (XLA may reassociate or fuse).
     errors = _error_stats(weight, quantized.materialize(), options["bits"])
     del errors["bits"]  # a Python int, not a program output
     return quantized, errors
