@@ -177,6 +177,8 @@ def main() -> None:
     rows, data = [], {"versions": {}, "runs": []}
     for package in ("jax", "flax", "qwix", "aqtp"):
         data["versions"][package] = metadata.version(package)
+    # Cold times swing with other processes' compiles: record how busy the machine was.
+    data["load_average_before"] = os.getloadavg()
     for case in CASES:
         for fmt in FORMATS:
             for library in LIBRARIES:
@@ -240,6 +242,10 @@ def main() -> None:
             + ".",
             "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
+            "",
+            "Load average before / after the runs: "
+            + f"{data['load_average_before'][0]:.1f} / {os.getloadavg()[0]:.1f} "
+            + f"on {os.cpu_count()} CPUs.",
         ]
     )
     path = _common.write(
