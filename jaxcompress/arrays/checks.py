@@ -16,6 +16,27 @@ import numpy as np
 from jaxcompress.arrays.base import already_compressed, is_compressed
 from jaxcompress.core.checks import is_traced
 
+# One compiled program per shape and dtype, not two op-by-op ones (isfinite, then all).
+_all_finite_compiled = jax.jit(lambda x: jnp.isfinite(x).all())
+
+
+def _all_finite(leaf: Any) -> bool:
+    """Whether every entry of a concrete ``leaf`` is finite.
+
+    A leaf in host memory (numpy, or a jax array on CPU devices only) is read in place by
+    numpy, which compiles nothing (a yes/no answer, so exactly the compiled one's);
+    others run one compiled program, so an accelerator's leaf never crosses to the host.
+    """
+    if isinstance(leaf, np.ndarray):
+        return bool(np.isfinite(leaf).all())
+    if (
+        isinstance(leaf, jax.Array)
+        and leaf.is_fully_addressable
+        and all(device.platform == "cpu" for device in leaf.sharding.device_set)
+    ):
+        return bool(np.isfinite(np.asarray(leaf)).all())
+    return bool(_all_finite_compiled(leaf))
+
 
 def check_selected_leaf(transform: str, path: str, leaf: Any) -> jax.Array:
     """Returns ``leaf`` as an array, or raises if ``transform`` cannot compress it.
@@ -47,7 +68,7 @@ def check_selected_leaf(transform: str, path: str, leaf: Any) -> jax.Array:
         )
     if 0 in shape:
         raise ValueError(f"{transform}: where= selected zero-size leaf {path!r} of shape {shape}")
-    if not is_traced(leaf) and not bool(jnp.isfinite(leaf).all()):
+    if not is_traced(leaf) and not _all_finite(leaf):
         raise ValueError(f"{transform}: leaf {path!r} contains NaN or Inf values")
     return leaf
 

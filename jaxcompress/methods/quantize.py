@@ -26,6 +26,7 @@ from jaxcompress.arrays.leading import (
 from jaxcompress.arrays.quantized import decode
 from jaxcompress.calibration.lookup import leaf_gram, require_data
 from jaxcompress.core.bitpack import pack
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_like, unsharded
 from jaxcompress.numerics.awq import awq_search
 from jaxcompress.numerics.gptq import gptq
@@ -87,6 +88,25 @@ def quantize_array(
         axis=axis,
         group_size=group_size,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group_size", "options"))
+def _rtn_array(weight, *, axis, group_size, options) -> tuple[Quantized, dict]:
+    """One leaf rounded to nearest, packed, decoded and measured, as one program.
+
+    What an eager ``quantize`` runs per unsharded leaf: one compiled program per
+    (shape, dtype, options), reused across leaves and calls, in place of the quantizer's
+    program plus a dozen op-by-op programs (packing, decoding, error sums), each
+    compiled on first use. ``options`` is a tuple of ``(name, value)`` (hashable).
+    Returns ``(Quantized, {"relative_error", "max_abs_error"})``.
+    """
+    options = dict(options)
+    quantized = quantize_array(weight, axis=axis, group_size=group_size, **options)
+    # The leaf is bit for bit the op-by-op one; the error stats, fused with decoding here,
+    # may differ from op-by-op sums in their last bits (XLA may reassociate or fuse).
+    errors = _error_stats(weight, quantized.materialize(), options["bits"])
+    del errors["bits"]  # a Python int, not a program output
+    return quantized, errors
 
 
 def leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
@@ -575,6 +595,14 @@ def quantize(
         del key
         weight, (leaf_axis, gram, fan_in, trailing) = item.weight, item.plan
         if gram is None:
+            if not is_traced(weight) and named_sharding_of(weight) is None:
+                quantized, errors = _rtn_array(
+                    weight,
+                    axis=leaf_axis,
+                    group_size=group_size,
+                    options=tuple(sorted(options.items())),
+                )
+                return quantized, {"bits": bits, **errors}
             quantized = quantize_array(weight, axis=leaf_axis, group_size=group_size, **options)
             # The error is that of the codes as placed, as the caller will decode them.
             quantized = _place_quantized(quantized, named_sharding_of(weight))
