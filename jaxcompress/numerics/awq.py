@@ -34,7 +34,8 @@ the clipping ratios separable by group. The search:
 2. at that ``alpha``, a clipping ratio per group and output column from an even grid on
    ``[1, 0.5]`` (ratio 1 first, so ties keep the full range), by the group's block
    objective (only where the groups are runs of one output column's inputs: per output
-   channel, with or without ``group_size``; elsewhere no clipping);
+   channel, with or without a ``group_size`` that divides the inputs; elsewhere no
+   clipping);
 3. the full objective ``tr(Eᵀ G E)`` of step 2's result and of round to nearest
    (``alpha = 0``, no clipping: every scale exactly 1); the lesser wins, so the result
    is never worse than round to nearest on the calibration objective, and the reported
@@ -270,8 +271,11 @@ def awq_search(
     broadcast = shape[:fan_in] + (1,) * (ndim - fan_in)
     # Clipping is per quantization group; it is searched where a group is a run of one
     # output column's inputs, so that its loss is a sum of the column's block losses.
-    columns = axis is not None and fan_in == ndim - 1 and axis % ndim == ndim - 1
-    group = (group_size or m) if columns else m
+    # A shorter last group (a group size that does not divide ``m``) is not clipped: the
+    # block objective needs whole groups, so such a layout keeps the full range.
+    whole = m % min(group_size or m, m) == 0
+    columns = whole and axis is not None and fan_in == ndim - 1 and axis % ndim == ndim - 1
+    group = min(group_size or m, m) if columns else m
     block = block_size(m, group)
     blocks = gram_blocks(g, block)
     clip = columns and clip_grid > 1
