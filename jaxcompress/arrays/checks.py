@@ -32,7 +32,7 @@ def _all_finite(leaf: Any) -> bool:
     if (
         isinstance(leaf, jax.Array)
         and leaf.is_fully_addressable
-        and all(device.platform == "cpu" for device in leaf.sharding.device_set)
+        and all(getattr(device, "platform", None) == "cpu" for device in leaf.devices())
     ):
         return bool(np.isfinite(np.asarray(leaf)).all())
     return bool(_all_finite_compiled(leaf))

@@ -240,9 +240,9 @@ def quantize_view(
         finite = jnp.isfinite(v)
         if valid is not None:
             finite = finite | ~valid  # padding is never a non-finite entry
-    if finite is not None or valid is not None:
-        usable = finite if valid is None else valid if finite is None else finite & valid
-        v = _stand_in(v, axes, usable)
+    usable = finite if valid is None else valid if finite is None else finite & valid
+    if usable is not None:
+        v = _stand_in(v, axes, jnp.asarray(usable))
     if calibration == "percentile":
         # Quantiles sort across each group, which Explicit mesh axes refuse when sharded.
         v = unsharded(v)
