@@ -9,16 +9,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from rich.console import Console
 
 from jaxcompress.cli.options import check_output_path
 from jaxcompress.cli.recipes import RecipeError, RecipeStep, read_recipe_steps
-from jaxcompress.io.checkpoints import read_checkpoint
-from jaxcompress.io.files import inspect_file, load, save
+from jaxcompress.io.compress_file import compress_file
+from jaxcompress.io.files import inspect_file, load
 from jaxcompress.io.interop import export_dense
+from jaxcompress.io.sources import open_source
 from jaxcompress.runtime.report import summarize
-from jaxcompress.transforms.base import chain, flatten_leaves
-from jaxcompress.transforms.filters import NothingSelectedWarning, nothing_selected_message
+from jaxcompress.transforms.base import chain
+from jaxcompress.transforms.filters import NothingSelectedWarning
 
 
 def _console() -> Console:
@@ -110,16 +113,18 @@ def add_file_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """``jaxcompress compress``: checkpoint + recipe -> .jxc, with a summary."""
-    status = Console(stderr=True)
     steps = read_recipe_steps(args.recipe)  # recipe errors before any heavy work
     check_output_path(args.output, flag="--output")
     start = time.perf_counter()
-    with status.status(f"reading {args.checkpoint}"):
-        params = read_checkpoint(args.checkpoint)
-    with status.status("compressing"):
-        compressed = _apply_recipe(steps, params, allow_empty=args.allow_empty)
-    file_report = save(args.output, compressed, entropy=not args.no_entropy, progress=True)
-    report = summarize(params, compressed)
+    # Leaf by leaf from the file: memory holds about one leaf, never the model.
+    file_report = _compress_recipe(
+        steps,
+        args.checkpoint,
+        args.output,
+        allow_empty=args.allow_empty,
+        entropy=not args.no_entropy,
+    )
+    report = summarize(_dense_shapes(args.checkpoint), load(args.output))
     seconds = time.perf_counter() - start
     if args.json:
         result = {
@@ -141,31 +146,45 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_recipe(steps: list[RecipeStep], params: Any, *, allow_empty: bool) -> Any:
-    """The recipe's transforms applied; a step that selects nothing is an error naming its line.
+def _dense_shapes(checkpoint: str) -> Any:
+    """The checkpoint's tree with each array as a zero-stride view of its shape and dtype.
 
-    Errors of a step (a leaf it refuses) are prefixed with its table's line too.
+    ``summarize`` reads only shapes, dtypes and byte counts of the dense side, so the
+    weights themselves are never read for the report.
     """
+    with open_source(checkpoint) as source:
+
+        def shaped(marker: int) -> Any:
+            shape_dtype = source.shapes[marker]
+            if shape_dtype is None:
+                return source.load(marker)
+            shape, dtype = shape_dtype
+            return np.broadcast_to(np.zeros((), dtype), shape)
+
+        return jax.tree.map(shaped, source.skeleton)
+
+
+def _compress_recipe(
+    steps: list[RecipeStep], src: str, dst: str, *, allow_empty: bool, entropy: bool
+) -> Any:
+    """:func:`compress_file` with the recipe; an empty step is an error naming its line."""
     transform = steps[0].transform if len(steps) == 1 else chain(*(s.transform for s in steps))
     with warnings.catch_warnings():
-        if not allow_empty:  # the error below says it better, with the line
-            warnings.simplefilter("ignore", NothingSelectedWarning)
+        if not allow_empty:  # raised before the file is committed, so nothing is written
+            warnings.simplefilter("error", NothingSelectedWarning)
         try:
-            compressed, stats = transform(params)
+            return compress_file(src, dst, transform, progress=True, entropy=entropy)
+        except NothingSelectedWarning as warning:
+            step = next((s for s in steps if str(warning).startswith(s.transform.name)), steps[0])
+            message = str(warning)
+            raise RecipeError(
+                f"{step.at}: {message} (pass --allow-empty to write the file anyway)"
+            ) from None
         except (TypeError, ValueError) as error:
             step = next((s for s in steps if str(error).startswith(s.transform.name)), None)
             if step is None:
                 raise
             raise RecipeError(f"{step.locate(error)}: {error}") from None
-    if not allow_empty:
-        paths = [entry.path for entry in flatten_leaves(params)[0]]
-        for step, step_stats in zip(steps, stats if len(steps) > 1 else (stats,), strict=True):
-            if not step_stats:
-                message = nothing_selected_message(step.kind, step.where, paths)
-                raise RecipeError(
-                    f"{step.at}: {message} (pass --allow-empty to write the file anyway)"
-                )
-    return compressed
 
 
 def run_inspect(args: argparse.Namespace) -> int:
