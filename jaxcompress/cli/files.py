@@ -21,7 +21,7 @@ from jaxcompress.io.interop import export_dense
 from jaxcompress.io.sources import open_source
 from jaxcompress.runtime.report import summarize
 from jaxcompress.transforms.base import chain
-from jaxcompress.transforms.filters import NothingSelectedWarning
+from jaxcompress.transforms.filters import NothingSelectedWarning, describe
 
 
 def _console() -> Console:
@@ -175,10 +175,17 @@ def _compress_recipe(
         try:
             return compress_file(src, dst, transform, progress=True, entropy=entropy)
         except NothingSelectedWarning as warning:
-            step = next((s for s in steps if str(warning).startswith(s.transform.name)), steps[0])
+            # The stages warn in order, so the first step the message fits is the one.
             message = str(warning)
+            step, rest = next(
+                (s, message[len(prefix) :])
+                for s in steps
+                for prefix in [f"{s.transform.name}: where={describe(s.where)} "]
+                if message.startswith(prefix)
+            )
             raise RecipeError(
-                f"{step.at}: {message} (pass --allow-empty to write the file anyway)"
+                f"{step.at}: {step.kind}: where={describe(step.where)} {rest} "
+                "(pass --allow-empty to write the file anyway)"
             ) from None
         except (TypeError, ValueError) as error:
             step = next((s for s in steps if str(error).startswith(s.transform.name)), None)
