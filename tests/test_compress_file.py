@@ -192,6 +192,23 @@ def test_cli_compress_uses_compress_file(tmp_path, monkeypatch):
     )
 
 
+def test_cli_summary_read_leaf_by_leaf_equals_summarize(tmp_path, capsys):
+    from jaxcompress.cli.main import main
+
+    src = _source(tmp_path, "index")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[transform]]\nkind = "prune"\nsparsity = 0.5\nscope = "global"\n')
+    out = tmp_path / "o.jxc"
+    assert main(["compress", str(src), "--recipe", str(recipe), "-o", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["report"]["leaves"]
+    expected = jc.summarize(read_checkpoint(src), jc.load(out)).to_dict()["leaves"]
+    assert [r["path"] for r in rows] == [r["path"] for r in expected]
+    for row, want in zip(rows, expected, strict=True):
+        for key in ("shape", "kind", "original_bytes", "compressed_bytes", "density"):
+            assert row[key] == want[key], (row["path"], key)
+        assert row["relative_error"] == pytest.approx(want["relative_error"], rel=1e-4)
+
+
 _MEMORY_SCRIPT = """
 import os, resource, sys, numpy as np, jaxcompress as jc
 src, dst, count, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -9,18 +9,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from rich.console import Console
 
+from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
+from jaxcompress.arrays.tree import is_array_leaf
 from jaxcompress.cli.options import check_output_path
 from jaxcompress.cli.recipes import RecipeError, RecipeStep, read_recipe_steps
 from jaxcompress.io.compress_file import compress_file
 from jaxcompress.io.files import inspect_file, load
 from jaxcompress.io.interop import export_dense
 from jaxcompress.io.sources import open_source
-from jaxcompress.runtime.report import summarize
-from jaxcompress.transforms.base import chain
+from jaxcompress.runtime.report import LeafReport, Report
+from jaxcompress.transforms.base import chain, flatten_leaves
 from jaxcompress.transforms.filters import NothingSelectedWarning, describe
 
 
@@ -124,7 +125,7 @@ def run_compress(args: argparse.Namespace) -> int:
         allow_empty=args.allow_empty,
         entropy=not args.no_entropy,
     )
-    report = summarize(_dense_shapes(args.checkpoint), load(args.output))
+    report = _streamed_report(args.checkpoint, args.output)
     seconds = time.perf_counter() - start
     if args.json:
         result = {
@@ -146,22 +147,56 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dense_shapes(checkpoint: str) -> Any:
-    """The checkpoint's tree with each array as a zero-stride view of its shape and dtype.
+def _streamed_report(checkpoint: str, output: str) -> Report:
+    """What ``summarize(read_checkpoint(checkpoint), load(output))`` reports, read leaf by leaf.
 
-    ``summarize`` reads only shapes, dtypes and byte counts of the dense side, so the
-    weights themselves are never read for the report.
+    Each dense leaf is read with its compressed form from ``output`` and compared in
+    chunks, so the summary holds one leaf pair, never either model.
     """
-    with open_source(checkpoint) as source:
+    rows = []
+    with open_source(checkpoint) as dense, open_source(output) as packed:
+        markers = {entry.path: entry.leaf for entry in flatten_leaves(packed.skeleton)[0]}
+        for entry in flatten_leaves(dense.skeleton)[0]:
+            original = dense.load(entry.leaf)
+            if is_array_leaf(original):
+                rows.append(_leaf_report(entry.path, original, packed.load(markers[entry.path])))
+            del original
+    return Report(tuple(rows))
 
-        def shaped(marker: int) -> Any:
-            shape_dtype = source.shapes[marker]
-            if shape_dtype is None:
-                return source.load(marker)
-            shape, dtype = shape_dtype
-            return np.broadcast_to(np.zeros((), dtype), shape)
 
-        return jax.tree.map(shaped, source.skeleton)
+_CHUNK = 1 << 22  # elements compared at a time: float64 chunks of 32 MiB
+
+
+def _leaf_report(path: str, original: Any, compressed: Any) -> LeafReport:
+    reference = np.asarray(original).reshape(-1)
+    approximation = np.asarray(as_dense(compressed)).reshape(-1)
+    if reference.size != approximation.size:
+        raise ValueError(
+            f"{path}: {reference.size} values in the checkpoint, "
+            f"{approximation.size} in the compressed file"
+        )
+    squared = error = 0.0
+    nonzero = 0
+    for start in range(0, reference.size, _CHUNK):
+        r = reference[start : start + _CHUNK].astype(np.float64)
+        a = approximation[start : start + _CHUNK].astype(np.float64)
+        squared += float(np.dot(r, r))
+        error += float(np.dot(r - a, r - a))
+        nonzero += int(np.count_nonzero(a))
+    norm, error = squared**0.5, error**0.5
+    original_bytes, compressed_bytes = leaf_nbytes(original), leaf_nbytes(compressed)
+    return LeafReport(
+        path=path,
+        shape=tuple(np.shape(original)),
+        kind=compressed.kind if is_compressed(compressed) else "dense",
+        original_bytes=original_bytes,
+        compressed_bytes=compressed_bytes,
+        ratio=original_bytes / compressed_bytes
+        if compressed_bytes
+        else (1.0 if original_bytes == 0 else float("inf")),
+        density=nonzero / reference.size if reference.size else 0.0,
+        relative_error=error / norm if norm else (0.0 if error == 0 else float("inf")),
+    )
 
 
 def _compress_recipe(
