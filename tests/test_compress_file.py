@@ -262,3 +262,21 @@ def test_peak_memory_follows_the_largest_leaf_not_the_leaf_count(tmp_path):
     largest = 1024 * 1024 * 2
     # Holding even each leaf's int4 output (0.5 MiB) would add 30 MiB (measured: 1-9 MiB).
     assert many - few < 8 * largest, (few, many)
+
+
+def test_a_run_with_another_filter_does_not_resume(tmp_path, monkeypatch):
+    src = _source(tmp_path, "safetensors")
+    dst = tmp_path / "out.jxc"
+    real = compress_module.ResumableWriter.finish_leaf
+
+    def stop_after_one(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(compress_module.ResumableWriter, "finish_leaf", stop_after_one)
+    with pytest.raises(RuntimeError):
+        jc.compress_file(src, dst, jc.quantize(4, where="kernel"), progress=False)
+    monkeypatch.undo()
+    other = jc.quantize(4, where="layer1/bias")  # same name, another filter
+    jc.compress_file(src, dst, other, progress=False)
+    assert filecmp.cmp(dst, _reference(tmp_path, src, other), shallow=False)

@@ -18,10 +18,16 @@ from jaxcompress.io.files import FORMAT, FileReport, inspect_file
 from jaxcompress.io.resumable import ResumableWriter
 from jaxcompress.io.sources import Source, fingerprint_digest, open_source
 from jaxcompress.transforms.base import LeafEntry, LeafPass, LeafStream, Transform, flatten_leaves
+from jaxcompress.transforms.filters import describe
 
 
 def _stages(tx: Transform) -> tuple[Transform, ...]:
     return getattr(tx, "stages", ()) or (tx,)
+
+
+def _where(stage: Transform) -> str | None:
+    where = getattr(stage, "where", None)
+    return None if where is None else describe(where)
 
 
 def _jsonable(value: Any) -> Any:
@@ -134,7 +140,11 @@ def compress_file(
         data: calibration statistics for data-aware methods, as for ``tx(params, data=)``.
         progress: show a bar on stderr (leaves and bytes done).
         entropy: entropy-code code streams and masks where smaller, as in ``save``.
-        resume: pick up a matching interrupted run (``False`` starts over).
+        resume: pick up a matching interrupted run (``False`` starts over). A run
+            matches when the input files (path, size, modification time), each
+            stage's name and filter, ``entropy``, whether ``data`` is given and the
+            library version are the same; pass ``False`` after changing anything
+            else (a callable filter's body, ``data``'s values).
         metadata: a dict stored in the header, as in ``save``.
 
     Returns:
@@ -167,7 +177,9 @@ def compress_file(
         order = list(_markers_in_order(skeleton_node))
         job = {
             "source": fingerprint_digest(source.fingerprint),
-            "transform": [stage.name for stage in _stages(tx)],
+            # The name shows a factory's options but not its filter: both, or a run
+            # with another where= would resume from leaves compressed under the old one.
+            "transform": [[stage.name, _where(stage)] for stage in _stages(tx)],
             "entropy": entropy,
             "data": data is not None,
             "library": __version__,

@@ -134,6 +134,9 @@ class Transform:
             criterion is then planned from the streamed leaves.
         stages: for a :func:`chain`, its transforms in order (nested chains
             flattened); empty otherwise.
+        where: the filter a per-leaf transform selects leaves with (``None`` if it
+            has none); with ``name`` it identifies a job a resumed
+            :func:`jaxcompress.compress_file` may carry on.
 
     Example:
         >>> import jax.numpy as jnp
@@ -148,6 +151,7 @@ class Transform:
     name: str
     leafwise: LeafwiseFn | None = dataclasses.field(default=None, repr=False, compare=False)
     stages: tuple[Transform, ...] = dataclasses.field(default=(), repr=False, compare=False)
+    where: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __call__(self, params: Any, *, key: jax.Array | None = None, data: Any = None):
         return self.apply(params, key=key, data=data)

@@ -321,4 +321,4 @@ def per_leaf(
 
         return LeafPass(lambda entry: entry.index in todo, step_one)
 
-    return Transform(apply, name, leafwise)
+    return Transform(apply, name, leafwise, where=where)
