@@ -223,10 +223,10 @@ def _compress_recipe(
                 "(pass --allow-empty to write the file anyway)"
             ) from None
         except (TypeError, ValueError) as error:
-            step = next((s for s in steps if str(error).startswith(s.transform.name)), None)
-            if step is None:
+            refused = next((s for s in steps if str(error).startswith(s.transform.name)), None)
+            if refused is None:
                 raise
-            raise RecipeError(f"{step.locate(error)}: {error}") from None
+            raise RecipeError(f"{refused.locate(error)}: {error}") from None
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -189,8 +189,8 @@ def compress_file(
             passes = _passes(tx, source, [by_marker[m] for m in sorted(by_marker)], data)
             taken = [0] * len(passes)
             for stage_stats in (record[1] for record in writer.done.values()):
-                for position, stats in enumerate(stage_stats):
-                    taken[position] += stats is not None
+                for position, finished in enumerate(stage_stats):
+                    taken[position] += finished is not None
             sizes = [_size(source.shapes[m]) for m in todo]
             name = getattr(tx, "name", "compress_file")
             for marker in over_leaves(todo, sizes=sizes, description=name, enabled=progress):

@@ -480,7 +480,7 @@ class SafetensorsReader:
         out = np.empty(info.shape, _MEMORY_DTYPES[info.code])
         with open(self.path, "rb") as handle:
             handle.seek(self._start + info.begin)
-            if handle.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            if handle.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
                 raise _fail(self.path, "the file ends inside this tensor", name)
         return out
 

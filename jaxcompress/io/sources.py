@@ -120,7 +120,9 @@ def _safetensors(shards_names: dict[Path, list[str] | None], kind: str, index: P
                 flat[name] = len(where)
                 where.append((reader, name))
         skeleton = nest_names(index or next(iter(shards_names)), flat)
-        shapes = [reader.shape_dtype(name) for reader, name in where]
+        shapes: list[tuple[tuple[int, ...], np.dtype] | None] = [
+            reader.shape_dtype(name) for reader, name in where
+        ]
         paths = [*shards_names, *([index] if index is not None else [])]
 
         def load(marker: int, keep: bool = False) -> np.ndarray:
@@ -244,7 +246,9 @@ def open_source(path: str | os.PathLike) -> Iterator[Source]:
         with _jxc(path) as source:
             yield source
     elif path.name.endswith(INDEX_SUFFIX):
-        shard_map = {Path(shard): names for shard, names in safetensors_index(path).items()}
+        shard_map: dict[Path, list[str] | None] = {
+            Path(shard): names for shard, names in safetensors_index(path).items()
+        }
         with _safetensors(shard_map, "safetensors-index", path) as source:
             yield source
     elif path.suffix == ".safetensors":

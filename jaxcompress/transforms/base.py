@@ -59,7 +59,7 @@ class LeafStream(NamedTuple):
     Attributes:
         entries: ``entries()`` yields every leaf as a :class:`LeafEntry` in tree order,
             loading each as it goes; each call starts a new pass.
-        count: the number of leaves.
+        length: the number of leaves.
 
     Example:
         >>> import numpy as np
@@ -69,7 +69,7 @@ class LeafStream(NamedTuple):
     """
 
     entries: Callable[[], Iterator[LeafEntry]]
-    count: int
+    length: int
 
 
 class Passes(Sequence):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 from jax.sharding import NamedSharding
@@ -283,6 +283,8 @@ def per_leaf(
 
     def streamed(stream: LeafStream, data: Any) -> LeafPass:
         """The global plan from leaves loaded one at a time, then a per-leaf pass."""
+        global_plan = plan
+        assert global_plan is not None  # only called for a transform with a global plan
         context = prepare(None, data)
 
         def items():
@@ -291,12 +293,18 @@ def per_leaf(
                     yield checked(entry, context)
 
         # One pass checks every selected leaf before any work and keeps only its plan.
-        light = [LeafItem(item.entry._replace(leaf=None), None, item.plan) for item in items()]
+        # (The weight is dropped too: the plan pass must not hold every leaf.)
+        light = [
+            LeafItem(item.entry._replace(leaf=None), None, item.plan)  # type: ignore[arg-type]
+            for item in items()
+        ]
         warn_skipped(light)
         fit = [item for item in light if not isinstance(item.plan, _Skip)]
         if not light:
             return LeafPass(
-                lambda entry: False, finish, functools.partial(warn_nothing_selected, name, where)
+                lambda entry: False,
+                lambda entry: finish(checked(entry, context), None),
+                functools.partial(warn_nothing_selected, name, where),
             )
         fit_indices = {item.entry.index for item in fit}
 
@@ -306,7 +314,7 @@ def per_leaf(
         plans = dict(
             zip(
                 (item.entry.index for item in fit),
-                plan(Passes(fit_items, len(fit))),
+                global_plan(cast(Any, Passes(fit_items, len(fit)))),
                 strict=True,
             )
         )
