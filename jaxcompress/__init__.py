@@ -29,6 +29,7 @@ from jaxcompress.arrays.tree import nbytes as nbytes
 from jaxcompress.calibration.calibrate import InputStats as InputStats
 from jaxcompress.calibration.calibrate import calibrate as calibrate
 from jaxcompress.core.version import __version__ as __version__
+from jaxcompress.io.compress_file import compress_file as compress_file
 from jaxcompress.io.errors import FileFormatError as FileFormatError
 from jaxcompress.io.files import FileReport as FileReport
 from jaxcompress.io.files import inspect_file as inspect_file
@@ -148,6 +149,7 @@ __all__ = [
     "quantize",
     "read_msgpack",
     "read_safetensors",
+    "compress_file",
     "save",
     "sensitivity",
     "sharding",

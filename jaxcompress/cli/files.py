@@ -9,16 +9,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
+from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
+from jaxcompress.arrays.tree import is_array_leaf
 from jaxcompress.cli.options import check_output_path
 from jaxcompress.cli.recipes import RecipeError, RecipeStep, read_recipe_steps
-from jaxcompress.io.checkpoints import read_checkpoint
-from jaxcompress.io.files import inspect_file, load, save
+from jaxcompress.io.compress_file import compress_file
+from jaxcompress.io.files import inspect_file, load
 from jaxcompress.io.interop import export_dense
-from jaxcompress.runtime.report import summarize
+from jaxcompress.io.sources import open_source
+from jaxcompress.runtime.report import LeafReport, Report
 from jaxcompress.transforms.base import chain, flatten_leaves
-from jaxcompress.transforms.filters import NothingSelectedWarning, nothing_selected_message
+from jaxcompress.transforms.filters import NothingSelectedWarning, describe
 
 
 def _console() -> Console:
@@ -110,16 +114,18 @@ def add_file_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """``jaxcompress compress``: checkpoint + recipe -> .jxc, with a summary."""
-    status = Console(stderr=True)
     steps = read_recipe_steps(args.recipe)  # recipe errors before any heavy work
     check_output_path(args.output, flag="--output")
     start = time.perf_counter()
-    with status.status(f"reading {args.checkpoint}"):
-        params = read_checkpoint(args.checkpoint)
-    with status.status("compressing"):
-        compressed = _apply_recipe(steps, params, allow_empty=args.allow_empty)
-    file_report = save(args.output, compressed, entropy=not args.no_entropy, progress=True)
-    report = summarize(params, compressed)
+    # Leaf by leaf from the file: memory holds about one leaf, never the model.
+    file_report = _compress_recipe(
+        steps,
+        args.checkpoint,
+        args.output,
+        allow_empty=args.allow_empty,
+        entropy=not args.no_entropy,
+    )
+    report = _streamed_report(args.checkpoint, args.output)
     seconds = time.perf_counter() - start
     if args.json:
         result = {
@@ -141,31 +147,86 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_recipe(steps: list[RecipeStep], params: Any, *, allow_empty: bool) -> Any:
-    """The recipe's transforms applied; a step that selects nothing is an error naming its line.
+def _streamed_report(checkpoint: str, output: str) -> Report:
+    """What ``summarize(read_checkpoint(checkpoint), load(output))`` reports, read leaf by leaf.
 
-    Errors of a step (a leaf it refuses) are prefixed with its table's line too.
+    Each dense leaf is read with its compressed form from ``output`` and compared in
+    chunks, so the summary holds one leaf pair, never either model.
     """
+    rows = []
+    with open_source(checkpoint) as dense, open_source(output) as packed:
+        markers = {entry.path: entry.leaf for entry in flatten_leaves(packed.skeleton)[0]}
+        for entry in flatten_leaves(dense.skeleton)[0]:
+            original = dense.load(entry.leaf)
+            if is_array_leaf(original):
+                rows.append(_leaf_report(entry.path, original, packed.load(markers[entry.path])))
+            del original
+    return Report(tuple(rows))
+
+
+_CHUNK = 1 << 22  # elements compared at a time: float64 chunks of 32 MiB
+
+
+def _leaf_report(path: str, original: Any, compressed: Any) -> LeafReport:
+    reference = np.asarray(original).reshape(-1)
+    approximation = np.asarray(as_dense(compressed)).reshape(-1)
+    if reference.size != approximation.size:
+        raise ValueError(
+            f"{path}: {reference.size} values in the checkpoint, "
+            f"{approximation.size} in the compressed file"
+        )
+    squared = error = 0.0
+    nonzero = 0
+    for start in range(0, reference.size, _CHUNK):
+        r = reference[start : start + _CHUNK].astype(np.float64)
+        a = approximation[start : start + _CHUNK].astype(np.float64)
+        squared += float(np.dot(r, r))
+        error += float(np.dot(r - a, r - a))
+        nonzero += int(np.count_nonzero(a))
+    norm, error = squared**0.5, error**0.5
+    original_bytes, compressed_bytes = leaf_nbytes(original), leaf_nbytes(compressed)
+    return LeafReport(
+        path=path,
+        shape=tuple(np.shape(original)),
+        kind=compressed.kind if is_compressed(compressed) else "dense",
+        original_bytes=original_bytes,
+        compressed_bytes=compressed_bytes,
+        ratio=original_bytes / compressed_bytes
+        if compressed_bytes
+        else (1.0 if original_bytes == 0 else float("inf")),
+        density=nonzero / reference.size if reference.size else 0.0,
+        relative_error=error / norm if norm else (0.0 if error == 0 else float("inf")),
+    )
+
+
+def _compress_recipe(
+    steps: list[RecipeStep], src: str, dst: str, *, allow_empty: bool, entropy: bool
+) -> Any:
+    """:func:`compress_file` with the recipe; an empty step is an error naming its line."""
     transform = steps[0].transform if len(steps) == 1 else chain(*(s.transform for s in steps))
     with warnings.catch_warnings():
-        if not allow_empty:  # the error below says it better, with the line
-            warnings.simplefilter("ignore", NothingSelectedWarning)
+        if not allow_empty:  # raised before the file is committed, so nothing is written
+            warnings.simplefilter("error", NothingSelectedWarning)
         try:
-            compressed, stats = transform(params)
+            return compress_file(src, dst, transform, progress=True, entropy=entropy)
+        except NothingSelectedWarning as warning:
+            # The stages warn in order, so the first step the message fits is the one.
+            message = str(warning)
+            step, rest = next(
+                (s, message[len(prefix) :])
+                for s in steps
+                for prefix in [f"{s.transform.name}: where={describe(s.where)} "]
+                if message.startswith(prefix)
+            )
+            raise RecipeError(
+                f"{step.at}: {step.kind}: where={describe(step.where)} {rest} "
+                "(pass --allow-empty to write the file anyway)"
+            ) from None
         except (TypeError, ValueError) as error:
-            step = next((s for s in steps if str(error).startswith(s.transform.name)), None)
-            if step is None:
+            refused = next((s for s in steps if str(error).startswith(s.transform.name)), None)
+            if refused is None:
                 raise
-            raise RecipeError(f"{step.locate(error)}: {error}") from None
-    if not allow_empty:
-        paths = [entry.path for entry in flatten_leaves(params)[0]]
-        for step, step_stats in zip(steps, stats if len(steps) > 1 else (stats,), strict=True):
-            if not step_stats:
-                message = nothing_selected_message(step.kind, step.where, paths)
-                raise RecipeError(
-                    f"{step.at}: {message} (pass --allow-empty to write the file anyway)"
-                )
-    return compressed
+            raise RecipeError(f"{refused.locate(error)}: {error}") from None
 
 
 def run_inspect(args: argparse.Namespace) -> int:

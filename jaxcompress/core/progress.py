@@ -53,12 +53,18 @@ def over_leaves(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        # rich would still end a bar with a newline on a pipe or file: show nothing.
+        for item, _ in zip(items, sizes, strict=True):
+            yield item
+        return
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
     )
     leaves = bar.add_task(description, total=sum(sizes))

@@ -9,17 +9,31 @@ from typing import Any
 from jaxcompress.io.container import MAGIC
 from jaxcompress.io.errors import FileFormatError
 from jaxcompress.io.files import load
-from jaxcompress.io.interop import read_msgpack, read_safetensors
+from jaxcompress.io.interop import read_msgpack, read_safetensors, read_safetensors_index
 
 EXPECTED = (
-    "a jaxcompress file (.jxc), a safetensors file (.safetensors), a flax msgpack "
-    "checkpoint (.msgpack) or an orbax checkpoint directory"
+    "a jaxcompress file (.jxc), a safetensors file (.safetensors) or sharded index "
+    "(.safetensors.index.json), a flax msgpack checkpoint (.msgpack) or an orbax "
+    "checkpoint directory"
 )
 
 
-def _orbax_restore(path: Path) -> Any:
+def read_orbax(path: str | os.PathLike) -> Any:
+    """The whole tree of the orbax checkpoint directory at ``path``.
+
+    Raises:
+        FileFormatError: the directory is not a readable orbax checkpoint.
+
+    Example:
+        >>> import tempfile
+        >>> read_orbax(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        jaxcompress.io.errors.FileFormatError: ...not a readable orbax checkpoint...
+    """
     import orbax.checkpoint as ocp
 
+    path = Path(path)
     try:
         return ocp.StandardCheckpointer().restore(path.resolve())
     except Exception as error:  # orbax raises many types for a foreign directory
@@ -50,11 +64,13 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
-        return _orbax_restore(path)
+        return read_orbax(path)
     with open(path, "rb") as handle:
         head = handle.read(len(MAGIC))
     if head == MAGIC or path.suffix == ".jxc":
         return load(path)
+    if path.name.endswith(".safetensors.index.json"):
+        return read_safetensors_index(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix == ".msgpack":

@@ -94,9 +94,7 @@ class ContainerWriter:
 
     def commit(self, header: dict[str, Any]) -> None:
         """Writes the header and trailer, flushes to disk and renames into place."""
-        text = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
-        self._file.write(text)
-        self._file.write(struct.pack("<QI", len(text), zlib.crc32(text)) + TRAILER_MAGIC)
+        self._file.write(header_and_trailer(header))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -117,6 +115,17 @@ class ContainerWriter:
             if self._sigterm is not None:
                 terminated = exc_type is not None and issubclass(exc_type, atomic.Terminated)
                 self._sigterm.finish(terminated=terminated)
+
+
+def header_and_trailer(header: dict[str, Any]) -> bytes:
+    """The bytes that end a file: the compressed JSON header, then the trailer.
+
+    Example:
+        >>> header_and_trailer({"buffers": []})[-8:]
+        b'JXCEND\\x00\\x00'
+    """
+    text = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode(), 9)
+    return text + struct.pack("<QI", len(text), zlib.crc32(text)) + TRAILER_MAGIC
 
 
 def _fail(path: Path, message: str) -> FileFormatError:

@@ -415,6 +415,158 @@ def read_safetensors(path: PathLike, *, nested: bool = True) -> dict[str, Any]:
     return _nest(path, tensors) if nested else tensors
 
 
+class SafetensorsReader:
+    """One ``.safetensors`` file opened for reading a tensor at a time (memory-mapped).
+
+    The header is parsed and checked on entry, as :func:`read_safetensors` checks it;
+    :meth:`load` copies one tensor out of the map, so only that tensor's bytes are
+    resident (plus the pages the kernel keeps cached). Use as a context manager.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "m.safetensors")
+        ...     write_safetensors(path, {"a": np.arange(3, dtype=np.int32), "b": np.ones(2)})
+        ...     with SafetensorsReader(path) as reader:
+        ...         reader.names, reader.load("a").tolist(), reader.shape_dtype("b")
+        (['a', 'b'], [0, 1, 2], ((2,), dtype('float64')))
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = path
+        self._map: mmap.mmap | None = None
+        self._start = 0
+        self._infos: dict[str, _TensorInfo] = {}
+
+    def __enter__(self) -> SafetensorsReader:
+        with open(self.path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        try:
+            header, self._start = _parse_header(self.path, self._map, size)
+            infos = _tensor_infos(self.path, header, size - self._start)
+            _check_metadata(self.path, header.get(_METADATA_KEY, {}))
+        except BaseException:
+            self.__exit__()
+            raise
+        self._infos = {info.name: info for info in infos}
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """The tensor names, in the header's order (as :func:`read_safetensors` returns them)."""
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and in-memory dtype of tensor ``name``, read from the header."""
+        info = self._infos[name]
+        return info.shape, _MEMORY_DTYPES[info.code]
+
+    def load(self, name: str) -> np.ndarray:
+        """A fresh native-order copy of tensor ``name``.
+
+        Read with ``readinto`` rather than through the map: pages of a map count in
+        the process's resident size until unmapped, so reading a whole model through
+        one would grow it with the model, not the largest tensor.
+        """
+        info = self._infos[name]
+        disk = _DISK_DTYPES[info.code]
+        if info.code == "BOOL" or disk != _MEMORY_DTYPES[info.code]:
+            return _load_tensor(self.path, self._map, self._start, info)
+        out = np.empty(info.shape, _MEMORY_DTYPES[info.code])
+        with open(self.path, "rb") as handle:
+            handle.seek(self._start + info.begin)
+            if handle.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
+                raise _fail(self.path, "the file ends inside this tensor", name)
+        return out
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def nest_names(path: PathLike, flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": x}`` as ``{"a": {"b": x}}``, as :func:`read_safetensors` nests names.
+
+    Raises:
+        FileFormatError: a name is both a tensor and a prefix of another, naming ``path``.
+
+    Example:
+        >>> nest_names("m.safetensors", {"a.b": 1, "a.c": 2, "d": 3})
+        {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    return _nest(path, flat)
+
+
+def safetensors_index(path: PathLike) -> dict[str, list[str]]:
+    """The shards of a sharded safetensors checkpoint: ``{shard file: [tensor names]}``.
+
+    ``path`` is a Hugging Face ``*.safetensors.index.json``; its ``weight_map`` maps
+    each tensor name to its shard file, relative to the index's directory. Shards
+    come in the order they first appear in the map, and names in map order.
+
+    Raises:
+        FileFormatError: the index is not JSON or has no ``weight_map`` of strings.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors.index.json")
+        >>> with open(path, "w") as f:
+        ...     json.dump({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}, f)
+        >>> [(os.path.basename(k), v) for k, v in safetensors_index(path).items()]
+        [('s1.safetensors', ['a']), ('s2.safetensors', ['b'])]
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _fail(path, f"is not a safetensors index ({error})") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise _fail(path, "is not a safetensors index: no weight_map of names to shard files")
+    directory = os.path.dirname(os.fspath(path))
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise _fail(path, f"shard file {shard!r} is outside the index's directory", name)
+        shards.setdefault(os.path.join(directory, shard), []).append(name)
+    return shards
+
+
+def read_safetensors_index(path: PathLike) -> dict[str, Any]:
+    """Reads a sharded safetensors checkpoint (its ``.index.json``) into nested dicts.
+
+    Tensors are nested by name as :func:`read_safetensors` nests them, in the index's
+    ``weight_map`` order. Every shard must hold the tensors the index gives it.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> import numpy as np
+        >>> tmp = tempfile.mkdtemp()
+        >>> write_safetensors(os.path.join(tmp, "s1.safetensors"), {"a": np.zeros(2)})
+        >>> index = os.path.join(tmp, "model.safetensors.index.json")
+        >>> with open(index, "w") as f:
+        ...     json.dump({"weight_map": {"a": "s1.safetensors"}}, f)
+        >>> read_safetensors_index(index)["a"].tolist()
+        [0.0, 0.0]
+    """
+    flat: dict[str, np.ndarray] = {}
+    for shard, names in safetensors_index(path).items():
+        with SafetensorsReader(shard) as reader:
+            for name in names:
+                if name not in reader:
+                    raise _fail(shard, "is listed in the index but not in its shard", name)
+                flat[name] = reader.load(name)
+    return _nest(path, flat)
+
+
 def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
     """Reads the ``__metadata__`` string map of a ``.safetensors`` file (``{}`` if none).
 

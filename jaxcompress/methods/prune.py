@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import cast
 
@@ -36,7 +36,7 @@ from jaxcompress.numerics.obs import (
 )
 from jaxcompress.numerics.sparsegpt import prefix_counts, sparsegpt
 from jaxcompress.numerics.wanda import wanda_keep, wanda_scores
-from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.base import Transform, lazy_map
 from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
 from jaxcompress.transforms.stats import PruneStats
@@ -143,7 +143,10 @@ def _select_bin(histogram: jax.Array, k: jax.Array, below: jax.Array):
 
 
 def kth_smallest_key(
-    keys: list[jax.Array], k: jax.Array, *, to_keys: Callable[[jax.Array], jax.Array] | None = None
+    keys: Sequence[jax.Array],
+    k: jax.Array,
+    *,
+    to_keys: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """The ``k``-th smallest uint32 key over all arrays (``k >= 1``; 0 for ``k == 0``).
 
@@ -458,11 +461,11 @@ def global_counts(weights: list[jax.Array], total_pruned: int | jax.Array) -> li
         [1, 1]
     """
     # Split weights are binned block by block; others whole (Explicit axes refuse that).
-    weights = [w if split_layout(w) is not None else unsharded(w) for w in weights]
+    binned = lazy_map(lambda w: w if split_layout(w) is not None else unsharded(w), weights)
     total = jnp.asarray(total_pruned, _int_dtype())
-    threshold = kth_smallest_key(weights, total, to_keys=magnitude_keys)
+    threshold = kth_smallest_key(binned, total, to_keys=magnitude_keys)
     # One counting pass per weight (each reads the whole weight).
-    at_threshold = [_counts_at(magnitude_keys, w, threshold) for w in weights]
+    at_threshold = [_counts_at(magnitude_keys, w, threshold) for w in binned]
     counts, ties_left = [], total - sum(below for below, _ in at_threshold)
     # Ties at the threshold go to the earlier leaves first.
     for below, tied in at_threshold:
@@ -726,7 +729,8 @@ def prune(
 
     def global_counts(items):
         """One threshold over every selected leaf: each leaf's count under it."""
-        weights = [item.weight for item in items]
+        # Lazy over streamed leaves (compress_file): each pass loads them one at a time.
+        weights = lazy_map(lambda item: item.weight, items)
         grams = [item.plan[0] for item in items]
         if any(is_traced(w) for w in weights) or any(
             g is not None and is_traced(g[0]) for g in grams

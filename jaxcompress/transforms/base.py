@@ -10,7 +10,7 @@ and :func:`partition`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -53,6 +53,68 @@ class LeafPass(NamedTuple):
 LeafwiseFn = Callable[[Any, Any], "LeafPass | None"]
 
 
+class LeafStream(NamedTuple):
+    """A pytree's leaves read one at a time, for planning over leaves that never coexist.
+
+    Attributes:
+        entries: ``entries()`` yields every leaf as a :class:`LeafEntry` in tree order,
+            loading each as it goes; each call starts a new pass.
+        length: the number of leaves.
+
+    Example:
+        >>> import numpy as np
+        >>> stream = LeafStream(lambda: iter([LeafEntry(0, "w", np.ones(2))]), 1)
+        >>> [entry.path for entry in stream.entries()]
+        ['w']
+    """
+
+    entries: Callable[[], Iterator[LeafEntry]]
+    length: int
+
+
+class Passes(Sequence):
+    """A lazy sequence: ``fn`` over ``source()``'s items, recomputed on every pass.
+
+    A global plan iterates its items a few times; over a :class:`LeafStream` each
+    pass loads the leaves again, one at a time, instead of holding them all.
+
+    Example:
+        >>> squares = Passes(lambda: iter(range(3)), 3, lambda x: x * x)
+        >>> list(squares), list(squares), len(squares)
+        ([0, 1, 4], [0, 1, 4], 3)
+    """
+
+    def __init__(self, source: Callable[[], Iterator[Any]], count: int, fn: Callable | None = None):
+        self._source, self._count = source, count
+        self._fn = fn if fn is not None else (lambda x: x)
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(self._fn, self._source())
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        for position, item in enumerate(self):
+            if position == index % self._count:
+                return item
+        raise IndexError(index)
+
+
+def lazy_map(fn: Callable[[Any], Any], items: Sequence) -> Sequence:
+    """``fn`` over ``items``: a list for a list, a :class:`Passes` for a lazy one.
+
+    Example:
+        >>> lazy_map(abs, [-1, 2])
+        [1, 2]
+    """
+    if isinstance(items, Passes):
+        return Passes(lambda: iter(items), len(items), fn)
+    return [fn(item) for item in items]
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """A compression transform: call it as ``tx(params, *, key=None, data=None)``.
@@ -67,7 +129,14 @@ class Transform:
             a :func:`chain`); return ``None`` where that is not possible (for example
             a global criterion that needs every leaf first). :func:`chain` uses it to
             run all its stages on one leaf before the next, so no intermediate tree
-            exists.
+            exists. ``params`` may also be a :class:`LeafStream` (leaves loaded one
+            at a time, as :func:`jaxcompress.compress_file` reads them): a global
+            criterion is then planned from the streamed leaves.
+        stages: for a :func:`chain`, its transforms in order (nested chains
+            flattened); empty otherwise.
+        where: the filter a per-leaf transform selects leaves with (``None`` if it
+            has none); with ``name`` it identifies a job a resumed
+            :func:`jaxcompress.compress_file` may carry on.
 
     Example:
         >>> import jax.numpy as jnp
@@ -81,6 +150,8 @@ class Transform:
     apply: ApplyFn
     name: str
     leafwise: LeafwiseFn | None = dataclasses.field(default=None, repr=False, compare=False)
+    stages: tuple[Transform, ...] = dataclasses.field(default=(), repr=False, compare=False)
+    where: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __call__(self, params: Any, *, key: jax.Array | None = None, data: Any = None):
         return self.apply(params, key=key, data=data)
@@ -180,7 +251,8 @@ def chain(*transforms: Transform) -> Transform:
         return params, tuple(all_stats)
 
     names = ", ".join(getattr(tx, "name", repr(tx)) for tx in transforms)
-    return Transform(apply, f"chain({names})")
+    stages = tuple(stage for tx in transforms for stage in (getattr(tx, "stages", ()) or (tx,)))
+    return Transform(apply, f"chain({names})", stages=stages)
 
 
 def _leaf_passes(transforms, params, *, key, data) -> list[LeafPass] | None:

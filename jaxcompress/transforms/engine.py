@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 from jax.sharding import NamedSharding
@@ -36,7 +36,14 @@ from jaxcompress.arrays.checks import check_selected_leaf, check_values_to_compr
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import named_sharding_of, place_like
 from jaxcompress.core.progress import leaf_bytes, over_leaves
-from jaxcompress.transforms.base import LeafEntry, LeafPass, Transform, select_leaves
+from jaxcompress.transforms.base import (
+    LeafEntry,
+    LeafPass,
+    LeafStream,
+    Passes,
+    Transform,
+    select_leaves,
+)
 from jaxcompress.transforms.filters import Filter, compile_filter, warn_nothing_selected
 
 __all__ = [
@@ -247,6 +254,8 @@ def per_leaf(
         # A chain drives the leaves itself, so there is no bar to show.
         if progress:
             return None
+        if isinstance(params, LeafStream):
+            return streamed(params, data) if plan is not None else leafwise(None, data)
         if params is None:
             if plan is not None:
                 return None
@@ -272,4 +281,52 @@ def per_leaf(
             lambda entry: entry.index in todo, lambda e: finish(todo.pop(e.index), None)
         )
 
-    return Transform(apply, name, leafwise)
+    def streamed(stream: LeafStream, data: Any) -> LeafPass:
+        """The global plan from leaves loaded one at a time, then a per-leaf pass."""
+        global_plan = plan
+        assert global_plan is not None  # only called for a transform with a global plan
+        context = prepare(None, data)
+
+        def items():
+            for entry in stream.entries():
+                if select(entry.path, entry.leaf):
+                    yield checked(entry, context)
+
+        # One pass checks every selected leaf before any work and keeps only its plan.
+        # (The weight is dropped too: the plan pass must not hold every leaf.)
+        light = [
+            LeafItem(item.entry._replace(leaf=None), None, item.plan)  # type: ignore[arg-type]
+            for item in items()
+        ]
+        warn_skipped(light)
+        fit = [item for item in light if not isinstance(item.plan, _Skip)]
+        if not light:
+            return LeafPass(
+                lambda entry: False,
+                lambda entry: finish(checked(entry, context), None),
+                functools.partial(warn_nothing_selected, name, where),
+            )
+        fit_indices = {item.entry.index for item in fit}
+
+        def fit_items():
+            return (item for item in items() if item.entry.index in fit_indices)
+
+        plans = dict(
+            zip(
+                (item.entry.index for item in fit),
+                global_plan(cast(Any, Passes(fit_items, len(fit)))),
+                strict=True,
+            )
+        )
+        todo = {item.entry.index: item for item in light}
+
+        def step_one(entry: LeafEntry) -> tuple[Any, Any]:
+            item = checked(entry, context)
+            todo.pop(entry.index)
+            if entry.index in plans:
+                item = item._replace(plan=plans.pop(entry.index))
+            return finish(item, None)
+
+        return LeafPass(lambda entry: entry.index in todo, step_one)
+
+    return Transform(apply, name, leafwise, where=where)
