@@ -32,16 +32,22 @@ the clipping ratios separable by group. The search:
    each output column is quantized on its own, over at most 512 evenly spread output
    columns: the objective is a sum over columns, and ``alpha`` one number for all);
 2. at that ``alpha``, a clipping ratio per group and output column from an even grid on
-   ``[1, 0.5]`` (ratio 1 first, so ties keep the full range), by the group's block
-   objective (only where the groups are runs of one output column's inputs: per output
-   channel, with or without ``group_size``; elsewhere no clipping);
+   ``[1, 0.5]``, by the group's block objective (only where the groups are runs of one
+   output column's inputs: per output channel, with or without ``group_size``;
+   elsewhere no clipping), coarse to fine: every other ratio of the grid (and its
+   last, 0.5), then each group's two grid neighbours of its best coarse ratio (8
+   candidates for 11 ratios; ratio 1 first and strict ``<``, so ties keep the larger
+   ratio);
 3. the full objective ``tr(Eᵀ G E)`` of step 2's result and of round to nearest
    (``alpha = 0``, no clipping: every scale exactly 1); the lesser wins, so the result
    is never worse than round to nearest on the calibration objective, and the reported
    errors are exact (three ``(m, m) @ (m, n)`` products, with ``tr(Wᵀ G W)``).
 
 A leaf costs ``O(grid · B m min(n, 512) + clip_grid · B m n + m² n)``, not
-``O(grid · m² n)``.
+``O(grid · m² n)``. Where each output column is quantized on its own, every step
+evaluates its candidate on 512 columns at a time (:func:`chunk_width`): the three
+steps are one ``fori_loop`` over one candidate body, compiled once whatever ``n`` and
+the grids, with the full products only in step 3's iterations.
 """
 
 from __future__ import annotations
@@ -236,8 +242,8 @@ def awq_search(
 ) -> tuple[tuple, dict]:
     """The search of one weight (see the module docstring): the winner and its statistics.
 
-    Runs under ``jit``; the grids are :func:`jax.lax.map` loops that keep only losses,
-    so memory is a few copies of the weight whatever the grids.
+    Runs under ``jit``; the search is one :func:`jax.lax.fori_loop` that keeps only
+    losses and ratios, so memory is a few copies of the weight whatever the grids.
 
     Args:
         weight: the weight, any shape; its first ``fan_in`` axes are the inputs.
@@ -247,7 +253,8 @@ def awq_search(
         group_size: the quantizer's group size along the other axes (``None``: one group).
         symmetric: whether the quantizer's grid is symmetric (how a range is clipped).
         grid: how many values of ``alpha``, evenly spaced on ``[0, 1]`` (1: only 0).
-        clip_grid: how many clipping ratios, evenly spaced on ``[1, 0.5]`` (1: none).
+        clip_grid: how many clipping ratios, evenly spaced on ``[1, 0.5]`` (1: none),
+            searched coarse to fine (every other one, then the best's neighbours).
         scale_dtype: the dtype the scales are stored (and so used) in.
         quantize: ``quantize(scaled) -> (codes, scale, zero_point)``, the leaf's
             quantizer, applied to ``clip(diag(r)⁻¹ W)`` (float32, the weight's shape).
