@@ -321,7 +321,7 @@ def awq_search(
         # What Quantized.materialize gives, in the weight's dtype.
         restored = scale_inputs(decode(codes, scale, zero), r.reshape(shape[:fan_in]))
         restored = restored.astype(weight.dtype).astype(jnp.float32).reshape(m, width)
-        return restored - base
+        return restored - base, (codes, scale, zero)
 
     # The steps: `alpha_steps` alphas on sources[0]; then each clipping ratio on each
     # chunk; then round to nearest and the search's pick on each chunk, by the full
@@ -336,8 +336,18 @@ def awq_search(
     clip_steps = trials * chunks if clip else 0
     final_start = alpha_steps + clip_steps
 
+    # Step 3 keeps both options' quantizer outputs, chunk by chunk along their last
+    # axis (the output columns' where there are several chunks): no second quantizer.
+    whole = jax.eval_shape(quantize, jax.ShapeDtypeStruct(shape, jnp.float32))
+    kept = jax.tree.map(lambda x: jnp.zeros((2, *x.shape), x.dtype), whole)
+
+    def keep(buffer, value, option, start, write):
+        index = (option,) + (0,) * (value.ndim - 1) + (start,)
+        old = lax.dynamic_slice(buffer, index, (1, *value.shape))
+        return lax.dynamic_update_slice(buffer, jnp.where(write, value[None], old), index)
+
     def step(t, state):
-        alpha_loss, best_alpha, best_loss, best_ratio, totals = state
+        alpha_loss, best_alpha, best_loss, best_ratio, totals, kept = state
         in_alpha, in_final = t < alpha_steps, t >= final_start
         k = jnp.where(in_final, t - final_start, t - alpha_steps)
         option, chunk = k // chunks, k % chunks  # option: a ratio, or 0 (RTN) / 1 (pick)
@@ -360,7 +370,9 @@ def awq_search(
         trial = ratios[index]
         ratio = jnp.where(in_final, jnp.where(rtn, 1.0, chosen), trial)
         base = sources[jnp.where(in_alpha, 0, 1 + chunk)]
-        error = candidate(alpha, ratio, base)
+        error, payload = candidate(alpha, ratio, base)
+        where = jnp.clip(option, 0, 1)
+        kept = jax.tree.map(lambda b, v: keep(b, v, where, start, in_final), kept, payload)
         losses = block_losses(error, blocks).reshape(groups, group // block, width).sum(axis=1)
         # 1. alpha by the block objective on the spread columns.
         better = in_alpha & (jnp.sum(losses) < alpha_loss)
@@ -382,24 +394,22 @@ def awq_search(
             lambda e: jnp.float32(0.0),
             error,
         )
-        totals = totals.at[jnp.clip(option, 0, 1)].add(jnp.where(in_final, full, 0.0))
-        return alpha_loss, best_alpha, best_loss, best_ratio, totals
+        totals = totals.at[where].add(jnp.where(in_final, full, 0.0))
+        return alpha_loss, best_alpha, best_loss, best_ratio, totals, kept
 
     unclipped = jnp.ones((groups, n), jnp.float32)
     state = (jnp.float32(jnp.inf), jnp.float32(0.0), jnp.full((groups, n), jnp.inf), unclipped)
-    state = lax.fori_loop(0, final_start + 2 * chunks, step, (*state, jnp.zeros(2, jnp.float32)))
-    _, best_alpha, _, chosen_ratio, totals = state
+    state = (*state, jnp.zeros(2, jnp.float32), kept)
+    _, best_alpha, _, chosen_ratio, totals, kept = lax.fori_loop(
+        0, final_start + 2 * chunks, step, state
+    )
     denominator = jnp.sum(matrix * jnp.dot(g, matrix, precision=_HIGHEST))
     # Strict: a tie keeps round to nearest.
     won = totals[1] < totals[0]
     alpha = jnp.where(won, best_alpha, 0.0)
     ratio = jnp.where(won, chosen_ratio, 1.0)
-    # The winner, quantized whole (each column as it was in its chunk).
     r = inverse(alpha)
-    scaled = matrix / r.astype(jnp.float32)[:, None]
-    if clip:
-        scaled = clip_groups(scaled, ratio, group=group, symmetric=symmetric)
-    codes, scale, zero = quantize(scaled.reshape(shape))
+    codes, scale, zero = jax.tree.map(lambda b: jnp.where(won, b[1], b[0]), kept)
     stats = {
         "alpha": alpha,
         "clip_ratio": jnp.mean(ratio),
