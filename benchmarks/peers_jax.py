@@ -412,7 +412,9 @@ def error_rows(n: int, calibrated_n: int, versions: dict) -> list[dict]:
     for kind in KINDS:
         for method in ERROR_METHODS:
             size = calibrated_n if method.startswith(("gptq", "awq")) else n
-            layer = make_layer(kind, n=size)
+            # Twice as many calibration rows as inputs: the Gram then has full rank, as
+            # with real calibration sets, and GPTQ cannot fit the calibration rows alone.
+            layer = make_layer(kind, n=size, calibration_rows=2 * size)
             rows += _error_one(layer, method, versions)
     return rows
 
@@ -548,10 +550,10 @@ def quantize_times(n: int, versions: dict) -> list[dict]:
 
 LIBS = ("jaxcompress", "qwix", "aqt")
 NOTE_CALIBRATION = (
-    "GPTQ here fits a Gram of the layer's 512 calibration rows, fewer than its input "
-    "features: the Gram is rank-deficient, the error feedback fits the calibration rows, "
-    "and the held-out error can come out above round-to-nearest, for every library "
-    "alike; the AWQ scale search, one exponent per layer, does not overfit that way."
+    "Each layer has 2n calibration rows, more than its n input features, so the Gram has "
+    "full rank. With fewer rows than inputs (an earlier run used 512 rows at n = 2048) "
+    "GPTQ's error feedback fits the calibration rows, and its held-out error came out "
+    "above round-to-nearest for every library alike."
 )
 NOTE_LOAD = (
     "The timings share the machine's CPUs with other jobs: every library and dense run "
@@ -654,7 +656,7 @@ def report(speed, minilm, minilm_note, errors, times, versions, args) -> str:
     parts += [
         "## 2. Output error ‖XW − XŴ‖/‖XW‖ on held-out inputs (lower is better), int4",
         "",
-        "Layers from `benchmarks/_layers.py` (512 calibration rows in 4 batches of 128, "
+        "Layers from `benchmarks/_layers.py` (2n calibration rows in 4 batches, "
         "512 held-out rows). Seconds: the quantization's wall time, calibration included, "
         "compilation included (each library's first layer, plain, pays it; the outlier "
         "layer, of the same shapes, reuses what its library cached). Ŵ is read by "

@@ -237,6 +237,20 @@ def test_packed_codes_take_the_blocked_route_at_small_batches():
     assert set(large.routes().values()) == {"int8"}
 
 
+@pytest.mark.parametrize("name", ["int4 groups of 16", "k-means shared"])
+def test_float_products_decode_the_whole_matrix_once_at_many_rows(name):
+    compressed, _ = COMPRESSIONS[name](PARAMS)
+    fast = jc.accelerate(apply_mlp, int8_activations=False)
+    served = fast.prepare(compressed)
+    assert set(fast.explain(served, X[:8]).routes().values()) == {"blocked"}
+    many = jax.random.normal(jax.random.key(2), (512, 32))
+    plan = fast.explain(served, many)
+    assert set(plan.routes().values()) == {"dequantize"}
+    assert "512 >= 512 rows" in plan.decisions[0].note
+    reference = apply_mlp(jc.materialize(compressed), many)
+    assert _relative(jax.jit(fast)(served, many), reference) < 1e-5
+
+
 @pytest.mark.parametrize("int8_activations", [True, False])
 def test_an_evenly_spaced_codebook_is_served_as_exact_linear_codes(int8_activations):
     # Weights on a 16-level grid: k-means finds exactly those levels, evenly spaced.

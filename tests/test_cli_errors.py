@@ -105,13 +105,13 @@ def test_the_default_filter_selecting_nothing_fails_too(tmp_path, capsys):
 
 def test_an_option_error_at_run_time_names_the_options_line(checkpoint, tmp_path, capsys):
     # The recipe names the leaf: under the default filter a misfit leaf is skipped instead.
-    recipe = '[[transform]]\nkind = "quantize"\nwhere = "dense1/kernel"\ngroup_size = 3\n'
+    recipe = '[[transform]]\nkind = "quantize"\nwhere = "dense1/kernel"\naxis = 5\n'
     (tmp_path / "r.toml").write_text(recipe)
     argv = ["compress", str(checkpoint), "--recipe", str(tmp_path / "r.toml")]
     assert _exit([*argv, "-o", str(tmp_path / "o.jxc")]) == 2
     err = capsys.readouterr().err
     assert (
-        err.startswith("jaxcompress compress: error: r.toml:4: quantize(") and "group_size" in err
+        err.startswith("jaxcompress compress: error: r.toml:4: quantize(") and "axis" in err
     )
 
 

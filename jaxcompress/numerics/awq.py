@@ -406,8 +406,14 @@ def awq_search(
         return alpha_loss, best_alpha, best_loss, best_ratio, totals, kept
 
     unclipped = jnp.ones((groups, n), jnp.float32)
-    state = (jnp.float32(jnp.inf), jnp.float32(0.0), jnp.full((groups, n), jnp.inf), unclipped)
-    state = (*state, jnp.zeros(2, jnp.float32), kept)
+    state = (
+        jnp.float32(jnp.inf),
+        jnp.float32(0.0),
+        jnp.full((groups, n), jnp.inf),
+        unclipped,
+        jnp.zeros(2, jnp.float32),
+        kept,
+    )
     _, best_alpha, _, chosen_ratio, totals, kept = lax.fori_loop(
         0, final_start + 2 * chunks, step, state
     )
