@@ -59,10 +59,10 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
             widths = [(0, 0)] * (codes.ndim - 1) + [(0, padded - count)]
             codes = jnp.pad(codes, widths)
         codes = codes.reshape(*codes.shape[:-1], padded // per_byte, per_byte)
-        shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * jnp.uint8(bits)).reshape(
-            (1,) * (codes.ndim - 1) + (per_byte,)
-        )
-        return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)
+        packed = codes[..., 0]
+        for j in range(1, per_byte):  # elementwise: fuses with whatever made the codes
+            packed = packed | (codes[..., j] << jnp.uint8(j * bits))
+        return packed
     # Explicit ranks: the library stays clean under jax_numpy_rank_promotion="raise".
     shifts = jnp.arange(bits, dtype=jnp.uint8).reshape((1,) * codes.ndim + (bits,))
     bit_planes = (codes[..., None] >> shifts) & jnp.uint8(1)
