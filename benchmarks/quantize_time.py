@@ -216,15 +216,18 @@ def main() -> None:
                         "",
                     ]
                 )
-            peers = [r["cold_s"] for r in runs if r["library"] != "ours" and "error" not in r]
-            ours = by["ours"].get("cold_s")
-            if peers and ours is not None:
-                verdict = "ahead" if ours <= min(peers) else "behind"
-                data.setdefault("cold_vs_best_peer", {})[f"{case}/{fmt}"] = {
-                    "ours_s": ours,
-                    "best_peer_s": min(peers),
-                    "verdict": verdict,
-                }
+            for kind in ("cold", "warm"):
+                peers = [
+                    r[f"{kind}_s"] for r in runs if r["library"] != "ours" and "error" not in r
+                ]
+                ours = by["ours"].get(f"{kind}_s")
+                if peers and ours is not None:
+                    verdict = "ahead" if ours <= min(peers) else "behind"
+                    data.setdefault(f"{kind}_vs_best_peer", {})[f"{case}/{fmt}"] = {
+                        "ours_s": ours,
+                        "best_peer_s": min(peers),
+                        "verdict": verdict,
+                    }
     body = "\n".join(
         [
             __doc__.split("\n\n", 1)[1],
@@ -234,12 +237,15 @@ def main() -> None:
                 rows,
             ),
             "",
-            "Cold time against the best peer's: "
-            + ", ".join(
-                f"{key} {v['ours_s']:.2f} s vs {v['best_peer_s']:.2f} s ({v['verdict']})"
-                for key, v in data.get("cold_vs_best_peer", {}).items()
-            )
-            + ".",
+            *(
+                f"{kind.capitalize()} time against the best peer's: "
+                + ", ".join(
+                    f"{key} {v['ours_s']:.3f} s vs {v['best_peer_s']:.3f} s ({v['verdict']})"
+                    for key, v in data.get(f"{kind}_vs_best_peer", {}).items()
+                )
+                + "."
+                for kind in ("cold", "warm")
+            ),
             "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
             "",

@@ -47,3 +47,14 @@ def test_property_identity(data, bits):
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=17))
     codes = data.draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, 2**bits - 1)))
     np.testing.assert_array_equal(unpack(pack(jnp.asarray(codes), bits), bits, shape[-1]), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 5, 8, 13])
+def test_bytes_are_the_little_endian_bit_stream(bits, count):
+    # The file format: codes laid end to end as a little-endian bit stream (numpy's
+    # packbits of each code's bits), whichever route pack takes for this width.
+    codes = np.random.default_rng(count).integers(0, 2**bits, size=(3, count)).astype(np.uint8)
+    stream = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    expected = np.packbits(stream.reshape(3, count * bits), axis=-1, bitorder="little")
+    np.testing.assert_array_equal(pack(jnp.asarray(codes), bits), expected)

@@ -175,8 +175,12 @@ def test_jit_matches_eager(options):
     np.testing.assert_array_equal(jitted["a"]["kernel"].codes, eager["a"]["kernel"].codes)
     np.testing.assert_array_equal(jitted["a"]["kernel"].scale, eager["a"]["kernel"].scale)
     assert jitted["a"]["bias"] is not None and not jc.is_compressed(jitted["a"]["bias"])
+    # Eager runs the fused quantizer, which sums the errors per group first: the same
+    # stat within float32 rounding, not bit for bit (the leaves are, above and below).
     np.testing.assert_allclose(
-        jit_stats["a/kernel"]["relative_error"], eager_stats["a/kernel"]["relative_error"]
+        jit_stats["a/kernel"]["relative_error"],
+        eager_stats["a/kernel"]["relative_error"],
+        rtol=1e-6,
     )
     dense = jax.jit(jc.materialize)(jitted)
     np.testing.assert_array_equal(dense["a"]["kernel"], jc.materialize(eager)["a"]["kernel"])

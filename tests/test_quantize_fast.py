@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import jaxcompress as jc
 from jaxcompress.methods.quantize import quantize_array
+from jaxcompress.numerics.uniform import fused_layout, quantize_codes, quantize_with_errors
 
 # Adversarial entries: ±0, the smallest normals, huge magnitudes, subnormals (XLA:CPU
 # flushes them), exact halves of a step and plain values.
@@ -147,3 +148,44 @@ def test_one_program_per_shape_across_leaves(group_size):
         k: {"kernel": jax.random.normal(next(keys), v["kernel"].shape)} for k, v in tree.items()
     }
     assert _compiles(lambda: tx(again)) == []
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "group_size", "bits", "scale_dtype"),
+    [
+        ((131072, 4), 1, None, 8, jnp.float32),  # two blocks per channel
+        ((1024, 6), None, 256, 4, jnp.bfloat16),  # one block of 4 groups per tensor
+        ((64, 3, 5), 2, 8, 3, jnp.float16),
+    ],
+)
+def test_fused_quantizer_matches_quantize_codes(shape, axis, group_size, bits, scale_dtype):
+    rng = np.random.default_rng(len(shape) + bits)
+    values = rng.standard_normal(shape).astype(np.float32)
+    values[..., 0] = 0.25  # a constant channel
+    values.reshape(-1)[:3] = [0.5, 1.5, -2.5]  # exact halves of some steps
+    weight = jnp.asarray(values)
+    options = dict(bits=bits, axis=axis, group_size=group_size, scale_dtype=scale_dtype)
+    layout = dict(axis=axis, group_size=group_size, symmetric=True, calibration="absmax")
+    assert fused_layout(shape, weight.dtype, **layout)
+    fused = jax.jit(quantize_with_errors, static_argnames=tuple(options))
+    codes, scale, stats = fused(weight, **options)
+    expected = quantize_codes(
+        weight, symmetric=True, calibration="absmax", percentile=99.9, **options
+    )
+    assert _bits_of(codes) == _bits_of(expected[0])
+    assert _bits_of(scale) == _bits_of(expected[1])
+    _, expected_stats = _reference(
+        weight, symmetric=True, calibration="absmax", percentile=99.9, **options
+    )
+    for name in ("relative_error", "max_abs_error"):
+        np.testing.assert_allclose(stats[name], expected_stats[name], rtol=1e-5, atol=1e-7)
+
+
+def test_fused_layout_refuses_what_it_does_not_compute():
+    base = dict(axis=1, group_size=None, symmetric=True, calibration="absmax")
+    assert fused_layout((8, 4), jnp.float32, **base)
+    assert not fused_layout((8, 4), jnp.bfloat16, **base)  # stats of the cast leaf
+    assert not fused_layout((8, 4), jnp.float32, **{**base, "axis": 0})  # a transpose
+    assert not fused_layout((8, 4), jnp.float32, **{**base, "group_size": 3})  # ragged
+    assert not fused_layout((8, 4), jnp.float32, **{**base, "symmetric": False})
+    assert not fused_layout((8, 4), jnp.float32, **{**base, "calibration": "mse"})

@@ -31,7 +31,7 @@ from jaxcompress.core.mesh import input_scale_spec, named_sharding_of, place_lik
 from jaxcompress.numerics.awq import awq_search
 from jaxcompress.numerics.gptq import gptq
 from jaxcompress.numerics.obs import check_block_size, check_damp, check_factorized, mesh_scope
-from jaxcompress.numerics.uniform import quantize_codes
+from jaxcompress.numerics.uniform import fused_layout, quantize_codes, quantize_with_errors
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.engine import per_leaf
 from jaxcompress.transforms.filters import Filter, kernels
@@ -101,6 +101,31 @@ def _rtn_array(weight, *, axis, group_size, options) -> tuple[Quantized, dict]:
     Returns ``(Quantized, {"relative_error", "max_abs_error"})``.
     """
     options = dict(options)
+    if fused_layout(
+        weight.shape,
+        weight.dtype,
+        axis=axis,
+        group_size=group_size,
+        symmetric=options["symmetric"],
+        calibration=options["calibration"],
+    ):
+        # The leaf has been checked finite: the quantizer with its error stats in fewer
+        # passes, and no unpacking of the packed codes to measure them.
+        bits = options["bits"]
+        codes, scale, errors = quantize_with_errors(
+            weight, bits=bits, axis=axis, group_size=group_size, scale_dtype=options["scale_dtype"]
+        )
+        quantized = Quantized(
+            codes=pack(codes, bits),
+            scale=scale,
+            zero_point=None,
+            shape=tuple(weight.shape),
+            dtype=np.dtype(weight.dtype),
+            bits=bits,
+            axis=axis,
+            group_size=group_size,
+        )
+        return quantized, errors
     quantized = quantize_array(weight, axis=axis, group_size=group_size, **options)
     # The leaf is bit for bit the op-by-op one; the error stats, fused with decoding here,
     # may differ from op-by-op sums in their last bits (XLA may reassociate or fuse).

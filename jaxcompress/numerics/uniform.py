@@ -144,6 +144,13 @@ def _squared_error(v, axes, scale, zero, bits: int, valid=None):
     return jnp.sum(error, axis=axes, keepdims=True)
 
 
+def _old_step(low, high, *, bits: int, scale_dtype):
+    """The ``2**b - 1``-level grid's stored step ``max|w| / (2**(b-1) - 1)`` (never 0)."""
+    old = jnp.maximum(-low, high) * np.float32(1.0 / (2 ** (bits - 1) - 1))
+    old = old.astype(scale_dtype).astype(jnp.float32)
+    return jnp.where(old != 0, old, jnp.ones_like(old))
+
+
 def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype, valid=None):
     """``scale``, or per group the old grid's ``max|w| / (2**(b-1) - 1)`` where that rounds better.
 
@@ -151,9 +158,7 @@ def _never_above_old_grid(v, axes, scale, low, high, *, bits: int, scale_dtype, 
     not for every group (at 8 bits the steps differ by under 1 %), and keeping the
     better of the two makes no group's error exceed the 2**b - 1-level grid's.
     """
-    old = jnp.maximum(-low, high) * np.float32(1.0 / (2 ** (bits - 1) - 1))
-    old = old.astype(scale_dtype).astype(jnp.float32)
-    old = jnp.where(old != 0, old, jnp.ones_like(old))
+    old = _old_step(low, high, bits=bits, scale_dtype=scale_dtype)
     worse = _squared_error(v, axes, old, None, bits, valid) < _squared_error(
         v, axes, scale, None, bits, valid
     )
@@ -401,3 +406,108 @@ _quantize_codes_compiled = jax.jit(
         "poison",
     ),
 )
+
+
+# Entries per block of quantize_with_errors' error pass (a 1 MiB float32 block).
+_BLOCK_ENTRIES = 256 * 1024
+
+
+def fused_layout(shape, dtype, *, axis, group_size, symmetric, calibration) -> bool:
+    """Whether :func:`quantize_with_errors` takes a leaf: see there.
+
+    Example:
+        >>> fused_layout((8, 4), jnp.float32, axis=1, group_size=None, symmetric=True,
+        ...     calibration="absmax")
+        True
+    """
+    shape = tuple(shape)
+    return (
+        symmetric
+        and calibration == "absmax"
+        and np.dtype(dtype) == np.float32
+        and len(shape) > 0
+        and (axis is None or axis == len(shape) - 1)
+        and not ragged(shape, axis, group_size)
+    )
+
+
+def quantize_with_errors(
+    weight: jax.Array, *, bits: int, axis: int | None, group_size: int | None, scale_dtype
+) -> tuple[jax.Array, jax.Array, dict]:
+    """Symmetric absmax codes and scales of a finite float32 array, with their error stats.
+
+    The codes and scales are :func:`quantize_codes`' bit for bit (``symmetric=True``,
+    ``calibration="absmax"``), computed in fewer passes over the weight: one for the
+    ranges, one (blockwise) for both candidate grids' errors, one for the codes. The
+    error stats come from that same pass (the chosen grid's squared and largest error)
+    instead of decoding the result again. Only for layouts :func:`fused_layout` accepts
+    (channel axis last or none, no short last group) and for finite entries (the caller
+    has checked them); use it inside ``jit``.
+
+    Returns:
+        ``(codes, scale, stats)``: uint8 codes shaped like ``weight``; ``(G, C)`` scales
+        in ``scale_dtype``; ``{"relative_error", "max_abs_error"}`` of the decoded codes
+        against ``weight`` (float32 scalars, within float32 rounding of summing the
+        differences elementwise).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> codes, scale, stats = quantize_with_errors(jnp.array([[-1.0, 0.5], [1.0, 0.0]]),
+        ...     bits=2, axis=None, group_size=None, scale_dtype=jnp.float32)
+        >>> codes.tolist(), scale.tolist(), round(float(stats["relative_error"]), 4)
+        ([[1, 2], [3, 2]], [[1.0]], 0.3333)
+    """
+    shape = tuple(weight.shape)
+    groups, size, channels = group_layout(shape, axis, group_size)
+    v = weight.astype(jnp.float32).reshape(groups, size, channels)
+    low = jnp.minimum(jnp.min(v, axis=1, keepdims=True), 0.0)
+    high = jnp.maximum(jnp.max(v, axis=1, keepdims=True), 0.0)
+    scale, _ = _scale_zero(low, high, bits=bits, symmetric=True, scale_dtype=scale_dtype)
+    old = _old_step(low, high, bits=bits, scale_dtype=scale_dtype)
+
+    # Blocks of whole groups, or of rows of one group: (steps, rows, C) slabs, so that
+    # each block's temporaries stay small (XLA:CPU does not fuse an elementwise producer
+    # into a reduction: a whole-leaf pass would write, and page in, leaf-sized buffers).
+    rows = max(1, min(size, _BLOCK_ENTRIES // channels))
+    while size % rows:
+        rows -= 1
+    per_group = size // rows
+    slabs = v.reshape(groups * per_group, rows, channels)
+    candidates = jnp.repeat(jnp.concatenate([scale, old], axis=1), per_group, axis=0)
+
+    def errors(_, slab_and_scales):
+        slab, scales = slab_and_scales
+        out = []
+        for s in (scales[:1], scales[1:]):
+            diff = decode(encode(slab, s, None, bits)[0], s, None, bits) - slab
+            out += [jnp.sum(jnp.square(diff), axis=0), jnp.max(jnp.abs(diff), axis=0)]
+        return None, tuple(out)
+
+    _, (new_sq, new_max, old_sq, old_max) = jax.lax.scan(errors, None, (slabs, candidates))
+
+    def by_group(x, reduce):
+        return reduce(x.reshape(groups, per_group, channels), axis=1, keepdims=True)
+
+    new_sq, old_sq = by_group(new_sq, jnp.sum), by_group(old_sq, jnp.sum)
+    new_max, old_max = by_group(new_max, jnp.max), by_group(old_max, jnp.max)
+    worse = old_sq < new_sq  # as _never_above_old_grid
+    scale = jnp.where(worse, old, scale)
+    group_sq = jnp.where(worse, old_sq, new_sq)
+    group_max = jnp.where(worse, old_max, new_max)
+    # A constant group decodes as code offset +-1 (or 0) times s = |c| (as quantize_view).
+    minimum = jnp.min(v, axis=1, keepdims=True)
+    constant = minimum == jnp.max(v, axis=1, keepdims=True)
+    exact = jnp.where(minimum != 0, jnp.abs(minimum), jnp.ones_like(minimum))
+    exact = exact.astype(scale_dtype).astype(jnp.float32)
+    scale = jnp.where(constant, exact, scale)
+    exact_error = jnp.abs(
+        decode(encode(minimum, exact, None, bits)[0], exact, None, bits) - minimum
+    )
+    group_sq = jnp.where(constant, size * jnp.square(exact_error), group_sq)
+    group_max = jnp.where(constant, exact_error, group_max)
+    codes = encode(v, scale, None, bits)[0].astype(jnp.uint8).reshape(shape)
+    norm = jnp.sqrt(jnp.sum(jnp.square(v)))  # one reduction straight off the weight
+    safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+    relative = jnp.where(norm > 0, jnp.sqrt(jnp.sum(group_sq)) / safe, 0.0)
+    stats = {"relative_error": relative, "max_abs_error": jnp.max(group_max)}
+    return codes, scale.reshape(groups, channels).astype(scale_dtype), stats
