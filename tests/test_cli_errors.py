@@ -110,9 +110,7 @@ def test_an_option_error_at_run_time_names_the_options_line(checkpoint, tmp_path
     argv = ["compress", str(checkpoint), "--recipe", str(tmp_path / "r.toml")]
     assert _exit([*argv, "-o", str(tmp_path / "o.jxc")]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.startswith("jaxcompress compress: error: r.toml:4: quantize(") and "axis" in err
-    )
+    assert err.startswith("jaxcompress compress: error: r.toml:4: quantize(") and "axis" in err
 
 
 def test_compress_and_export_check_the_output_before_reading(checkpoint, tmp_path, capsys):
