@@ -43,6 +43,29 @@ FIXED_BYTES = PREAMBLE_BYTES + TRAILER_BYTES
 MAX_HEADER_BYTES = 1 << 28  # a header's JSON text, inflated
 
 
+def append_buffer(
+    file: Any,
+    buffers: list[dict[str, int]],
+    offset: int,
+    data: bytes | bytearray | memoryview | np.ndarray,
+) -> int:
+    """Writes ``data`` at ``offset`` of ``file``, records it in ``buffers``; the next offset.
+
+    Example:
+        >>> import io
+        >>> buffers = []
+        >>> append_buffer(io.BytesIO(), buffers, 8, b"abc"), buffers[0]["length"]
+        (11, 3)
+    """
+    if isinstance(data, np.ndarray):
+        # A uint8 view: memoryview can't export ml_dtypes (bfloat16, float8).
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+    view = memoryview(data).cast("B")
+    file.write(view)
+    buffers.append({"offset": offset, "length": len(view), "crc32": zlib.crc32(view)})
+    return offset + len(view)
+
+
 class ContainerWriter:
     """Streams buffers into a temporary file; :meth:`commit` renames it into place.
 
@@ -81,15 +104,7 @@ class ContainerWriter:
 
     def add(self, data: bytes | bytearray | memoryview | np.ndarray) -> int:
         """Appends one buffer and returns its index in ``buffers``."""
-        if isinstance(data, np.ndarray):
-            # A uint8 view: memoryview can't export ml_dtypes (bfloat16, float8).
-            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
-        view = memoryview(data).cast("B")
-        self._file.write(view)
-        self.buffers.append(
-            {"offset": self._offset, "length": len(view), "crc32": zlib.crc32(view)}
-        )
-        self._offset += len(view)
+        self._offset = append_buffer(self._file, self.buffers, self._offset, data)
         return len(self.buffers) - 1
 
     def commit(self, header: dict[str, Any]) -> None:

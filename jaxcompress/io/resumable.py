@@ -164,15 +164,7 @@ class ResumableWriter:
 
     def add(self, data: bytes | bytearray | memoryview | np.ndarray) -> int:
         """Appends one buffer and returns its index in :attr:`buffers`."""
-        if isinstance(data, np.ndarray):
-            # A uint8 view: memoryview can't export ml_dtypes (bfloat16, float8).
-            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
-        view = memoryview(data).cast("B")
-        self._file.write(view)
-        self.buffers.append(
-            {"offset": self._offset, "length": len(view), "crc32": zlib.crc32(view)}
-        )
-        self._offset += len(view)
+        self._offset = container.append_buffer(self._file, self.buffers, self._offset, data)
         return len(self.buffers) - 1
 
     def finish_leaf(self, marker: int, node: Any, stats: Any, *, first: int | None = None) -> None:
