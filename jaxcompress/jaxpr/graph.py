@@ -52,6 +52,7 @@ from jaxcompress.core.paths import path_to_str
 __all__ = [
     "ConvInfo",
     "WeightUse",
+    "RESULT",
     "capture",
     "bind_equation",
     "evaluate",
@@ -61,9 +62,11 @@ __all__ = [
     "is_opaque",
     "opaque_uses",
     "activation_row_dim",
+    "run_and_capture",
     "sub_jaxpr",
     "trace_jaxpr",
     "trace_uses",
+    "trace_with_output",
     "uses_in_jaxpr",
 ]
 
@@ -699,12 +702,28 @@ def trace_jaxpr(
         >>> paths, len(jaxpr.jaxpr.invars)
         (['w'], 2)
     """
+    closed, paths, _ = trace_with_output(apply_fn, params, *example_args)
+    return closed, paths
+
+
+def trace_with_output(
+    apply_fn: Callable[..., Any], params: Any, *example_args: Any
+) -> tuple[jex.ClosedJaxpr, list[str], Any]:
+    """:func:`trace_jaxpr`, also returning the output's treedef (to unflatten its outputs).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> _, paths, tree = trace_with_output(lambda p, x: {"y": x @ p["w"]},
+        ...                                    {"w": jnp.ones((4, 3))}, jnp.ones((2, 4)))
+        >>> paths, tree.num_leaves
+        (['w'], 1)
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_to_str(path) for path, _ in flat]
     if len(set(paths)) != len(paths):
         raise ValueError(f"parameter paths are not unique: {paths}")
-    closed = jax.make_jaxpr(apply_fn)(params, *example_args)
-    return closed, paths
+    closed, shape = jax.make_jaxpr(apply_fn, return_shape=True)(params, *example_args)
+    return closed, paths, jax.tree_util.tree_structure(shape)
 
 
 def trace_uses(
@@ -846,6 +865,10 @@ def fan_in_by_path(uses: dict[str, list[WeightUse]]) -> dict[str, int]:
     return out
 
 
+RESULT = -1
+"""The ``operand`` that asks :func:`capture` for an equation's output, not an operand."""
+
+
 def capture(
     closed_jaxpr: Any, sites: Iterable[tuple[tuple[int, ...], int]], *flat_args: Any
 ) -> dict[tuple[tuple[int, ...], int], jax.Array]:
@@ -853,12 +876,13 @@ def capture(
 
     The jaxpr is interpreted equation by equation (inlining the call sub-jaxprs that
     contain a requested site); call it inside :func:`jax.jit` so the interpretation
-    happens once, at trace time.
+    happens once, at trace time. :func:`run_and_capture` also returns the outputs.
 
     Args:
         closed_jaxpr: the jaxpr the sites come from.
         sites: ``(site, operand)`` pairs, ``site`` as in :attr:`WeightUse.site`; for the
-            activation of a use pass ``(use.site, 1 - use.operand)``.
+            activation of a use pass ``(use.site, 1 - use.operand)``, for the
+            equation's output (a layer's pre-activation) ``(use.site, RESULT)``.
         *flat_args: the jaxpr's inputs (flattened params, then the other arguments).
 
     Returns:
@@ -873,17 +897,49 @@ def capture(
         >>> capture(jaxpr, [(use.site, 0)], w, x)[(use.site, 0)].tolist()
         [[0.0, 0.0]]
     """
+    return run_and_capture(closed_jaxpr, sites, *flat_args)[1]
+
+
+def run_and_capture(
+    closed_jaxpr: Any, sites: Iterable[tuple[tuple[int, ...], int]], *flat_args: Any
+) -> tuple[list[Any], dict[tuple[tuple[int, ...], int], jax.Array]]:
+    """:func:`capture`, also returning the jaxpr's outputs: ``(outputs, captured)``.
+
+    Differentiable: every equation is bound on the given values, so :func:`jax.grad`
+    through the outputs and the captured values works. A call (``jit``, ``remat``,
+    ``custom_jvp``/``custom_vjp``) that holds a requested site is inlined, so there
+    its body is differentiated rather than its custom rule. An output
+    (``operand=RESULT``) inside a ``shard_map`` is not captured (ValueError).
+
+    Args:
+        closed_jaxpr: the jaxpr the sites come from.
+        sites: ``(site, operand)`` pairs as in :func:`capture`.
+        *flat_args: the jaxpr's inputs.
+
+    Returns:
+        ``(outputs, {(site, operand): value})``, ``outputs`` a list like the jaxpr's.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> jaxpr = jax.make_jaxpr(lambda w, x: jnp.tanh(x @ w))(jnp.ones((2, 1)), jnp.ones(2))
+        >>> site = uses_in_jaxpr(jaxpr, ["w"])["w"][0].site
+        >>> outs, got = run_and_capture(jaxpr, [(site, RESULT)], jnp.ones((2, 1)), jnp.ones(2))
+        >>> got[(site, RESULT)].tolist(), [round(v, 3) for v in outs[0].tolist()]
+        ([2.0], [0.964])
+    """
     wanted: dict[tuple[int, ...], list[int]] = {}
     for site, operand in sites:
         wanted.setdefault(tuple(site), []).append(operand)
     inline = {site[:k] for site in wanted for k in range(1, len(site))}
     captured: dict[tuple[tuple[int, ...], int], jax.Array] = {}
     jaxpr = closed_jaxpr.jaxpr
-    _interpret(jaxpr, list(closed_jaxpr.consts), list(flat_args), (), wanted, inline, captured)
+    outs = _interpret(
+        jaxpr, list(closed_jaxpr.consts), list(flat_args), (), wanted, inline, captured
+    )
     missing = [(s, o) for s, ops in wanted.items() for o in ops if (s, o) not in captured]
     if missing:
         raise ValueError(f"sites {missing} are not dot/conv equations of this jaxpr")
-    return captured
+    return outs, captured
 
 
 def _environment(jaxpr, consts, args) -> tuple[dict[Any, Any], Callable[[Any], Any]]:
@@ -909,10 +965,10 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
         elif site in inline and eqn.primitive.name == SHARD_MAP:
             outs = _interpret_shard_map(eqn, invals, site, wanted, inline, captured)
         else:
+            outs = bind_equation(eqn, invals)
             for operand in wanted.get(site, ()):
                 if eqn.primitive.name in (DOT, CONV):
-                    captured[(site, operand)] = invals[operand]
-            outs = bind_equation(eqn, invals)
+                    captured[(site, operand)] = outs[0] if operand == RESULT else invals[operand]
         for var, val in zip(eqn.outvars, outs, strict=True):
             if not isinstance(var, jex.DropVar):
                 env[var] = val
@@ -946,6 +1002,8 @@ def _interpret_shard_map(eqn, invals, site, wanted, inline, captured) -> list[An
         inner = _eqn_at(body, s[len(site) :])
         if inner.primitive.name not in (DOT, CONV):
             raise ValueError(f"site {s} is not a dot/conv equation of this jaxpr")
+        if operand == RESULT:
+            raise ValueError(f"site {s}: outputs inside a shard_map are not captured")
         dim, axes, _ = _gather(inner, 1 - operand, manual)
         if not axes:
             specs.append(jax.sharding.PartitionSpec())
