@@ -82,12 +82,13 @@ def _build(
     apply_fn: Callable[..., Any], arrays: Any, x: Any, where: Filter, rest: Any
 ) -> tuple[_Program, bool]:
     """Traces ``apply_fn`` once and plans the features; ``(program, cacheable)``."""
-    closed, paths, out_tree = graph.trace_with_output(apply_fn, arrays, x)
-    leaves = jax.tree_util.tree_leaves(arrays)
+    flat, _ = jax.tree_util.tree_flatten_with_path(arrays)
     select = compile_filter(where)
-    chosen = [p for p, leaf in zip(paths, leaves, strict=True) if select(p, leaf)]
+    chosen = [path_to_str(p) for p, leaf in flat if select(path_to_str(p), leaf)]
     if not chosen:
+        paths = [path_to_str(p) for p, _ in flat]
         raise ValueError(nothing_selected_message("traced_features", where, paths))
+    closed, paths, out_tree = graph.trace_with_output(apply_fn, arrays, x)
     uses = graph.uses_in_jaxpr(closed, paths)
     hidden = graph.opaque_uses(closed, paths)
     features: list[tuple[str, graph.WeightUse]] = []
@@ -143,9 +144,11 @@ def traced_features(
     A weight's feature is the output of the ``dot_general`` or convolution that
     consumes it, as found in the traced jaxpr (:mod:`jaxcompress.jaxpr.graph`): the
     layer's pre-activation, ``x @ kernel`` or ``conv(x, kernel)`` before the bias add,
-    in the op's dtype. It is the value the model computes, not a recomputation, and
-    the whole call is differentiable in ``params`` and ``x`` and can be jitted; the
-    program is replayed equation by equation inside one :func:`jax.jit` (a ``jit``,
+    in the op's dtype and layout (an equinox ``Linear`` under :func:`jax.vmap` is one
+    ``weight @ x`` over the batch, so its feature is ``(out, batch)``). It is the
+    value the model computes, not a recomputation, and the whole call is
+    differentiable in ``params`` and ``x`` and can be jitted; the program is
+    replayed equation by equation inside one :func:`jax.jit` (a ``jit``,
     ``remat`` or custom-derivative call holding a captured op is inlined, so there the
     body is differentiated rather than its custom rule).
 
