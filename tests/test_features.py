@@ -251,3 +251,27 @@ def test_feature_loss_errors():
         feature_loss(t, t, eps=0.0)
     with pytest.raises(TypeError, match="student must be a mapping"):
         feature_loss([t["a"]], t)
+
+
+def test_ops_inside_jit_and_remat_calls_are_captured_and_differentiable():
+    @jax.jit
+    def layer(w, h):
+        return jnp.tanh(h @ w)
+
+    def apply(p, x):
+        return jax.checkpoint(lambda w, h: layer(w, h) @ p["l2"])(p["l1"], x)
+
+    params, x = {"l1": _normal(0, (4, 3)), "l2": _normal(1, (3, 2))}, _normal(2, (5, 4))
+    _, feats = traced_features(apply, params, x)
+    z1 = x @ params["l1"]
+    _assert_features(feats, {"l1": z1, "l2": jnp.tanh(z1) @ params["l2"]})
+
+    def total(p):
+        return sum(jnp.sum(jnp.sin(f)) for f in traced_features(apply, p, x)[1].values())
+
+    def reference(p):
+        z1 = x @ p["l1"]
+        return jnp.sum(jnp.sin(z1)) + jnp.sum(jnp.sin(jnp.tanh(z1) @ p["l2"]))
+
+    got, want = jax.grad(total)(params), jax.grad(reference)(params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got, want)
