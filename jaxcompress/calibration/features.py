@@ -186,7 +186,7 @@ def traced_features(
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> params = {"w1": jnp.eye(2), "b1": jnp.ones(2), "w2": 2 * jnp.eye(2)}
+        >>> params = {"w1": jnp.eye(2), "b1": jnp.ones((1, 2)), "w2": 2 * jnp.eye(2)}
         >>> def apply(p, x):
         ...     return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
         >>> out, feats = traced_features(apply, params, jnp.zeros((1, 2)))
