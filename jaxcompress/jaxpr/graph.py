@@ -32,8 +32,9 @@ axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
 
 :func:`capture` replays a jaxpr and returns the *other* operand (the activation) of
 chosen uses, or with ``RESULT`` the op's output (:func:`run_and_capture` also returns
-the program's outputs, differentiably); :func:`input_features` turns that activation into rows of features in
-the order of the weight's matrix view (im2col patches for convolutions).
+the program's outputs, differentiably); :func:`input_features` turns that activation
+into rows of features in the order of the weight's matrix view (im2col patches for
+convolutions).
 """
 
 from __future__ import annotations
