@@ -152,7 +152,7 @@ class AutoPlan:
             ...                 "cosine", 16, 64, 0.01, 0.01, ((16, 0.01), (64, 0.0)), {})
             >>> figure = plan.plot()
             >>> [line.get_label() for line in figure.axes[0].get_lines()]
-            ['frontier (predicted)', 'chosen (predicted)', 'chosen (measured)']
+            ['frontier (predicted)', 'chosen (predicted)', 'chosen (measured)', 'budget']
             >>> plt.close(figure)
         """
         try:
@@ -169,7 +169,9 @@ class AutoPlan:
         ax.plot([self.bytes], [self.predicted_loss], "o", label="chosen (predicted)")
         ax.plot([self.bytes], [self.measured_loss], "x", label="chosen (measured)")
         if self.budget.bytes is not None:
-            ax.axvline(self.budget.bytes, linestyle="--", color="gray", linewidth=1.0)
+            ax.axvline(
+                self.budget.bytes, linestyle="--", color="gray", linewidth=1.0, label="budget"
+            )
         ax.set_xlabel("bytes of the whole tree")
         ax.set_ylabel(f"{self.metric} loss")
         ax.set_title("auto: predicted loss against size")
