@@ -170,7 +170,9 @@ def test_nnx_model_with_a_ratio_budget():
     assert isinstance(compressed, nnx.State)
     kernel_bytes = sum(
         jc.nbytes(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(compressed, is_leaf=jc.is_compressed)[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(
+            compressed, is_leaf=jc.is_compressed
+        )[0]
         if "kernel" in jax.tree_util.keystr(path)
     )
     assert kernel_bytes <= 2 * 4 * WIDTH * WIDTH / 3.0  # int8: 3.2x here
@@ -184,7 +186,11 @@ def test_data_aware_candidate_gets_the_calibration(linen):
     apply_fn, params, batches = linen
     candidates = {"dense": None, "gptq4": jc.quantize(4, method="gptq", axis=None)}
     tx, plan = jc.auto(
-        apply_fn, params, batches, budget=jc.budget(ratio=6.0), candidates=candidates,
+        apply_fn,
+        params,
+        batches,
+        budget=jc.budget(ratio=6.0),
+        candidates=candidates,
         progress=False,
     )
     assert {row.format for row in plan.rows} == {"gptq4"}
@@ -199,7 +205,8 @@ def test_saved_and_loaded_result_materializes_the_same(linen, mixed, tmp_path):
     jc.save(tmp_path / "auto.jxc", compressed)
     loaded = jc.load(tmp_path / "auto.jxc")
     for a, b in zip(
-        jax.tree.leaves(jc.materialize(compressed)), jax.tree.leaves(jc.materialize(loaded)),
+        jax.tree.leaves(jc.materialize(compressed)),
+        jax.tree.leaves(jc.materialize(loaded)),
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -228,8 +235,14 @@ def test_plan_table_and_plot(mixed):
 def test_infeasible_budget_names_the_smallest_reachable_size(linen):
     apply_fn, params, batches = linen
     with pytest.raises(ValueError, match=f"smallest reachable size is {jc.nbytes(params):,}"):
-        jc.auto(apply_fn, params, batches, budget=jc.budget(bytes=100), candidates=["dense"],
-                progress=False)
+        jc.auto(
+            apply_fn,
+            params,
+            batches,
+            budget=jc.budget(bytes=100),
+            candidates=["dense"],
+            progress=False,
+        )
 
 
 def test_bad_options(linen):
@@ -253,8 +266,7 @@ def test_bad_options(linen):
         jc.auto(apply_fn, params, [], budget=ok, candidates=["dense"])
     with pytest.raises(ValueError, match="no candidate"):
         # Low rank never saves bytes on these 16 x 16 kernels at 90 % energy.
-        jc.auto(apply_fn, params, batches, budget=ok, candidates=["lowrank-e90"],
-                progress=False)
+        jc.auto(apply_fn, params, batches, budget=ok, candidates=["lowrank-e90"], progress=False)
 
 
 def test_budget_is_checked():

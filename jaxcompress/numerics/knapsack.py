@@ -68,7 +68,9 @@ def _check_options(
                 f"{sizes.tolist()}"
             )
         if not np.all(np.isfinite(costs)):
-            raise ValueError(f"knapsack: item {position} costs must be finite, got {costs.tolist()}")
+            raise ValueError(
+                f"knapsack: item {position} costs must be finite, got {costs.tolist()}"
+            )
         items.append((sizes.astype(np.int64), costs))
     return items
 

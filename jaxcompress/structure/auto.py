@@ -30,7 +30,14 @@ from jaxcompress.structure.autoplan import AutoPlan, AutoRow
 from jaxcompress.structure.budget import Budget
 from jaxcompress.structure.candidates import DENSE, resolve_candidates
 from jaxcompress.structure.output_metrics import resolve_metric
-from jaxcompress.transforms.base import LeafEntry, Transform, chain, masked, partition, select_leaves
+from jaxcompress.transforms.base import (
+    LeafEntry,
+    Transform,
+    chain,
+    masked,
+    partition,
+    select_leaves,
+)
 from jaxcompress.transforms.filters import Filter, kernels
 
 __all__ = ["auto"]
@@ -65,8 +72,8 @@ def _batch_list(batches: Any) -> list[Any]:
 
 def _batch_weight(x: Any) -> float:
     leaves = jax.tree.leaves(x)
-    shape = getattr(leaves[0], "shape", ()) if leaves else ()
-    return float(shape[0]) if len(shape) else 1.0
+    shape: tuple[int, ...] = tuple(getattr(leaves[0], "shape", ())) if leaves else ()
+    return float(shape[0]) if shape else 1.0
 
 
 def _keyed(tx: Transform, fixed: jax.Array | None) -> Transform:
@@ -106,8 +113,7 @@ class _Evaluator:
             number = np.asarray(value)
             if number.shape != () or not np.isfinite(number):
                 raise ValueError(
-                    f"auto: the metric gave {number!r} for {what}; it must return one finite "
-                    "number"
+                    f"auto: the metric gave {number!r} for {what}; it must return one finite number"
                 )
             total += float(weight) * float(number)
         return total
@@ -302,18 +308,14 @@ def auto(
         if current is None or current[0] != name:
             current = (
                 name,
-                _compress_each(
-                    name, compressing[name], params, paths, key=keys[name], data=data
-                ),
+                _compress_each(name, compressing[name], params, paths, key=keys[name], data=data),
             )
         leaf = current[1][entry.path]
         if leaf is None:
             continue
         trial = list(leaves)
         trial[entry.index] = materialize(leaf).astype(entry.leaf.dtype)
-        loss = evaluate(
-            jax.tree_util.tree_unflatten(treedef, trial), f"{entry.path!r} as {name!r}"
-        )
+        loss = evaluate(jax.tree_util.tree_unflatten(treedef, trial), f"{entry.path!r} as {name!r}")
         measured[entry.path][name] = (leaf_nbytes(leaf), loss)
 
     missing = [path for path in paths if not measured[path]]

@@ -47,7 +47,7 @@ def _kl_leaf(dense: jax.Array, out: jax.Array) -> jax.Array:
 def _summed(leaf_metric: Callable[[jax.Array, jax.Array], jax.Array]) -> Metric:
     def metric(dense_out: Any, out: Any) -> jax.Array:
         values = jax.tree.leaves(jax.tree.map(leaf_metric, dense_out, out))
-        return sum(values[1:], values[0])
+        return jnp.sum(jnp.stack(values))
 
     return metric
 
@@ -89,7 +89,9 @@ def resolve_metric(metric: str | Callable[[Any, Any], Any]) -> Metric:
     """
     if isinstance(metric, str):
         if metric not in METRICS:
-            raise ValueError(f"auto: metric must be one of {sorted(METRICS)} or a callable, got {metric!r}")
+            raise ValueError(
+                f"auto: metric must be one of {sorted(METRICS)} or a callable, got {metric!r}"
+            )
         return METRICS[metric]
     if not callable(metric):
         raise TypeError(
