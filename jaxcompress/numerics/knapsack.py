@@ -124,8 +124,9 @@ def pareto_frontier(
             best_before = np.minimum.accumulate(all_costs)[:-1]
             keep[1:] = all_costs[1:] < best_before
         sizes, costs = all_sizes[keep], all_costs[keep]
-        parents.append(parent[keep])
-        picks.append(pick[keep])
+        # Backpointers for every item: narrow integers keep a 200-layer frontier small.
+        parents.append(parent[keep].astype(np.int32))
+        picks.append(pick[keep].astype(np.int32 if count > 2**15 else np.int16))
     return Frontier(sizes, costs, tuple(parents), tuple(picks))
 
 

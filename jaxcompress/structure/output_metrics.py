@@ -28,9 +28,11 @@ def _cosine_leaf(dense: jax.Array, out: jax.Array) -> jax.Array:
         a, b = a[None], b[None]
     dot = jnp.sum(a * b, axis=-1)
     norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-    # A zero row has no direction: equal rows are identical (cosine 1), others opposite-free 0.
+    # Equal rows cost exactly 0 (rounding in the norms would leave ~1e-8); a zero row
+    # facing a different one has no direction, so it counts as orthogonal.
     same = jnp.all(a == b, axis=-1)
-    cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), jnp.where(same, 1.0, 0.0))
+    cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0)
+    cos = jnp.where(same, 1.0, cos)
     return jnp.mean(1.0 - cos)
 
 
