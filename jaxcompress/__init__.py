@@ -61,6 +61,10 @@ from jaxcompress.runtime.report import LeafReport as LeafReport
 from jaxcompress.runtime.report import Report as Report
 from jaxcompress.runtime.report import summarize as summarize
 from jaxcompress.runtime.sharding import shardings_like as shardings_like
+from jaxcompress.structure.auto import auto as auto
+from jaxcompress.structure.autoplan import AutoPlan as AutoPlan
+from jaxcompress.structure.budget import Budget as Budget
+from jaxcompress.structure.budget import budget as budget
 from jaxcompress.structure.sensitivity import SensitivityReport as SensitivityReport
 from jaxcompress.structure.sensitivity import sensitivity as sensitivity
 from jaxcompress.structure.units import GroupResult as GroupResult
@@ -100,6 +104,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Accelerated",
+    "AutoPlan",
+    "Budget",
     "Clustered",
     "ClusteredMatrix",
     "CompressedArray",
@@ -119,6 +125,8 @@ __all__ = [
     "UnitStats",
     "accelerate",
     "accelerate_lora",
+    "auto",
+    "budget",
     "calibrate",
     "chain",
     "checked",
