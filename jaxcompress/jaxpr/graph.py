@@ -174,6 +174,12 @@ class WeightUse:
             device holds the same one. ``activation_shape`` is that whole shape.
         gather_dim: the activation dim the shards are concatenated along (its first
             row dim: the first one a dot does not contract, a conv's batch dim).
+        stacked: ``None`` unless the weight reaches the op as one slice per iteration
+            of a ``scan`` (stacked layers): then the original axis the scan runs over.
+            The other axis fields describe one slice (in the leaf's numbering, without
+            this axis), ``activation_shape`` is one iteration's, and :func:`capture`
+            returns the activations of every iteration stacked on a new leading axis,
+            in the order of that axis.
 
     Example:
         >>> import jax.numpy as jnp
@@ -201,6 +207,7 @@ class WeightUse:
     note: str = ""
     gathered: tuple[str, ...] | None = None
     gather_dim: int | None = None
+    stacked: int | None = None
 
     @property
     def mappable(self) -> bool:
@@ -215,6 +222,7 @@ class _Track:
     leaf: int
     layout: Layout | None
     note: str = ""
+    stacked: int | None = None  # the original axis a scan slices it along
 
 
 def _unmappable(leaf: int, note: str) -> _Track:
@@ -271,7 +279,7 @@ def _relabel(name: str, params: dict[str, Any], track: _Track, in_shape, out_sha
     if name in _SAME:
         return track
     if name == "transpose":
-        return _Track(track.leaf, tuple(layout[p] for p in params["permutation"]))
+        return dataclasses.replace(track, layout=tuple(layout[p] for p in params["permutation"]))
     if name == "reshape":
         if params.get("dimensions") is not None:
             layout = tuple(layout[p] for p in params["dimensions"])
@@ -281,18 +289,20 @@ def _relabel(name: str, params: dict[str, Any], track: _Track, in_shape, out_sha
                 track.leaf,
                 f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits an original axis",
             )
-        return _Track(track.leaf, new)
+        return dataclasses.replace(track, layout=new)
     if name == "squeeze":
         dropped = {d % len(in_shape) for d in params["dimensions"]}
-        return _Track(track.leaf, tuple(g for i, g in enumerate(layout) if i not in dropped))
+        return dataclasses.replace(
+            track, layout=tuple(g for i, g in enumerate(layout) if i not in dropped)
+        )
     if name == "expand_dims":  # not a jax primitive today; kept for other front ends
         out = list(layout)
         for d in sorted(params["dimensions"]):
             out.insert(d, ())
-        return _Track(track.leaf, tuple(out))
+        return dataclasses.replace(track, layout=tuple(out))
     if name == "broadcast_in_dim":
         new = _broadcast_layout(layout, in_shape, out_shape, params["broadcast_dimensions"])
-        return _Track(track.leaf, new)
+        return dataclasses.replace(track, layout=new)
     raise AssertionError(name)  # pragma: no cover
 
 
@@ -466,6 +476,7 @@ def _make_use(
         note=note,
         gathered=gathered,
         gather_dim=gather_dim,
+        stacked=track.stacked,
     )
 
 
@@ -544,6 +555,30 @@ def _into_shard_map(track: _Track | None, spec: Any) -> _Track | None:
     return track
 
 
+SCAN = "scan"
+
+
+def _scan_parts(eqn: Any) -> tuple[Any, list[Any], int] | None:
+    """``(body, body consts, consts + carries)`` of a ``scan`` equation, else None."""
+    body = eqn.params.get("jaxpr")
+    if not isinstance(body, jex.ClosedJaxpr) or len(body.jaxpr.invars) != len(eqn.invars):
+        return None
+    fixed = int(eqn.params["num_consts"]) + int(eqn.params["num_carry"])
+    return body.jaxpr, list(body.consts), fixed
+
+
+def _into_scan(track: _Track | None) -> _Track | None:
+    """A weight a ``scan`` runs over (one of its ``xs``) as the body sees it: one slice."""
+    if track is None or track.layout is None:
+        return track
+    if track.stacked is not None:
+        return _unmappable(track.leaf, "sliced by nested scans")
+    first = track.layout[0]
+    if len(first) != 1 or first[0][0] is None:
+        return _unmappable(track.leaf, "a scan runs over an axis that is not one axis of it")
+    return _Track(track.leaf, track.layout[1:], stacked=first[0][0])
+
+
 Emit = Callable[[Any, tuple[int, ...], int, _Track, "_Manual | None"], None]
 
 
@@ -554,6 +589,7 @@ def _walk(
     emit: Emit,
     hide: Callable[[Any, _Track], None],
     manual: _Manual | None = None,
+    in_scan: bool = False,
 ) -> list[_Track | None]:
     env: dict[Any, _Track] = {}
     for var, track in zip(jaxpr.invars, tracks, strict=True):
@@ -581,15 +617,26 @@ def _walk(
             )
         elif name in _MANY_SAME and len(eqn.invars) == len(eqn.outvars):
             outs = list(ins)
-        elif name == SHARD_MAP and _shard_map_body(eqn) is not None:
+        elif name == SHARD_MAP and not in_scan and _shard_map_body(eqn) is not None:
             # Outputs are not followed: out_specs may concatenate them.
             specs = eqn.params["in_specs"]
             inner = [_into_shard_map(t, s) for t, s in zip(ins, specs, strict=True)]
             _walk(_shard_map_body(eqn), inner, site, emit, hide, _manual_of(eqn, manual))
+        elif name == SCAN and not in_scan and manual is None and _scan_parts(eqn) is not None:
+            # Stacked layers: a weight scanned over is followed slice by slice; one
+            # passed whole (a const, a carry) is not, its rows per iteration unseen.
+            body, _, fixed = _scan_parts(eqn)
+            inner = []
+            for k, track in enumerate(ins):
+                if track is not None and k < fixed:
+                    hide(eqn, track)
+                inner.append(_into_scan(track) if k >= fixed else None)
+            # Outputs are not followed: they are stacked per iteration.
+            _walk(body, inner, site, emit, hide, None, in_scan=True)
         else:
             sub = sub_jaxpr(eqn)
             if sub is not None:
-                outs = _walk(sub[0], ins, site, emit, hide, manual)
+                outs = _walk(sub[0], ins, site, emit, hide, manual, in_scan)
             elif is_opaque(eqn) or name == SHARD_MAP:
                 for track in ins:
                     if track is not None:
@@ -757,8 +804,7 @@ def trailing_fan_in_axes(use: WeightUse) -> int | None:
         >>> fan_in_axes(use), trailing_fan_in_axes(use)
         (None, 1)
     """
-    shape = tuple(use.weight_shape)
-    contracted = _contracted_kernel_axes(use)
+    shape, contracted = _kernel_view(use)
     if contracted is None or fan_in_axes(use) is not None:
         return None
     first = min(contracted)
@@ -781,6 +827,18 @@ def _contracted_kernel_axes(use: WeightUse) -> set[int] | None:
     return set(use.contracting_axes) or None
 
 
+def _kernel_view(
+    use: WeightUse, weight_shape: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], set[int] | None]:
+    """The shape the op multiplies and its contracted axes: one slice of a stacked weight."""
+    shape = tuple(use.weight_shape if weight_shape is None else weight_shape)
+    contracted = _contracted_kernel_axes(use)
+    axis = use.stacked
+    if axis is None or contracted is None:
+        return shape, contracted
+    return shape[:axis] + shape[axis + 1 :], {c - (c > axis) for c in contracted}
+
+
 def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> int | None:
     """How many leading axes of the weight are contracted inputs, or ``None``.
 
@@ -791,6 +849,8 @@ def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> in
     leading ones (for example a ``(out, in)`` kernel used as ``x @ w.T``), when the
     weight has ``dot_general`` batch axes, when the use is unmappable or when the weight
     is a conv's input rather than its kernel. Axes of size 1 count on either side.
+    For a use of one slice of a stacked weight (:attr:`WeightUse.stacked`) it is the
+    slice's, numbered without the stacked axis.
 
     Args:
         use: one use of the weight.
@@ -807,8 +867,7 @@ def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> in
         >>> fan_in_axes(use)
         2
     """
-    shape = tuple(use.weight_shape if weight_shape is None else weight_shape)
-    contracted = _contracted_kernel_axes(use)
+    shape, contracted = _kernel_view(use, weight_shape)
     if contracted is None:
         return None
     k = max(contracted) + 1
@@ -847,19 +906,31 @@ def fan_in_by_path(uses: dict[str, list[WeightUse]]) -> dict[str, int]:
 
 
 def capture(
-    closed_jaxpr: Any, sites: Iterable[tuple[tuple[int, ...], int]], *flat_args: Any
+    closed_jaxpr: Any,
+    sites: Iterable[tuple[tuple[int, ...], int]],
+    *flat_args: Any,
+    iteration: int | None = None,
 ) -> dict[tuple[tuple[int, ...], int], jax.Array]:
     """Evaluates a jaxpr and returns chosen operands of chosen equations.
 
     The jaxpr is interpreted equation by equation (inlining the call sub-jaxprs that
     contain a requested site); call it inside :func:`jax.jit` so the interpretation
-    happens once, at trace time.
+    happens once, at trace time. A ``scan`` holding a requested site runs as a new
+    ``scan`` that also returns the operand of every iteration, stacked on a new leading
+    axis in the order of the scanned inputs (see :attr:`WeightUse.stacked`).
+
+    With ``iteration=i`` such a ``scan`` instead runs only the iterations before the
+    one that reads slice ``i`` of its scanned inputs (``i`` from the end for a reverse
+    scan), then that iteration's body once, returning its operands unstacked, and
+    evaluation stops there: every requested site must then come before or inside it.
+    This is how one stacked layer is calibrated without running the ones after it.
 
     Args:
         closed_jaxpr: the jaxpr the sites come from.
         sites: ``(site, operand)`` pairs, ``site`` as in :attr:`WeightUse.site`; for the
             activation of a use pass ``(use.site, 1 - use.operand)``.
         *flat_args: the jaxpr's inputs (flattened params, then the other arguments).
+        iteration: the one iteration of scans to capture (see above), or ``None``.
 
     Returns:
         ``{(site, operand): value}``.
@@ -879,7 +950,13 @@ def capture(
     inline = {site[:k] for site in wanted for k in range(1, len(site))}
     captured: dict[tuple[tuple[int, ...], int], jax.Array] = {}
     jaxpr = closed_jaxpr.jaxpr
-    _interpret(jaxpr, list(closed_jaxpr.consts), list(flat_args), (), wanted, inline, captured)
+    try:
+        _interpret(
+            jaxpr, list(closed_jaxpr.consts), list(flat_args), (), wanted, inline, captured,
+            iteration,
+        )
+    except _Captured:
+        pass
     missing = [(s, o) for s, ops in wanted.items() for o in ops if (s, o) not in captured]
     if missing:
         raise ValueError(f"sites {missing} are not dot/conv equations of this jaxpr")
@@ -897,7 +974,13 @@ def _environment(jaxpr, consts, args) -> tuple[dict[Any, Any], Callable[[Any], A
     return env, read
 
 
-def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[Any]:
+class _Captured(Exception):
+    """``capture(iteration=...)`` has every site it wants: the rest is not evaluated."""
+
+
+def _interpret(
+    jaxpr, consts, args, prefix, wanted, inline, captured, iteration=None
+) -> list[Any]:
     env, read = _environment(jaxpr, consts, args)
 
     for i, eqn in enumerate(jaxpr.eqns):
@@ -905,7 +988,9 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
         invals = [read(v) for v in eqn.invars]
         sub = sub_jaxpr(eqn) if site in inline else None
         if sub is not None:
-            outs = _interpret(sub[0], sub[1], invals, site, wanted, inline, captured)
+            outs = _interpret(sub[0], sub[1], invals, site, wanted, inline, captured, iteration)
+        elif site in inline and eqn.primitive.name == SCAN and _scan_parts(eqn) is not None:
+            outs = _interpret_scan(eqn, invals, site, wanted, inline, captured, iteration)
         elif site in inline and eqn.primitive.name == SHARD_MAP:
             outs = _interpret_shard_map(eqn, invals, site, wanted, inline, captured)
         else:
@@ -917,6 +1002,53 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
             if not isinstance(var, jex.DropVar):
                 env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+def _interpret_scan(eqn, invals, site, wanted, inline, captured, iteration) -> list[Any]:
+    """Runs a scan whose body holds wanted sites, returning their operands (see capture)."""
+    parts = _scan_parts(eqn)
+    assert parts is not None  # checked by the caller
+    body, body_consts, fixed = parts
+    params = eqn.params
+    n_carry, length, reverse = int(params["num_carry"]), int(params["length"]), params["reverse"]
+    n_consts = fixed - n_carry
+    consts, init, xs = invals[:n_consts], invals[n_consts:fixed], invals[fixed:]
+    keys = [(s, o) for s, ops in wanted.items() if s[: len(site)] == site for o in ops if s != site]
+
+    def run(carry, x, found):
+        args = [*consts, *carry, *x]
+        return _interpret(body, body_consts, args, site, wanted, inline, found)
+
+    if iteration is None:
+
+        def step(carry, x):
+            found: dict[tuple[tuple[int, ...], int], jax.Array] = {}
+            outs = run(carry, x, found)
+            return tuple(outs[:n_carry]), (tuple(outs[n_carry:]), tuple(found[k] for k in keys))
+
+        carry, (ys, extra) = lax.scan(
+            step, tuple(init), tuple(xs), length=length, reverse=reverse, unroll=params["unroll"]
+        )
+        captured.update(zip(keys, extra, strict=True))
+        return [*carry, *ys]
+
+    if not 0 <= iteration < length:
+        raise ValueError(f"iteration {iteration} is outside the scan's {length} iterations")
+    # The iterations run before the wanted one, in the scan's own order.
+    before = slice(iteration + 1, length) if reverse else slice(0, iteration)
+
+    def plain(carry, x):
+        return tuple(run(carry, x, {})[:n_carry]), None
+
+    carry, _ = lax.scan(
+        plain,
+        tuple(init),
+        tuple(x[before] for x in xs),
+        length=len(range(length)[before]),
+        reverse=reverse,
+    )
+    run(carry, [x[iteration] for x in xs], captured)
+    raise _Captured
 
 
 def _eqn_at(jaxpr: Any, rel: tuple[int, ...]) -> Any:
