@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -126,6 +126,7 @@ class _Site:
     rows: int  # feature rows the use yields per batch
     example_dim: int | None  # activation dim holding the examples (with labels)
     per_example: int  # rows of that dim per example (tokens merged into it)
+    one_iteration: bool = False  # a stacked weight's use captured at one scan iteration
 
 
 @dataclasses.dataclass
@@ -174,7 +175,7 @@ def _contract(a: jax.Array, b: jax.Array, dims: Sequence[int]) -> jax.Array:
 
 
 def _site_sums(site: _Site, activation: jax.Array, onehot: jax.Array | None) -> dict:
-    if site.use.stacked is not None:
+    if site.use.stacked is not None and not site.one_iteration:
         # One iteration's rows per slice of the stacked weight (capture stacks them).
         return jax.vmap(lambda a: _slice_sums(site, a, onehot))(activation)
     return _slice_sums(site, activation, onehot)
@@ -333,7 +334,9 @@ def _select(
     return chosen, skipped
 
 
-def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dict]:
+def _build_plan(
+    apply_fn, params, x, key, num_classes, mesh, only=None, iteration=None
+) -> tuple[_Plan, dict]:
     """Plans and jits the accumulation step for the batch shape of ``x``.
 
     The model is traced here with one device's share of the batch (all of it without a
@@ -355,10 +358,25 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
         ranks,
         labelled=labelled,
     )
+    if only is not None:
+        uses = {p: u for p, u in uses.items() if p in only}
+        skipped = {p: r for p, r in skipped.items() if p in only}
+    if iteration is not None:
+        unstacked = sorted(p for p, u in uses.items() if any(use.stacked is None for use in u))
+        if unstacked:
+            raise ValueError(
+                f"iteration= calibrates weights a scan runs over, but {unstacked} are not "
+                "(name only stacked weights in paths=)"
+            )
     examples = _example_dims(apply_fn, params, local, extra, paths, uses) if labelled else {}
     sites = {
         path: [
-            _Site(use, _rows(use) * shards, *examples.get((path, i), (None, 1)))
+            _Site(
+                use,
+                _rows(use) * shards,
+                *examples.get((path, i), (None, 1)),
+                one_iteration=iteration is not None,
+            )
             for i, use in enumerate(path_uses)
         ]
         for path, path_uses in uses.items()
@@ -381,7 +399,7 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
             ]
         wanted = [(s.use.site, 1 - s.use.operand) for ss in matched.values() for s in ss]
         flat_args = [*flat_params, *jax.tree_util.tree_leaves((x, *extra))]
-        acts = graph.capture(here, wanted, *flat_args)
+        acts = graph.capture(here, wanted, *flat_args, iteration=iteration)
         sums = {}
         for path, path_sites in matched.items():
             acc: dict[str, jax.Array] = {}
@@ -428,6 +446,8 @@ def calibrate(
     num_classes: int | None = None,
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
+    paths: Collection[str] | None = None,
+    iteration: int | None = None,
     progress: bool = False,
 ) -> Any:
     """Streams batches through the model and returns each weight's :class:`InputStats`.
@@ -489,6 +509,12 @@ def calibrate(
             that is manual over that axis only (params replicated over it; sharding
             over the other axes is kept); the sums are ``psum``-reduced across devices
             and come back replicated.
+        paths: calibrate only the weights at these paths (``a/b/kernel``); the others
+            get ``None``, and nothing is computed for them.
+        iteration: for weights a ``scan`` runs over (``paths`` must name only such
+            weights), the statistics of slice ``iteration`` alone, not stacked: the
+            model runs only up to that iteration of the scan (counted from the end for
+            a reverse scan), so later layers cost nothing.
         progress: show a rich progress bar over the batches.
 
     Returns:
@@ -518,6 +544,9 @@ def calibrate(
         >>> data["dense1"]["bias"] is None
         True
     """
+    if isinstance(paths, str):
+        raise TypeError(f"paths must be a collection of leaf paths, got the string {paths!r}")
+    paths = None if paths is None else set(paths)
     # Only arrays cross the jit boundary; other leaves (an equinox module's activation)
     # are bound into the function, and get None in the result.
     params, rest = split_arrays(params)
@@ -586,14 +615,16 @@ def calibrate(
             plan = plans.get(tuple(x.shape))
             if plan is None:
                 classes = None if y is None else num_classes
-                plan, skipped = _build_plan(apply_fn, params, x, key, classes, mesh)
+                plan, skipped = _build_plan(
+                    apply_fn, params, x, key, classes, mesh, paths, iteration
+                )
                 if calibrated is None:
                     for path, reason in skipped.items():
                         warnings.warn(f"calibrate: not calibrating {path}: {reason}", stacklevel=2)
                     calibrated = {p: [s.use for s in ss] for p, ss in plan.sites.items()}
                     for path, path_sites in plan.sites.items():
                         m = _features(path_sites[0].use)
-                        lead = _stacked_length(path_sites[0].use)
+                        lead = () if iteration is not None else _stacked_length(path_sites[0].use)
                         zeros = {
                             "sum": np.zeros((*lead, m), np.float32),
                             "gram": np.zeros((*lead, m, m), np.float32),
@@ -639,7 +670,7 @@ def calibrate(
                 class_counts[path].astype(np.float32) if "class_sum" in acc else None,
             ),
             trailing=graph.fan_in_axes(calibrated[path][0]) is None,
-            stacked=calibrated[path][0].stacked,
+            stacked=None if iteration is not None else calibrated[path][0].stacked,
         )
         for path, acc in totals.items()
     }

@@ -54,6 +54,7 @@ __all__ = [
     "WeightUse",
     "capture",
     "bind_equation",
+    "eqn_at",
     "evaluate",
     "fan_in_axes",
     "fan_in_by_path",
@@ -180,6 +181,7 @@ class WeightUse:
             this axis), ``activation_shape`` is one iteration's, and :func:`capture`
             returns the activations of every iteration stacked on a new leading axis,
             in the order of that axis.
+        scan: the site of that ``scan`` equation (see :func:`eqn_at`), else ``None``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -208,6 +210,7 @@ class WeightUse:
     gathered: tuple[str, ...] | None = None
     gather_dim: int | None = None
     stacked: int | None = None
+    scan: tuple[int, ...] | None = None
 
     @property
     def mappable(self) -> bool:
@@ -223,6 +226,7 @@ class _Track:
     layout: Layout | None
     note: str = ""
     stacked: int | None = None  # the original axis a scan slices it along
+    scan: tuple[int, ...] | None = None  # the site of that scan
 
 
 def _unmappable(leaf: int, note: str) -> _Track:
@@ -477,6 +481,7 @@ def _make_use(
         gathered=gathered,
         gather_dim=gather_dim,
         stacked=track.stacked,
+        scan=track.scan,
     )
 
 
@@ -567,7 +572,7 @@ def _scan_parts(eqn: Any) -> tuple[Any, list[Any], int] | None:
     return body.jaxpr, list(body.consts), fixed
 
 
-def _into_scan(track: _Track | None) -> _Track | None:
+def _into_scan(track: _Track | None, site: tuple[int, ...]) -> _Track | None:
     """A weight a ``scan`` runs over (one of its ``xs``) as the body sees it: one slice."""
     if track is None or track.layout is None:
         return track
@@ -576,7 +581,7 @@ def _into_scan(track: _Track | None) -> _Track | None:
     first = track.layout[0]
     if len(first) != 1 or first[0][0] is None:
         return _unmappable(track.leaf, "a scan runs over an axis that is not one axis of it")
-    return _Track(track.leaf, track.layout[1:], stacked=first[0][0])
+    return _Track(track.leaf, track.layout[1:], stacked=first[0][0], scan=site)
 
 
 Emit = Callable[[Any, tuple[int, ...], int, _Track, "_Manual | None"], None]
@@ -630,7 +635,7 @@ def _walk(
             for k, track in enumerate(ins):
                 if track is not None and k < fixed:
                     hide(eqn, track)
-                inner.append(_into_scan(track) if k >= fixed else None)
+                inner.append(_into_scan(track, site) if k >= fixed else None)
             # Outputs are not followed: they are stacked per iteration.
             _walk(body, inner, site, emit, hide, None, in_scan=True)
         else:
@@ -952,7 +957,13 @@ def capture(
     jaxpr = closed_jaxpr.jaxpr
     try:
         _interpret(
-            jaxpr, list(closed_jaxpr.consts), list(flat_args), (), wanted, inline, captured,
+            jaxpr,
+            list(closed_jaxpr.consts),
+            list(flat_args),
+            (),
+            wanted,
+            inline,
+            captured,
             iteration,
         )
     except _Captured:
@@ -978,9 +989,7 @@ class _Captured(Exception):
     """``capture(iteration=...)`` has every site it wants: the rest is not evaluated."""
 
 
-def _interpret(
-    jaxpr, consts, args, prefix, wanted, inline, captured, iteration=None
-) -> list[Any]:
+def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured, iteration=None) -> list[Any]:
     env, read = _environment(jaxpr, consts, args)
 
     for i, eqn in enumerate(jaxpr.eqns):
@@ -1052,13 +1061,33 @@ def _interpret_scan(eqn, invals, site, wanted, inline, captured, iteration) -> l
 
 
 def _eqn_at(jaxpr: Any, rel: tuple[int, ...]) -> Any:
-    """The equation at ``rel`` (indices down through call sub-jaxprs) below ``jaxpr``."""
+    """The equation at ``rel`` (indices down through sub-jaxprs) below ``jaxpr``."""
     eqn = jaxpr.eqns[rel[0]]
     for i in rel[1:]:
         sub = sub_jaxpr(eqn)
-        body = sub[0] if sub is not None else _shard_map_body(eqn)
+        scan = _scan_parts(eqn) if eqn.primitive.name == SCAN else None
+        if sub is not None:
+            body = sub[0]
+        elif scan is not None:
+            body = scan[0]
+        else:
+            body = _shard_map_body(eqn)
         eqn = body.eqns[i]
     return eqn
+
+
+def eqn_at(closed_jaxpr: Any, site: Sequence[int]) -> Any:
+    """The equation at ``site`` (as in :attr:`WeightUse.site`) of a jaxpr.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda w, x: jax.lax.scan(lambda c, w: (c @ w, None), x, w)[0]
+        >>> jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 2, 2)), jnp.ones(2))
+        >>> use, = uses_in_jaxpr(jaxpr, ["w"])["w"]
+        >>> use.stacked, eqn_at(jaxpr, use.scan).primitive.name, eqn_at(jaxpr, use.site).primitive.name
+        (0, 'scan', 'dot_general')
+    """
+    return _eqn_at(closed_jaxpr.jaxpr, tuple(site))
 
 
 def _interpret_shard_map(eqn, invals, site, wanted, inline, captured) -> list[Any]:
