@@ -109,8 +109,8 @@ def blocks_of(apply_fn: Callable[..., Any], params: Any, x: Any) -> list[Block]:
         >>> def apply(p, x):
         ...     x, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"]["w"])
         ...     return x @ p["head"]["kernel"]
-        >>> [(b.name, b.paths, b.iteration) for b in blocks_of(apply, params, jnp.ones((2, 4)))]
-        [('layers/w[0]', ('layers/w',), 0), ('layers/w[1]', ('layers/w',), 1), ('layers/w[2]', ('layers/w',), 2), ('head/kernel', ('head/kernel',), None)]
+        >>> [(b.name, b.iteration) for b in blocks_of(apply, params, jnp.ones((2, 4)))]
+        [('layers/w[0]', 0), ('layers/w[1]', 1), ('layers/w[2]', 2), ('head/kernel', None)]
     """
     closed, paths = graph.trace_jaxpr(apply_fn, params, x)
     uses = graph.uses_in_jaxpr(closed, paths)

@@ -23,10 +23,13 @@ saying why its statistics cannot be assembled.
 What it does not follow: any op that computes new values from the weight (``mul`` by a
 mask, ``dequantize``-style arithmetic, ``concatenate``, ``slice``, ``gather``/``take``
 for embedding lookups, ``rev``). A weight that only reaches a dot through one of those
-has no uses. Ops that run code of their own on the weight (``pallas_call``, ``scan``,
+has no uses. Ops that run code of their own on the weight (``pallas_call``,
 ``while``, ``cond``, ``ffi_call``; see :func:`is_opaque`) are not entered either, but
 :func:`opaque_uses` names the weights that reach one, so callers can tell a weight
-seen whole from one whose uses are incomplete. A ``reshape`` that splits an original
+seen whole from one whose uses are incomplete. A ``scan`` is entered for the weights
+it runs over (stacked layers: one of its ``xs``, sliced per iteration; see
+:attr:`WeightUse.stacked`), not for one passed to it whole (a const or a carry), and
+not when it is nested in another ``scan`` or in a ``shard_map``. A ``reshape`` that splits an original
 axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
 ``contracting_axes=None`` and a ``note`` saying why.
 
@@ -37,6 +40,7 @@ the order of the weight's matrix view (im2col patches for convolutions).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -955,7 +959,7 @@ def capture(
     inline = {site[:k] for site in wanted for k in range(1, len(site))}
     captured: dict[tuple[tuple[int, ...], int], jax.Array] = {}
     jaxpr = closed_jaxpr.jaxpr
-    try:
+    with contextlib.suppress(_Captured):
         _interpret(
             jaxpr,
             list(closed_jaxpr.consts),
@@ -966,8 +970,6 @@ def capture(
             captured,
             iteration,
         )
-    except _Captured:
-        pass
     missing = [(s, o) for s, ops in wanted.items() for o in ops if (s, o) not in captured]
     if missing:
         raise ValueError(f"sites {missing} are not dot/conv equations of this jaxpr")
@@ -1084,8 +1086,8 @@ def eqn_at(closed_jaxpr: Any, site: Sequence[int]) -> Any:
         >>> f = lambda w, x: jax.lax.scan(lambda c, w: (c @ w, None), x, w)[0]
         >>> jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 2, 2)), jnp.ones(2))
         >>> use, = uses_in_jaxpr(jaxpr, ["w"])["w"]
-        >>> use.stacked, eqn_at(jaxpr, use.scan).primitive.name, eqn_at(jaxpr, use.site).primitive.name
-        (0, 'scan', 'dot_general')
+        >>> use.stacked, eqn_at(jaxpr, use.scan).primitive.name, eqn_at(jaxpr, use.site).primitive
+        (0, 'scan', dot_general)
     """
     return _eqn_at(closed_jaxpr.jaxpr, tuple(site))
 
