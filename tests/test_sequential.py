@@ -185,3 +185,11 @@ def test_bad_calls_name_the_problem(params, batches):
     tx = jc.sequential(GPTQ, _apply(False), batches, progress=False)
     with pytest.raises(ValueError, match="data= must be None"):
         tx(params, data={})
+
+
+def test_one_pass_gptq_refuses_stacked_statistics_and_points_to_sequential(params, batches):
+    scanned = stack_layers(params, CONFIG)
+    data = jc.calibrate(_apply(True), scanned, batches)
+    assert data["layers"]["mlp"]["up_proj"]["kernel"].stacked == 0
+    with pytest.raises(ValueError, match="stacked.*jc.sequential"):
+        GPTQ(scanned, data=data)
