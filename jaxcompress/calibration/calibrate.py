@@ -374,7 +374,8 @@ def _build_plan(
             _Site(
                 use,
                 _rows(use) * shards,
-                *examples.get((path, i), (None, 1)),
+                examples.get((path, i), (None, 1))[0],
+                examples.get((path, i), (None, 1))[1],
                 one_iteration=iteration is not None,
             )
             for i, use in enumerate(path_uses)

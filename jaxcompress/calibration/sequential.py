@@ -164,7 +164,7 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def _slice(leaf: jax.Array, block: Block, path: str) -> jax.Array:
     """The block's part of a leaf: all of it, or its slice for stacked layers."""
-    if block.axis is None:
+    if block.axis is None or block.iteration is None:
         return leaf
     return jnp.take(leaf, block.iteration, axis=block.axis[path])
 

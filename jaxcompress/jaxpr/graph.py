@@ -29,8 +29,8 @@ has no uses. Ops that run code of their own on the weight (``pallas_call``,
 seen whole from one whose uses are incomplete. A ``scan`` is entered for the weights
 it runs over (stacked layers: one of its ``xs``, sliced per iteration; see
 :attr:`WeightUse.stacked`), not for one passed to it whole (a const or a carry), and
-not when it is nested in another ``scan`` or in a ``shard_map``. A ``reshape`` that splits an original
-axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
+not when it is nested in another ``scan`` or in a ``shard_map``. A ``reshape`` that
+splits an original axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
 ``contracting_axes=None`` and a ``note`` saying why.
 
 :func:`capture` replays a jaxpr and returns the *other* operand (the activation) of
@@ -631,10 +631,10 @@ def _walk(
             specs = eqn.params["in_specs"]
             inner = [_into_shard_map(t, s) for t, s in zip(ins, specs, strict=True)]
             _walk(_shard_map_body(eqn), inner, site, emit, hide, _manual_of(eqn, manual))
-        elif name == SCAN and not in_scan and manual is None and _scan_parts(eqn) is not None:
+        elif name == SCAN and not in_scan and manual is None and (parts := _scan_parts(eqn)):
             # Stacked layers: a weight scanned over is followed slice by slice; one
             # passed whole (a const, a carry) is not, its rows per iteration unseen.
-            body, _, fixed = _scan_parts(eqn)
+            body, _, fixed = parts
             inner = []
             for k, track in enumerate(ins):
                 if track is not None and k < fixed:
