@@ -299,7 +299,8 @@ def sequential(
             result.update(_flat(out))
         if quiet and len(quiet) == calls:
             warnings.warn(quiet[-1].message, quiet[-1].category, stacklevel=2)
-        changed = [p for p in stacked if not jnp.array_equal(result[p], _flat(arrays)[p])]
+        given = _flat(arrays)
+        changed = [p for p in stacked if not jnp.array_equal(result[p], given[p])]
         if changed:
             warnings.warn(
                 f"sequential: {changed} are stacked layers; their compressed slices cannot "
