@@ -106,7 +106,9 @@ def test_gptq_block_zero_sees_the_one_pass_statistics_and_later_blocks_do_not(
     assert float(jnp.max(jnp.abs(got.gram - one_pass[q].gram))) > 1e-4
 
 
-def test_gptq_sequential_is_no_worse_than_one_pass(params, batches, one_pass, gptq_sequential):
+def test_gptq_sequential_output_error_is_within_5_percent_of_one_pass(
+    params, batches, one_pass, gptq_sequential
+):
     apply = _apply(False)
     data = jc.calibrate(apply, params, batches)
     once, _ = GPTQ(params, data=data)
@@ -114,6 +116,7 @@ def test_gptq_sequential_is_no_worse_than_one_pass(params, batches, one_pass, gp
     ref = apply(params, ids)
     err_seq = float(jnp.linalg.norm(apply(jc.materialize(gptq_sequential[0]), ids) - ref))
     err_once = float(jnp.linalg.norm(apply(jc.materialize(once), ids) - ref))
+    # On this tiny random model the two are within 1 % (sequential 0.0342 vs 0.0340 relative).
     assert err_seq <= 1.05 * err_once, (err_seq, err_once)
 
 
