@@ -28,6 +28,7 @@ from jaxcompress.arrays.tree import materialize as materialize
 from jaxcompress.arrays.tree import nbytes as nbytes
 from jaxcompress.calibration.calibrate import InputStats as InputStats
 from jaxcompress.calibration.calibrate import calibrate as calibrate
+from jaxcompress.calibration.sequential import sequential as sequential
 from jaxcompress.core.version import __version__ as __version__
 from jaxcompress.io.compress_file import compress_file as compress_file
 from jaxcompress.io.errors import FileFormatError as FileFormatError
@@ -160,6 +161,7 @@ __all__ = [
     "compress_file",
     "save",
     "sensitivity",
+    "sequential",
     "sharding",
     "shardings_like",
     "summarize",

@@ -98,18 +98,18 @@ def test_scan_and_unrolled_give_the_same_head_statistics(params, ids):
     np.testing.assert_allclose(head_s.gram, head_u.gram, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 22 (sequential calibration): calibrate does not look into scan, so the "
-    "stacked layer weights get no statistics",
-)
 def test_scan_and_unrolled_give_the_same_layer_statistics(params, ids):
     unrolled, scanned = _calibrated(params, ids, False), _calibrated(params, ids, True)
-    stacked = scanned["layers/self_attn/q_proj/kernel"]  # one slice per layer expected
-    for i in range(CONFIG.n_layers):
-        np.testing.assert_allclose(
-            stacked.gram[i], unrolled[f"layers_{i}/self_attn/q_proj/kernel"].gram, rtol=1e-5
-        )
+    assert len(scanned) == 7 + 1  # every stacked projection and the head
+    for path, stacked in scanned.items():
+        if path == "lm_head/kernel":
+            continue
+        assert stacked.stacked == 0 and stacked.gram.shape[0] == CONFIG.n_layers
+        assert float(stacked.count) == 5 * 9  # rows of one slice: every token once
+        for i in range(CONFIG.n_layers):
+            one = unrolled[path.replace("layers/", f"layers_{i}/")]
+            np.testing.assert_allclose(stacked.mean[i], one.mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stacked.gram[i], one.gram, rtol=1e-5, atol=1e-6)
 
 
 def test_generate_is_greedy_and_deterministic(params, ids):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +44,11 @@ class InputStats:
         trailing: the features are the weight's trailing axes, flattened row-major: a
             weight stored output first and used as ``weight @ x``, such as equinox's
             ``Linear`` ``(out, in)`` or ``Conv`` ``(out, in, h, w)``.
+        stacked: ``None``, or for a weight of stacked layers run by a ``scan`` (one
+            slice per iteration) the weight's axis the scan runs over: then ``mean``,
+            ``gram`` (and ``class_mean``) carry a leading axis with the statistics of
+            each slice, ``gram[i]`` for ``jnp.take(weight, i, axis=stacked)``.
+            :func:`slice_stats` picks one.
 
     Example:
         >>> import jax.numpy as jnp
@@ -60,10 +65,34 @@ class InputStats:
     class_count: jax.Array | None
     class_mean: jax.Array | None
     trailing: bool = dataclasses.field(default=False, metadata={"static": True})
+    stacked: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     def covariance(self) -> jax.Array:
         """The (population) covariance of the features, ``gram - mean meanᵀ``."""
-        return self.gram - self.mean[:, None] * self.mean[None, :]
+        return self.gram - self.mean[..., :, None] * self.mean[..., None, :]
+
+
+def slice_stats(stats: InputStats, index: int) -> InputStats:
+    """The statistics of slice ``index`` of a stacked weight (see ``InputStats.stacked``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s = InputStats(jnp.float32(4), jnp.zeros((3, 2)), jnp.stack([jnp.eye(2)] * 3),
+        ...                None, None, stacked=0)
+        >>> one = slice_stats(s, 2)
+        >>> one.gram.shape, one.stacked
+        ((2, 2), None)
+    """
+    if stats.stacked is None:
+        raise ValueError("slice_stats needs stacked statistics (InputStats.stacked is None)")
+    return InputStats(
+        count=stats.count,
+        mean=stats.mean[index],
+        gram=stats.gram[index],
+        class_count=stats.class_count,
+        class_mean=None if stats.class_mean is None else stats.class_mean[index],
+        trailing=stats.trailing,
+    )
 
 
 def stats_by_path(data: object) -> dict[str, InputStats]:
@@ -97,6 +126,7 @@ class _Site:
     rows: int  # feature rows the use yields per batch
     example_dim: int | None  # activation dim holding the examples (with labels)
     per_example: int  # rows of that dim per example (tokens merged into it)
+    one_iteration: bool = False  # a stacked weight's use captured at one scan iteration
 
 
 @dataclasses.dataclass
@@ -145,6 +175,13 @@ def _contract(a: jax.Array, b: jax.Array, dims: Sequence[int]) -> jax.Array:
 
 
 def _site_sums(site: _Site, activation: jax.Array, onehot: jax.Array | None) -> dict:
+    if site.use.stacked is not None and not site.one_iteration:
+        # One iteration's rows per slice of the stacked weight (capture stacks them).
+        return jax.vmap(lambda a: _slice_sums(site, a, onehot))(activation)
+    return _slice_sums(site, activation, onehot)
+
+
+def _slice_sums(site: _Site, activation: jax.Array, onehot: jax.Array | None) -> dict:
     use = site.use
     if use.primitive == graph.CONV:
         keep = [use.conv.dimension_numbers.lhs_spec[0]]
@@ -284,7 +321,10 @@ def _select(
             ):
                 reasons.append("grouped convolution")
         # Read only without reasons, that is where every use has a fan-in.
-        fans = {(graph.fan_in_axes(use), graph.trailing_fan_in_axes(use)) for use in path_uses}
+        fans = {
+            (graph.fan_in_axes(use), graph.trailing_fan_in_axes(use), use.stacked)
+            for use in path_uses
+        }
         if not reasons and len(fans) != 1:
             reasons.append(f"its uses disagree on the fan-in ({sorted(fans)})")
         if reasons:
@@ -294,7 +334,9 @@ def _select(
     return chosen, skipped
 
 
-def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dict]:
+def _build_plan(
+    apply_fn, params, x, key, num_classes, mesh, only=None, iteration=None
+) -> tuple[_Plan, dict]:
     """Plans and jits the accumulation step for the batch shape of ``x``.
 
     The model is traced here with one device's share of the batch (all of it without a
@@ -316,10 +358,26 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
         ranks,
         labelled=labelled,
     )
+    if only is not None:
+        uses = {p: u for p, u in uses.items() if p in only}
+        skipped = {p: r for p, r in skipped.items() if p in only}
+    if iteration is not None:
+        unstacked = sorted(p for p, u in uses.items() if any(use.stacked is None for use in u))
+        if unstacked:
+            raise ValueError(
+                f"iteration= calibrates weights a scan runs over, but {unstacked} are not "
+                "(name only stacked weights in paths=)"
+            )
     examples = _example_dims(apply_fn, params, local, extra, paths, uses) if labelled else {}
     sites = {
         path: [
-            _Site(use, _rows(use) * shards, *examples.get((path, i), (None, 1)))
+            _Site(
+                use,
+                _rows(use) * shards,
+                examples.get((path, i), (None, 1))[0],
+                examples.get((path, i), (None, 1))[1],
+                one_iteration=iteration is not None,
+            )
             for i, use in enumerate(path_uses)
         ]
         for path, path_uses in uses.items()
@@ -342,7 +400,7 @@ def _build_plan(apply_fn, params, x, key, num_classes, mesh) -> tuple[_Plan, dic
             ]
         wanted = [(s.use.site, 1 - s.use.operand) for ss in matched.values() for s in ss]
         flat_args = [*flat_params, *jax.tree_util.tree_leaves((x, *extra))]
-        acts = graph.capture(here, wanted, *flat_args)
+        acts = graph.capture(here, wanted, *flat_args, iteration=iteration)
         sums = {}
         for path, path_sites in matched.items():
             acc: dict[str, jax.Array] = {}
@@ -389,6 +447,8 @@ def calibrate(
     num_classes: int | None = None,
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
+    paths: Collection[str] | None = None,
+    iteration: int | None = None,
     progress: bool = False,
 ) -> Any:
     """Streams batches through the model and returns each weight's :class:`InputStats`.
@@ -415,7 +475,15 @@ def calibrate(
     part of its uses, when the ``shard_map`` splits it across devices or runs with
     ``check_vma=False`` or nested in another, when it is used inside a ``shard_map``
     and ``labels`` are given, or when it (2-D or more) enters code that is not read:
-    a Pallas kernel, a ``scan``/``while``/``cond`` body, an ``ffi_call``.
+    a Pallas kernel, a ``while``/``cond`` body, an ``ffi_call``, a ``scan`` it is passed
+    to whole (a constant or a carry of the loop).
+
+    A weight a ``scan`` runs over (stacked layers: ``nn.scan``, ``lax.scan`` over a
+    stacked state, one slice per iteration) is calibrated slice by slice: its
+    :class:`InputStats` carry a leading axis with each slice's statistics and name the
+    weight's stacked axis in ``stacked`` (:func:`slice_stats` takes one out). Such
+    statistics feed :func:`jaxcompress.sequential`; the data-aware transforms read
+    one ``(m, m)`` Gram per leaf and refuse them.
 
     Args:
         apply_fn: ``apply_fn(params, x) -> output``, or ``apply_fn(params, x, key)`` when
@@ -442,6 +510,12 @@ def calibrate(
             that is manual over that axis only (params replicated over it; sharding
             over the other axes is kept); the sums are ``psum``-reduced across devices
             and come back replicated.
+        paths: calibrate only the weights at these paths (``a/b/kernel``); the others
+            get ``None``, and nothing is computed for them.
+        iteration: for weights a ``scan`` runs over (``paths`` must name only such
+            weights), the statistics of slice ``iteration`` alone, not stacked: the
+            model runs only up to that iteration of the scan (counted from the end for
+            a reverse scan), so later layers cost nothing.
         progress: show a rich progress bar over the batches.
 
     Returns:
@@ -471,6 +545,9 @@ def calibrate(
         >>> data["dense1"]["bias"] is None
         True
     """
+    if isinstance(paths, str):
+        raise TypeError(f"paths must be a collection of leaf paths, got the string {paths!r}")
+    paths = None if paths is None else set(paths)
     # Only arrays cross the jit boundary; other leaves (an equinox module's activation)
     # are bound into the function, and get None in the result.
     params, rest = split_arrays(params)
@@ -539,19 +616,22 @@ def calibrate(
             plan = plans.get(tuple(x.shape))
             if plan is None:
                 classes = None if y is None else num_classes
-                plan, skipped = _build_plan(apply_fn, params, x, key, classes, mesh)
+                plan, skipped = _build_plan(
+                    apply_fn, params, x, key, classes, mesh, paths, iteration
+                )
                 if calibrated is None:
                     for path, reason in skipped.items():
                         warnings.warn(f"calibrate: not calibrating {path}: {reason}", stacklevel=2)
                     calibrated = {p: [s.use for s in ss] for p, ss in plan.sites.items()}
                     for path, path_sites in plan.sites.items():
                         m = _features(path_sites[0].use)
+                        lead = () if iteration is not None else _stacked_length(path_sites[0].use)
                         zeros = {
-                            "sum": np.zeros(m, np.float32),
-                            "gram": np.zeros((m, m), np.float32),
+                            "sum": np.zeros((*lead, m), np.float32),
+                            "gram": np.zeros((*lead, m, m), np.float32),
                         }
                         if y is not None:
-                            zeros["class_sum"] = np.zeros((n_classes, m), np.float32)
+                            zeros["class_sum"] = np.zeros((*lead, n_classes, m), np.float32)
                         if replicated is not None:
                             zeros = jax.device_put(zeros, replicated)
                         totals[path] = zeros
@@ -591,6 +671,7 @@ def calibrate(
                 class_counts[path].astype(np.float32) if "class_sum" in acc else None,
             ),
             trailing=graph.fan_in_axes(calibrated[path][0]) is None,
+            stacked=None if iteration is not None else calibrated[path][0].stacked,
         )
         for path, acc in totals.items()
     }
@@ -602,7 +683,7 @@ def _finish(acc: dict[str, jax.Array], count: jax.Array, class_count: jax.Array 
     """Divides the accumulated sums into an :class:`InputStats`."""
     class_mean = None
     if class_count is not None:
-        class_mean = acc["class_sum"] / jnp.maximum(class_count, 1.0)[:, None]
+        class_mean = acc["class_sum"] / jnp.maximum(class_count, 1.0)[:, None]  # (..., c, m)
     return InputStats(
         count=count,
         mean=acc["sum"] / count,
@@ -610,6 +691,11 @@ def _finish(acc: dict[str, jax.Array], count: jax.Array, class_count: jax.Array 
         class_count=class_count,
         class_mean=class_mean,
     )
+
+
+def _stacked_length(use: Any) -> tuple[int, ...]:
+    """``(layers,)`` for a use of one slice of a stacked weight, else ``()``."""
+    return () if use.stacked is None else (use.weight_shape[use.stacked],)
 
 
 def _features(use: Any) -> int:

@@ -96,6 +96,12 @@ def leaf_gram(name: str, option: str, path: str, by_path: dict, shape: tuple[int
             f"{name}: {option} but data= has no InputStats for leaf {path!r}; calibrate that "
             "weight or exclude it with where="
         )
+    if stats.stacked is not None:
+        raise ValueError(
+            f"{name}: the InputStats of leaf {path!r} are stacked (one per scan iteration, "
+            f"along its axis {stats.stacked}); compress stacked layers with "
+            "jc.sequential(tx, apply_fn, batches), which calibrates and compresses each slice"
+        )
     gram = stats.gram
     gram_shape = tuple(getattr(gram, "shape", ()))
     m = gram_shape[0] if len(gram_shape) == 2 and gram_shape[0] == gram_shape[1] else None

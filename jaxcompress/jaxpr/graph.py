@@ -23,11 +23,14 @@ saying why its statistics cannot be assembled.
 What it does not follow: any op that computes new values from the weight (``mul`` by a
 mask, ``dequantize``-style arithmetic, ``concatenate``, ``slice``, ``gather``/``take``
 for embedding lookups, ``rev``). A weight that only reaches a dot through one of those
-has no uses. Ops that run code of their own on the weight (``pallas_call``, ``scan``,
+has no uses. Ops that run code of their own on the weight (``pallas_call``,
 ``while``, ``cond``, ``ffi_call``; see :func:`is_opaque`) are not entered either, but
 :func:`opaque_uses` names the weights that reach one, so callers can tell a weight
-seen whole from one whose uses are incomplete. A ``reshape`` that splits an original
-axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
+seen whole from one whose uses are incomplete. A ``scan`` is entered for the weights
+it runs over (stacked layers: one of its ``xs``, sliced per iteration; see
+:attr:`WeightUse.stacked`), not for one passed to it whole (a const or a carry), and
+not when it is nested in another ``scan`` or in a ``shard_map``. A ``reshape`` that
+splits an original axis (``(64, 10) -> (8, 8, 10)``) cannot be mapped back; such uses are kept with
 ``contracting_axes=None`` and a ``note`` saying why.
 
 :func:`capture` replays a jaxpr and returns the *other* operand (the activation) of
@@ -39,6 +42,7 @@ convolutions).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +61,7 @@ __all__ = [
     "RESULT",
     "capture",
     "bind_equation",
+    "eqn_at",
     "evaluate",
     "fan_in_axes",
     "fan_in_by_path",
@@ -179,6 +184,13 @@ class WeightUse:
             device holds the same one. ``activation_shape`` is that whole shape.
         gather_dim: the activation dim the shards are concatenated along (its first
             row dim: the first one a dot does not contract, a conv's batch dim).
+        stacked: ``None`` unless the weight reaches the op as one slice per iteration
+            of a ``scan`` (stacked layers): then the original axis the scan runs over.
+            The other axis fields describe one slice (in the leaf's numbering, without
+            this axis), ``activation_shape`` is one iteration's, and :func:`capture`
+            returns the activations of every iteration stacked on a new leading axis,
+            in the order of that axis.
+        scan: the site of that ``scan`` equation (see :func:`eqn_at`), else ``None``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -206,6 +218,8 @@ class WeightUse:
     note: str = ""
     gathered: tuple[str, ...] | None = None
     gather_dim: int | None = None
+    stacked: int | None = None
+    scan: tuple[int, ...] | None = None
 
     @property
     def mappable(self) -> bool:
@@ -220,6 +234,8 @@ class _Track:
     leaf: int
     layout: Layout | None
     note: str = ""
+    stacked: int | None = None  # the original axis a scan slices it along
+    scan: tuple[int, ...] | None = None  # the site of that scan
 
 
 def _unmappable(leaf: int, note: str) -> _Track:
@@ -276,7 +292,7 @@ def _relabel(name: str, params: dict[str, Any], track: _Track, in_shape, out_sha
     if name in _SAME:
         return track
     if name == "transpose":
-        return _Track(track.leaf, tuple(layout[p] for p in params["permutation"]))
+        return dataclasses.replace(track, layout=tuple(layout[p] for p in params["permutation"]))
     if name == "reshape":
         if params.get("dimensions") is not None:
             layout = tuple(layout[p] for p in params["dimensions"])
@@ -286,18 +302,20 @@ def _relabel(name: str, params: dict[str, Any], track: _Track, in_shape, out_sha
                 track.leaf,
                 f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits an original axis",
             )
-        return _Track(track.leaf, new)
+        return dataclasses.replace(track, layout=new)
     if name == "squeeze":
         dropped = {d % len(in_shape) for d in params["dimensions"]}
-        return _Track(track.leaf, tuple(g for i, g in enumerate(layout) if i not in dropped))
+        return dataclasses.replace(
+            track, layout=tuple(g for i, g in enumerate(layout) if i not in dropped)
+        )
     if name == "expand_dims":  # not a jax primitive today; kept for other front ends
         out = list(layout)
         for d in sorted(params["dimensions"]):
             out.insert(d, ())
-        return _Track(track.leaf, tuple(out))
+        return dataclasses.replace(track, layout=tuple(out))
     if name == "broadcast_in_dim":
         new = _broadcast_layout(layout, in_shape, out_shape, params["broadcast_dimensions"])
-        return _Track(track.leaf, new)
+        return dataclasses.replace(track, layout=new)
     raise AssertionError(name)  # pragma: no cover
 
 
@@ -471,6 +489,8 @@ def _make_use(
         note=note,
         gathered=gathered,
         gather_dim=gather_dim,
+        stacked=track.stacked,
+        scan=track.scan,
     )
 
 
@@ -549,6 +569,30 @@ def _into_shard_map(track: _Track | None, spec: Any) -> _Track | None:
     return track
 
 
+SCAN = "scan"
+
+
+def _scan_parts(eqn: Any) -> tuple[Any, list[Any], int] | None:
+    """``(body, body consts, consts + carries)`` of a ``scan`` equation, else None."""
+    body = eqn.params.get("jaxpr")
+    if not isinstance(body, jex.ClosedJaxpr) or len(body.jaxpr.invars) != len(eqn.invars):
+        return None
+    fixed = int(eqn.params["num_consts"]) + int(eqn.params["num_carry"])
+    return body.jaxpr, list(body.consts), fixed
+
+
+def _into_scan(track: _Track | None, site: tuple[int, ...]) -> _Track | None:
+    """A weight a ``scan`` runs over (one of its ``xs``) as the body sees it: one slice."""
+    if track is None or track.layout is None:
+        return track
+    if track.stacked is not None:
+        return _unmappable(track.leaf, "sliced by nested scans")
+    first = track.layout[0]
+    if len(first) != 1 or first[0][0] is None:
+        return _unmappable(track.leaf, "a scan runs over an axis that is not one axis of it")
+    return _Track(track.leaf, track.layout[1:], stacked=first[0][0], scan=site)
+
+
 Emit = Callable[[Any, tuple[int, ...], int, _Track, "_Manual | None"], None]
 
 
@@ -559,6 +603,7 @@ def _walk(
     emit: Emit,
     hide: Callable[[Any, _Track], None],
     manual: _Manual | None = None,
+    in_scan: bool = False,
 ) -> list[_Track | None]:
     env: dict[Any, _Track] = {}
     for var, track in zip(jaxpr.invars, tracks, strict=True):
@@ -586,15 +631,26 @@ def _walk(
             )
         elif name in _MANY_SAME and len(eqn.invars) == len(eqn.outvars):
             outs = list(ins)
-        elif name == SHARD_MAP and _shard_map_body(eqn) is not None:
+        elif name == SHARD_MAP and not in_scan and _shard_map_body(eqn) is not None:
             # Outputs are not followed: out_specs may concatenate them.
             specs = eqn.params["in_specs"]
             inner = [_into_shard_map(t, s) for t, s in zip(ins, specs, strict=True)]
             _walk(_shard_map_body(eqn), inner, site, emit, hide, _manual_of(eqn, manual))
+        elif name == SCAN and not in_scan and manual is None and (parts := _scan_parts(eqn)):
+            # Stacked layers: a weight scanned over is followed slice by slice; one
+            # passed whole (a const, a carry) is not, its rows per iteration unseen.
+            body, _, fixed = parts
+            inner = []
+            for k, track in enumerate(ins):
+                if track is not None and k < fixed:
+                    hide(eqn, track)
+                inner.append(_into_scan(track, site) if k >= fixed else None)
+            # Outputs are not followed: they are stacked per iteration.
+            _walk(body, inner, site, emit, hide, None, in_scan=True)
         else:
             sub = sub_jaxpr(eqn)
             if sub is not None:
-                outs = _walk(sub[0], ins, site, emit, hide, manual)
+                outs = _walk(sub[0], ins, site, emit, hide, manual, in_scan)
             elif is_opaque(eqn) or name == SHARD_MAP:
                 for track in ins:
                     if track is not None:
@@ -778,8 +834,7 @@ def trailing_fan_in_axes(use: WeightUse) -> int | None:
         >>> fan_in_axes(use), trailing_fan_in_axes(use)
         (None, 1)
     """
-    shape = tuple(use.weight_shape)
-    contracted = _contracted_kernel_axes(use)
+    shape, contracted = _kernel_view(use)
     if contracted is None or fan_in_axes(use) is not None:
         return None
     first = min(contracted)
@@ -802,6 +857,18 @@ def _contracted_kernel_axes(use: WeightUse) -> set[int] | None:
     return set(use.contracting_axes) or None
 
 
+def _kernel_view(
+    use: WeightUse, weight_shape: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], set[int] | None]:
+    """The shape the op multiplies and its contracted axes: one slice of a stacked weight."""
+    shape = tuple(use.weight_shape if weight_shape is None else weight_shape)
+    contracted = _contracted_kernel_axes(use)
+    axis = use.stacked
+    if axis is None or contracted is None:
+        return shape, contracted
+    return shape[:axis] + shape[axis + 1 :], {c - (c > axis) for c in contracted}
+
+
 def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> int | None:
     """How many leading axes of the weight are contracted inputs, or ``None``.
 
@@ -812,6 +879,8 @@ def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> in
     leading ones (for example a ``(out, in)`` kernel used as ``x @ w.T``), when the
     weight has ``dot_general`` batch axes, when the use is unmappable or when the weight
     is a conv's input rather than its kernel. Axes of size 1 count on either side.
+    For a use of one slice of a stacked weight (:attr:`WeightUse.stacked`) it is the
+    slice's, numbered without the stacked axis.
 
     Args:
         use: one use of the weight.
@@ -828,8 +897,7 @@ def fan_in_axes(use: WeightUse, weight_shape: Sequence[int] | None = None) -> in
         >>> fan_in_axes(use)
         2
     """
-    shape = tuple(use.weight_shape if weight_shape is None else weight_shape)
-    contracted = _contracted_kernel_axes(use)
+    shape, contracted = _kernel_view(use, weight_shape)
     if contracted is None:
         return None
     k = max(contracted) + 1
@@ -872,13 +940,25 @@ RESULT = -1
 
 
 def capture(
-    closed_jaxpr: Any, sites: Iterable[tuple[tuple[int, ...], int]], *flat_args: Any
+    closed_jaxpr: Any,
+    sites: Iterable[tuple[tuple[int, ...], int]],
+    *flat_args: Any,
+    iteration: int | None = None,
 ) -> dict[tuple[tuple[int, ...], int], jax.Array]:
     """Evaluates a jaxpr and returns chosen operands of chosen equations.
 
     The jaxpr is interpreted equation by equation (inlining the call sub-jaxprs that
     contain a requested site); call it inside :func:`jax.jit` so the interpretation
     happens once, at trace time. :func:`run_and_capture` also returns the outputs.
+    A ``scan`` holding a requested site runs as a new
+    ``scan`` that also returns the operand of every iteration, stacked on a new leading
+    axis in the order of the scanned inputs (see :attr:`WeightUse.stacked`).
+
+    With ``iteration=i`` such a ``scan`` instead runs only the iterations before the
+    one that reads slice ``i`` of its scanned inputs (``i`` from the end for a reverse
+    scan), then that iteration's body once, returning its operands unstacked, and
+    evaluation stops there: every requested site must then come before or inside it.
+    This is how one stacked layer is calibrated without running the ones after it.
 
     Args:
         closed_jaxpr: the jaxpr the sites come from.
@@ -886,6 +966,7 @@ def capture(
             activation of a use pass ``(use.site, 1 - use.operand)``, for the
             equation's output (a layer's pre-activation) ``(use.site, RESULT)``.
         *flat_args: the jaxpr's inputs (flattened params, then the other arguments).
+        iteration: the one iteration of scans to capture (see above), or ``None``.
 
     Returns:
         ``{(site, operand): value}``.
@@ -899,11 +980,14 @@ def capture(
         >>> capture(jaxpr, [(use.site, 0)], w, x)[(use.site, 0)].tolist()
         [[0.0, 0.0]]
     """
-    return run_and_capture(closed_jaxpr, sites, *flat_args)[1]
+    return run_and_capture(closed_jaxpr, sites, *flat_args, iteration=iteration)[1]
 
 
 def run_and_capture(
-    closed_jaxpr: Any, sites: Iterable[tuple[tuple[int, ...], int]], *flat_args: Any
+    closed_jaxpr: Any,
+    sites: Iterable[tuple[tuple[int, ...], int]],
+    *flat_args: Any,
+    iteration: int | None = None,
 ) -> tuple[list[Any], dict[tuple[tuple[int, ...], int], jax.Array]]:
     """:func:`capture`, also returning the jaxpr's outputs: ``(outputs, captured)``.
 
@@ -917,6 +1001,8 @@ def run_and_capture(
         closed_jaxpr: the jaxpr the sites come from.
         sites: ``(site, operand)`` pairs as in :func:`capture`.
         *flat_args: the jaxpr's inputs.
+        iteration: as in :func:`capture`; evaluation then stops early and ``outputs``
+            is empty.
 
     Returns:
         ``(outputs, {(site, operand): value})``, ``outputs`` a list like the jaxpr's.
@@ -935,9 +1021,18 @@ def run_and_capture(
     inline = {site[:k] for site in wanted for k in range(1, len(site))}
     captured: dict[tuple[tuple[int, ...], int], jax.Array] = {}
     jaxpr = closed_jaxpr.jaxpr
-    outs = _interpret(
-        jaxpr, list(closed_jaxpr.consts), list(flat_args), (), wanted, inline, captured
-    )
+    outs: list[Any] = []
+    with contextlib.suppress(_Captured):
+        outs = _interpret(
+            jaxpr,
+            list(closed_jaxpr.consts),
+            list(flat_args),
+            (),
+            wanted,
+            inline,
+            captured,
+            iteration,
+        )
     missing = [(s, o) for s, ops in wanted.items() for o in ops if (s, o) not in captured]
     if missing:
         raise ValueError(f"sites {missing} are not dot/conv equations of this jaxpr")
@@ -955,7 +1050,11 @@ def _environment(jaxpr, consts, args) -> tuple[dict[Any, Any], Callable[[Any], A
     return env, read
 
 
-def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[Any]:
+class _Captured(Exception):
+    """``capture(iteration=...)`` has every site it wants: the rest is not evaluated."""
+
+
+def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured, iteration=None) -> list[Any]:
     env, read = _environment(jaxpr, consts, args)
 
     for i, eqn in enumerate(jaxpr.eqns):
@@ -963,7 +1062,9 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
         invals = [read(v) for v in eqn.invars]
         sub = sub_jaxpr(eqn) if site in inline else None
         if sub is not None:
-            outs = _interpret(sub[0], sub[1], invals, site, wanted, inline, captured)
+            outs = _interpret(sub[0], sub[1], invals, site, wanted, inline, captured, iteration)
+        elif site in inline and eqn.primitive.name == SCAN and _scan_parts(eqn) is not None:
+            outs = _interpret_scan(eqn, invals, site, wanted, inline, captured, iteration)
         elif site in inline and eqn.primitive.name == SHARD_MAP:
             outs = _interpret_shard_map(eqn, invals, site, wanted, inline, captured)
         else:
@@ -977,14 +1078,81 @@ def _interpret(jaxpr, consts, args, prefix, wanted, inline, captured) -> list[An
     return [read(v) for v in jaxpr.outvars]
 
 
+def _interpret_scan(eqn, invals, site, wanted, inline, captured, iteration) -> list[Any]:
+    """Runs a scan whose body holds wanted sites, returning their operands (see capture)."""
+    parts = _scan_parts(eqn)
+    assert parts is not None  # checked by the caller
+    body, body_consts, fixed = parts
+    params = eqn.params
+    n_carry, length, reverse = int(params["num_carry"]), int(params["length"]), params["reverse"]
+    n_consts = fixed - n_carry
+    consts, init, xs = invals[:n_consts], invals[n_consts:fixed], invals[fixed:]
+    keys = [(s, o) for s, ops in wanted.items() if s[: len(site)] == site for o in ops if s != site]
+
+    def run(carry, x, found):
+        args = [*consts, *carry, *x]
+        return _interpret(body, body_consts, args, site, wanted, inline, found)
+
+    if iteration is None:
+
+        def step(carry, x):
+            found: dict[tuple[tuple[int, ...], int], jax.Array] = {}
+            outs = run(carry, x, found)
+            return tuple(outs[:n_carry]), (tuple(outs[n_carry:]), tuple(found[k] for k in keys))
+
+        carry, (ys, extra) = lax.scan(
+            step, tuple(init), tuple(xs), length=length, reverse=reverse, unroll=params["unroll"]
+        )
+        captured.update(zip(keys, extra, strict=True))
+        return [*carry, *ys]
+
+    if not 0 <= iteration < length:
+        raise ValueError(f"iteration {iteration} is outside the scan's {length} iterations")
+    # The iterations run before the wanted one, in the scan's own order.
+    before = slice(iteration + 1, length) if reverse else slice(0, iteration)
+
+    def plain(carry, x):
+        return tuple(run(carry, x, {})[:n_carry]), None
+
+    carry, _ = lax.scan(
+        plain,
+        tuple(init),
+        tuple(x[before] for x in xs),
+        length=len(range(length)[before]),
+        reverse=reverse,
+    )
+    run(carry, [x[iteration] for x in xs], captured)
+    raise _Captured
+
+
 def _eqn_at(jaxpr: Any, rel: tuple[int, ...]) -> Any:
-    """The equation at ``rel`` (indices down through call sub-jaxprs) below ``jaxpr``."""
+    """The equation at ``rel`` (indices down through sub-jaxprs) below ``jaxpr``."""
     eqn = jaxpr.eqns[rel[0]]
     for i in rel[1:]:
         sub = sub_jaxpr(eqn)
-        body = sub[0] if sub is not None else _shard_map_body(eqn)
+        scan = _scan_parts(eqn) if eqn.primitive.name == SCAN else None
+        if sub is not None:
+            body = sub[0]
+        elif scan is not None:
+            body = scan[0]
+        else:
+            body = _shard_map_body(eqn)
         eqn = body.eqns[i]
     return eqn
+
+
+def eqn_at(closed_jaxpr: Any, site: Sequence[int]) -> Any:
+    """The equation at ``site`` (as in :attr:`WeightUse.site`) of a jaxpr.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda w, x: jax.lax.scan(lambda c, w: (c @ w, None), x, w)[0]
+        >>> jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 2, 2)), jnp.ones(2))
+        >>> use, = uses_in_jaxpr(jaxpr, ["w"])["w"]
+        >>> use.stacked, eqn_at(jaxpr, use.scan).primitive.name, eqn_at(jaxpr, use.site).primitive
+        (0, 'scan', dot_general)
+    """
+    return _eqn_at(closed_jaxpr.jaxpr, tuple(site))
 
 
 def _interpret_shard_map(eqn, invals, site, wanted, inline, captured) -> list[Any]:
