@@ -198,7 +198,7 @@ def decode(
 def grid_codes(view: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, round_fn=None):
     """Codes of the ``(G, g, C)`` view ``view`` on the grid of ``(G, C)`` ``scale`` and ``zero``.
 
-    ``round(view / scale) + zero`` clipped to ``[0, 2**bits - 1]``, as float32. A zero
+    ``round(view / scale + zero)`` clipped to ``[0, 2**bits - 1]``, as float32. A zero
     scale (an all-zero group) divides by 1 instead; callers keep such groups' codes.
     ``round_fn`` replaces ``jnp.round`` (a straight-through rounding for training).
 
@@ -211,7 +211,8 @@ def grid_codes(view: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int,
     rounding = jnp.round if round_fn is None else round_fn
     scale = scale.astype(jnp.float32)
     safe = jnp.where(scale == 0, 1.0, scale)
-    codes = rounding(view.astype(jnp.float32) / safe[:, None, :]) + zero[:, None, :]
+    # The zero point is added before rounding: an asymmetric one may be fractional.
+    codes = rounding(view.astype(jnp.float32) / safe[:, None, :] + zero[:, None, :])
     return jnp.clip(codes, 0, 2**bits - 1)
 
 
