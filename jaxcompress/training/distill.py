@@ -558,7 +558,10 @@ def distill(
     def step(train, opt_state, frozen, teacher, x):
         teacher_out = jax.lax.stop_gradient(teacher_apply(teacher, x))
         value, grads = jax.value_and_grad(objective)(train, frozen, teacher_out, x)
-        updates, opt_state = optimizer.update(grads, opt_state, train)
+        # optax's Adam mixes float and int32 (its bias correction), which a user's strict
+        # dtype promotion refuses; the optimizer's own arithmetic runs under the standard one.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, train)
         return optax.apply_updates(train, updates), opt_state, value
 
     @jax.jit
@@ -571,7 +574,8 @@ def distill(
         return float(np.mean([float(v) for v in values]))
 
     before = mean_loss(student)
-    opt_state = optimizer.init(train)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(train)
     history = np.zeros(steps, np.float32)
     for i in over_steps(range(steps), total=steps, description="distill", enabled=progress):
         x = train_batches[i % len(train_batches)]
