@@ -291,3 +291,14 @@ def test_serving_layouts_are_refused():
     tx = jc.Transform(lambda p, **_: (prepared, {}), "prepared")
     with pytest.raises(TypeError, match="l1/kernel"):
         jc.distill(_apply, PARAMS, tx, BATCHES, steps=1, progress=False)
+
+
+def test_equinox_module_with_non_array_leaves():
+    import equinox as eqx
+
+    model = eqx.nn.MLP(16, 8, 32, 1, activation=jnp.tanh, key=KEYS[4])
+    apply = lambda m, x: jax.vmap(m)(x)  # noqa: E731
+    student, report = _distill(jc.prune(0.5), params=model, apply=apply, steps=20)
+    assert isinstance(student.layers[0].weight, jc.Sparse)
+    assert student.activation is jnp.tanh
+    assert report.after < report.before

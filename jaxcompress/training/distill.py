@@ -375,7 +375,7 @@ class DistillReport:
             >>> import numpy as np
             >>> r = DistillReport(1, np.array([0.5], np.float32), 0.5, 0.4, "eval_batches",
             ...                   "cosine", 0.25)
-            >>> print(r.table().splitlines()[4])
+            >>> print(r.table().splitlines()[5])
             | loss on eval_batches, after | 0.4 |
         """
         first, last = (float(self.loss[0]), float(self.loss[-1])) if len(self.loss) else (0, 0)
