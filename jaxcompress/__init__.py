@@ -83,12 +83,18 @@ if TYPE_CHECKING:
     from jaxcompress import training as training
     from jaxcompress.examples import minilm as minilm
     from jaxcompress.runtime.lora_serving import accelerate_lora as accelerate_lora
+    from jaxcompress.training.distill import DistillReport as DistillReport
+    from jaxcompress.training.distill import distill as distill
 
 # Loaded on first attribute access, not by `import jaxcompress`: training needs optax,
 # and the MiniLM example flax. `import jaxcompress.training` works as usual.
 _LAZY_MODULES = {"minilm": "jaxcompress.examples.minilm", "training": "jaxcompress.training"}
-# Functions whose module imports training (and so optax), loaded the same way.
-_LAZY_FUNCTIONS = {"accelerate_lora": "jaxcompress.runtime.lora_serving"}
+# Names whose module imports training (and so optax), loaded the same way.
+_LAZY_FUNCTIONS = {
+    "DistillReport": "jaxcompress.training.distill",
+    "accelerate_lora": "jaxcompress.runtime.lora_serving",
+    "distill": "jaxcompress.training.distill",
+}
 
 
 def __getattr__(name: str):
@@ -110,6 +116,7 @@ __all__ = [
     "Clustered",
     "ClusteredMatrix",
     "CompressedArray",
+    "DistillReport",
     "FileFormatError",
     "FileReport",
     "GroupResult",
@@ -135,6 +142,7 @@ __all__ = [
     "coupled_groups",
     "data_parallel",
     "decomposition",
+    "distill",
     "export_dense",
     "filters",
     "fisher_diagonal",

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxcompress.arrays.base import CompressedArray, leaf_nbytes, with_shardings
-from jaxcompress.core.bitpack import unpack
+from jaxcompress.core.bitpack import pack, unpack
 from jaxcompress.core.mesh import (
     input_scale_spec,
     named_like,
@@ -195,6 +195,40 @@ def decode(
     return dense.astype(dtype)
 
 
+def grid_codes(view: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int, round_fn=None):
+    """Codes of the ``(G, g, C)`` view ``view`` on the grid of ``(G, C)`` ``scale`` and ``zero``.
+
+    ``round(view / scale + zero)`` clipped to ``[0, 2**bits - 1]``, as float32. A zero
+    scale (an all-zero group) divides by 1 instead; callers keep such groups' codes.
+    ``round_fn`` replaces ``jnp.round`` (a straight-through rounding for training).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> view = jnp.array([[[-3.0], [0.4], [9.0]]])
+        >>> grid_codes(view, jnp.ones((1, 1)), jnp.full((1, 1), 2.0), bits=2)[0, :, 0].tolist()
+        [0.0, 2.0, 3.0]
+    """
+    rounding = jnp.round if round_fn is None else round_fn
+    scale = scale.astype(jnp.float32)
+    safe = jnp.where(scale == 0, 1.0, scale)
+    # The zero point is added before rounding: an asymmetric one may be fractional.
+    codes = rounding(view.astype(jnp.float32) / safe[:, None, :] + zero[:, None, :])
+    return jnp.clip(codes, 0, 2**bits - 1)
+
+
+def zero_points(scale: jax.Array, zero_point: jax.Array | None, bits: int) -> jax.Array:
+    """The ``(G, C)`` zero points as float32: the stored ones, or ``2**(bits - 1)`` if symmetric.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> zero_points(jnp.ones((1, 2)), None, 4).tolist()
+        [[8.0, 8.0]]
+    """
+    if zero_point is None:
+        return jnp.full(scale.shape, 2 ** (bits - 1), jnp.float32)
+    return zero_point.astype(jnp.float32)
+
+
 def scale_inputs(dense: jax.Array, input_scale: jax.Array) -> jax.Array:
     """``dense`` (float32) times per-input-feature scales along its leading axes.
 
@@ -346,3 +380,32 @@ class Quantized(CompressedArray):
             f"Quantized(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
             f"bits={self.bits}, axis={self.axis}, group_size={self.group_size}{extra})"
         )
+
+
+def requantize(leaf: Quantized, target: jax.Array, *, scale: jax.Array | None = None) -> Quantized:
+    """``target`` coded on ``leaf``'s own grid: same metadata, codes rounded again.
+
+    ``target`` is the dense array before any AWQ input scales (``(code - zero) * scale``
+    for the leaf itself). ``scale`` replaces the leaf's scales (same shape; stored in
+    the leaf's scale dtype); the zero points stay. Codes are rounded to the nearest
+    level and clipped to the ``bits``-bit range; a group with a zero scale keeps its
+    codes (nothing can be coded there).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> q = jc.quantize(4, axis=None, where="w")({"w": jnp.array([[1.0, -2.0]])})[0]["w"]
+        >>> requantize(q, jnp.array([[0.26, 9.0]])).materialize().tolist()  # step 0.25
+        [[0.25, 1.75]]
+    """
+    shape, axis, group_size = tuple(leaf.shape), leaf.axis, leaf.group_size
+    stored = leaf.scale if scale is None else scale.astype(leaf.scale.dtype)
+    scale32 = stored.astype(jnp.float32)
+    zero = zero_points(scale32, leaf.zero_point, leaf.bits)
+    codes = grid_codes(to_groups(target, axis, group_size), scale32, zero, bits=leaf.bits)
+    old = to_groups(leaf.unpacked_codes().astype(jnp.float32), axis, group_size)
+    codes = jnp.where((scale32 == 0)[:, None, :], old, codes)
+    dense_codes = from_groups(codes, shape, axis)
+    return dataclasses.replace(
+        leaf, codes=pack(dense_codes.astype(jnp.uint8), leaf.bits), scale=stored
+    )

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["leaf_bytes", "over_leaves"]
+__all__ = ["leaf_bytes", "over_leaves", "over_steps"]
 
 T = TypeVar("T")
 
@@ -75,3 +75,38 @@ def over_leaves(
             yield item
             done += size
             bar.update(leaves, completed=done)
+
+
+def over_steps(items: Iterable[T], *, total: int, description: str, enabled: bool) -> Iterator[T]:
+    """Yields ``items``, advancing a transient step bar (``i/total`` and elapsed time) after each.
+
+    Like :func:`over_leaves` it writes to stderr, loads rich only when shown, and shows
+    nothing when stderr is not a terminal.
+
+    Example:
+        >>> list(over_steps(range(3), total=3, description="train", enabled=False))
+        [0, 1, 2]
+    """
+    if not enabled:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield from items
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    task = bar.add_task(description, total=total)
+    with bar:
+        for item in items:
+            yield item
+            bar.advance(task)

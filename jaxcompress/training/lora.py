@@ -30,11 +30,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcompress.arrays import Clustered, Quantized, Sparse
 from jaxcompress.arrays.base import as_dense, is_compressed
-from jaxcompress.arrays.quantized import group_layout, to_groups
+from jaxcompress.arrays.quantized import requantize
 from jaxcompress.core.bitpack import pack
 from jaxcompress.numerics.kmeans1d import assign
 from jaxcompress.transforms.base import select_leaves
@@ -247,28 +246,7 @@ def _requantize(leaf: Quantized, target: jax.Array) -> Quantized:
             "own grid here; keep the adapters beside it (lora_apply) or quantize the "
             "materialized lora_apply result again"
         )
-    shape, axis, group_size = tuple(leaf.shape), leaf.axis, leaf.group_size
-    scale = leaf.scale.astype(jnp.float32)
-    if leaf.zero_point is None:
-        zero = jnp.full(scale.shape, 2 ** (leaf.bits - 1), jnp.float32)
-    else:
-        zero = leaf.zero_point.astype(jnp.float32)
-    view = to_groups(target.astype(jnp.float32), axis, group_size)
-    # A zero scale (an all-zero group) keeps its codes: nothing can be coded there.
-    safe = jnp.where(scale == 0, 1.0, scale)
-    codes = jnp.round(view / safe[:, None, :]) + zero[:, None, :]
-    codes = jnp.clip(codes, 0, 2**leaf.bits - 1)
-    old = to_groups(leaf.unpacked_codes().astype(jnp.float32), axis, group_size)
-    codes = jnp.where((scale == 0)[:, None, :], old, codes)
-    groups, size, channels = group_layout(shape, axis, group_size)
-    moved = codes.reshape(groups * size, channels)
-    if axis is None:
-        dense_codes = moved.reshape(shape)
-    else:
-        rest = tuple(np.delete(np.asarray(shape), axis))
-        dense_codes = jnp.moveaxis(moved.reshape(*rest, shape[axis]), -1, axis)
-    packed = pack(dense_codes.astype(jnp.uint8), leaf.bits)
-    return dataclasses.replace(leaf, codes=packed)
+    return requantize(leaf, target)
 
 
 def _recluster(leaf: Clustered, target: jax.Array) -> Clustered:
