@@ -30,8 +30,17 @@ def train_classifier(
     forward: Callable[[Any], Any] | None = None,
     progress: Progress | None = None,
     description: str = "training",
+    teacher: Any = None,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
 ) -> tuple[Any, Any]:
     """Trains a flax linen classifier with any optax optimizer and softmax cross-entropy.
+
+    With ``teacher`` (the dense parameters of the same model), the loss also
+    distils from it (Hinton et al. 2015): ``(1 - a) * CE(labels) + a * T^2 *
+    KL(softmax(teacher / T) || softmax(student / T))`` with ``a = distill_weight`` and
+    ``T = temperature``, so a pruned or clustered student learns the dense model's
+    soft targets as well as the labels.
 
     The loss sees :func:`jaxcompress.materialize` of the params, and gradients are
     taken with :func:`jaxcompress.training.grad` (floating children only), so
@@ -54,9 +63,15 @@ def train_classifier(
             ``jaxcompress.training.fake_quant(4)`` for quantization-aware training.
         progress: a ``rich`` progress display to advance once per epoch.
         description: the progress bar's label.
+        teacher: optional dense parameters of ``model`` to distil from.
+        distill_weight: the weight ``a`` of the distillation term, in ``[0, 1]``.
+        temperature: the softmax temperature ``T > 0`` of the distillation term.
 
     Returns:
         ``(params, opt_state)`` after training.
+
+    Raises:
+        ValueError: ``distill_weight`` outside ``[0, 1]`` or ``temperature <= 0``.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -69,13 +84,26 @@ def train_classifier(
         >>> jax.tree.structure(trained) == jax.tree.structure(params)
         True
     """
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(
+            f"train_classifier: distill_weight must be in [0, 1], got {distill_weight}"
+        )
+    if not temperature > 0.0:
+        raise ValueError(f"train_classifier: temperature must be > 0, got {temperature}")
+    teacher_params = None if teacher is None else materialize(teacher)
 
     @jax.jit
     def step(params, opt_state, x, y):
         def loss_fn(p):
             dense = materialize(p)
             logits = model.apply({"params": forward(dense) if forward else dense}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            if teacher_params is None:
+                return loss
+            soft = jax.nn.softmax(model.apply({"params": teacher_params}, x) / temperature)
+            # Cross-entropy to the soft targets: KL up to the teacher's entropy, a constant.
+            kd = optax.softmax_cross_entropy(logits / temperature, soft).mean()
+            return (1.0 - distill_weight) * loss + distill_weight * temperature**2 * kd
 
         grads = grad(loss_fn)(params)
         if masks is not None:
