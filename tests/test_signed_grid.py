@@ -21,13 +21,14 @@ def _groups(w, group_size):
 
 
 def _new_grid(w, bits, group_size):
-    """Reference: the smallest unclipped step of either orientation of [-2**(b-1), 2**(b-1)-1],
+    """Reference: the smallest step of either orientation of [-2**(b-1), 2**(b-1)-1] that
+    holds the range to within half a step (the short side to 2**(b-1) - 1/2 steps),
     or per group the old grid's step where that rounds better."""
     v = _groups(w, group_size)
     half = 2 ** (bits - 1)
     low = np.minimum(v.min(axis=1, keepdims=True), 0)
     high = np.maximum(v.max(axis=1, keepdims=True), 0)
-    long_side, short_side = np.float32(1 / half), np.float32(1 / (half - 1))
+    long_side, short_side = np.float32(1 / half), np.float32(1 / (half - 0.5))
     negative_long = np.maximum(-low * long_side, high * short_side)
     positive_long = np.maximum(high * long_side, -low * short_side)
     scale = np.where(negative_long <= positive_long, negative_long, -positive_long)
