@@ -92,7 +92,7 @@ def decode(codes, scale, zero, bits: int):
 
 
 def _signed_scale(low, high, *, bits: int):
-    """The symmetric grid's scale for a range ``low <= 0 <= high``, unclipped.
+    """The symmetric grid's scale for a range ``low <= 0 <= high``, held to half a step.
 
     The grid spans ``[-2**(b-1), 2**(b-1) - 1]`` steps; a negative scale mirrors it, so
     the longer side covers the range's larger end. The long side's end sits on its
