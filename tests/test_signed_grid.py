@@ -70,7 +70,7 @@ def _output_error(dense, w):
     return np.linalg.norm(X @ (np.asarray(dense, np.float32) - w)) / np.linalg.norm(X @ w)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group_size", [None, 128])
 def test_matches_the_reference_and_is_never_worse_than_the_old_grid(bits, group_size):
     tx = jax.jit(jc.quantize(bits, group_size=group_size))
