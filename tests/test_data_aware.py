@@ -93,15 +93,16 @@ def test_gptq_output_error_is_below_round_to_nearest(bits, group_size):
 
 
 def _reference_absmax_scale(rows, half):
-    """Symmetric absmax scale per column: the finer unclipped step of the 2**b-level grid
-    (its sign puts the extra level on the larger side), or the old max|w| / (half - 1)
-    where that rounds the column with less squared error."""
+    """Symmetric absmax scale per column: the finer step of the 2**b-level grid that holds
+    the column to within half a step, the short side to half - 1/2 steps (its sign puts
+    the extra level on the larger side), or the old max|w| / (half - 1) where that rounds
+    the column with less squared error."""
     low, high = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
-    long_side, short_side = np.float32(1.0 / half), np.float32(1.0 / (half - 1))
+    long_side, short_side = np.float32(1.0 / half), np.float32(1.0 / (half - 0.5))
     negative_long = np.maximum(-low * long_side, high * short_side)
     positive_long = np.maximum(high * long_side, -low * short_side)
     new = np.where(negative_long <= positive_long, negative_long, -positive_long)
-    old = np.maximum(-low, high) * short_side
+    old = np.maximum(-low, high) * np.float32(1.0 / (half - 1))
 
     def error(scale):
         q = np.clip(np.round(rows / scale), -half, half - 1) * scale

@@ -51,12 +51,13 @@ def _one_group(v: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
         return ((codes - zero) * scale).astype(f32)
     half = 2 ** (bits - 1)
     low, high = min(lo, f32(0)), max(hi, f32(0))
-    long_side, short_side = f32(1.0 / half), f32(1.0 / (half - 1))
+    # The short side ends up to half a step past its extreme level.
+    long_side, short_side = f32(1.0 / half), f32(1.0 / (half - 0.5))
     negative_long = max(-low * long_side, high * short_side)
     positive_long = max(high * long_side, -low * short_side)
     scale = negative_long if negative_long <= positive_long else -positive_long
     new = (np.clip(np.round(v / scale), -half, half - 1) * scale).astype(f32)
-    old_scale = f32(max(-low, high) * short_side)
+    old_scale = f32(max(-low, high) * f32(1.0 / (half - 1)))
     old = (np.clip(np.round(v / old_scale), -half, half - 1) * old_scale).astype(f32)
     # The library keeps the old 2**b - 1-level step where it rounds the group better.
     return old if np.sum((old - v) ** 2) < np.sum((new - v) ** 2) else new

@@ -21,13 +21,14 @@ def _groups(w, group_size):
 
 
 def _new_grid(w, bits, group_size):
-    """Reference: the smallest unclipped step of either orientation of [-2**(b-1), 2**(b-1)-1],
+    """Reference: the smallest step of either orientation of [-2**(b-1), 2**(b-1)-1] that
+    holds the range to within half a step (the short side to 2**(b-1) - 1/2 steps),
     or per group the old grid's step where that rounds better."""
     v = _groups(w, group_size)
     half = 2 ** (bits - 1)
     low = np.minimum(v.min(axis=1, keepdims=True), 0)
     high = np.maximum(v.max(axis=1, keepdims=True), 0)
-    long_side, short_side = np.float32(1 / half), np.float32(1 / (half - 1))
+    long_side, short_side = np.float32(1 / half), np.float32(1 / (half - 0.5))
     negative_long = np.maximum(-low * long_side, high * short_side)
     positive_long = np.maximum(high * long_side, -low * short_side)
     scale = np.where(negative_long <= positive_long, negative_long, -positive_long)
@@ -69,7 +70,7 @@ def _output_error(dense, w):
     return np.linalg.norm(X @ (np.asarray(dense, np.float32) - w)) / np.linalg.norm(X @ w)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group_size", [None, 128])
 def test_matches_the_reference_and_is_never_worse_than_the_old_grid(bits, group_size):
     tx = jax.jit(jc.quantize(bits, group_size=group_size))

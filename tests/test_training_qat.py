@@ -66,6 +66,26 @@ def test_absmax_keeps_every_gradient():
     np.testing.assert_array_equal(grad["kernel"], jnp.ones_like(w))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_absmax_passes_the_gradient_of_the_short_side_end(bits, scale_dtype):
+    # Columns symmetric about 0: the short side's end sits 2**(b-1) - 1/2 steps out,
+    # half a step past its extreme level (give or take the stored scale's rounding),
+    # and rounds to it. That is rounding, not clipping: its gradient passes.
+    w = np.random.default_rng(bits).normal(size=(32, 16)).astype(np.float32)
+    w[0] = np.abs(w).max(axis=0)
+    w[1] = -w[0]
+    params = {"kernel": jnp.asarray(w)}
+    fq = jc.training.fake_quant(bits, scale_dtype=scale_dtype)
+    for grad_of in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+        grad = grad_of(lambda p, fq=fq: jnp.sum(fq(p)["kernel"]))(params)["kernel"]
+        np.testing.assert_array_equal(grad, np.ones_like(w))
+    scale = np.asarray(jc.quantize(bits, scale_dtype=scale_dtype)(params)[0]["kernel"].scale)
+    steps = np.abs(w[0] / scale.astype(np.float32)[0])
+    half = 2 ** (bits - 1)
+    assert np.any(steps > half - 0.75)  # some columns use the new grid's short side
+
+
 def test_sparse_leaf_keeps_zeros_and_matches_quantize():
     w = jax.random.normal(jax.random.key(4), (8, 8))
     pruned = jc.prune(0.5)({"kernel": w})[0]

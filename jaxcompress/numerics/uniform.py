@@ -8,7 +8,10 @@ For ``b`` bits:
   negative side of ``q``, and the scale's sign puts it on the side of the group's
   largest magnitude: ``s = -w_max / 2**(b-1)`` when that entry is positive, so it is
   code 0 exactly. The scale is the smallest ``|s|`` whose grid holds the clipping range
-  ``[low, high]`` (which always contains 0) unclipped; with ``calibration="absmax"`` a
+  ``[low, high]`` (which always contains 0) to within half a step: the long side ends
+  on its extreme level, ``2**(b-1)`` steps out, and the short side's end may lie up to
+  ``2**(b-1) - 1/2`` steps out, where it rounds to its extreme level with at most
+  half a step's error, as every other entry does; with ``calibration="absmax"`` a
   group keeps the older ``2**b - 1``-level step ``max|w| / (2**(b-1) - 1)`` where that
   rounds it with less squared error, so no group is worse than on that grid
   (``calibration="mse"`` weighs that step against its searched ones too). (Files
@@ -21,6 +24,9 @@ For ``b`` bits:
 
 Codes are computed with the stored (rounded) scale and zero point, so the round-trip
 error is at most ``|s| / 2`` per entry inside the clipping range for the stored ``s``.
+An entry counts as clipped (and gets no gradient in quantization-aware training) only
+where it lies more than half a step past the extreme level (see :func:`encode`):
+rounding to the extreme level is rounding, not clipping.
 A constant group (zero range) gets ``s = |c|`` (or 1 for ``c == 0``) and decodes
 exactly; nothing is ever divided by zero.
 
@@ -46,25 +52,31 @@ from jaxcompress.core.mesh import unsharded
 _MSE_RATIOS = np.linspace(1.0, 0.01, 100, dtype=np.float32)
 
 
-def encode(v, scale, zero, bits: int):
+def encode(v, scale, zero, bits: int, *, scale_dtype=np.float32):
     """Unsigned codes (as float32) of ``v``, and where rounding needed no clipping.
 
-    ``zero=None`` is the symmetric grid, else ``zero`` is the zero point.
+    ``zero=None`` is the symmetric grid, else ``zero`` is the zero point. An entry needs
+    no clipping when it lies at most half a step past the grid's extreme level (so it
+    rounds to that level as an entry inside rounds to its nearest one), give or take
+    the rounding of a scale (and zero point) stored in ``scale_dtype``: a margin of
+    ``eps(scale_dtype)`` per level from zero, so the end of a range whose unrounded
+    scale put it exactly half a step out still counts.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> codes, inside = encode(jnp.array([-2.0, 0.4, 5.0]), 1.0, None, 2)
+        >>> codes, inside = encode(jnp.array([-2.0, 0.4, 1.5, 5.0]), 1.0, None, 2)
         >>> codes.tolist(), inside.tolist()
-        ([0.0, 2.0, 3.0], [True, True, False])
+        ([0.0, 2.0, 3.0, 3.0], [True, True, True, False])
     """
+    eps = float(jnp.finfo(scale_dtype).eps)
     if zero is None:
         half = 2 ** (bits - 1)
-        raw = jnp.round(v / scale)
-        clipped = jnp.clip(raw, -half, half - 1)
-        return clipped + half, raw == clipped
-    raw = jnp.round(v / scale + zero)
-    clipped = jnp.clip(raw, 0, 2**bits - 1)
-    return clipped, raw == clipped
+        steps = v / scale
+        clipped = jnp.clip(jnp.round(steps), -half, half - 1)
+        return clipped + half, jnp.abs(steps - clipped) <= 0.5 + half * eps
+    steps = v / scale + zero
+    clipped = jnp.clip(jnp.round(steps), 0, 2**bits - 1)
+    return clipped, jnp.abs(steps - clipped) <= 0.5 + 2**bits * eps
 
 
 def decode(codes, scale, zero, bits: int):
@@ -80,17 +92,20 @@ def decode(codes, scale, zero, bits: int):
 
 
 def _signed_scale(low, high, *, bits: int):
-    """The symmetric grid's scale for a range ``low <= 0 <= high``, unclipped.
+    """The symmetric grid's scale for a range ``low <= 0 <= high``, held to half a step.
 
     The grid spans ``[-2**(b-1), 2**(b-1) - 1]`` steps; a negative scale mirrors it, so
-    the longer side covers the range's larger end. Of the two orientations, the one
-    with the smaller step (the positive one on a tie, the old grid's scale for a range
+    the longer side covers the range's larger end. The long side's end sits on its
+    extreme level (``2**(b-1)`` steps); the short side's may sit ``2**(b-1) - 1/2``
+    steps out, half a step past its extreme level, where it rounds to that level with
+    no more error than any entry inside. Of the two orientations, the one with the
+    smaller step (the positive one on a tie: ``max|w| / (2**(b-1) - 1/2)`` for a range
     symmetric about 0).
     """
     # Multiplying by 1/levels (not dividing) gives the same float eagerly and under jit,
     # where XLA rewrites a division by a constant; QAT then converts with no drift.
     long_side = np.float32(1.0 / 2 ** (bits - 1))
-    short_side = np.float32(1.0 / (2 ** (bits - 1) - 1))
+    short_side = np.float32(1.0 / (2 ** (bits - 1) - 0.5))
     negative_long = jnp.maximum(-low * long_side, high * short_side)
     positive_long = jnp.maximum(high * long_side, -low * short_side)
     return jnp.where(negative_long <= positive_long, negative_long, -positive_long)
@@ -307,7 +322,7 @@ def quantize_view(
     if not symmetric:
         exact_zero = jnp.where(minimum < 0, jnp.ones_like(minimum), jnp.zeros_like(minimum))
         zero = jnp.where(constant, exact_zero, zero)
-    codes, inside = encode(v, scale, zero, bits)
+    codes, inside = encode(v, scale, zero, bits, scale_dtype=scale_dtype)
     if finite is not None:
         inside = inside & finite
         if poison:
