@@ -27,7 +27,7 @@ def apply(params, x):
     h = jnp.tanh(x @ params["dense1"]["kernel"] + params["dense1"]["bias"][None])
     return h @ params["dense2"]["kernel"] + params["dense2"]["bias"][None]
 """
-CANDIDATES = '["dense", "int8", "kmeans4", "kmeans3"]'
+CANDIDATES = '["dense", "int8", "kmeans3"]'
 
 
 def _apply(params, x):
@@ -221,7 +221,10 @@ AUTO = f"\n[auto]\nratio = 4\ncandidates = {CANDIDATES}\n"
             MODEL_TABLE.replace("inputs.npy", "narrow.npy") + AUTO,
             ":2: [model] apply: the model fails on the checkpoint's parameters",
         ),
-        (MODEL_TABLE + "\n[auto]\nbytes = 64\n", ":7: auto: budget 64 bytes cannot be met"),
+        (
+            MODEL_TABLE + '\n[auto]\nbytes = 64\ncandidates = ["int8"]\n',
+            ":7: auto: budget 64 bytes cannot be met",
+        ),
         (
             MODEL_TABLE + '\n[[transform]]\nkind = "prune"\nsparsity = 0.5\nwhere = "conv"\n',
             ":6: prune: where='conv' selects none",
