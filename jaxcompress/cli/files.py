@@ -60,6 +60,22 @@ anywhere in the path ("dense1" also selects dense10/kernel; anchor it as "^dense
 A table whose filter selects no leaf is an error naming its line, unless
 --allow-empty. The output is written atomically; code streams and masks are
 entropy-coded unless --no-entropy.
+
+With a model and unlabeled inputs, the recipe may choose formats under a budget
+(jaxcompress.auto, instead of [[transform]] tables) and distill the compressed
+model from the dense one (jaxcompress.distill, after either). The checkpoint is
+then loaded whole and compressed in memory, not leaf by leaf:
+
+  [model]
+  apply = "model:apply"   # apply(params, x) in model.py (recipe folder or cwd)
+  data = "inputs.npy"     # .npy/.npz inputs, relative to the recipe
+  batch_size = 32
+
+  [auto]
+  ratio = 8               # and/or bytes = N; candidates, metric, where
+
+  [distill]
+  steps = 200             # loss, learning_rate (Adam), temperature, eval_data
 """
 
 INSPECT_HELP = """\

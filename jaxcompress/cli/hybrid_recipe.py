@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -174,11 +173,9 @@ def _positive_int(value: Any) -> int:
 
 
 def _positive_number(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not (math.isfinite(value) and value > 0)
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"must be a positive number, got {value!r}")
     return float(value)
 
