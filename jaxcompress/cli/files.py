@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +13,22 @@ from rich.console import Console
 
 from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
 from jaxcompress.arrays.tree import is_array_leaf
+from jaxcompress.cli.hybrid_compress import (
+    compress_in_memory,
+    distill_dict,
+    distill_table,
+    plan_dict,
+    plan_table,
+)
+from jaxcompress.cli.hybrid_recipe import read_recipe
 from jaxcompress.cli.options import check_output_path
-from jaxcompress.cli.recipes import RecipeError, RecipeStep, read_recipe_steps
+from jaxcompress.cli.recipes import RecipeStep, step_errors
 from jaxcompress.io.compress_file import compress_file
 from jaxcompress.io.files import inspect_file, load
 from jaxcompress.io.interop import export_dense
 from jaxcompress.io.sources import open_source
 from jaxcompress.runtime.report import LeafReport, Report
 from jaxcompress.transforms.base import chain, flatten_leaves
-from jaxcompress.transforms.filters import NothingSelectedWarning, describe
 
 
 def _console() -> Console:
@@ -54,6 +60,22 @@ anywhere in the path ("dense1" also selects dense10/kernel; anchor it as "^dense
 A table whose filter selects no leaf is an error naming its line, unless
 --allow-empty. The output is written atomically; code streams and masks are
 entropy-coded unless --no-entropy.
+
+With a model and unlabeled inputs, the recipe may choose formats under a budget
+(jaxcompress.auto, instead of [[transform]] tables) and distill the compressed
+model from the dense one (jaxcompress.distill, after either). The checkpoint is
+then loaded whole and compressed in memory, not leaf by leaf:
+
+  [model]
+  apply = "model:apply"   # apply(params, x) in model.py (recipe folder or cwd)
+  data = "inputs.npy"     # .npy/.npz inputs, relative to the recipe
+  batch_size = 32
+
+  [auto]
+  ratio = 8               # and/or bytes = N; candidates, metric, where
+
+  [distill]
+  steps = 200             # loss, learning_rate (Adam), temperature, eval_data
 """
 
 INSPECT_HELP = """\
@@ -114,30 +136,50 @@ def add_file_commands(commands: argparse._SubParsersAction) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """``jaxcompress compress``: checkpoint + recipe -> .jxc, with a summary."""
-    steps = read_recipe_steps(args.recipe)  # recipe errors before any heavy work
+    recipe = read_recipe(args.recipe)  # recipe errors before any heavy work
     check_output_path(args.output, flag="--output")
     start = time.perf_counter()
-    # Leaf by leaf from the file: memory holds about one leaf, never the model.
-    file_report = _compress_recipe(
-        steps,
-        args.checkpoint,
-        args.output,
-        allow_empty=args.allow_empty,
-        entropy=not args.no_entropy,
-    )
+    plan = distilled = None
+    if recipe.in_memory:
+        result = compress_in_memory(
+            recipe,
+            args.checkpoint,
+            args.output,
+            allow_empty=args.allow_empty,
+            entropy=not args.no_entropy,
+            console=Console(stderr=True),  # stdout stays pure JSON with --json
+        )
+        file_report, plan, distilled = result
+    else:
+        # Leaf by leaf from the file: memory holds about one leaf, never the model.
+        file_report = _compress_recipe(
+            recipe.steps,
+            args.checkpoint,
+            args.output,
+            allow_empty=args.allow_empty,
+            entropy=not args.no_entropy,
+        )
     report = _streamed_report(args.checkpoint, args.output)
     seconds = time.perf_counter() - start
     if args.json:
-        result = {
+        result_json: dict[str, Any] = {
             "checkpoint": str(args.checkpoint),
             "output": str(args.output),
             "seconds": seconds,
             "report": report.to_dict(),
             "file": file_report.to_dict(),
         }
-        print(json.dumps(result))
+        if plan is not None:
+            result_json["auto"] = plan_dict(plan)
+        if distilled is not None:
+            result_json["distill"] = distill_dict(distilled)
+        print(json.dumps(result_json))
         return 0
     console = _console()
+    if plan is not None:
+        console.print(plan_table(plan))
+    if distilled is not None:
+        console.print(distill_table(distilled))
     console.print(report.table(title=f"{Path(args.checkpoint).name}: compression summary"))
     console.print(file_report.table())
     console.print(
@@ -204,29 +246,8 @@ def _compress_recipe(
 ) -> Any:
     """:func:`compress_file` with the recipe; an empty step is an error naming its line."""
     transform = steps[0].transform if len(steps) == 1 else chain(*(s.transform for s in steps))
-    with warnings.catch_warnings():
-        if not allow_empty:  # raised before the file is committed, so nothing is written
-            warnings.simplefilter("error", NothingSelectedWarning)
-        try:
-            return compress_file(src, dst, transform, progress=True, entropy=entropy)
-        except NothingSelectedWarning as warning:
-            # The stages warn in order, so the first step the message fits is the one.
-            message = str(warning)
-            step, rest = next(
-                (s, message[len(prefix) :])
-                for s in steps
-                for prefix in [f"{s.transform.name}: where={describe(s.where)} "]
-                if message.startswith(prefix)
-            )
-            raise RecipeError(
-                f"{step.at}: {step.kind}: where={describe(step.where)} {rest} "
-                "(pass --allow-empty to write the file anyway)"
-            ) from None
-        except (TypeError, ValueError) as error:
-            refused = next((s for s in steps if str(error).startswith(s.transform.name)), None)
-            if refused is None:
-                raise
-            raise RecipeError(f"{refused.locate(error)}: {error}") from None
+    with step_errors(steps, allow_empty=allow_empty):
+        return compress_file(src, dst, transform, progress=True, entropy=entropy)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
