@@ -90,7 +90,7 @@ def test_features_are_found_by_tracing_and_matching_lowers_their_loss(kind):
     build, names = MODELS[kind]
     apply, params = build()
     matched, report = _distill(apply, params, features=True, feature_weight=3.0)
-    assert report.features == names  # every kernel, in program order; no names given
+    assert report.features == names  # every kernel (tree order); no names given
     assert report.features_after < 0.7 * report.features_before, report
     assert report.after < report.before
     if kind == "nnx":  # the module itself: its state and a function over it

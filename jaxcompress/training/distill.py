@@ -18,6 +18,11 @@ again a tree of the same compressed leaves:
 
 A thinned tree from :func:`jaxcompress.prune_units` runs through its stats'
 ``apply_fn``; its smaller leaves are dense and train as above.
+
+Besides the output, the student can match the teacher's pre-activations, found by
+tracing (``features=``); the step can run data parallel over a mesh (``mesh=``) and
+the loop can be resumed bit for bit from orbax checkpoints (``checkpoint_dir=``,
+through :mod:`jaxcompress.training.checkpoints`).
 """
 
 from __future__ import annotations
@@ -617,13 +622,14 @@ def distill(
 
         Matching the hidden layer too, found by tracing:
 
-        >>> params = {"w1": jax.random.normal(jax.random.key(2), (8, 8)), **params}
-        >>> apply = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w"]
-        >>> student, report = jc.distill(apply, params, jc.quantize(4), x, features=True,
+        >>> params = {"a": jax.random.normal(jax.random.key(2), (8, 8)) / 3,
+        ...           "b": jax.random.normal(jax.random.key(0), (8, 4)) / 3}
+        >>> apply = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
+        >>> student, report = jc.distill(apply, params, jc.prune(0.5), x, features=True,
         ...                              optimizer=optax.adam(1e-2), steps=20,
         ...                              progress=False)
         >>> report.features, report.features_after < report.features_before
-        (('w1', 'w'), True)
+        (('a', 'b'), True)
     """
     started = time.perf_counter()
     if not isinstance(tx, Transform):
