@@ -352,15 +352,13 @@ def _feature_filter(features: Any) -> Filter | None:
 
 
 def _check_weight(feature_weight: Any) -> float:
-    if (
-        isinstance(feature_weight, bool)
-        or not isinstance(feature_weight, numbers.Real)
-        or not (math.isfinite(feature_weight) and feature_weight >= 0)
-    ):
-        raise ValueError(
-            f"distill: feature_weight must be a non-negative number, got {feature_weight!r}"
-        )
-    return float(feature_weight)
+    message = f"distill: feature_weight must be a non-negative number, got {feature_weight!r}"
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, numbers.Real):
+        raise ValueError(message)
+    weight = float(feature_weight)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(message)
+    return weight
 
 
 # --- data parallel -----------------------------------------------------------------------
