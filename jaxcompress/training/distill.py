@@ -751,8 +751,8 @@ def distill(
         dense = materialize(split_arrays(tree)[0])
         if replicated is not None:
             dense = jax.device_put(dense, replicated)
-        values = np.array([[float(v) for v in evaluate(dense, teacher_arrays, place(x))]
-                           for x in held_out])  # fmt: skip
+        pairs = [evaluate(dense, teacher_arrays, place(x)) for x in held_out]
+        values = np.array([[float(v) for v in pair] for pair in pairs])
         return float(values[:, 0].mean()), float(values[:, 1].mean())
 
     before, features_before = mean_losses(student)
