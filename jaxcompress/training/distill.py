@@ -18,6 +18,11 @@ again a tree of the same compressed leaves:
 
 A thinned tree from :func:`jaxcompress.prune_units` runs through its stats'
 ``apply_fn``; its smaller leaves are dense and train as above.
+
+Besides the output, the student can match the teacher's pre-activations, found by
+tracing (``features=``); the step can run data parallel over a mesh (``mesh=``) and
+the loop can be resumed bit for bit from orbax checkpoints (``checkpoint_dir=``,
+through :mod:`jaxcompress.training.checkpoints`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcompress.arrays import Clustered, LowRank, Quantized, Sparse
 from jaxcompress.arrays.base import is_compressed
@@ -47,9 +54,12 @@ from jaxcompress.arrays.quantized import (
     zero_points,
 )
 from jaxcompress.arrays.tree import combine, materialize, on_arrays, split_arrays
+from jaxcompress.calibration.features import feature_loss, traced_features
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.progress import over_steps
+from jaxcompress.training.checkpoints import LoopCheckpoints, digest
 from jaxcompress.transforms.base import Transform
+from jaxcompress.transforms.filters import Filter, kernels
 
 __all__ = ["DistillReport", "distill"]
 
@@ -327,6 +337,50 @@ def _units_apply(stats: Any) -> Callable[..., Any] | None:
     return apply if callable(apply) else None
 
 
+def _feature_filter(features: Any) -> Filter | None:
+    """The filter choosing which weights' features are matched, or ``None`` for none."""
+    if features is None or features is False:
+        return None
+    if features is True:
+        return kernels
+    if isinstance(features, str | tuple) or callable(features):
+        return features
+    raise TypeError(
+        "distill: features must be None, True or a filter (a regex string, a "
+        f"(path, leaf) -> bool function or a tuple of them), got {type(features).__name__}"
+    )
+
+
+def _check_weight(feature_weight: Any) -> float:
+    message = f"distill: feature_weight must be a non-negative number, got {feature_weight!r}"
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, numbers.Real):
+        raise ValueError(message)
+    weight = float(feature_weight)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(message)
+    return weight
+
+
+# --- data parallel -----------------------------------------------------------------------
+
+
+def _check_mesh(mesh: Any, named: dict[str, Sequence[Any]]) -> None:
+    """Every batch's rows split evenly over the first axis of ``mesh``."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"distill: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    axis = mesh.axis_names[0]
+    devices = mesh.shape[axis]
+    for name, items in named.items():
+        for index, batch in enumerate(items):
+            rows = {int(np.shape(x)[0]) for x in jax.tree.leaves(batch)}
+            uneven = sorted(r for r in rows if r % devices)
+            if uneven:
+                raise ValueError(
+                    f"distill: {name}[{index}] has {uneven[0]} rows, which do not split "
+                    f"evenly over the {devices} devices of the mesh's first axis {axis!r}"
+                )
+
+
 # --- the report --------------------------------------------------------------------------
 
 
@@ -335,14 +389,22 @@ class DistillReport:
     """What :func:`distill` did.
 
     Attributes:
-        steps: optimizer steps taken.
-        loss: the training loss at each step (before that step's update), numpy float32.
-        before: the mean loss to the teacher over the evaluation batches, of the student
-            as the transform made it.
+        steps: optimizer steps taken (counting those before a resumed checkpoint).
+        loss: the training loss at each step (before that step's update), numpy float32:
+            the output loss, plus ``feature_weight`` times the feature loss when
+            features are matched.
+        before: the mean output loss to the teacher over the evaluation batches, of the
+            student as the transform made it.
         after: the same, of the returned compressed tree.
         eval_on: ``"eval_batches"`` or ``"batches"`` (when no held-out batches were given).
         loss_name: the loss (``"cosine"``, ``"mse"``, ``"kl"`` or a function's name).
         seconds: wall time of the whole call, compression included.
+        features: the names of the matched features (see
+            :func:`jaxcompress.calibration.features.traced_features`); empty without.
+        features_before: the mean :func:`~jaxcompress.calibration.features.feature_loss`
+            over the evaluation batches before training; ``None`` without features.
+        features_after: the same, of the returned tree.
+        resumed_from: the step of the checkpoint the run carried on from, or ``0``.
 
     Example:
         >>> import numpy as np
@@ -367,6 +429,10 @@ class DistillReport:
     eval_on: str
     loss_name: str
     seconds: float
+    features: tuple[str, ...] = ()
+    features_before: float | None = None
+    features_after: float | None = None
+    resumed_from: int = 0
 
     def table(self) -> str:
         """A markdown table: steps, first and last training loss, evaluation before and after.
@@ -374,18 +440,29 @@ class DistillReport:
         Example:
             >>> import numpy as np
             >>> r = DistillReport(1, np.array([0.5], np.float32), 0.5, 0.4, "eval_batches",
-            ...                   "cosine", 0.25)
+            ...                   "cosine", 0.25, ("l1/kernel",), 0.2, 0.1)
             >>> print(r.table().splitlines()[5])
             | loss on eval_batches, after | 0.4 |
+            >>> print(r.table().splitlines()[7])
+            | feature loss (1 features) on eval_batches, after | 0.1 |
         """
         first, last = (float(self.loss[0]), float(self.loss[-1])) if len(self.loss) else (0, 0)
+        steps = f"{self.steps}"
+        if self.resumed_from:
+            steps += f" (resumed at {self.resumed_from})"
         rows = [
-            ("steps", f"{self.steps}"),
+            ("steps", steps),
             ("training loss, first → last", f"{first:.4g} → {last:.4g}"),
             (f"loss on {self.eval_on}, before", f"{self.before:.4g}"),
             (f"loss on {self.eval_on}, after", f"{self.after:.4g}"),
-            ("wall time", f"{self.seconds:.3g} s"),
         ]
+        if self.features_before is not None and self.features_after is not None:
+            which = f"feature loss ({len(self.features)} features) on {self.eval_on}"
+            rows += [
+                (f"{which}, before", f"{self.features_before:.4g}"),
+                (f"{which}, after", f"{self.features_after:.4g}"),
+            ]
+        rows.append(("wall time", f"{self.seconds:.3g} s"))
         lines = [f"| | {self.loss_name} |", "|:--|--:|"]
         return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 
@@ -421,12 +498,16 @@ def distill(
     steps: int = 100,
     loss: str | Callable[[Any, Any], jax.Array] = "cosine",
     features: Any = None,
+    feature_weight: float = 1.0,
     key: jax.Array | None = None,
     data: Any = None,
     eval_batches: Any = None,
     temperature: float = 1.0,
     train_dense: bool = True,
     train_scale: bool = True,
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
     progress: bool = True,
 ) -> tuple[Any, DistillReport]:
     """Compresses ``teacher_params`` with ``tx``, then trains the result to match the teacher.
@@ -445,6 +526,33 @@ def distill(
     One jitted step computes the teacher's output, the student's, the loss, its gradient
     and the optimizer update.
 
+    **Features.** With ``features=``, the student also matches the teacher's
+    intermediate activations: the output of each ``dot_general`` or convolution that
+    consumes a chosen weight (the pre-activation), found by tracing ``apply_fn``
+    (:func:`jaxcompress.calibration.features.traced_features`), so no layer names are
+    needed and linen, nnx, equinox and plain functions work alike. The loss is
+    ``loss(student_out, teacher_out) + feature_weight * feature_loss(student_features,
+    teacher_features)`` (:func:`~jaxcompress.calibration.features.feature_loss`: the
+    mean over features of the relative squared error). The student's features come
+    from its forward pass as stored (fake-quantized, masked, ...), at the same weights
+    as the teacher's; both are computed inside the step.
+
+    **Data parallel.** With ``mesh=``, each batch is split along its rows over the
+    mesh's first axis and replicated over the others; the student, the optimizer state
+    and the teacher are replicated. The losses are means over all rows, so the run
+    equals the single-device one up to the order of float sums.
+
+    **Resuming.** With ``checkpoint_dir=``, the state (step, trainable student,
+    optimizer state, loss history) is saved with orbax-checkpoint every
+    ``checkpoint_every`` steps and after the last one (the newest two are kept); the
+    batch of a step is ``batches[step % len(batches)]`` and the step itself uses no
+    randomness, so this is all a run needs. A call with the same arguments over a
+    directory that holds a checkpoint carries on from its latest step, and returns
+    bit for bit what an uninterrupted run would (``steps`` may be larger than the
+    checkpoint's, to train on). A checkpoint from another run (another transform,
+    key, data or starting student, loss, features, batch count or layout, or optimizer
+    state layout) is refused. The optimizer itself is not compared: pass the same one.
+
     Args:
         apply_fn: ``apply_fn(params, x) -> output`` (a linen
             ``lambda p, x: model.apply({"params": p}, x)``, a function over an
@@ -462,7 +570,11 @@ def distill(
             ``"kl"`` (``KL(softmax(t/T) || softmax(s/T)) T²``), or a function
             ``loss(student_out, teacher_out) -> scalar``. A model with several outputs
             gets the mean of a named loss over them.
-        features: reserved for matching intermediate features; only ``None`` for now.
+        features: ``None`` (the output only), ``True`` (the features of every kernel a
+            dot/conv consumes) or a :data:`jaxcompress.filters.Filter` on weight paths
+            choosing them. Not with a thinned student (:func:`jaxcompress.prune_units`),
+            whose features have other shapes.
+        feature_weight: the weight of the feature loss, non-negative.
         key: the key passed to ``tx``.
         data: passed to ``tx`` (calibration statistics for GPTQ, AWQ, SparseGPT, …).
         eval_batches: held-out batches for the report's before / after loss; by default
@@ -472,6 +584,11 @@ def distill(
             train too.
         train_scale: whether quantization scales train with the latents (LSQ: the
             gradient through ``s * round(w / s)``); zero points stay.
+        mesh: a :class:`jax.sharding.Mesh` to run data parallel on; every batch's rows
+            (and ``eval_batches``') must divide by the size of its first axis.
+        checkpoint_dir: an orbax checkpoint directory to save to and resume from
+            (needs ``orbax-checkpoint``).
+        checkpoint_every: save after every this many steps (with ``checkpoint_dir``).
         progress: a bar over the steps on stderr (nothing when it is not a terminal).
 
     Returns:
@@ -479,10 +596,13 @@ def distill(
 
     Raises:
         TypeError: ``tx`` is not a Transform, ``apply_fn`` is not callable, batches of
-            the wrong type, or a leaf that cannot train compressed (a serving layout).
+            the wrong type, ``features`` not a filter, ``mesh`` not a Mesh, or a leaf
+            that cannot train compressed (a serving layout).
         ValueError: an unknown loss, ``steps < 1``, empty or inconsistent batches, a
-            non-positive temperature.
-        NotImplementedError: ``features`` other than ``None``.
+            non-positive temperature, a negative ``feature_weight``, features that
+            cannot be matched (none found, a thinned student), batch rows that do not
+            split over ``mesh``, or a checkpoint from another run or past ``steps``.
+        ImportError: ``checkpoint_dir`` without orbax-checkpoint installed.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -497,6 +617,17 @@ def distill(
         Clustered(shape=(8, 4), dtype=float32, k=4, bits=2, per_tensor)
         >>> report.after < report.before
         True
+
+        Matching the hidden layer too, found by tracing:
+
+        >>> params = {"a": jax.random.normal(jax.random.key(2), (8, 8)) / 3,
+        ...           "b": jax.random.normal(jax.random.key(0), (8, 4)) / 3}
+        >>> apply = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
+        >>> student, report = jc.distill(apply, params, jc.prune(0.5), x, features=True,
+        ...                              optimizer=optax.adam(1e-2), steps=20,
+        ...                              progress=False)
+        >>> report.features, report.features_after < report.features_before
+        (('a', 'b'), True)
     """
     started = time.perf_counter()
     if not isinstance(tx, Transform):
@@ -504,11 +635,8 @@ def distill(
             f"distill: tx must be a jaxcompress Transform (jc.quantize(...), jc.chain(...)), "
             f"got {type(tx).__name__}"
         )
-    if features is not None:
-        raise NotImplementedError(
-            "distill: features= (matching intermediate activations) is not supported yet; "
-            "pass features=None to distill on the model's outputs"
-        )
+    where = _feature_filter(features)
+    feature_weight = _check_weight(feature_weight)
     steps = _check_steps(steps)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"distill: temperature must be a positive number, got {temperature!r}")
@@ -526,10 +654,18 @@ def distill(
     )
     if _signature(held_out[0]) != _signature(train_batches[0]):
         raise ValueError("distill: eval_batches must be laid out like batches")
+    if mesh is not None:
+        _check_mesh(mesh, {"batches": train_batches, "eval_batches": held_out})
     optimizer = optax.adam(1e-4) if optimizer is None else optimizer
 
     student, stats = tx(teacher_params, key=key, data=data)
-    student_fn = _units_apply(stats) or fn
+    units_fn = _units_apply(stats)
+    if where is not None and units_fn is not None:
+        raise ValueError(
+            "distill: features= cannot be matched on a student thinned by prune_units (its "
+            "features have fewer units than the teacher's); pass features=None"
+        )
+    student_fn = units_fn or fn
 
     teacher_arrays, teacher_rest = split_arrays(teacher_params)
     teacher_apply = on_arrays(fn, teacher_rest)
@@ -551,12 +687,52 @@ def distill(
         ]
         return combine(jax.tree_util.tree_unflatten(treedef, leaves), rest)
 
-    def objective(train, frozen, teacher_out, x):
-        return loss_fn(student_fn(assemble(train, frozen), x), teacher_out)
+    def teacher_run(teacher: Any, x: Any) -> tuple[Any, Any]:
+        if where is None:
+            return teacher_apply(teacher, x), None
+        return traced_features(teacher_apply, teacher, x, where=where)
 
-    @jax.jit
+    def student_run(params: Any, x: Any) -> tuple[Any, Any]:
+        if where is None:
+            return student_fn(params, x), None
+        return traced_features(student_fn, params, x, where=where)
+
+    def losses(student_out: Any, teacher_out: Any) -> tuple[jax.Array, jax.Array]:
+        """``(output loss, feature loss)``; the feature loss is 0 without features."""
+        out = loss_fn(student_out[0], teacher_out[0])
+        if where is None:
+            return out, jnp.zeros((), jnp.float32)
+        return out, feature_loss(student_out[1], teacher_out[1])
+
+    names: tuple[str, ...] = ()
+    if where is not None:
+        # Traced once here (abstractly) so a set the two sides disagree on is named now.
+        teacher_shapes = jax.eval_shape(teacher_run, teacher_arrays, held_out[0])[1]
+        student_shapes = jax.eval_shape(
+            lambda t, f, x: student_run(assemble(t, f), x), train, frozen, held_out[0]
+        )[1]
+        names = tuple(teacher_shapes)
+        if set(student_shapes) != set(names):
+            raise ValueError(
+                f"distill: the student's traced features {sorted(student_shapes)} differ "
+                f"from the teacher's {sorted(names)}"
+            )
+
+    def objective(train, frozen, teacher_out, x):
+        out, feats = losses(student_run(assemble(train, frozen), x), teacher_out)
+        return out + feature_weight * feats
+
+    replicated = batch_sharding = None
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        teacher_arrays, train, frozen = jax.device_put((teacher_arrays, train, frozen), replicated)
+
+    def place(x: Any) -> Any:
+        return x if batch_sharding is None else jax.device_put(x, batch_sharding)
+
     def step(train, opt_state, frozen, teacher, x):
-        teacher_out = jax.lax.stop_gradient(teacher_apply(teacher, x))
+        teacher_out = jax.lax.stop_gradient(teacher_run(teacher, x))
         value, grads = jax.value_and_grad(objective)(train, frozen, teacher_out, x)
         # optax's Adam mixes float and int32 (its bias correction), which a user's strict
         # dtype promotion refuses; the optimizer's own arithmetic runs under the standard one.
@@ -564,25 +740,66 @@ def distill(
             updates, opt_state = optimizer.update(grads, opt_state, train)
         return optax.apply_updates(train, updates), opt_state, value
 
+    # On a mesh the new state is pinned replicated, as it came in.
+    jitted_step = jax.jit(step, out_shardings=replicated)
+
     @jax.jit
     def evaluate(dense, teacher, x):
-        return loss_fn(student_fn(combine(dense, rest), x), teacher_apply(teacher, x))
+        return losses(student_run(combine(dense, rest), x), teacher_run(teacher, x))
 
-    def mean_loss(tree: Any) -> float:
+    def mean_losses(tree: Any) -> tuple[float, float]:
         dense = materialize(split_arrays(tree)[0])
-        values = [evaluate(dense, teacher_arrays, x) for x in held_out]
-        return float(np.mean([float(v) for v in values]))
+        if replicated is not None:
+            dense = jax.device_put(dense, replicated)
+        pairs = [evaluate(dense, teacher_arrays, place(x)) for x in held_out]
+        values = np.array([[float(v) for v in pair] for pair in pairs])
+        return float(values[:, 0].mean()), float(values[:, 1].mean())
 
-    before = mean_loss(student)
+    before, features_before = mean_losses(student)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(train)
+    if replicated is not None:
+        opt_state = jax.device_put(opt_state, replicated)
     history = np.zeros(steps, np.float32)
-    for i in over_steps(range(steps), total=steps, description="distill", enabled=progress):
-        x = train_batches[i % len(train_batches)]
-        train, opt_state, value = step(train, opt_state, frozen, teacher_arrays, x)
-        history[i] = float(value)
+    start = 0
+    checkpoints = None
+    if checkpoint_dir is not None:
+        fingerprint = {
+            "transform": tx.name,
+            "loss": loss_name,
+            "temperature": float(temperature),
+            "features": list(names) if where is not None else None,
+            "feature_weight": feature_weight,
+            "student": digest((train, frozen)),
+            "key": None if key is None else digest(key),
+            "batches": [len(train_batches), repr(_signature(train_batches[0]))],
+        }
+        checkpoints = LoopCheckpoints(
+            checkpoint_dir, fingerprint=fingerprint, every=checkpoint_every, caller="distill"
+        )
+    try:
+        if checkpoints is not None:
+            resumed = checkpoints.restore(train, opt_state)
+            if resumed is not None:
+                if resumed.step > steps:
+                    raise ValueError(
+                        f"distill: the checkpoint in {checkpoint_dir} is at step "
+                        f"{resumed.step}, past steps={steps}"
+                    )
+                start, train, opt_state = resumed.step, resumed.train, resumed.opt_state
+                history[:start] = resumed.history
+        todo = range(start, steps)
+        for i in over_steps(todo, total=len(todo), description="distill", enabled=progress):
+            x = place(train_batches[i % len(train_batches)])
+            train, opt_state, value = jitted_step(train, opt_state, frozen, teacher_arrays, x)
+            history[i] = float(value)
+            if checkpoints is not None:
+                checkpoints.save(i + 1, train, opt_state, history[: i + 1], force=i + 1 == steps)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
     result = assemble(train, frozen, finish=True)
-    after = mean_loss(result)
+    after, features_after = mean_losses(result)
     report = DistillReport(
         steps=steps,
         loss=history,
@@ -591,5 +808,9 @@ def distill(
         eval_on="batches" if eval_batches is None else "eval_batches",
         loss_name=loss_name,
         seconds=time.perf_counter() - started,
+        features=names,
+        features_before=None if where is None else features_before,
+        features_after=None if where is None else features_after,
+        resumed_from=start,
     )
     return result, report
