@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxcompress as jc
+from jaxcompress.hybrid.output_metrics import cosine, kl, mse
 from jaxcompress.numerics.knapsack import pareto_frontier, solve
-from jaxcompress.structure.output_metrics import cosine, kl, mse
 
 # Every kernel 16 x 16, so each candidate compiles once for all of them.
 WIDTH = 16

@@ -25,11 +25,11 @@ from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.tree import materialize, nbytes, on_arrays, split_arrays
 from jaxcompress.calibration.calibrate import calibrate
 from jaxcompress.core.progress import over_leaves
+from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
+from jaxcompress.hybrid.budget import Budget
+from jaxcompress.hybrid.candidates import DENSE, resolve_candidates
+from jaxcompress.hybrid.output_metrics import resolve_metric
 from jaxcompress.numerics.knapsack import pareto_frontier
-from jaxcompress.structure.autoplan import AutoPlan, AutoRow
-from jaxcompress.structure.budget import Budget
-from jaxcompress.structure.candidates import DENSE, resolve_candidates
-from jaxcompress.structure.output_metrics import resolve_metric
 from jaxcompress.transforms.base import (
     LeafEntry,
     Transform,
@@ -216,7 +216,7 @@ def auto(
             ``latency=`` is not implemented yet.
         candidates: name → transform (``None`` for dense, under the name ``"dense"``),
             or a sequence of names from
-            :func:`jaxcompress.structure.candidates.default_candidates` (the default:
+            :func:`jaxcompress.hybrid.candidates.default_candidates` (the default:
             dense, int8, int4 in groups of 128, GPTQ int4, k-means 5/4/3-bit, pruning
             50 %/75 % with int8 values, low rank at 90 %/75 % energy).
         metric: ``"cosine"`` (mean ``1 - cos`` along the output's last axis),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxcompress.structure.budget import Budget
+from jaxcompress.hybrid.budget import Budget
 
 __all__ = ["AutoPlan", "AutoRow"]
 
@@ -45,7 +45,7 @@ class AutoPlan:
 
     Attributes:
         rows: one :class:`AutoRow` per selected weight, in tree order.
-        budget: the :class:`~jaxcompress.structure.budget.Budget` asked for.
+        budget: the :class:`~jaxcompress.hybrid.budget.Budget` asked for.
         metric: the metric's name.
         bytes: :func:`jaxcompress.nbytes` of the whole compressed tree.
         dense_bytes: :func:`jaxcompress.nbytes` of the tree as given.
@@ -58,7 +58,7 @@ class AutoPlan:
 
     Example:
         >>> import jaxcompress as jc
-        >>> from jaxcompress.structure.autoplan import AutoPlan, AutoRow
+        >>> from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
         >>> plan = AutoPlan(
         ...     rows=(AutoRow("a", "int8", 10, 40, 0.01), AutoRow("b", "dense", 40, 40, 0.0)),
         ...     budget=jc.budget(bytes=50), metric="cosine", bytes=50, dense_bytes=80,
@@ -94,7 +94,7 @@ class AutoPlan:
 
         Example:
             >>> import jaxcompress as jc
-            >>> from jaxcompress.structure.autoplan import AutoPlan, AutoRow
+            >>> from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
             >>> plan = AutoPlan((AutoRow("w", "kmeans4", 8, 64, 0.125),), jc.budget(ratio=8),
             ...                 "mse", 8, 64, 0.125, 0.125, ((8, 0.125), (64, 0.0)), {})
             >>> print(plan.table().splitlines()[-1].replace(" than float32", ""))
@@ -147,7 +147,7 @@ class AutoPlan:
             >>> matplotlib.use("Agg")
             >>> import matplotlib.pyplot as plt
             >>> import jaxcompress as jc
-            >>> from jaxcompress.structure.autoplan import AutoPlan, AutoRow
+            >>> from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
             >>> plan = AutoPlan((AutoRow("w", "int8", 16, 64, 0.01),), jc.budget(bytes=20),
             ...                 "cosine", 16, 64, 0.01, 0.01, ((16, 0.01), (64, 0.0)), {})
             >>> figure = plan.plot()
