@@ -19,6 +19,7 @@ load that comes and goes hits every thunk alike. Tests pass a fake timer.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -303,13 +304,11 @@ class UseBench:
                     fast = accelerate(_build(description))
                     self._fast[description] = (fast, jax.jit(fast))
                 fast, run = self._fast[description]
-                served = fast.prepare({"w": leaf})
-                thunks.append(lambda run=run, served=served, x=x: run(served, x))
+                thunks.append(functools.partial(run, fast.prepare({"w": leaf}), x))
             else:
                 if description not in self._dense:
                     self._dense[description] = jax.jit(_build(description))
-                run, weight = self._dense[description], {"w": leaf}
-                thunks.append(lambda run=run, weight=weight, x=x: run(weight, x))
+                thunks.append(functools.partial(self._dense[description], {"w": leaf}, x))
         return lambda: [thunk() for thunk in thunks]
 
 
