@@ -30,6 +30,10 @@ from jaxcompress.calibration.calibrate import InputStats as InputStats
 from jaxcompress.calibration.calibrate import calibrate as calibrate
 from jaxcompress.calibration.sequential import sequential as sequential
 from jaxcompress.core.version import __version__ as __version__
+from jaxcompress.hybrid.auto import auto as auto
+from jaxcompress.hybrid.autoplan import AutoPlan as AutoPlan
+from jaxcompress.hybrid.budget import Budget as Budget
+from jaxcompress.hybrid.budget import budget as budget
 from jaxcompress.io.compress_file import compress_file as compress_file
 from jaxcompress.io.errors import FileFormatError as FileFormatError
 from jaxcompress.io.files import FileReport as FileReport
@@ -62,10 +66,6 @@ from jaxcompress.runtime.report import LeafReport as LeafReport
 from jaxcompress.runtime.report import Report as Report
 from jaxcompress.runtime.report import summarize as summarize
 from jaxcompress.runtime.sharding import shardings_like as shardings_like
-from jaxcompress.structure.auto import auto as auto
-from jaxcompress.structure.autoplan import AutoPlan as AutoPlan
-from jaxcompress.structure.budget import Budget as Budget
-from jaxcompress.structure.budget import budget as budget
 from jaxcompress.structure.sensitivity import SensitivityReport as SensitivityReport
 from jaxcompress.structure.sensitivity import sensitivity as sensitivity
 from jaxcompress.structure.units import GroupResult as GroupResult

@@ -47,7 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("methods",),  # prune, nm, blocks, quantize, cluster, lowrank, projections
     ("training", "structure"),  # optax wrappers | coupling, thinning, units, sensitivity
     ("runtime",),  # sharding, parallel, kernels, accelerate, report
-    ("io",),  # the file format, interop, checkpoints
+    ("io", "hybrid"),  # the file format, interop, checkpoints | auto: formats per weight
     ("examples",),  # demo models, classifier, pipeline, MiniLM, decoder LM, data
     ("cli",),  # the command line
 )

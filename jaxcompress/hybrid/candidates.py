@@ -34,7 +34,7 @@ def default_candidates() -> dict[str, Transform | None]:
     the squared singular values (unavailable where that saves no bytes).
 
     Example:
-        >>> from jaxcompress.structure.candidates import default_candidates
+        >>> from jaxcompress.hybrid.candidates import default_candidates
         >>> list(default_candidates())[:4]
         ['dense', 'int8', 'int4-g128', 'gptq4-g128']
     """
@@ -61,7 +61,7 @@ def resolve_candidates(candidates: Any) -> dict[str, Transform | None]:
     is kept for leaving a weight as it is.
 
     Example:
-        >>> from jaxcompress.structure.candidates import resolve_candidates
+        >>> from jaxcompress.hybrid.candidates import resolve_candidates
         >>> list(resolve_candidates(["dense", "int8"]))
         ['dense', 'int8']
     """

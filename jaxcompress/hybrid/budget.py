@@ -27,7 +27,7 @@ class Budget:
             leaf, the unselected ones at their own size), or ``None``.
         ratio: the selected weights' float32 bytes (4 per entry, whatever their dtype)
             divided by their compressed bytes must be at least this, or ``None``.
-        latency: seconds per call of the accelerated model, or ``None``.
+        latency: seconds per call of the jitted accelerated model, or ``None``.
 
     Example:
         >>> import jaxcompress as jc
@@ -94,9 +94,9 @@ def budget(
             leaves ``auto`` does not select included (at their own size).
         ratio: at least this many times fewer bytes for the selected weights than
             they take as float32 (``ratio=8.0``: an eighth of 4 bytes per entry).
-        latency: seconds per call of ``jaxcompress.accelerate(apply_fn)`` on a
-            calibration batch. Not measured yet: :func:`jaxcompress.auto` raises
-            ``NotImplementedError`` for it.
+        latency: seconds per call of ``jax.jit(jaxcompress.accelerate(apply_fn))``
+            on the first calibration batch, on this machine: :func:`jaxcompress.auto`
+            keeps its prediction within it and reports the measured value.
 
     Returns:
         A frozen :class:`Budget`.

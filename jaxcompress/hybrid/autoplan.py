@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxcompress.structure.budget import Budget
+from jaxcompress.hybrid.budget import Budget
 
 __all__ = ["AutoPlan", "AutoRow"]
 
 
 def _cell(text: str) -> str:
     return text.replace("|", r"\|")
+
+
+def _micro(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.4g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,10 @@ class AutoRow:
         loss: the metric measured with this weight alone in this format and every other
             weight dense; it is also the weight's share of the predicted total, which
             adds these up (``0`` for dense).
+        latency: seconds its uses took in this format, each rebuilt alone and served
+            by ``accelerate`` (``None`` without a latency budget; ``0`` where not
+            modelled: see :attr:`AutoPlan.latency_notes`).
+        dense_latency: seconds its uses took dense, likewise.
 
     Example:
         >>> AutoRow("l1/kernel", "int8", 640, 2048, 0.001).format
@@ -37,6 +45,8 @@ class AutoRow:
     bytes: int
     dense_bytes: int
     loss: float
+    latency: float | None = None
+    dense_latency: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +55,7 @@ class AutoPlan:
 
     Attributes:
         rows: one :class:`AutoRow` per selected weight, in tree order.
-        budget: the :class:`~jaxcompress.structure.budget.Budget` asked for.
+        budget: the :class:`~jaxcompress.hybrid.budget.Budget` asked for.
         metric: the metric's name.
         bytes: :func:`jaxcompress.nbytes` of the whole compressed tree.
         dense_bytes: :func:`jaxcompress.nbytes` of the tree as given.
@@ -55,10 +65,24 @@ class AutoPlan:
             bytes increasing and loss falling: the best predicted loss at each budget.
         measurements: per weight path, per candidate name available for it,
             ``(bytes, loss)`` as measured.
+        dense_latency: seconds per call of the dense model (``jax.jit(apply_fn)`` on
+            the first batch), or ``None`` without a latency budget.
+        predicted_latency: ``dense_latency`` less the rows' dense use times plus
+            their chosen ones: what the choice kept within the budget.
+        measured_latency: seconds per call of the chosen tree, prepared and run by
+            ``jax.jit(jaxcompress.accelerate(apply_fn))`` on the first batch.
+        latency_exceeded: whether ``measured_latency`` is over the budget's
+            latency (the prediction held it, the measurement did not; ``auto``
+            warns).
+        latency_frontier: ``(predicted seconds, predicted loss)`` of every
+            Pareto-optimal choice by latency alone.
+        latencies: per weight path, per candidate name, its uses' seconds.
+        latency_notes: weight path → why its latency is not modelled (it then
+            counts the same in every format, inside the dense model's time).
 
     Example:
         >>> import jaxcompress as jc
-        >>> from jaxcompress.structure.autoplan import AutoPlan, AutoRow
+        >>> from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
         >>> plan = AutoPlan(
         ...     rows=(AutoRow("a", "int8", 10, 40, 0.01), AutoRow("b", "dense", 40, 40, 0.0)),
         ...     budget=jc.budget(bytes=50), metric="cosine", bytes=50, dense_bytes=80,
@@ -83,6 +107,13 @@ class AutoPlan:
     measured_loss: float
     frontier: tuple[tuple[int, float], ...]
     measurements: dict[str, dict[str, tuple[int, float]]]
+    dense_latency: float | None = None
+    predicted_latency: float | None = None
+    measured_latency: float | None = None
+    latency_exceeded: bool = False
+    latency_frontier: tuple[tuple[float, float], ...] = ()
+    latencies: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    latency_notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def formats(self) -> dict[str, str]:
@@ -94,25 +125,37 @@ class AutoPlan:
 
         Example:
             >>> import jaxcompress as jc
-            >>> from jaxcompress.structure.autoplan import AutoPlan, AutoRow
+            >>> from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
             >>> plan = AutoPlan((AutoRow("w", "kmeans4", 8, 64, 0.125),), jc.budget(ratio=8),
             ...                 "mse", 8, 64, 0.125, 0.125, ((8, 0.125), (64, 0.0)), {})
             >>> print(plan.table().splitlines()[-1].replace(" than float32", ""))
             | **total** (budget 8x fewer bytes) | | 8 | 64 | predicted 0.125, measured 0.125 |
         """
+        timed = self.predicted_latency is not None
         lines = [
-            f"| weight | format | bytes | dense bytes | {self.metric} loss alone |",
-            "|:--|:--|--:|--:|--:|",
+            f"| weight | format | bytes | dense bytes | {self.metric} loss alone |"
+            + (" use µs (dense) |" if timed else ""),
+            "|:--|:--|--:|--:|--:|" + ("--:|" if timed else ""),
         ]
         for row in self.rows:
-            lines.append(
+            line = (
                 f"| {_cell(row.path)} | {_cell(row.format)} | {row.bytes:,} | "
                 f"{row.dense_bytes:,} | {row.loss:.4g} |"
             )
-        lines.append(
+            if timed:
+                line += f" {_micro(row.latency)} ({_micro(row.dense_latency)}) |"
+            lines.append(line)
+        total = (
             f"| **total** (budget {self.budget}) | | {self.bytes:,} | {self.dense_bytes:,} | "
             f"predicted {self.predicted_loss:.4g}, measured {self.measured_loss:.4g} |"
         )
+        if timed:
+            over = " **over budget**" if self.latency_exceeded else ""
+            total += (
+                f" model: predicted {_micro(self.predicted_latency)}, measured "
+                f"{_micro(self.measured_latency)}{over} ({_micro(self.dense_latency)}) |"
+            )
+        lines.append(total)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -122,10 +165,16 @@ class AutoPlan:
         return self.table()
 
     def __repr__(self) -> str:
+        latency = ""
+        if self.predicted_latency is not None:
+            latency = (
+                f", latency predicted {_micro(self.predicted_latency)} µs, measured "
+                f"{_micro(self.measured_latency)} µs"
+            )
         return (
             f"AutoPlan({len(self.rows)} weights, {self.bytes:,} of {self.dense_bytes:,} bytes, "
             f"predicted {self.metric} loss {self.predicted_loss:.4g}, "
-            f"measured {self.measured_loss:.4g})"
+            f"measured {self.measured_loss:.4g}{latency})"
         )
 
     def plot(self, *, ax: Any = None) -> Any:
@@ -147,7 +196,7 @@ class AutoPlan:
             >>> matplotlib.use("Agg")
             >>> import matplotlib.pyplot as plt
             >>> import jaxcompress as jc
-            >>> from jaxcompress.structure.autoplan import AutoPlan, AutoRow
+            >>> from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
             >>> plan = AutoPlan((AutoRow("w", "int8", 16, 64, 0.01),), jc.budget(bytes=20),
             ...                 "cosine", 16, 64, 0.01, 0.01, ((16, 0.01), (64, 0.0)), {})
             >>> figure = plan.plot()

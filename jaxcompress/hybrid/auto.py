@@ -5,15 +5,20 @@ k-means while another needs int8. ``auto`` measures instead of guessing. For eac
 candidate format it compresses every selected weight once (one pass), then, weight
 by weight, runs the model on the calibration batches with only that weight in that
 format and every other weight dense, and compares the outputs with the dense ones
-(``metric``). Treating the losses as additive, it picks one format per weight with
-the least total predicted loss within the budget, exactly (a multiple-choice
-knapsack over the measured points, :mod:`jaxcompress.numerics.knapsack`), and returns
-an ordinary :func:`~jaxcompress.partition` transform with an :class:`AutoPlan`.
+(``metric``). With a latency budget it also times each weight's uses in each
+format as ``accelerate`` serves them (:mod:`jaxcompress.hybrid.latency`). Treating
+the losses and use times as additive, it picks one format per weight with the least
+total predicted loss within the budget's bytes and predicted latency, exactly (a
+multiple-choice knapsack over the measured points, :mod:`jaxcompress.hybrid.choose`),
+and returns an ordinary :func:`~jaxcompress.partition` transform with an
+:class:`AutoPlan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,11 +30,23 @@ from jaxcompress.arrays.checks import check_selected_leaf
 from jaxcompress.arrays.tree import materialize, nbytes, on_arrays, split_arrays
 from jaxcompress.calibration.calibrate import calibrate
 from jaxcompress.core.progress import over_leaves
+from jaxcompress.hybrid.autoplan import AutoPlan, AutoRow
+from jaxcompress.hybrid.budget import Budget
+from jaxcompress.hybrid.candidates import DENSE, resolve_candidates
+from jaxcompress.hybrid.choose import Option, choose
+from jaxcompress.hybrid.latency import (
+    CHOSEN,
+    MODEL,
+    UNITS_PER_SECOND,
+    Key,
+    Timer,
+    UseBench,
+    chosen_model,
+    median_times,
+    to_units,
+)
+from jaxcompress.hybrid.output_metrics import resolve_metric
 from jaxcompress.numerics.knapsack import pareto_frontier
-from jaxcompress.structure.autoplan import AutoPlan, AutoRow
-from jaxcompress.structure.budget import Budget
-from jaxcompress.structure.candidates import DENSE, resolve_candidates
-from jaxcompress.structure.output_metrics import resolve_metric
 from jaxcompress.transforms.base import (
     LeafEntry,
     Transform,
@@ -179,6 +196,7 @@ def auto(
     data: Any = None,
     key: jax.Array | None = None,
     progress: bool = True,
+    timer: Timer | None = None,
 ) -> tuple[Transform, AutoPlan]:
     """Picks one compression format per weight, with the least measured loss within a budget.
 
@@ -190,11 +208,32 @@ def auto(
        loss is ``metric(dense_out, out)``, averaged over batches by batch size. The
        model is compiled once. A candidate that skips or cannot take a weight (it is
        left dense, or the transform raises ``ValueError``) is not available for it.
-    3. With the losses taken as additive, the choice of one format per weight
-       minimising their sum with the bytes within the budget is exact: a
-       multiple-choice knapsack solved by merging Pareto frontiers
-       (:func:`jaxcompress.numerics.knapsack.pareto_frontier`).
-    4. The chosen tree is built and measured as a whole.
+    3. With a ``latency=`` budget, each weight's uses (its ``dot_general`` or
+       convolution, found by tracing the model on the first batch) are rebuilt
+       alone on an activation of the real shape and timed dense (``jax.jit``) and
+       in each format (``jax.jit(jaxcompress.accelerate(...))``, prepared, so the
+       route ``accelerate`` takes in the model), and the dense model is timed whole
+       (:mod:`jaxcompress.hybrid.latency`); the predicted latency of a choice is
+       ``dense model - Σ dense use times + Σ chosen use times``.
+    4. With the losses (and use times) taken as additive, the choice of one format
+       per weight minimising the loss with the bytes and the predicted latency
+       within the budget is exact: a multiple-choice knapsack solved by merging
+       Pareto frontiers on one limit
+       (:func:`jaxcompress.numerics.knapsack.pareto_frontier`), a bounded 3-D
+       Pareto search on two (:func:`jaxcompress.numerics.knapsack.solve2`);
+       latencies enter it as integer nanoseconds.
+    5. The chosen tree is built and measured as a whole: its loss, its bytes and,
+       with a latency budget, its latency through
+       ``jax.jit(jaxcompress.accelerate(apply_fn))``.
+
+    What holds: the bytes are within the budget (checked, ``ValueError`` if not)
+    and the *predicted* latency is within it, exactly. The *measured* latency is
+    not guaranteed (timings are noisy and uses timed alone need not add up to the
+    model): when it is over, ``plan.latency_exceeded`` is set and a warning says
+    so. Timings are medians of interleaved rounds
+    (:func:`jaxcompress.hybrid.latency.median_times`); serve the result under
+    ``jax.jit`` to get them (calling the accelerated function directly adds its
+    Python tree handling per call).
 
     The returned ``tx`` is a :func:`jaxcompress.partition` over the chosen formats
     (``"dense"`` and unselected leaves: ``jaxcompress.chain()``), with the statistics
@@ -212,11 +251,11 @@ def auto(
             the model runs ``len(batches)`` times per (candidate, weight).
         budget: a :func:`jaxcompress.budget`: ``bytes=`` (the whole tree's
             :func:`jaxcompress.nbytes`, unselected leaves included) and/or ``ratio=``
-            (float32 bytes of the selected weights over their compressed bytes).
-            ``latency=`` is not implemented yet.
+            (float32 bytes of the selected weights over their compressed bytes)
+            and/or ``latency=`` (seconds per call on the first batch).
         candidates: name → transform (``None`` for dense, under the name ``"dense"``),
             or a sequence of names from
-            :func:`jaxcompress.structure.candidates.default_candidates` (the default:
+            :func:`jaxcompress.hybrid.candidates.default_candidates` (the default:
             dense, int8, int4 in groups of 128, GPTQ int4, k-means 5/4/3-bit, pruning
             50 %/75 % with int8 values, low rank at 90 %/75 % energy).
         metric: ``"cosine"`` (mean ``1 - cos`` along the output's last axis),
@@ -227,7 +266,13 @@ def auto(
             :func:`jaxcompress.calibrate`); ``None`` calibrates over ``batches``.
         key: PRNG key for randomized candidates; candidate ``i`` gets
             ``fold_in(key, i)``.
-        progress: a bar on stderr over the (candidate, weight) evaluations.
+        progress: a bar on stderr over the (candidate, weight) evaluations (and the
+            timings' compilations).
+        timer: with a latency budget, ``timer({key: thunk}) -> {key: seconds per
+            call}`` over keys ``(weight path, format name)`` (a weight's uses) and
+            ``(MODEL, "dense")`` / ``(MODEL, "chosen")`` (the whole model;
+            :data:`jaxcompress.hybrid.latency.MODEL`); each thunk returns arrays to
+            wait on. Default: :func:`jaxcompress.hybrid.latency.median_times`.
 
     Returns:
         ``(tx, plan)``: the transform and an :class:`AutoPlan`
@@ -235,12 +280,13 @@ def auto(
 
     Raises:
         ValueError: a budget no choice reaches (the message gives the smallest reachable
-            size), ``where`` selecting nothing, an empty ``batches``, a weight with no
-            available candidate, an unknown metric or candidate name, or a metric
-            that is not one finite number.
+            size or predicted latency), ``where`` selecting nothing, an empty
+            ``batches``, a weight with no available candidate, an unknown metric or
+            candidate name, a metric that is not one finite number, or a timer that
+            does not give finite, non-negative seconds for every key.
         TypeError: ``budget`` not a :class:`Budget`, a candidate that is not a
-            transform, or a selected leaf that is compressed or not floating.
-        NotImplementedError: a ``latency=`` budget.
+            transform, a timer that is not callable, or a selected leaf that is
+            compressed or not floating.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -266,13 +312,12 @@ def auto(
         raise TypeError(
             f"auto: budget must be a jaxcompress.budget(...), got {type(budget).__name__}"
         )
-    if budget.latency is not None:
-        raise NotImplementedError(
-            "auto: latency budgets are not measured yet; give budget(bytes=...) or "
-            "budget(ratio=...)"
-        )
     if not isinstance(progress, bool):
         raise TypeError(f"auto: progress must be True or False, got {progress!r}")
+    if timer is not None and not callable(timer):
+        raise TypeError(f"auto: timer must be callable, got {type(timer).__name__}")
+    if timer is None:
+        timer = functools.partial(median_times, progress=progress)
     formats = resolve_candidates(candidates)
     loss_metric = resolve_metric(metric)
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
@@ -291,6 +336,17 @@ def auto(
     evaluate = _Evaluator(apply_fn, params, batch_list, loss_metric)
     leaves = [entry.leaf for entry in entries]
     dense_bytes = {entry.path: leaf_nbytes(entry.leaf) for entry in selected}
+
+    # Latency: each weight's uses timed alone (dense here, each format in the loop).
+    timing = budget.latency is not None
+    bench = UseBench(apply_fn, params, batch_list[0], paths) if timing else None
+    calls: dict[Key, Any] = {}
+    if bench is not None:
+        calls[(MODEL, DENSE)] = bench.model()
+        for entry in selected:
+            thunk = bench.use(entry.path, entry.leaf)
+            if thunk is not None:
+                calls[(entry.path, DENSE)] = thunk
 
     # measured[path][name] = (bytes, loss)
     measured: dict[str, dict[str, tuple[int, float]]] = {path: {} for path in paths}
@@ -317,6 +373,10 @@ def auto(
         trial[entry.index] = materialize(leaf).astype(entry.leaf.dtype)
         loss = evaluate(jax.tree_util.tree_unflatten(treedef, trial), f"{entry.path!r} as {name!r}")
         measured[entry.path][name] = (leaf_nbytes(leaf), loss)
+        if bench is not None:
+            thunk = bench.use(entry.path, leaf)
+            if thunk is not None:
+                calls[(entry.path, name)] = thunk
 
     missing = [path for path in paths if not measured[path]]
     if missing:
@@ -324,29 +384,49 @@ def auto(
             f"auto: no candidate of {list(formats)} can take the weight(s) {missing}; add "
             f"'dense' to candidates or narrow where="
         )
-    names = {path: list(measured[path]) for path in paths}
-    options = [[measured[path][name] for name in names[path]] for path in paths]
     unselected = sum(
         leaf_nbytes(entry.leaf) for entry in entries if entry.path not in selected_paths
     )
     float32_bytes = sum(4 * int(np.prod(entry.leaf.shape)) for entry in selected)
-    limit = budget.limit(selected_float32=float32_bytes, unselected=unselected)
-    assert limit is not None  # a latency-only budget was refused above
-    frontier = pareto_frontier(options)
-    fits = np.flatnonzero(frontier.sizes <= limit)
-    if len(fits) == 0:
-        smallest = int(frontier.sizes[0])
-        raise ValueError(
-            f"auto: budget {budget} cannot be met: the smallest reachable size is "
-            f"{smallest + unselected:,} bytes for the whole tree ({smallest:,} for the "
-            f"selected weights, ratio {float32_bytes / max(smallest, 1):.3g} to float32), "
-            f"with candidates {list(formats)}"
-        )
-    point = int(fits[-1])  # losses fall along the frontier: the largest fit is the best
-    choice = {
-        path: names[path][option]
-        for path, option in zip(paths, frontier.choices(point), strict=True)
+    byte_limit = budget.limit(selected_float32=float32_bytes, unselected=unselected)
+
+    latencies: dict[str, dict[str, float]] = {}
+    model_units = base_units = 0
+    latency_limit = None
+    if bench is not None:
+        times = _timed(timer, calls)
+        # A weight whose uses are not modelled costs nothing here in any format: its
+        # dense time stays inside the dense model's.
+        latencies = {
+            path: {name: times.get((path, name), 0.0) for name in [DENSE, *measured[path]]}
+            for path in paths
+        }
+        model_units = to_units(times[(MODEL, DENSE)])
+        base_units = model_units - sum(to_units(latencies[path][DENSE]) for path in paths)
+        assert budget.latency is not None
+        latency_limit = to_units(budget.latency) - base_units
+    options = {
+        path: {
+            name: Option(
+                bytes_,
+                loss,
+                to_units(latencies[path][name]) if bench is not None else None,
+            )
+            for name, (bytes_, loss) in measured[path].items()
+        }
+        for path in paths
     }
+    picked = choose(
+        options,
+        byte_limit=byte_limit,
+        latency_limit=latency_limit,
+        unselected=unselected,
+        latency_base=base_units,
+        what=f"budget {budget} with candidates {list(formats)}",
+    )
+    choice = picked.formats
+    names = {path: list(measured[path]) for path in paths}
+    frontier = pareto_frontier([[measured[path][name] for name in names[path]] for path in paths])
 
     labels = jax.tree_util.tree_unflatten(
         treedef, [choice.get(entry.path, DENSE) for entry in entries]
@@ -369,6 +449,46 @@ def auto(
     compressed, _ = tx(params)
     total_bytes = nbytes(compressed)
     measured_loss = evaluate(materialize(compressed), "the whole compressed tree")
+    if byte_limit is not None and total_bytes - unselected > byte_limit:
+        raise ValueError(
+            f"auto: the chosen formats measured {picked.bytes + unselected:,} bytes leaf by "
+            f"leaf but take {total_bytes:,} together, over the budget; a candidate's result "
+            "depends on the other leaves it is given (a global criterion?): use per-layer "
+            "candidates"
+        )
+    latency: dict[str, Any] = {}
+    if bench is not None:
+        assert picked.latency is not None and budget.latency is not None
+        predicted = (base_units + picked.latency) / UNITS_PER_SECOND
+        thunk = chosen_model(apply_fn, compressed, batch_list[0])
+        measured_latency = float(_timed(timer, {(MODEL, CHOSEN): thunk})[(MODEL, CHOSEN)])
+        exceeded = measured_latency > budget.latency
+        if exceeded:
+            warnings.warn(
+                f"auto: the chosen formats were predicted to run in {predicted:.4g} s per "
+                f"call, within the budget of {budget.latency:.4g} s, but measured "
+                f"{measured_latency:.4g} s (plan.latency_exceeded); the use-by-use "
+                "timings did not add up to the model's: lower the budget or measure again",
+                stacklevel=2,
+            )
+        lat_frontier = pareto_frontier(
+            [
+                [(to_units(latencies[path][name]), measured[path][name][1]) for name in names[path]]
+                for path in paths
+            ]
+        )
+        latency = {
+            "dense_latency": model_units / UNITS_PER_SECOND,
+            "predicted_latency": predicted,
+            "measured_latency": measured_latency,
+            "latency_exceeded": exceeded,
+            "latency_frontier": tuple(
+                ((int(units) + base_units) / UNITS_PER_SECOND, float(cost))
+                for units, cost in zip(lat_frontier.sizes, lat_frontier.costs, strict=True)
+            ),
+            "latencies": latencies,
+            "latency_notes": dict(bench.notes),
+        }
     rows = tuple(
         AutoRow(
             path=path,
@@ -376,6 +496,8 @@ def auto(
             bytes=measured[path][choice[path]][0],
             dense_bytes=dense_bytes[path],
             loss=measured[path][choice[path]][1],
+            latency=latencies[path][choice[path]] if latencies else None,
+            dense_latency=latencies[path][DENSE] if latencies else None,
         )
         for path in paths
     )
@@ -385,19 +507,26 @@ def auto(
         metric=metric_name,
         bytes=total_bytes,
         dense_bytes=nbytes(params),
-        predicted_loss=float(frontier.costs[point]),
+        predicted_loss=picked.loss,
         measured_loss=measured_loss,
         frontier=tuple(
             (int(size) + unselected, float(cost))
             for size, cost in zip(frontier.sizes, frontier.costs, strict=True)
         ),
         measurements=measured,
+        **latency,
     )
-    if total_bytes - unselected > limit:
-        raise ValueError(
-            f"auto: the chosen formats measured {int(frontier.sizes[point]) + unselected:,} "
-            f"bytes leaf by leaf but take {total_bytes:,} together, over the budget; a "
-            "candidate's result depends on the other leaves it is given (a global "
-            "criterion?): use per-layer candidates"
-        )
     return tx, plan
+
+
+def _timed(timer: Timer, calls: dict[Key, Any]) -> dict[Key, float]:
+    """``timer(calls)``, checked: a finite, non-negative number of seconds for every key."""
+    times = dict(timer(calls))
+    for key in calls:
+        value = times.get(key)
+        if not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+            raise ValueError(
+                f"auto: the timer gave {value!r} for {key}; it must return non-negative "
+                "finite seconds for every key it is given"
+            )
+    return times

@@ -1,0 +1,1 @@
+"""Layer 7: choosing formats per weight by measurement (`auto`): losses, bytes, latencies."""
