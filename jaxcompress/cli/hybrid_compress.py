@@ -25,12 +25,10 @@ from jaxcompress.calibration.calibrate import calibrate
 from jaxcompress.cli.hybrid_recipe import Recipe
 from jaxcompress.cli.model_inputs import batches_of, import_apply, load_inputs
 from jaxcompress.cli.recipes import RecipeError, step_errors
+from jaxcompress.hybrid.auto import auto
+from jaxcompress.hybrid.autoplan import AutoPlan
 from jaxcompress.io.checkpoints import read_checkpoint
 from jaxcompress.io.files import FileReport, save
-
-# jc.auto's module (being moved to jaxcompress/hybrid/: update this line then).
-from jaxcompress.structure.auto import auto
-from jaxcompress.structure.autoplan import AutoPlan
 from jaxcompress.training.distill import DistillReport, distill
 from jaxcompress.transforms.base import Transform, chain
 
@@ -245,7 +243,7 @@ def plan_dict(plan: AutoPlan) -> dict[str, Any]:
 
     Example:
         >>> import jaxcompress as jc
-        >>> from jaxcompress.structure.autoplan import AutoRow
+        >>> from jaxcompress.hybrid.autoplan import AutoRow
         >>> plan = jc.AutoPlan((AutoRow("w", "int8", 16, 64, 0.01),), jc.budget(bytes=20),
         ...                    "cosine", 16, 64, 0.01, 0.02, ((16, 0.01),), {})
         >>> plan_dict(plan)["rows"][0]["format"], plan_dict(plan)["budget"]["bytes"]
@@ -288,7 +286,7 @@ def plan_table(plan: AutoPlan) -> Table:
 
     Example:
         >>> import jaxcompress as jc
-        >>> from jaxcompress.structure.autoplan import AutoRow
+        >>> from jaxcompress.hybrid.autoplan import AutoRow
         >>> plan = jc.AutoPlan((AutoRow("w", "int8", 16, 64, 0.01),), jc.budget(bytes=20),
         ...                    "cosine", 16, 64, 0.01, 0.02, ((16, 0.01),), {})
         >>> plan_table(plan).row_count

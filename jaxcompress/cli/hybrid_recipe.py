@@ -41,10 +41,8 @@ from jaxcompress.cli.recipes import (
     transform_steps,
     where_value,
 )
-
-# jc.auto's modules (being moved to jaxcompress/hybrid/: update these two lines then).
-from jaxcompress.structure.budget import Budget, budget
-from jaxcompress.structure.candidates import default_candidates
+from jaxcompress.hybrid.budget import Budget, budget
+from jaxcompress.hybrid.candidates import default_candidates
 from jaxcompress.transforms.filters import Filter, kernels
 
 LOSSES = ("cosine", "mse", "kl")
