@@ -221,8 +221,8 @@ show_table(
 #
 # The distilled tree has the same leaves as the one `auto` built: the same
 # kinds, shapes, bits and bytes (a compressed leaf's `repr` shows its
-# metadata, not its values; dense leaves keep their dtype and shape), so it
-# saves, loads and runs under `jc.accelerate` like it.
+# metadata, not its values; dense leaves keep their dtype and shape), ready
+# for `jc.save` or `jc.accelerate` as it is.
 
 
 # %%
@@ -236,6 +236,9 @@ assert list(before) == list(after)
 assert all(form(before[p]) == form(after[p]) for p in before), "a leaf changed form"
 assert all(jc.nbytes(before[p]) == jc.nbytes(after[p]) for p in before), "a leaf changed size"
 assert jc.nbytes(student) == lenet_plan.bytes
+# k-means weights trained their codebooks only: every weight keeps its cluster of each entry.
+clustered = [p for p, leaf in before.items() if isinstance(leaf, jc.Clustered)]
+assert all(np.array_equal(before[p].indices, after[p].indices) for p in clustered)
 show_table(
     ["weight", "format", "leaf after distill", "bytes"],
     [[p, f, form(after[p]), f"{jc.nbytes(after[p]):,}"] for p, f in lenet_plan.formats.items()],
@@ -356,11 +359,16 @@ if HAVE_MINILM:
         candidates=minilm_candidates,
         where=MATRICES,
     )
-    counts = {}
-    for name in minilm_plan.formats.values():
-        counts[name] = counts.get(name, 0) + 1
-    print(f"formats chosen: {counts}")
     print(repr(minilm_plan))
+    kinds = ["query", "key", "value", "attention_output", "intermediate", "output"]
+    chosen = minilm_plan.formats
+    show_table(
+        ["format chosen", *kinds],
+        [
+            [f"layer_{i}", *(chosen[f"layer_{i}/{kind}/kernel"] for kind in kinds)]
+            for i in range(config.num_layers)
+        ],
+    )
     minilm_plan.plot()
     plt.show()
 
