@@ -25,6 +25,7 @@ EXPECTED = {
     "03_pmap_benchmark.ipynb",
     "04_real_model.ipynb",
     "05_structured_pruning.ipynb",
+    "06_hybrid.ipynb",
 }
 CELL_TIMEOUT_S = 600
 
