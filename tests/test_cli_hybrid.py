@@ -223,7 +223,7 @@ AUTO = f"\n[auto]\nratio = 4\ncandidates = {CANDIDATES}\n"
         ),
         (
             MODEL_TABLE + '\n[auto]\nbytes = 64\ncandidates = ["int8"]\n',
-            ":7: auto: budget 64 bytes cannot be met",
+            ":7: auto: budget 64 bytes with candidates ['int8'] cannot be met",
         ),
         (
             MODEL_TABLE + '\n[[transform]]\nkind = "prune"\nsparsity = 0.5\nwhere = "conv"\n',
