@@ -373,8 +373,10 @@ def to_serving(leaf: Quantized | Clustered) -> QuantizedMatrix | ClusteredMatrix
         offset = jnp.broadcast_to(leaf.zero_point.astype(jnp.float32) - half, (groups, n))
     packed = leaf.bits <= 4 and k % 2 == 0
     codes = _pack_nibbles(signed) if packed else signed
-    # A size that does not divide K (a short last group) cannot be read off G and K.
-    size = group_layout(leaf.shape, leaf.axis, leaf.group_size)[1] if k % groups else None
+    # A size that does not divide K (a short last group) cannot be read off G and K,
+    # even when G happens to divide K (K = 300 in 5 groups of 64, the last of 44).
+    size = group_layout(leaf.shape, leaf.axis, leaf.group_size)[1]
+    size = None if size * groups == k else size
     return QuantizedMatrix(
         codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed, first, group_size=size
     )
