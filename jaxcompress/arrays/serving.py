@@ -376,9 +376,16 @@ def to_serving(leaf: Quantized | Clustered) -> QuantizedMatrix | ClusteredMatrix
     # A size that does not divide K (a short last group) cannot be read off G and K,
     # even when G happens to divide K (K = 300 in 5 groups of 64, the last of 44).
     size = group_layout(leaf.shape, leaf.axis, leaf.group_size)[1]
-    size = None if size * groups == k else size
     return QuantizedMatrix(
-        codes, scale, offset, leaf.shape, leaf.dtype, leaf.bits, packed, first, group_size=size
+        codes,
+        scale,
+        offset,
+        leaf.shape,
+        leaf.dtype,
+        leaf.bits,
+        packed,
+        first,
+        group_size=None if size * groups == k else size,
     )
 
 

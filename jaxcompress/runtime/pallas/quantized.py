@@ -277,14 +277,16 @@ def quantized_matmul(
     scales = rows_of(leaf.scale)
     offsets = [] if leaf.offset is None else rows_of(leaf.offset * leaf.scale)
     inputs = [*xs, codes, *scales, *offsets]
-    options = dict(tiles=tiles, parts=parts, has_offset=leaf.offset is not None)
+    has_offset = leaf.offset is not None
     out_shape = jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype)
     steps = k_pad // bk
     if tiles.target == "gpu":
         row_spec = pl.BlockSpec((bm, k_pad), lambda i, j: (i, 0))
         group_spec = pl.BlockSpec((g_pad, 1, bn), lambda i, j: (0, 0, j))
         call = pl.pallas_call(
-            lambda *refs: _gpu_kernel(*refs, **options, steps=steps),
+            lambda *refs: _gpu_kernel(
+                *refs, tiles=tiles, parts=parts, has_offset=has_offset, steps=steps
+            ),
             out_shape=out_shape,
             grid=(m_pad // bm, n_pad // bn),
             in_specs=[
@@ -304,7 +306,9 @@ def quantized_matmul(
             (per_tile, 1, bn), lambda i, j, t: (lax.div(t * bk, group * per_tile), 0, j)
         )
         call = pl.pallas_call(
-            lambda *refs: _tpu_kernel(*refs, **options, steps=steps),
+            lambda *refs: _tpu_kernel(
+                *refs, tiles=tiles, parts=parts, has_offset=has_offset, steps=steps
+            ),
             out_shape=out_shape,
             grid=(m_pad // bm, n_pad // bn, steps),
             in_specs=[
