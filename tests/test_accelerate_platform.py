@@ -219,6 +219,9 @@ def test_a_traced_unprepared_tree_is_materialized_and_says_so():
     assert set(fast.last_plan.routes().values()) == {"materialize"}
     assert "traced" in fast.last_plan.decisions[0].note
     np.testing.assert_allclose(out, mlp(jc.materialize(INT8), X), rtol=1e-5, atol=1e-5)
-    # Closed over, the tree is concrete: prepared once, fast routes.
-    jax.jit(lambda x: fast(INT8, x))(X)
+    # Closed over, the tree is concrete: prepared once (eagerly, inside the trace),
+    # fast routes, and what is kept serves later calls outside it.
+    closed = jax.jit(lambda x: fast(INT8, x))(X)
     assert set(fast.last_plan.routes().values()) == {"int8"}
+    assert not isinstance(fast.prepare(INT8)["l0"]["kernel"].codes, jax.core.Tracer)
+    np.testing.assert_allclose(fast(INT8, X), closed, rtol=1e-6, atol=1e-6)

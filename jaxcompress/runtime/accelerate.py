@@ -3,21 +3,30 @@
 The model is traced once per input shape with dense stand-ins for the compressed
 leaves (:func:`jaxcompress.graph.trace_jaxpr`), and the jaxpr is evaluated again
 (:func:`jaxcompress.graph.evaluate`) with each ``dot_general`` or convolution that
-consumes a compressed leaf replaced by a kernel from :mod:`jaxcompress.kernels`:
+consumes a compressed leaf replaced by a kernel from :mod:`jaxcompress.kernels`,
+chosen for the target platform (``accelerate(..., platform=)``), on CPU:
 
 ===================  ==========================================================
 leaf                 route
 ===================  ==========================================================
 ``LowRank``          ``factored``: ``(x @ u) @ v``; two convolutions for a kernel
-``QuantizedMatrix``  ``int8`` (integer dot, dynamic int8 activations) where the
-                     backend has fast integer dots and the batch is large enough,
+``QuantizedMatrix``  ``int8`` (integer dot, dynamic int8 activations) for one
+                     scale group per channel when the batch is large enough,
                      else ``blocked`` (dequantize one block at a time), or
-                     ``dequantize`` (the whole matrix once) from 512 rows on CPU
+                     ``dequantize`` (the whole matrix once) from 512 rows
 ``ClusteredMatrix``  ``blocked`` lookup (exact; ``prepare`` makes an int8-grid
                      ``QuantizedMatrix`` instead when int8 activations are on),
-                     ``dequantize`` from 512 rows on CPU
+                     ``dequantize`` from 512 rows
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
+
+On ``"cuda"``, ``"rocm"`` and ``"tpu"``, a ``QuantizedMatrix`` or
+``ClusteredMatrix`` product goes to the first registered kernel family
+(:mod:`jaxcompress.runtime.routes`) that has a kernel for it (route ``kernel``, the
+plan naming it), else to ``dequantize`` at every batch size (weight-only: XLA fuses
+the decode into the product there); clustered leaves keep exact indices. The
+platform, not the backend that runs, decides: a CPU machine builds the GPU or TPU
+program, and ``jax.export`` lowers it.
 
 A leaf reaching its product through ``jit``, ``remat``, a custom-derivative body or
 a ``shard_map`` that receives it replicated takes these routes too; one a
@@ -32,11 +41,15 @@ the same routes: a ``Quantized`` leaf with scales on axis 0 is prepared as an
 A ``Quantized`` leaf with AWQ input scales has no serving layout yet: ``prepare``
 leaves it as it is and it takes the ``materialize`` route (exact).
 
-``Quantized`` and ``Clustered`` leaves get their fast routes after
-``prepare(params)`` converts them, once, to the output-major serving layout
-(:mod:`jaxcompress.arrays.serving`); unprepared, they are materialized. Every
-other use of a compressed leaf (an elementwise op, a reshape, a use the kernels do
-not cover) materializes it, so results are always those of the original function.
+``Quantized`` and ``Clustered`` leaves take their fast routes in the output-major
+serving layout (:mod:`jaxcompress.arrays.serving`). ``prepare(params)`` converts
+them; a call on an unprepared tree does it itself, once per leaf, and keeps the
+serving form while the leaf lives, so the second call onwards runs as fast as a
+prepared tree and gives the same result bit for bit. Leaves that are tracers (the
+arguments of an outer ``jit`` or of ``jax.export``) cannot be converted once and are
+materialized in the program: prepare before. Every other use of a compressed leaf
+(an elementwise op, a reshape, a use the kernels do not cover) materializes it, so
+results are always those of the original function.
 """
 
 from __future__ import annotations
@@ -524,7 +537,12 @@ class _PreparedLeaves:
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is leaf:
             return entry[1]
-        served = make(leaf)
+        # Inside a trace (a concrete tree closed over by a jitted function), ops on
+        # concrete arrays would be staged out; the kept form must be concrete.
+        with jax.ensure_compile_time_eval():
+            served = make(leaf)
+        if any(is_traced(a) for a in jax.tree.leaves(served)):
+            return served
         entries = self._entries
         entries[key] = (weakref.ref(leaf, lambda _, key=key: entries.pop(key, None)), served)
         return served
