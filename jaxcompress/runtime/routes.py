@@ -19,13 +19,21 @@ kernel, the router takes its own float routes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 
-__all__ = ["KernelFamily", "find_kernel", "register_kernels", "registered", "unregister_kernels"]
+__all__ = [
+    "KernelFamily",
+    "find_kernel",
+    "register_kernels",
+    "registered",
+    "unregister_kernels",
+    "using_kernels",
+]
 
 KernelFor = Callable[[Any, int, str], tuple[str | None, str]]
 Matmul = Callable[..., jax.Array]
@@ -97,6 +105,26 @@ def registered() -> tuple[KernelFamily, ...]:
         True
     """
     return tuple(_FAMILIES)
+
+
+@contextlib.contextmanager
+def using_kernels(*families: KernelFamily) -> Iterator[None]:
+    """Only ``families`` are asked inside the ``with`` block (none: no kernels at all).
+
+    For comparing a kernel with the router's own fallback, or for testing a family
+    alone; the registry is put back on leaving.
+
+    Example:
+        >>> with using_kernels():
+        ...     registered()
+        ()
+    """
+    saved = list(_FAMILIES)
+    _FAMILIES[:] = families
+    try:
+        yield
+    finally:
+        _FAMILIES[:] = saved
 
 
 def find_kernel(leaf: Any, rows: int, platform: str) -> tuple[KernelFamily | None, str, str]:
