@@ -532,11 +532,16 @@ class _PreparedLeaves:
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, Any]] = {}
 
+    def kept(self, leaf: Any) -> Any:
+        """The kept serving form of ``leaf``, or ``None``."""
+        entry = self._entries.get(id(leaf))
+        return entry[1] if entry is not None and entry[0]() is leaf else None
+
     def get(self, leaf: Any, make: Callable[[Any], Any]) -> Any:
+        served = self.kept(leaf)
+        if served is not None:
+            return served
         key = id(leaf)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is leaf:
-            return entry[1]
         # Inside a trace (a concrete tree closed over by a jitted function), ops on
         # concrete arrays would be staged out; the kept form must be concrete.
         with jax.ensure_compile_time_eval():
@@ -550,9 +555,6 @@ class _PreparedLeaves:
 
         entries[key] = (weakref.ref(leaf, forget), served)
         return served
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def _unprepared(leaf: Any) -> bool:
@@ -618,11 +620,12 @@ class Accelerated:
         self._prepared = _PreparedLeaves()
 
     def __call__(self, params: Any, *args: Any) -> Any:
-        leaves = jax.tree_util.tree_leaves(params, is_leaf=is_compressed)
+        leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_compressed)
         if not any(is_compressed(leaf) for leaf in leaves):
             return self.apply_fn(params, *args)
-        if any(_unprepared(leaf) for leaf in leaves):
-            params = self.prepare(params)
+        served = [self._served(leaf) for leaf in leaves]
+        if any(s is not leaf for s, leaf in zip(served, leaves, strict=True)):
+            params = jax.tree_util.tree_unflatten(treedef, served)
         # Non-array leaves (an equinox module's activation) are static, not jit inputs.
         arrays, rest = split_arrays(params)
         return self._jitted(arrays, _Static(rest), *args)
@@ -669,6 +672,15 @@ class Accelerated:
             return to_serving(leaf)
 
         return jax.tree.map(one, params, is_leaf=is_compressed)
+
+    def _served(self, leaf: Any) -> Any:
+        """A call's view of one leaf: the kept serving form of a concrete servable one."""
+        if not isinstance(leaf, Quantized | Clustered):
+            return leaf
+        kept = self._prepared.kept(leaf)  # the common case: seen before
+        if kept is not None:
+            return kept
+        return self._prepared.get(leaf, self._serving_form) if _unprepared(leaf) else leaf
 
     def _serving_form(self, leaf: Quantized | Clustered) -> Any:
         if isinstance(leaf, Clustered):
