@@ -11,8 +11,8 @@ k-means 4-bit weights, through ``jc.accelerate(apply)`` three ways:
   in the program on every call (what an unprepared tree cost before, and what it
   still costs as an outer ``jit``'s argument).
 
-Calls of one batch size are interleaved round by round, median over rounds, as in
-``benchmarks/inference.py``. Target: ``unprepared`` at least as fast as dense at
+Calls of one batch size are interleaved round by round (the order rotating), median
+over rounds, as in ``benchmarks/inference.py``. Target: ``unprepared`` at least as fast as dense at
 batch 1, 8 and 64.
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/unprepared.py``
@@ -66,8 +66,11 @@ def interleaved(calls: dict[str, tuple[Any, tuple]], rounds: int) -> dict[str, f
         time_once(fn, *args)
         time_once(fn, *args)
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, (fn, args) in calls.items():
+    names = list(calls)
+    for r in range(rounds):
+        # The order rotates each round, so no call always runs after the same one.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, args = calls[name]
             samples[name].append(time_once(fn, *args))
     return {name: float(np.median(t)) * 1e3 for name, t in samples.items()}
 
