@@ -98,17 +98,21 @@ def test_routes_are_explained_without_running():
         jc.low_rank(rank=4, where=r"(dense2|head)/kernel"),
     )(PARAMS)
     fast = jc.accelerate(apply_mlp)
-    unprepared = fast.explain(mixed, X)
+    unprepared = fast.explain(mixed, X)  # prepared on the way, as a call would
     assert unprepared.routes() == {
-        "dense1/kernel": "materialize",
+        "dense1/kernel": "int8",
         "dense2/kernel": "factored",
         "head/kernel": "factored",
     }
-    assert "prepare" in unprepared.decisions[0].note
     prepared = fast.explain(fast.prepare(mixed), X)
-    assert prepared.routes()["dense1/kernel"] == "int8"
+    assert prepared == unprepared
     text = str(prepared)
-    assert "dense1/kernel" in text and "factored" in text and "backend: cpu" in text
+    assert "dense1/kernel" in text and "factored" in text and "platform: cpu" in text
+    # Traced (an argument of an outer jit), an unprepared leaf is materialized.
+    jax.jit(fast)(mixed, X)
+    traced = fast.last_plan
+    assert traced.routes()["dense1/kernel"] == "materialize"
+    assert "prepare" in traced.decisions[0].note
 
 
 def test_uncompressed_params_run_the_original_function_itself():

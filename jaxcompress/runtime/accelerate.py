@@ -3,21 +3,30 @@
 The model is traced once per input shape with dense stand-ins for the compressed
 leaves (:func:`jaxcompress.graph.trace_jaxpr`), and the jaxpr is evaluated again
 (:func:`jaxcompress.graph.evaluate`) with each ``dot_general`` or convolution that
-consumes a compressed leaf replaced by a kernel from :mod:`jaxcompress.kernels`:
+consumes a compressed leaf replaced by a kernel from :mod:`jaxcompress.kernels`,
+chosen for the target platform (``accelerate(..., platform=)``), on CPU:
 
 ===================  ==========================================================
 leaf                 route
 ===================  ==========================================================
 ``LowRank``          ``factored``: ``(x @ u) @ v``; two convolutions for a kernel
-``QuantizedMatrix``  ``int8`` (integer dot, dynamic int8 activations) where the
-                     backend has fast integer dots and the batch is large enough,
+``QuantizedMatrix``  ``int8`` (integer dot, dynamic int8 activations) for one
+                     scale group per channel when the batch is large enough,
                      else ``blocked`` (dequantize one block at a time), or
-                     ``dequantize`` (the whole matrix once) from 512 rows on CPU
+                     ``dequantize`` (the whole matrix once) from 512 rows
 ``ClusteredMatrix``  ``blocked`` lookup (exact; ``prepare`` makes an int8-grid
                      ``QuantizedMatrix`` instead when int8 activations are on),
-                     ``dequantize`` from 512 rows on CPU
+                     ``dequantize`` from 512 rows
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
+
+On ``"cuda"``, ``"rocm"`` and ``"tpu"``, a ``QuantizedMatrix`` or
+``ClusteredMatrix`` product goes to the first registered kernel family
+(:mod:`jaxcompress.runtime.routes`) that has a kernel for it (route ``kernel``, the
+plan naming it), else to ``dequantize`` at every batch size (weight-only: XLA fuses
+the decode into the product there); clustered leaves keep exact indices. The
+platform, not the backend that runs, decides: a CPU machine builds the GPU or TPU
+program, and ``jax.export`` lowers it.
 
 A leaf reaching its product through ``jit``, ``remat``, a custom-derivative body or
 a ``shard_map`` that receives it replicated takes these routes too; one a
@@ -32,11 +41,15 @@ the same routes: a ``Quantized`` leaf with scales on axis 0 is prepared as an
 A ``Quantized`` leaf with AWQ input scales has no serving layout yet: ``prepare``
 leaves it as it is and it takes the ``materialize`` route (exact).
 
-``Quantized`` and ``Clustered`` leaves get their fast routes after
-``prepare(params)`` converts them, once, to the output-major serving layout
-(:mod:`jaxcompress.arrays.serving`); unprepared, they are materialized. Every
-other use of a compressed leaf (an elementwise op, a reshape, a use the kernels do
-not cover) materializes it, so results are always those of the original function.
+``Quantized`` and ``Clustered`` leaves take their fast routes in the output-major
+serving layout (:mod:`jaxcompress.arrays.serving`). ``prepare(params)`` converts
+them; a call on an unprepared tree does it itself, once per leaf, and keeps the
+serving form while the leaf lives, so the second call onwards runs as fast as a
+prepared tree and gives the same result bit for bit. Leaves that are tracers (the
+arguments of an outer ``jit`` or of ``jax.export``) cannot be converted once and are
+materialized in the program: prepare before. Every other use of a compressed leaf
+(an elementwise op, a reshape, a use the kernels do not cover) materializes it, so
+results are always those of the original function.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +78,7 @@ from jaxcompress.arrays.serving import (
     uniform_codebook_as_quantized,
 )
 from jaxcompress.arrays.tree import on_arrays, split_arrays
+from jaxcompress.core.checks import is_traced
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.jaxpr.graph import (
     CONV,
@@ -74,11 +89,22 @@ from jaxcompress.jaxpr.graph import (
     is_opaque,
     trace_jaxpr,
 )
-from jaxcompress.runtime import kernels
+from jaxcompress.runtime import exported as _serialization  # noqa: F401  (registers leaves)
+from jaxcompress.runtime import kernels, routes
 
-__all__ = ["Accelerated", "Decision", "Plan", "ROUTES", "accelerate"]
+__all__ = [
+    "PLATFORMS",
+    "ROUTES",
+    "Accelerated",
+    "Decision",
+    "Plan",
+    "accelerate",
+    "default_platform",
+]
 
 ROUTES = ("auto", "int8", "blocked", "dequantize", "materialize")
+# Target platforms, as jax.export names them.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 # Rows the integer dot pads its activation to, per backend: on this project's CPU
 # (AVX-512 VNNI) XLA's int8 product of 1 row took 18 ms and of 8 rows 0.8 ms
@@ -94,6 +120,11 @@ _PACKED_INT8_MIN_ROWS = {"cpu": 64}
 # ran at 0.88-1.06x dense against blocked's 0.49-0.92x over 384x1536, 1536x384 and
 # 4096x4096 int8 weights, and the MiniLM encoder at 2048 tokens at 0.98x against 0.70x.
 _DEQUANTIZE_MIN_ROWS = {"cpu": 512}
+# Every table above holds CPU measurements. On "cuda", "rocm" and "tpu" the router
+# asks the registered kernel families (runtime/routes.py) first; with no kernel, it
+# takes "dequantize" at every batch size (XLA fuses the decode into the product's
+# operand there, where the blocked route's loop of narrow products would run one
+# after another) and never quantizes activations on its own.
 
 # Ops that hand their operand on unchanged (for a weight: same values, same layout).
 _PASS_THROUGH = frozenset({"copy", "copy_p", "sharding_constraint", "pvary", "reshard"})
@@ -107,9 +138,13 @@ class Decision:
         path: the leaf path.
         leaf: the leaf's class name.
         op: the consuming primitive (``dot_general``, ``conv_general_dilated``, ...).
-        route: ``factored``, ``int8``, ``blocked``, ``dequantize`` or ``materialize``.
+        route: ``factored``, ``int8``, ``blocked``, ``dequantize``, ``materialize``,
+            or ``kernel`` (a registered kernel family's, see
+            :mod:`jaxcompress.runtime.routes`).
         rows: rows ``M`` of the activation matrix, 0 where there is none.
-        note: why this route, when it is not the fast one.
+        note: why this route (for a kernel, the family's reason; for another route on
+            a GPU or TPU, why no kernel was taken).
+        kernel: the kernel's name on the ``kernel`` route, else ``""``.
     """
 
     path: str
@@ -118,6 +153,17 @@ class Decision:
     route: str
     rows: int
     note: str = ""
+    kernel: str = ""
+
+    @property
+    def label(self) -> str:
+        """The route, with the kernel's name on the ``kernel`` route (``kernel:name``).
+
+        Example:
+            >>> Decision("w", "QuantizedMatrix", "dot_general", "kernel", 1, "", "int4").label
+            'kernel:int4'
+        """
+        return f"{self.route}:{self.kernel}" if self.kernel else self.route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,27 +174,29 @@ class Plan:
 
     Attributes:
         decisions: one :class:`Decision` per use of a compressed leaf, in program order.
-        backend: the backend the routes were chosen for.
+        platform: the platform the routes were chosen for (``"cpu"``, ``"cuda"``,
+            ``"rocm"`` or ``"tpu"``).
 
     Example:
         >>> plan = Plan((Decision("w", "LowRank", "dot_general", "factored", 4),), "cpu")
         >>> plan.routes()
         {'w': 'factored'}
         >>> print(plan)
-        backend: cpu
+        platform: cpu
         leaf  type     op           route     rows  note
         ----  -------  -----------  --------  ----  ----
         w     LowRank  dot_general  factored  4
     """
 
     decisions: tuple[Decision, ...]
-    backend: str
+    platform: str
 
     def routes(self) -> dict[str, str]:
-        """``{path: route}``; a leaf used twice shows its routes joined by ``+``."""
+        """``{path: route}`` (``kernel:name`` for a kernel); a leaf used twice shows its
+        routes joined by ``+``."""
         out: dict[str, list[str]] = {}
         for d in self.decisions:
-            out.setdefault(d.path, []).append(d.route)
+            out.setdefault(d.path, []).append(d.label)
         return {path: "+".join(r) for path, r in out.items()}
 
     def dense(self) -> dict[str, str]:
@@ -168,12 +216,12 @@ class Plan:
     def __str__(self) -> str:
         header = ("leaf", "type", "op", "route", "rows", "note")
         rows = [header] + [
-            (d.path, d.leaf, d.op, d.route, str(d.rows), d.note) for d in self.decisions
+            (d.path, d.leaf, d.op, d.label, str(d.rows), d.note) for d in self.decisions
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return f"backend: {self.backend}\n" + "\n".join(line.rstrip() for line in lines)
+        return f"platform: {self.platform}\n" + "\n".join(line.rstrip() for line in lines)
 
 
 @dataclasses.dataclass
@@ -235,17 +283,19 @@ def _kernel_inputs(leaf: Any, contracted: list[int]) -> tuple[int, ...] | None:
 class _Router:
     """Evaluates the equations that receive compressed leaves; records each choice."""
 
-    def __init__(self, *, route: str, int8_activations: bool, backend: str) -> None:
+    def __init__(self, *, route: str, int8_activations: bool, platform: str) -> None:
         self.route = route
         self.int8_activations = int8_activations
-        self.backend = backend
+        self.platform = platform
         self.decisions: list[Decision] = []
         # Leaves that entered a shard_map or an opaque kernel (pallas_call, scan, ...).
         self.opaque: dict[str, list[str]] = {}
 
-    def record(self, weight: _Weight, op: str, route: str, rows: int, note: str = "") -> None:
+    def record(
+        self, weight: _Weight, op: str, route: str, rows: int, note: str = "", kernel: str = ""
+    ) -> None:
         kind = type(weight.leaf).__name__
-        self.decisions.append(Decision(weight.path, kind, op, route, rows, note))
+        self.decisions.append(Decision(weight.path, kind, op, route, rows, note, kernel))
 
     def __call__(self, eqn: Any, invals: list[Any]) -> list[Any]:
         name = eqn.primitive.name
@@ -280,7 +330,10 @@ class _Router:
     def _why_dense(self, weight: _Weight, op: str) -> str:
         leaf = weight.leaf
         if isinstance(leaf, Quantized | Clustered) and servable(leaf):
-            return "not prepared: call prepare(params) once for the fast routes"
+            return (
+                "not prepared, and traced (an argument of an outer jit or export): "
+                "prepare(params) before it for the fast routes"
+            )
         if isinstance(leaf, Quantized) and leaf.input_scale is not None:
             return "AWQ input scales: no serving layout, dense weight"
         if op not in (DOT, CONV):
@@ -334,10 +387,18 @@ class _Router:
             self.record(weight, op, "factored", rows)
             precision = eqn.params.get("precision")
             return kernels.factored(x, leaf, precision=precision, transposed=transposed)
-        route, note = self._choose(leaf, rows)
+        if self.route == "auto" and self.platform != "cpu":
+            family, name, reason = routes.find_kernel(leaf, rows, self.platform)
+            if family is not None:
+                self.record(weight, op, "kernel", rows, reason, kernel=name)
+                return family.matmul(x, leaf, platform=self.platform).astype(jnp.float32)
+            route, note = self._choose(leaf, rows)
+            note = f"no kernel ({reason}); {note}"
+        else:
+            route, note = self._choose(leaf, rows)
         self.record(weight, op, route, rows, note)
         if route == "int8":
-            pad = _INT8_PAD_ROWS.get(self.backend, 1)
+            pad = _INT8_PAD_ROWS.get(self.platform, 1)
             if isinstance(leaf, QuantizedMatrix):
                 return kernels.int8_quantized(x, leaf, min_rows=pad)
             return kernels.int8_clustered(x, leaf, min_rows=pad)
@@ -363,16 +424,20 @@ class _Router:
             return self._float_route(rows, "scale groups")
         if not self.int8_activations:
             return self._float_route(rows, "int8_activations=False")
+        if self.platform != "cpu":
+            return self._float_route(rows, f"weight-only on {self.platform}")
         if isinstance(leaf, ClusteredMatrix):
             return self._float_route(rows, "exact indices: a per-call int8 lookup is slower")
-        minimum = _PACKED_INT8_MIN_ROWS.get(self.backend, 1)
+        minimum = _PACKED_INT8_MIN_ROWS.get(self.platform, 1)
         if leaf.packed and rows < minimum:
             return "blocked", f"packed 4-bit codes at {rows} < {minimum} rows"
         return "int8", ""
 
     def _float_route(self, rows: int, why: str) -> tuple[str, str]:
         """A float product: block by block for few rows, one decoded matrix for many."""
-        minimum = _DEQUANTIZE_MIN_ROWS.get(self.backend)
+        if self.platform != "cpu":
+            return "dequantize", f"{why}: one decoded matrix, fused into the product"
+        minimum = _DEQUANTIZE_MIN_ROWS.get(self.platform)
         if minimum is not None and rows >= minimum:
             return "dequantize", f"{why}; {rows} >= {minimum} rows: one decoded matrix"
         return "blocked", why
@@ -456,6 +521,68 @@ class _Static:
         return isinstance(other, _Static) and self._key() == other._key()
 
 
+class _PreparedLeaves:
+    """Serving forms of concrete leaves, by the leaf's identity, while the leaf lives.
+
+    A leaf is immutable, so the serving form made once stays right for it; a weak
+    reference drops the entry when the leaf is freed (so a new leaf at the same
+    address is never mistaken for it).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def kept(self, leaf: Any) -> Any:
+        """The kept serving form of ``leaf``, or ``None``."""
+        entry = self._entries.get(id(leaf))
+        return entry[1] if entry is not None and entry[0]() is leaf else None
+
+    def get(self, leaf: Any, make: Callable[[Any], Any]) -> Any:
+        served = self.kept(leaf)
+        if served is not None:
+            return served
+        key = id(leaf)
+        # Inside a trace (a concrete tree closed over by a jitted function), ops on
+        # concrete arrays would be staged out; the kept form must be concrete.
+        with jax.ensure_compile_time_eval():
+            served = make(leaf)
+        if any(is_traced(a) for a in jax.tree.leaves(served)):
+            return served
+        entries = self._entries
+
+        def forget(_: weakref.ref) -> None:
+            entries.pop(key, None)
+
+        entries[key] = (weakref.ref(leaf, forget), served)
+        return served
+
+
+def _unprepared(leaf: Any) -> bool:
+    """A concrete quantized or clustered leaf that has a serving layout."""
+    return (
+        isinstance(leaf, Quantized | Clustered)
+        and servable(leaf)
+        and not any(is_traced(a) for a in jax.tree.leaves(leaf))
+    )
+
+
+def default_platform() -> str:
+    """The running backend as a target platform: ``"cpu"``, ``"cuda"``, ``"rocm"`` or ``"tpu"``.
+
+    JAX calls both GPU kinds ``"gpu"``; the device client's platform version tells
+    them apart. Another backend's own name is returned as it is.
+
+    Example:
+        >>> default_platform() in PLATFORMS
+        True
+    """
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
 class Accelerated:
     """``apply_fn`` over compressed pytrees; made by :func:`accelerate`.
 
@@ -463,6 +590,8 @@ class Accelerated:
         apply_fn: the wrapped function.
         route: ``"auto"`` or the forced route.
         int8_activations: whether the integer route may quantize activations.
+        platform: the platform the routes are chosen for (``"cpu"``, ``"cuda"``,
+            ``"rocm"``, ``"tpu"``).
         last_plan: the :class:`Plan` of the most recently traced call, or ``None``.
 
     Example:
@@ -470,21 +599,33 @@ class Accelerated:
         >>> import jaxcompress as jc
         >>> fast = jc.accelerate(lambda p, x: x @ p["w"], int8_activations=False)
         >>> q, _ = jc.quantize(bits=4, axis=-1)({"w": jnp.ones((32, 8))})
-        >>> fast(fast.prepare(q), jnp.ones((2, 32))).shape, fast.last_plan.routes()
+        >>> fast(q, jnp.ones((2, 32))).shape, fast.last_plan.routes()
         ((2, 8), {'w': 'blocked'})
     """
 
-    def __init__(self, apply_fn: Callable[..., Any], *, route: str, int8_activations: bool) -> None:
+    def __init__(
+        self,
+        apply_fn: Callable[..., Any],
+        *,
+        route: str,
+        int8_activations: bool,
+        platform: str,
+    ) -> None:
         self.apply_fn = apply_fn
         self.route = route
         self.int8_activations = int8_activations
+        self.platform = platform
         self.last_plan: Plan | None = None
         self._jitted = jax.jit(self._run, static_argnums=1)
+        self._prepared = _PreparedLeaves()
 
     def __call__(self, params: Any, *args: Any) -> Any:
-        leaves = jax.tree_util.tree_leaves(params, is_leaf=is_compressed)
+        leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_compressed)
         if not any(is_compressed(leaf) for leaf in leaves):
             return self.apply_fn(params, *args)
+        served = [self._served(leaf) for leaf in leaves]
+        if any(s is not leaf for s, leaf in zip(served, leaves, strict=True)):
+            params = jax.tree_util.tree_unflatten(treedef, served)
         # Non-array leaves (an equinox module's activation) are static, not jit inputs.
         arrays, rest = split_arrays(params)
         return self._jitted(arrays, _Static(rest), *args)
@@ -492,40 +633,68 @@ class Accelerated:
     def prepare(self, params: Any) -> Any:
         """``params`` with quantized and clustered weights in their serving layout.
 
-        Run it once, outside the serving loop: it transposes each servable
-        :class:`~jaxcompress.Quantized` / :class:`~jaxcompress.Clustered` leaf to the
-        output-major layout the fast kernels read (packing 4-bit codes two per byte).
-        Quantized values are unchanged: ``materialize`` of a prepared leaf equals the
-        original. A clustered leaf whose codebook is evenly spaced becomes exact linear
-        codes (:func:`~jaxcompress.arrays.serving.uniform_codebook_as_quantized`); any
-        other clustered leaf is, with ``int8_activations`` (the default), put on
-        an int8 grid (:func:`~jaxcompress.arrays.serving.clustered_on_int8_grid`: each
-        weight moves by at most ``max|codebook| / 254``, and it then holds one byte per
-        weight) so it can take the integer route; without, its indices are kept
-        exactly.
+        A call on an unprepared tree does this itself (see :func:`accelerate`), once
+        per leaf: the serving form of each concrete leaf is kept, by the leaf's
+        identity, for as long as the leaf lives, and this method returns those same
+        kept forms. Call it yourself to hold only the serving forms (drop the
+        original tree), to place them on devices, or before an outer ``jit`` or
+        ``jax.export`` that takes the parameters as arguments (traced leaves cannot
+        be prepared once).
+
+        It transposes each servable :class:`~jaxcompress.Quantized` /
+        :class:`~jaxcompress.Clustered` leaf to the output-major layout the fast
+        kernels read (packing 4-bit codes two per byte). Quantized values are
+        unchanged: ``materialize`` of a prepared leaf equals the original. A
+        clustered leaf whose codebook is evenly spaced becomes exact linear codes
+        (:func:`~jaxcompress.arrays.serving.uniform_codebook_as_quantized`). Any
+        other clustered leaf is, on CPU with ``int8_activations`` (the default), put
+        on an int8 grid (:func:`~jaxcompress.arrays.serving.clustered_on_int8_grid`:
+        each weight moves by at most ``max|codebook| / 254``, and it then holds one
+        byte per weight) so it can take the integer route; otherwise (no int8
+        activations, or a GPU or TPU platform) its indices are kept exactly. A
+        traced leaf is converted in the trace, with no int8 grid (exact).
 
         Example:
             >>> import jax.numpy as jnp
             >>> import jaxcompress as jc
             >>> fast = jc.accelerate(lambda p, x: x @ p["w"])
             >>> q, _ = jc.quantize(bits=8, axis=-1)({"w": jnp.ones((16, 4))})
-            >>> type(fast.prepare(q)["w"]).__name__
-            'QuantizedMatrix'
+            >>> served = fast.prepare(q)
+            >>> type(served["w"]).__name__, fast.prepare(q)["w"] is served["w"]
+            ('QuantizedMatrix', True)
         """
 
         def one(leaf: Any) -> Any:
-            if isinstance(leaf, Clustered) and servable(leaf):
-                exact = uniform_codebook_as_quantized(leaf)
-                if exact is not None:
-                    return exact
-                if self.int8_activations:
-                    return clustered_on_int8_grid(leaf)
-            return to_serving(leaf) if servable(leaf) else leaf
+            if not servable(leaf):
+                return leaf
+            if _unprepared(leaf):
+                return self._prepared.get(leaf, self._serving_form)
+            return to_serving(leaf)
 
         return jax.tree.map(one, params, is_leaf=is_compressed)
 
+    def _served(self, leaf: Any) -> Any:
+        """A call's view of one leaf: the kept serving form of a concrete servable one."""
+        if not isinstance(leaf, Quantized | Clustered):
+            return leaf
+        kept = self._prepared.kept(leaf)  # the common case: seen before
+        if kept is not None:
+            return kept
+        return self._prepared.get(leaf, self._serving_form) if _unprepared(leaf) else leaf
+
+    def _serving_form(self, leaf: Quantized | Clustered) -> Any:
+        if isinstance(leaf, Clustered):
+            exact = uniform_codebook_as_quantized(leaf)
+            if exact is not None:
+                return exact
+            if self.int8_activations and self.platform == "cpu":
+                return clustered_on_int8_grid(leaf)
+        return to_serving(leaf)
+
     def explain(self, params: Any, *args: Any) -> Plan:
         """The route each compressed leaf would take for these inputs (nothing runs).
+
+        Unprepared concrete leaves are prepared first, as a call would (and kept).
 
         Example:
             >>> import jax.numpy as jnp
@@ -534,23 +703,66 @@ class Accelerated:
             >>> lr, _ = jc.low_rank(rank=2)({"w": jnp.ones((64, 64))})
             >>> fast.explain(lr, jnp.ones((3, 64))).routes()
             {'w': 'factored'}
+            >>> q, _ = jc.quantize(bits=8, axis=-1)({"w": jnp.ones((64, 64))})
+            >>> on_tpu = jc.accelerate(lambda p, x: x @ p["w"], platform="tpu")
+            >>> plan = on_tpu.explain(q, jnp.ones((3, 64)))
+            >>> plan.platform, plan.decisions[0].leaf, plan.decisions[0].rows
+            ('tpu', 'QuantizedMatrix', 3)
         """
         router = self._router()
-        arrays, rest = split_arrays(params)
+        arrays, rest = split_arrays(self.prepare(params))
         jax.eval_shape(lambda p, *a: self._evaluate(router, p, rest, *a), arrays, *args)
-        return Plan(tuple(router.decisions), router.backend)
+        return Plan(tuple(router.decisions), router.platform)
+
+    def export(
+        self, params: Any, *args: Any, platforms: tuple[str, ...] | None = None
+    ) -> jax.export.Exported:
+        """The program for ``platforms``, with the prepared parameters as its inputs.
+
+        ``jax.export.export(jax.jit(self), platforms=platforms)`` applied to
+        ``prepare(params)`` and ``args`` (arrays or ``jax.ShapeDtypeStruct``): the
+        artifact a serving system loads. It runs as ``exported.call(prepared, *args)``
+        with ``prepared = self.prepare(params)`` (the kept serving forms: no second
+        conversion). ``exported.serialize()`` gives its bytes (compressed leaves are
+        registered for it; it needs the ``flatbuffers`` package) and
+        ``jax.export.deserialize`` reads them back in any process that imports
+        ``jaxcompress``.
+
+        Args:
+            params: the compressed parameters (prepared or not), concrete.
+            *args: the other inputs of ``apply_fn``, or their shapes and dtypes.
+            platforms: the target platforms; by default this object's ``platform``.
+                The routes are chosen for ``self.platform`` whatever they are.
+
+        Returns:
+            The ``jax.export.Exported``.
+
+        Example:
+            >>> import jax
+            >>> import jax.numpy as jnp
+            >>> import jaxcompress as jc
+            >>> q, _ = jc.quantize(bits=8, axis=-1)({"w": jnp.ones((16, 4))})
+            >>> fast = jc.accelerate(lambda p, x: x @ p["w"], platform="cuda")
+            >>> exported = fast.export(q, jax.ShapeDtypeStruct((2, 16), jnp.float32))
+            >>> exported.platforms, exported.out_avals
+            (('cuda',), (ShapedArray(float32[2,4]),))
+        """
+        prepared = self.prepare(params)
+        if platforms is None:
+            platforms = (self.platform,)
+        return jax.export.export(jax.jit(self), platforms=platforms)(prepared, *args)
 
     def _router(self) -> _Router:
         return _Router(
             route=self.route,
             int8_activations=self.int8_activations,
-            backend=jax.default_backend(),
+            platform=self.platform,
         )
 
     def _run(self, arrays: Any, rest: _Static, *args: Any) -> Any:
         router = self._router()
         out = self._evaluate(router, arrays, rest.tree, *args)
-        self.last_plan = Plan(tuple(router.decisions), router.backend)
+        self.last_plan = Plan(tuple(router.decisions), router.platform)
         if router.opaque:  # once per trace: each input shape compiles once
             left = ", ".join(
                 f"{path} (in {', '.join(dict.fromkeys(ops))})"
@@ -600,16 +812,37 @@ def _trace_failure(flat: list, error: Exception) -> str:
 
 
 def accelerate(
-    apply_fn: Callable[..., Any], *, route: str = "auto", int8_activations: bool = True
+    apply_fn: Callable[..., Any],
+    *,
+    platform: str | None = None,
+    route: str = "auto",
+    int8_activations: bool = True,
 ) -> Accelerated:
     """``apply_fn(params, *args)`` taking compressed ``params``, with fast kernels.
 
     The returned callable traces ``apply_fn`` with dense stand-ins (once per input
     shape, under ``jit``) and runs each matrix product or convolution that consumes a
-    compressed leaf with the fastest correct kernel for the backend and batch size;
-    see the module docstring for the routes. Call ``prepare(params)`` once first so
-    quantized and clustered leaves can take their fast routes. ``explain(params,
-    *args)`` (or ``last_plan`` after a call) says which route each leaf took.
+    compressed leaf with the fastest correct kernel for the target ``platform`` and
+    batch size; see the module docstring for the routes. ``explain(params, *args)``
+    (or ``last_plan`` after a call) says which route each leaf took, and why.
+
+    The routes are chosen for ``platform``, not for the backend that happens to run:
+    ``jax.export.export(jax.jit(accelerate(f, platform="tpu")), platforms=("tpu",))``
+    builds the TPU program on a CPU machine (``export`` does the same with the
+    parameters prepared). On ``"cuda"``, ``"rocm"`` and ``"tpu"`` a product goes to a
+    registered kernel family's kernel where it has one
+    (:mod:`jaxcompress.runtime.routes`), else to ``dequantize`` (weight-only, the
+    decode fused into the product by XLA); activations are never quantized there
+    unless ``route="int8"`` forces it.
+
+    Quantized and clustered leaves straight from :func:`~jaxcompress.quantize` or
+    :func:`~jaxcompress.cluster` are converted to their serving layout on the first
+    call that sees them (``prepare``; the result is the same as preparing first)
+    and the serving form is kept, by the leaf's identity, while the leaf lives: later
+    calls with the same tree reuse it. Under an outer ``jax.jit`` (or
+    ``jax.export``) that takes ``params`` as an argument the leaves are tracers and
+    cannot be converted once; they are materialized in the program (exact, slow on
+    CPU, and ``explain`` says so): prepare them before, or close over them.
 
     With no compressed leaf in ``params``, the call is exactly ``apply_fn(params,
     *args)``.
@@ -643,33 +876,42 @@ def accelerate(
             an equinox ``lambda m, x: jax.vmap(m)(x)`` (the module is ``params``; its
             non-array leaves are static) or any function. Non-array options should be
             bound beforehand.
+        platform: the target: ``"cpu"``, ``"cuda"``, ``"rocm"`` or ``"tpu"``, as
+            ``jax.export`` names them; ``None`` (default) for the running backend
+            (:func:`default_platform`).
         route: ``"auto"``, or force one route (``"int8"``, ``"blocked"``,
             ``"dequantize"``, ``"materialize"``) for every quantized or clustered use,
             as the benchmarks do.
         int8_activations: whether the ``int8`` route may quantize activations.
 
     Returns:
-        An :class:`Accelerated` callable with ``prepare``, ``explain`` and
-        ``last_plan``.
+        An :class:`Accelerated` callable with ``prepare``, ``explain``, ``export``
+        and ``last_plan``.
 
     Raises:
-        ValueError: for an unknown route, or when ``apply_fn`` cannot run with the
-            compressed leaves' shapes (the message names the leaves).
+        ValueError: for an unknown platform or route, or when ``apply_fn`` cannot run
+            with the compressed leaves' shapes (the message names the leaves).
 
     Example:
         >>> import jax.numpy as jnp
         >>> import jaxcompress as jc
         >>> params = {"w": jnp.linspace(-1.0, 1.0, 64 * 32).reshape(64, 32)}
         >>> q, _ = jc.quantize(bits=8, axis=-1)(params)
-        >>> fast = jc.accelerate(lambda p, x: jnp.tanh(x @ p["w"]))
-        >>> served = fast.prepare(q)
+        >>> fast = jc.accelerate(lambda p, x: jnp.tanh(x @ p["w"]), platform="cpu")
         >>> x = jnp.ones((16, 64))
-        >>> y = fast(served, x)
+        >>> y = fast(q, x)  # prepared on this first call, and kept
         >>> fast.last_plan.routes()
         {'w': 'int8'}
         >>> bool(jnp.allclose(y, jnp.tanh(x @ jc.materialize(q)["w"]), atol=0.02))
         True
+        >>> on_gpu = jc.accelerate(lambda p, x: x @ p["w"], platform="cuda")
+        >>> on_gpu.explain(q, x).routes()["w"] != "int8"  # weight-only on GPUs
+        True
     """
+    if platform is None:
+        platform = default_platform()
+    elif platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS} (or None), got {platform!r}")
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    return Accelerated(apply_fn, route=route, int8_activations=int8_activations)
+    return Accelerated(apply_fn, route=route, int8_activations=int8_activations, platform=platform)
