@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,6 +54,19 @@ class KernelFamily:
 
 
 _FAMILIES: list[KernelFamily] = []
+
+# The project's own families, imported by name on first use (a GPU or TPU target, or a
+# look at the registry) so that ``import jaxcompress`` does not pay for Pallas (0.4 s).
+_BUILTIN_MODULES = ("jaxcompress.runtime.pallas",)
+_builtin_loaded = False
+
+
+def _load_builtin() -> None:
+    global _builtin_loaded
+    if not _builtin_loaded:
+        _builtin_loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)  # each registers its family on import
 
 
 def register_kernels(kernel_for: KernelFor, matmul: Matmul) -> KernelFamily:
@@ -104,6 +118,7 @@ def registered() -> tuple[KernelFamily, ...]:
         >>> isinstance(registered(), tuple)
         True
     """
+    _load_builtin()
     return tuple(_FAMILIES)
 
 
@@ -119,6 +134,7 @@ def using_kernels(*families: KernelFamily) -> Iterator[None]:
         ...     registered()
         ()
     """
+    _load_builtin()
     saved = list(_FAMILIES)
     _FAMILIES[:] = families
     try:
@@ -142,6 +158,7 @@ def find_kernel(leaf: Any, rows: int, platform: str) -> tuple[KernelFamily | Non
         >>> (family is None) == (name == ""), isinstance(reason, str)
         (True, True)
     """
+    _load_builtin()
     reasons = []
     for family in _FAMILIES:
         name, reason = family.kernel_for(leaf, rows, platform)

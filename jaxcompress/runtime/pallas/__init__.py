@@ -12,7 +12,12 @@ the GPU kernels lower to Triton's custom call, which export accepts only with
 :func:`export_disabled_checks`.
 """
 
+from jaxcompress.runtime import routes
 from jaxcompress.runtime.pallas.common import export_disabled_checks
 from jaxcompress.runtime.pallas.dispatch import kernel_for, matmul
 
-__all__ = ["export_disabled_checks", "kernel_for", "matmul"]
+__all__ = ["FAMILY", "export_disabled_checks", "kernel_for", "matmul"]
+
+# accelerate's router asks this family for GPU and TPU products (routes.py imports this
+# package on first use).
+FAMILY = routes.register_kernels(kernel_for, matmul)
