@@ -5,7 +5,9 @@ interpreter and equals ``x @ materialize(leaf)`` within its stated tolerance: fo
 float32 activations ``1e-5 * max(|x| @ |W|)``; for bfloat16 ones ``1e-2`` of that
 (the output, and for codebooks the weights, are rounded to bfloat16). Shapes are tiny
 and cover multiples and non-multiples of every tile size. Lowering: ``jax.export``
-for ``cuda`` and ``tpu`` holds the kernel's custom call.
+for ``cuda`` and ``tpu`` holds the kernel's custom call. The Mosaic GPU body (cuda's
+first choice for weight-only int8/int4 with 16-bit activations) has its own tests in
+test_pallas_mosaic_gpu.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from jaxcompress.arrays.serving import ClusteredMatrix, QuantizedMatrix, to_serv
 from jaxcompress.runtime import pallas
 
 PLATFORMS = ("cuda", "tpu")  # one GPU and one TPU body each
+# Float32 activations take Triton on cuda; 16-bit ones take Mosaic GPU there, so the
+# Triton body runs for them under rocm.
+BF16_PLATFORMS = ("cuda", "rocm", "tpu")
 
 
 def _quantized(k, n, *, bits, group_size=None, symmetric=True, axis=-1, seed=0):
@@ -125,7 +130,7 @@ def test_clustered_kernels_equal_the_materialized_product(
     _check(leaf, rows, platform)
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("platform", BF16_PLATFORMS)
 def test_bfloat16_activations_give_bfloat16_within_tolerance(platform):
     _check(
         _quantized(128, 64, bits=4, group_size=64, symmetric=False), 8, platform, dtype=jnp.bfloat16
@@ -139,7 +144,8 @@ def test_an_index_past_the_codebook_takes_its_last_entry_as_lookup_does():
     _check(leaf, 2, "tpu")
 
 
-CUSTOM_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+# By the kernel name's suffix: Mosaic GPU, Triton, Mosaic TPU.
+CUSTOM_CALL = {"mgpu": "mosaic_gpu_v2", "gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -157,12 +163,15 @@ def test_kernels_lower_for_their_platform_without_the_hardware(platform):
             fn, platforms=(platform,), disabled_checks=pallas.export_disabled_checks(platform)
         )(x, leaf)
         text = exported.mlir_module()
-        assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {CUSTOM_CALL[platform]}
-        assert name is not None and name.endswith("_gpu" if platform == "cuda" else "_tpu")
+        assert name is not None
+        assert set(re.findall(r"custom_call @([\w$.]+)", text)) == {
+            CUSTOM_CALL[name.rsplit("_", 1)[1]]
+        }
+        assert name.rsplit("_", 1)[1] in (("mgpu", "gpu") if platform == "cuda" else ("tpu",))
 
 
 def test_triton_needs_its_safety_check_disabled_to_export():
-    leaf = _quantized(64, 64, bits=8)
+    leaf = _quantized(64, 64, bits=8)  # float32 activations: Triton, not Mosaic GPU
     fn = jax.jit(lambda x, leaf: pallas.matmul(x, leaf, platform="cuda"))
     x = jax.ShapeDtypeStruct((4, 64), jnp.float32)
     with pytest.raises(ValueError, match="custom calls whose targets"):
@@ -171,11 +180,13 @@ def test_triton_needs_its_safety_check_disabled_to_export():
 
 def test_kernel_for_names_the_kernel_and_says_why_not(raw_leaf):
     g128 = _quantized(256, 64, bits=4, group_size=128)
-    assert pallas.kernel_for(g128, 1, "cuda")[0] == "pallas_int4_g128_gpu"
+    assert pallas.kernel_for(g128, 1, "cuda")[0] == "pallas_int4_g128_mgpu"
+    assert pallas.kernel_for(g128, 1, "cuda", dtype=jnp.float32)[0] == "pallas_int4_g128_gpu"
     assert pallas.kernel_for(g128, 1, "rocm")[0] == "pallas_int4_g128_gpu"
     assert pallas.kernel_for(g128, 1, "tpu")[0] == "pallas_int4_g128_tpu"
     int8 = _quantized(64, 32, bits=8)
-    assert pallas.kernel_for(int8, 300, "cuda")[0] == "pallas_int8_pc_gpu"
+    assert pallas.kernel_for(int8, 300, "cuda")[0] == "pallas_int8_pc_mgpu"
+    assert pallas.kernel_for(int8, 300, "rocm")[0] == "pallas_int8_pc_gpu"
     assert pallas.kernel_for(_clustered(64, 32, entries=8, per_channel=False), 1, "tpu")[0] == (
         "pallas_kmeans3_shared_tpu"
     )

@@ -1,14 +1,17 @@
-"""Pallas kernels for compressed matrix products, for GPU (Triton) and TPU (Mosaic).
+"""Pallas kernels for compressed matrix products: GPU (Mosaic GPU, Triton) and TPU (Mosaic).
 
 One module per kernel family: :mod:`.quantized` (weight-only int8 and packed int4,
-per channel or in scale groups) and :mod:`.clustered` (k-means codebook lookup,
-3- and 4-bit indices, shared or per-channel codebooks); :mod:`.common` holds what
-they share. The router calls :func:`kernel_for` and :func:`matmul`. 2:4 sparse
-kernels are not here yet.
+per channel or in scale groups; Triton and TPU bodies) with its Hopper body in
+:mod:`.quantized_mgpu` (Mosaic GPU ``wgmma``, cuda's first choice for bfloat16 and
+float16 activations), and :mod:`.clustered` (k-means codebook lookup, 3- and 4-bit
+indices, shared or per-channel codebooks); :mod:`.common` holds what they share. The
+router calls :func:`kernel_for` and :func:`matmul`. 2:4 sparse kernels are not here
+yet.
 
-On a machine without the accelerator the kernels run in Pallas's interpreter
-(``interpret=True``) and lower for their platform through :func:`jax.export.export`;
-the GPU kernels lower to Triton's custom call, which export accepts only with
+On a machine without the accelerator the kernels run in Pallas's interpreters
+(``interpret=True``) and lower for their platform through :func:`jax.export.export`.
+The Mosaic GPU kernel lowers to ``mosaic_gpu_v2``, which export accepts as it is; the
+Triton kernels lower to Triton's custom call, which export accepts only with
 :func:`export_disabled_checks`.
 """
 

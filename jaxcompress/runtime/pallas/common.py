@@ -1,9 +1,10 @@
 """What every Pallas kernel here shares: targets, tile arithmetic, padding, the NT dot.
 
 A platform is named as :func:`jax.export.export` names it. ``"cuda"`` and ``"rocm"``
-run the GPU kernels (Pallas on the Triton backend); ``"tpu"`` runs the TPU kernels
-(Mosaic TPU). The two differ in their memory model, so each kernel family has two
-bodies:
+run the GPU kernels (Pallas on the Triton backend; on ``"cuda"`` the weight-only
+int8/int4 family prefers its Mosaic GPU body, :mod:`.quantized_mgpu`); ``"tpu"`` runs
+the TPU kernels (Mosaic TPU). The two differ in their memory model, so each kernel
+family has two bodies:
 
 - GPU: a ``(row tiles, column tiles)`` grid; each program holds pointers to whole
   rows of its operands and walks the contracted axis itself (``fori_loop``), loading
@@ -58,8 +59,9 @@ def target_of(platform: str) -> str | None:
 def export_disabled_checks(platform: str) -> list[jax.export.DisabledSafetyCheck]:
     """The safety checks :func:`jax.export.export` must skip for these kernels on ``platform``.
 
-    The GPU kernels lower to Triton's custom call, which ``jax.export`` refuses by default
-    (Triton IR has no compatibility guarantee); ``tpu_custom_call`` needs nothing.
+    The Triton kernels lower to Triton's custom call, which ``jax.export`` refuses by
+    default (Triton IR has no compatibility guarantee); ``tpu_custom_call`` and the Mosaic
+    GPU kernel's ``mosaic_gpu_v2`` need nothing.
 
     Example:
         >>> len(export_disabled_checks("cuda")), export_disabled_checks("tpu")
