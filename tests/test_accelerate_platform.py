@@ -2,6 +2,7 @@
 cuda and tpu (and serialization), and unprepared trees prepared once."""
 
 import gc
+import re
 import weakref
 
 import jax
@@ -89,7 +90,7 @@ def fake_kernels():
     """A test double of a kernel family: int8 codes on cuda only; records its calls."""
     calls = {"asked": [], "ran": []}
 
-    def kernel_for(leaf, rows, platform):
+    def kernel_for(leaf, rows, platform, **_):
         calls["asked"].append(platform)
         if platform != "cuda":
             return None, f"fake: nothing for {platform}"
@@ -240,3 +241,36 @@ def test_a_traced_unprepared_tree_is_materialized_and_says_so():
     assert set(fast.last_plan.routes().values()) == {"int8"}
     assert not isinstance(fast.prepare(INT8)["l0"]["kernel"].codes, jax.core.Tracer)
     np.testing.assert_allclose(fast(INT8, X), closed, rtol=1e-6, atol=1e-6)
+
+
+def _custom_calls(exported):
+    return set(re.findall(r"custom_call @([\w$.]+)", exported.mlir_module()))
+
+
+def test_cuda_exports_take_only_stable_kernels_by_default():
+    """Plain ``jax.export`` works for cuda: Mosaic GPU for bf16, no Triton for float32."""
+    w = jax.random.normal(jax.random.key(0), (256, 128))
+    q, _ = jc.quantize(bits=4, group_size=128, axis=-1)({"w": w})
+    f = lambda p, x: x @ p["w"].astype(x.dtype)  # noqa: E731
+    fast = jc.accelerate(f, platform="cuda")
+    prepared = fast.prepare(q)
+    for dtype, calls in ((jnp.bfloat16, {"mosaic_gpu_v2"}), (jnp.float32, set())):
+        x = jax.ShapeDtypeStruct((8, 256), dtype)
+        exported = jax.export.export(jax.jit(fast), platforms=("cuda",))(prepared, x)
+        assert _custom_calls(exported) == calls
+    plan = fast.explain(q, jnp.ones((8, 256)))
+    assert (
+        plan.decisions[0].kernel == "" and "jax.export cannot serialize" in plan.decisions[0].note
+    )
+    # kernels="all" takes the Triton kernel for float32: it runs, but plain export refuses it.
+    every = jc.accelerate(f, platform="cuda", kernels="all")
+    x = jax.ShapeDtypeStruct((8, 256), jnp.float32)
+    with pytest.raises(ValueError, match="custom calls whose targets"):
+        jax.export.export(jax.jit(every), platforms=("cuda",))(prepared, x)
+    assert _custom_calls(every.export(q, x)) == {"__gpu$xla.gpu.triton"}
+    assert every.explain(q, jnp.ones((8, 256))).decisions[0].kernel == "pallas_int4_g128_gpu"
+
+
+def test_bad_kernels_choice_is_refused():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        jc.accelerate(lambda p, x: x, kernels="fast")

@@ -102,6 +102,9 @@ __all__ = [
     "default_platform",
 ]
 
+# Which registered kernels the router may take: export-stable ones only, or all.
+KERNEL_CHOICES = ("stable", "all")
+_TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 ROUTES = ("auto", "int8", "blocked", "dequantize", "materialize")
 # Target platforms, as jax.export names them.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -283,10 +286,11 @@ def _kernel_inputs(leaf: Any, contracted: list[int]) -> tuple[int, ...] | None:
 class _Router:
     """Evaluates the equations that receive compressed leaves; records each choice."""
 
-    def __init__(self, *, route: str, int8_activations: bool, platform: str) -> None:
+    def __init__(self, *, route: str, int8_activations: bool, platform: str, kernels: str) -> None:
         self.route = route
         self.int8_activations = int8_activations
         self.platform = platform
+        self.kernels = kernels
         self.decisions: list[Decision] = []
         # Leaves that entered a shard_map or an opaque kernel (pallas_call, scan, ...).
         self.opaque: dict[str, list[str]] = {}
@@ -388,7 +392,9 @@ class _Router:
             precision = eqn.params.get("precision")
             return kernels.factored(x, leaf, precision=precision, transposed=transposed)
         if self.route == "auto" and self.platform != "cpu":
-            family, name, reason = routes.find_kernel(leaf, rows, self.platform)
+            family, name, reason = routes.find_kernel(
+                leaf, rows, self.platform, dtype=x.dtype, stable_only=self.kernels == "stable"
+            )
             if family is not None:
                 self.record(weight, op, "kernel", rows, reason, kernel=name)
                 return family.matmul(x, leaf, platform=self.platform).astype(jnp.float32)
@@ -610,11 +616,13 @@ class Accelerated:
         route: str,
         int8_activations: bool,
         platform: str,
+        kernels: str = "stable",
     ) -> None:
         self.apply_fn = apply_fn
         self.route = route
         self.int8_activations = int8_activations
         self.platform = platform
+        self.kernels = kernels
         self.last_plan: Plan | None = None
         self._jitted = jax.jit(self._run, static_argnums=1)
         self._prepared = _PreparedLeaves()
@@ -732,7 +740,10 @@ class Accelerated:
             params: the compressed parameters (prepared or not), concrete.
             *args: the other inputs of ``apply_fn``, or their shapes and dtypes.
             platforms: the target platforms; by default this object's ``platform``.
-                The routes are chosen for ``self.platform`` whatever they are.
+                The routes are chosen for ``self.platform`` whatever they are. With
+                ``kernels="all"`` the Triton kernels' custom call is let through
+                (``jax.export`` gives it no compatibility guarantee: load the
+                artifact with the jax version that wrote it).
 
         Returns:
             The ``jax.export.Exported``.
@@ -750,13 +761,21 @@ class Accelerated:
         prepared = self.prepare(params)
         if platforms is None:
             platforms = (self.platform,)
-        return jax.export.export(jax.jit(self), platforms=platforms)(prepared, *args)
+        # kernels="all" may take Triton kernels, whose custom call export refuses unless
+        # told: such an artifact loads only with the jax version that wrote it.
+        checks = []
+        if self.kernels == "all":
+            checks = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CUSTOM_CALL)]
+        return jax.export.export(jax.jit(self), platforms=platforms, disabled_checks=checks)(
+            prepared, *args
+        )
 
     def _router(self) -> _Router:
         return _Router(
             route=self.route,
             int8_activations=self.int8_activations,
             platform=self.platform,
+            kernels=self.kernels,
         )
 
     def _run(self, arrays: Any, rest: _Static, *args: Any) -> Any:
@@ -817,6 +836,7 @@ def accelerate(
     platform: str | None = None,
     route: str = "auto",
     int8_activations: bool = True,
+    kernels: str = "stable",
 ) -> Accelerated:
     """``apply_fn(params, *args)`` taking compressed ``params``, with fast kernels.
 
@@ -883,6 +903,12 @@ def accelerate(
             ``"dequantize"``, ``"materialize"``) for every quantized or clustered use,
             as the benchmarks do.
         int8_activations: whether the ``int8`` route may quantize activations.
+        kernels: which registered GPU/TPU kernels the router may take: ``"stable"``
+            (default) only those whose custom call ``jax.export`` serializes (Mosaic
+            TPU, Mosaic GPU), so that ``jax.export.export`` of the program always
+            works; ``"all"`` also Triton kernels (float32 activations and codebook
+            lookups on ``"cuda"``, everything on ``"rocm"``), which run but export
+            only with :func:`jaxcompress.runtime.pallas.export_disabled_checks`.
 
     Returns:
         An :class:`Accelerated` callable with ``prepare``, ``explain``, ``export``
@@ -914,4 +940,12 @@ def accelerate(
         raise ValueError(f"platform must be one of {PLATFORMS} (or None), got {platform!r}")
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    return Accelerated(apply_fn, route=route, int8_activations=int8_activations, platform=platform)
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    return Accelerated(
+        apply_fn,
+        route=route,
+        int8_activations=int8_activations,
+        platform=platform,
+        kernels=kernels,
+    )

@@ -3,10 +3,12 @@
 A kernel family is a pair of functions (Pallas kernels, say) registered with
 :func:`register_kernels`:
 
-- ``kernel_for(leaf, rows, platform) -> (name | None, reason)``: whether the family
-  has a kernel for this serving matrix (a :class:`~jaxcompress.QuantizedMatrix` or
-  :class:`~jaxcompress.ClusteredMatrix`), this many activation rows and this target
-  platform (``"cuda"``, ``"rocm"``, ``"tpu"``), and why or why not;
+- ``kernel_for(leaf, rows, platform, *, dtype, stable_only) -> (name | None,
+  reason)``: whether the family has a kernel for this serving matrix (a
+  :class:`~jaxcompress.QuantizedMatrix` or :class:`~jaxcompress.ClusteredMatrix`),
+  this many activation rows of ``dtype`` and this target platform (``"cuda"``,
+  ``"rocm"``, ``"tpu"``), one ``jax.export`` can serialize where ``stable_only``;
+  and why or why not;
 - ``matmul(x, leaf, *, platform) -> (M, N) array``: ``x @ W`` for a ``(M, K)``
   activation, with the kernel ``kernel_for`` named.
 
@@ -143,11 +145,15 @@ def using_kernels(*families: KernelFamily) -> Iterator[None]:
         _FAMILIES[:] = saved
 
 
-def find_kernel(leaf: Any, rows: int, platform: str) -> tuple[KernelFamily | None, str, str]:
+def find_kernel(
+    leaf: Any, rows: int, platform: str, *, dtype: Any = None, stable_only: bool = True
+) -> tuple[KernelFamily | None, str, str]:
     """``(family, kernel name, reason)`` of the first family with a kernel for ``leaf``.
 
     ``(None, "", reasons)`` when none has one: the reasons of every family, joined by
-    ``"; "`` (``"no kernel family registered"`` when there is none).
+    ``"; "`` (``"no kernel family registered"`` when there is none). ``dtype`` is the
+    activation's dtype (``None``: not known); ``stable_only`` asks only for kernels
+    whose custom call ``jax.export`` can serialize.
 
     Example:
         >>> import jax.numpy as jnp
@@ -161,7 +167,7 @@ def find_kernel(leaf: Any, rows: int, platform: str) -> tuple[KernelFamily | Non
     _load_builtin()
     reasons = []
     for family in _FAMILIES:
-        name, reason = family.kernel_for(leaf, rows, platform)
+        name, reason = family.kernel_for(leaf, rows, platform, dtype=dtype, stable_only=stable_only)
         if name is not None:
             return family, name, reason
         reasons.append(reason)

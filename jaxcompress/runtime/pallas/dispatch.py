@@ -22,7 +22,12 @@ __all__ = ["kernel_for", "matmul"]
 
 
 def kernel_for(
-    leaf: object, rows: int, platform: str, *, dtype: jnp.dtype | None = None
+    leaf: object,
+    rows: int,
+    platform: str,
+    *,
+    dtype: jnp.dtype | None = None,
+    stable_only: bool = False,
 ) -> tuple[str | None, str]:
     """``(kernel name, reason)`` for ``x @ leaf`` with ``rows`` rows, or ``(None, why not)``.
 
@@ -37,6 +42,8 @@ def kernel_for(
         platform: the target, as :func:`jax.export.export` names it.
         dtype: the activation's dtype; ``None`` when not known yet (the choice is then
             the one for bfloat16 activations).
+        stable_only: only kernels ``jax.export`` can serialize (Mosaic GPU and Mosaic
+            TPU; not Triton), as ``accelerate``'s default ``kernels="stable"`` asks.
 
     Returns:
         A name such as ``"pallas_int4_g128_mgpu"`` (Mosaic GPU), ``"pallas_int4_g128_gpu"``
@@ -79,6 +86,9 @@ def kernel_for(
         plan = plan_quantized(leaf, rows, platform)
         if isinstance(plan, str):
             return None, plan if mosaic is None else f"{plan}; Mosaic GPU: {mosaic}"
+        if stable_only and _triton(platform):
+            why = "" if mosaic is None else f" (not Mosaic GPU: {mosaic})"
+            return None, f"{_UNSTABLE}{why}"
         groups = "per channel" if plan.group is None else f"groups of {plan.group}"
         why = "" if mosaic is None else f" (not Mosaic GPU: {mosaic})"
         return plan.name, (
@@ -89,12 +99,23 @@ def kernel_for(
         cplan = plan_clustered(leaf, rows, platform)
         if isinstance(cplan, str):
             return None, cplan
+        if stable_only and _triton(platform):
+            return None, f"{_UNSTABLE} (no Mosaic GPU codebook kernel yet)"
         book = "per-channel" if cplan.per_channel else "shared"
         return cplan.name, (
             f"{cplan.entries}-entry {book} codebook looked up in the kernel: tiles of "
             f"({cplan.bm}, {cplan.bn}, {cplan.bk})"
         )
     return None, f"no Pallas kernel for a {type(leaf).__name__} leaf"
+
+
+# jax.export refuses Triton's custom call (its IR has no compatibility guarantee).
+_UNSTABLE = "only a Triton kernel fits, and jax.export cannot serialize it (kernels='all')"
+
+
+def _triton(platform: str) -> bool:
+    """Whether this platform's GPU kernels (other than Mosaic GPU's) lower to Triton."""
+    return platform in ("cuda", "rocm")
 
 
 def _mosaic_plan(
