@@ -38,7 +38,7 @@ __all__ = [
     "using_kernels",
 ]
 
-KernelFor = Callable[[Any, int, str], tuple[str | None, str]]
+KernelFor = Callable[..., tuple[str | None, str]]
 Matmul = Callable[..., jax.Array]
 
 
