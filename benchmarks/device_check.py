@@ -299,8 +299,8 @@ def parity_phase(run: Settings, budget: Budget) -> list[dict[str, Any]]:
     out = []
     for label, leaf, rows, dtype in parity_cases(run.big_parity):
         if budget.over():
-            out.append({"case": label, "rows": rows, "dtype": str(jnp.dtype(dtype)),
-                        "kernel": "", "passed": None, "error": "skipped: phase budget spent"})  # fmt: skip
+            skipped = {"kernel": "", "passed": None, "error": "skipped: phase budget spent"}
+            out.append({"case": label, "rows": rows, "dtype": str(jnp.dtype(dtype)), **skipped})
             continue
         row = parity_row(label, leaf, rows, dtype, run)
         out.append(row)
@@ -728,10 +728,8 @@ def environment() -> dict[str, Any]:
     """The device, the jax/jaxlib versions and whether Qwix imports."""
     versions = {}
     for package in ("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     device = jax.devices()[0]
     try:
         info = jax.print_environment_info(return_string=True)
