@@ -104,9 +104,21 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write(name: str, *, title: str, command: str, body_markdown: str, data: Any) -> Path:
-    """Writes ``results/<name>.md`` (title, how it was run, machine, body) and ``<name>.json``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(
+    name: str,
+    *,
+    title: str,
+    command: str,
+    body_markdown: str,
+    data: Any,
+    directory: Path | None = None,
+) -> Path:
+    """Writes ``results/<name>.md`` (title, how it was run, machine, body) and ``<name>.json``.
+
+    ``directory`` replaces ``benchmarks/results`` (a smoke run writes elsewhere).
+    """
+    folder = RESULTS if directory is None else Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
     env = environment()
     blas = env.get("blas")
     blas_line = (
@@ -130,10 +142,10 @@ def write(name: str, *, title: str, command: str, body_markdown: str, data: Any)
             "",
         ]
     )
-    (RESULTS / f"{name}.md").write_text(markdown)
-    (RESULTS / f"{name}.json").write_text(
+    (folder / f"{name}.md").write_text(markdown)
+    (folder / f"{name}.json").write_text(
         json.dumps(
             {"title": title, "command": command, "environment": env, "results": data}, indent=2
         )
     )
-    return RESULTS / f"{name}.md"
+    return folder / f"{name}.md"
