@@ -12,10 +12,7 @@ import os
 # It changes only how LLVM lowers XLA's already optimized HLO to machine code (without
 # fast-math at either level), not the operations a program runs. A flag already in
 # XLA_FLAGS comes later and wins.
-# XLA:CPU's MLIR fusion emitters compile each program about twice as slowly as the
-# older LLVM IR emitters: over a set of quantize, prune and cluster programs, process
-# CPU time fell from 22-29 s to 12-14 s without them. The same HLO fusions run either way.
-_DEFAULT_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_DEFAULT_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
     _DEFAULT_FLAGS
     + " "

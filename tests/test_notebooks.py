@@ -8,6 +8,7 @@ notebooks run with jax's default dtype promotion, as they would for a user.
 """
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,14 @@ def test_converter_refuses_a_markdown_line_that_is_not_a_comment():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs(path, monkeypatch, record_property):
     monkeypatch.setenv("JAXCOMPRESS_NOTEBOOK_SMALL", "1")
+    # The notebooks are run here to show they run, not to compare bits: their kernels
+    # use XLA:CPU's older LLVM IR fusion emitters, which compile about twice as fast
+    # (24 small programs: 12-14 s of CPU time against 22-29 s). The rest of the suite
+    # keeps the default emitters: with the older ones, four bit-for-bit comparisons
+    # of two programs (sharded against unsharded, fused against op by op) differ.
+    monkeypatch.setenv(
+        "XLA_FLAGS", os.environ["XLA_FLAGS"] + " --xla_cpu_use_fusion_emitters=false"
+    )
     notebook = _read(path)
     # One more cell, in memory only: which Python the kernel runs.
     notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
