@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcompress.arrays.serving import QuantizedMatrix
+
 __all__ = [
+    "code_layout",
     "GPU_PLATFORMS",
     "TPU_PLATFORMS",
     "compute_dtype",
@@ -132,3 +135,33 @@ def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
         [[2.0, 2.0, 2.0]]
     """
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def code_layout(leaf: QuantizedMatrix) -> tuple[int, int | None] | str:
+    """``(code width, group size or None)`` of a serving matrix, or why no kernel takes it.
+
+    The checks every weight-only kernel body shares: codes laid out ``(N, K)`` (``K // 2``
+    bytes when packed), at most 4 bits when packed, and packed halves that do not split
+    a scale group.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jaxcompress as jc
+        >>> from jaxcompress.arrays.serving import to_serving
+        >>> q = jc.quantize(bits=4, axis=-1, group_size=128)
+        >>> code_layout(to_serving(q({"w": jnp.ones((512, 256))})[0]["w"]))
+        (256, 128)
+    """
+    k, n = leaf.matrix_shape
+    width = k // 2 if leaf.packed else k
+    if tuple(leaf.codes.shape) != (n, width):
+        return f"codes of shape {tuple(leaf.codes.shape)}, not ({n}, {width})"
+    if leaf.packed and leaf.bits > 4:
+        return f"packed codes of {leaf.bits} bits"
+    group = None if leaf.groups == 1 else leaf.group
+    if group is not None and leaf.packed and width % group:
+        return (
+            f"packed codes whose half width {width} is no multiple of the group size {group}: "
+            "the two nibbles' scale groups do not line up"
+        )
+    return width, group

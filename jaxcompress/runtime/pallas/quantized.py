@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxcompress.arrays.serving import QuantizedMatrix
 from jaxcompress.runtime.pallas.common import (
+    code_layout,
     compute_dtype,
     dot_nt,
     next_power_of_2,
@@ -97,18 +98,11 @@ def plan_quantized(leaf: QuantizedMatrix, rows: int, platform: str) -> Quantized
     target = target_of(platform)
     if target is None:
         return f"no Pallas kernel for platform {platform}"
+    layout = code_layout(leaf)
+    if isinstance(layout, str):
+        return layout
+    width, group = layout
     k, n = leaf.matrix_shape
-    width = k // 2 if leaf.packed else k
-    if tuple(leaf.codes.shape) != (n, width):
-        return f"codes of shape {tuple(leaf.codes.shape)}, not ({n}, {width})"
-    if leaf.packed and leaf.bits > 4:
-        return f"packed codes of {leaf.bits} bits"
-    group = None if leaf.groups == 1 else leaf.group
-    if group is not None and leaf.packed and width % group:
-        return (
-            f"packed codes whose half width {width} is no multiple of the group size {group}: "
-            "the two nibbles' scale groups do not line up"
-        )
     per_tile = 1
     if target == "gpu":
         bm = min(64, max(16, next_power_of_2(rows)))

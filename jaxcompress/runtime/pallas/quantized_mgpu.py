@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxcompress.arrays.serving import QuantizedMatrix
-from jaxcompress.runtime.pallas.common import next_power_of_2, pad_to, round_up
+from jaxcompress.runtime.pallas.common import code_layout, next_power_of_2, pad_to, round_up
 
 __all__ = ["MosaicTiles", "mosaic_quantized_matmul", "plan_mosaic_quantized"]
 
@@ -140,18 +140,11 @@ def plan_mosaic_quantized(
             f"{jnp.dtype(dtype).name} activations: Mosaic GPU's wgmma here takes bfloat16 "
             "or float16 (float32 would run as TF32 from a transposed operand)"
         )
+    layout = code_layout(leaf)
+    if isinstance(layout, str):
+        return layout
+    width, group = layout
     k, n = leaf.matrix_shape
-    width = k // 2 if leaf.packed else k
-    if tuple(leaf.codes.shape) != (n, width):
-        return f"codes of shape {tuple(leaf.codes.shape)}, not ({n}, {width})"
-    if leaf.packed and leaf.bits > 4:
-        return f"packed codes of {leaf.bits} bits"
-    group = None if leaf.groups == 1 else leaf.group
-    if group is not None and leaf.packed and width % group:
-        return (
-            f"packed codes whose half width {width} is no multiple of the group size {group}: "
-            "the two nibbles' scale groups do not line up"
-        )
     if group is None:
         bk = 128
     else:
