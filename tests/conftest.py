@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests, strict dtype/rank promotion, and
-XLA:CPU's LLVM backend at optimization level 0.
+XLA:CPU's LLVM backend at optimization level 0 (with ``JAXCOMPRESS_FAST_XLA=1``, also
+XLA:CPU's older, faster-compiling fusion emitters, and the ``bitwise`` tests deselected).
 
 XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 """
@@ -12,7 +13,19 @@ import os
 # It changes only how LLVM lowers XLA's already optimized HLO to machine code (without
 # fast-math at either level), not the operations a program runs. A flag already in
 # XLA_FLAGS comes later and wins.
-_DEFAULT_FLAGS = "--xla_backend_optimization_level=0"
+#
+# JAXCOMPRESS_FAST_XLA=1 also turns off XLA:CPU's newer MLIR fusion emitters: the older
+# emitters compile the suite's programs in about half the CPU time (the whole suite took
+# 45 min of CPU against 79). Both are exact IEEE arithmetic, but they generate different
+# code for the same fusion, so two *different* programs that round alike under one can
+# round apart under the other: four tests comparing fused with op-by-op, or sharded with
+# unsharded, programs bit for bit failed under the older emitters. Such tests are marked
+# `bitwise`; that mode deselects them, and CI runs them in a second pass with XLA's
+# defaults, the configuration users get (see README's test command).
+FAST_XLA = os.environ.get("JAXCOMPRESS_FAST_XLA", "") == "1"
+_DEFAULT_FLAGS = "--xla_backend_optimization_level=0" + (
+    " --xla_cpu_use_fusion_emitters=false" if FAST_XLA else ""
+)
 os.environ["XLA_FLAGS"] = (
     _DEFAULT_FLAGS
     + " "
@@ -86,6 +99,20 @@ LONG_MODULES_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    if FAST_XLA:
+        bitwise = [item for item in items if item.get_closest_marker("bitwise")]
+        if bitwise:
+            config.hook.pytest_deselected(items=bitwise)
+            items[:] = [item for item in items if not item.get_closest_marker("bitwise")]
     rank = {name: index for index, name in enumerate(LONG_MODULES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+def pytest_report_header(config):
+    if FAST_XLA:
+        return (
+            "JAXCOMPRESS_FAST_XLA=1: older XLA:CPU fusion emitters; `bitwise` tests deselected "
+            "(run them with XLA's defaults: python -m pytest -m bitwise)"
+        )
+    return None

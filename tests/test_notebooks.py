@@ -119,9 +119,8 @@ def test_notebook_runs(path, monkeypatch, record_property):
     monkeypatch.setenv("JAXCOMPRESS_NOTEBOOK_SMALL", "1")
     # The notebooks are run here to show they run, not to compare bits: their kernels
     # use XLA:CPU's older LLVM IR fusion emitters, which compile about twice as fast
-    # (24 small programs: 12-14 s of CPU time against 22-29 s). The rest of the suite
-    # keeps the default emitters: with the older ones, four bit-for-bit comparisons
-    # of two programs (sharded against unsharded, fused against op by op) differ.
+    # (24 small programs: 12-14 s of CPU time against 22-29 s), in either mode of
+    # tests/conftest.py (the rest of the suite uses them only with JAXCOMPRESS_FAST_XLA=1).
     monkeypatch.setenv(
         "XLA_FLAGS", os.environ["XLA_FLAGS"] + " --xla_cpu_use_fusion_emitters=false"
     )

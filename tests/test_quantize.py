@@ -224,6 +224,7 @@ def test_nnx_state_round_trip_under_jit():
         (P(None, ("data", "model")), dict(group_size=16, calibration="mse")),
     ],
 )
+@pytest.mark.bitwise
 def test_sharded_inputs_equal_unsharded(mesh8, spec, options):
     options = dict(options)
     params = {"a": {"kernel": _weight((64, 128))}, "b": {"kernel": _weight((32, 16), 1)}}

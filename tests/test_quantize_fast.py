@@ -81,6 +81,7 @@ def _cases(draw):
 
 
 @pytest.mark.slow
+@pytest.mark.bitwise
 @settings(max_examples=60, deadline=None)
 @given(_cases())
 def test_fused_program_matches_op_by_op(case):

@@ -25,6 +25,7 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("options", LAYOUTS)
 def test_forward_equals_quantize_round_trip(bits, options):
