@@ -418,9 +418,10 @@ def clustered_on_int8_grid(leaf: Clustered) -> QuantizedMatrix:
 
 
 def channel_error(exact: jax.Array, approx: jax.Array) -> float:
-    """The largest relative L2 change of an output channel (last axis): ``max_n ||a_n - e_n|| / ||e_n||``.
+    """The largest relative L2 change of an output channel: ``max_n ||a_n - e_n|| / ||e_n||``.
 
-    ``exact`` and ``approx`` are dense weights of one shape, inputs first; a channel
+    ``exact`` and ``approx`` are dense weights of one shape, inputs first (channels on
+    the last axis); a channel
     that is zero in both counts 0, one zero only in ``exact`` infinity. Concrete
     arrays only (it returns a Python float): :func:`clustered_on_int8_grid`'s
     callers use it to decide whether the grid is close enough.
