@@ -144,7 +144,11 @@ def main() -> None:
             calls[f"{name} {variant}"] = (fast, (served, *time_args))
             if variant == "guarded":
                 row["routes"] = dict(
-                    sorted(collections_count(fast.explain(served, *time_args).routes().values()))
+                    sorted(
+                        collections_count(
+                            fast.explain(served, *time_args).routes().values()
+                        ).items()
+                    )
                 )
                 row["exact_clustered"] = sum(
                     isinstance(leaf, ClusteredMatrix)
