@@ -417,6 +417,29 @@ def clustered_on_int8_grid(leaf: Clustered) -> QuantizedMatrix:
     return QuantizedMatrix(codes, scale, None, leaf.shape, leaf.dtype, 8, False)
 
 
+def channel_error(exact: jax.Array, approx: jax.Array) -> float:
+    """The largest relative L2 change of an output channel: ``max_n ||a_n - e_n|| / ||e_n||``.
+
+    ``exact`` and ``approx`` are dense weights of one shape, inputs first (channels on
+    the last axis); a channel
+    that is zero in both counts 0, one zero only in ``exact`` infinity. Concrete
+    arrays only (it returns a Python float): :func:`clustered_on_int8_grid`'s
+    callers use it to decide whether the grid is close enough.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> channel_error(jnp.array([[3.0, 1.0], [4.0, 0.0]]), jnp.array([[3.0, 1.0], [4.5, 0.0]]))
+        0.1
+    """
+    e = np.asarray(exact, np.float64).reshape(-1, np.shape(exact)[-1])
+    a = np.asarray(approx, np.float64).reshape(e.shape)
+    change = np.linalg.norm(a - e, axis=0)
+    norm = np.linalg.norm(e, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(change == 0, 0.0, change / norm)
+    return float(ratio.max(initial=0.0))
+
+
 def uniform_codebook_as_quantized(
     leaf: Clustered, *, tolerance: float = 1e-6
 ) -> QuantizedMatrix | None:

@@ -12,11 +12,15 @@ leaf                 route
 ``LowRank``          ``factored``: ``(x @ u) @ v``; two convolutions for a kernel
 ``QuantizedMatrix``  ``int8`` (integer dot, dynamic int8 activations) for one
                      scale group per channel when the batch is large enough,
-                     else ``blocked`` (dequantize one block at a time), or
-                     ``dequantize`` (the whole matrix once) from 512 rows
+                     checked in the program: when an activation row's int8
+                     rounding error exceeds ``int8_tolerance``, the float route
+                     below runs instead (``lax.cond``); else ``blocked``
+                     (dequantize one block at a time), or ``dequantize`` (the
+                     whole matrix once) from 512 rows
 ``ClusteredMatrix``  ``blocked`` lookup (exact; ``prepare`` makes an int8-grid
-                     ``QuantizedMatrix`` instead when int8 activations are on),
-                     ``dequantize`` from 512 rows
+                     ``QuantizedMatrix`` instead when int8 activations are on
+                     and the grid moves no output channel by more than
+                     ``int8_tolerance``), ``dequantize`` from 512 rows
 ``Sparse``, other    ``materialize``: dense masked, then the original op
 ===================  ==========================================================
 
@@ -72,6 +76,7 @@ from jaxcompress.arrays.quantized import Quantized
 from jaxcompress.arrays.serving import (
     ClusteredMatrix,
     QuantizedMatrix,
+    channel_error,
     clustered_on_int8_grid,
     servable,
     to_serving,
@@ -128,6 +133,14 @@ _DEQUANTIZE_MIN_ROWS = {"cpu": 512}
 # takes "dequantize" at every batch size (XLA fuses the decode into the product's
 # operand there, where the blocked route's loop of narrow products would run one
 # after another) and never quantizes activations on its own.
+
+# The default of accelerate(int8_tolerance=): the largest relative L2 error the int8
+# route may add to an activation row (checked in the program) or to an output
+# channel of a clustered weight put on an int8 grid (checked by prepare). Rows of
+# Gaussian values score 0.007-0.012 for 384 to 4096 inputs and stay on the route;
+# MiniLM-L6's activations (outlier channels) score 0.017-0.093 per product, and
+# most of its products take the exact route instead (benchmarks/served_fidelity.py).
+DEFAULT_INT8_TOLERANCE = 0.02
 
 # Ops that hand their operand on unchanged (for a weight: same values, same layout).
 _PASS_THROUGH = frozenset({"copy", "copy_p", "sharding_constraint", "pvary", "reshard"})
@@ -286,9 +299,18 @@ def _kernel_inputs(leaf: Any, contracted: list[int]) -> tuple[int, ...] | None:
 class _Router:
     """Evaluates the equations that receive compressed leaves; records each choice."""
 
-    def __init__(self, *, route: str, int8_activations: bool, platform: str, kernels: str) -> None:
+    def __init__(
+        self,
+        *,
+        route: str,
+        int8_activations: bool,
+        platform: str,
+        kernels: str,
+        int8_tolerance: float = DEFAULT_INT8_TOLERANCE,
+    ) -> None:
         self.route = route
         self.int8_activations = int8_activations
+        self.int8_tolerance = int8_tolerance
         self.platform = platform
         self.kernels = kernels
         self.decisions: list[Decision] = []
@@ -402,12 +424,37 @@ class _Router:
             note = f"no kernel ({reason}); {note}"
         else:
             route, note = self._choose(leaf, rows)
-        self.record(weight, op, route, rows, note)
-        if route == "int8":
-            pad = _INT8_PAD_ROWS.get(self.platform, 1)
+        if route != "int8":
+            self.record(weight, op, route, rows, note)
+            return self._float_product(route, x, leaf, transposed=transposed)
+        exact, _ = self._float_route(rows, "")
+        tolerance = self.int8_tolerance
+        if math.isinf(tolerance):
+            check = "unchecked (int8_tolerance=inf)"
+        else:
+            check = f"checked: {exact} when an activation row's int8 error > {tolerance:g}"
+        self.record(weight, op, route, rows, f"{note}; {check}" if note else check)
+        pad = _INT8_PAD_ROWS.get(self.platform, 1)
+
+        def integer(x: jax.Array) -> jax.Array:
             if isinstance(leaf, QuantizedMatrix):
                 return kernels.int8_quantized(x, leaf, min_rows=pad)
             return kernels.int8_clustered(x, leaf, min_rows=pad)
+
+        if math.isinf(tolerance):
+            return integer(x)
+
+        def floating(x: jax.Array) -> jax.Array:
+            return self._float_product(exact, x, leaf, transposed=transposed)
+
+        # O(M K) against the product's O(M K N); only the branch taken runs. A NaN
+        # error (a NaN or infinite activation) fails the test: the float route
+        # propagates it as the dense product would.
+        within = kernels.int8_row_error(x) <= tolerance
+        return lax.cond(within, integer, floating, x)
+
+    def _float_product(self, route: str, x: jax.Array, leaf: Any, *, transposed: bool) -> jax.Array:
+        """``x`` times the leaf on a float route: exact up to float32 rounding."""
         if route == "blocked":
             if isinstance(leaf, QuantizedMatrix):
                 return kernels.blocked_quantized(x, leaf)
@@ -596,6 +643,8 @@ class Accelerated:
         apply_fn: the wrapped function.
         route: ``"auto"`` or the forced route.
         int8_activations: whether the integer route may quantize activations.
+        int8_tolerance: the relative error the integer route may add (see
+            :func:`accelerate`).
         platform: the platform the routes are chosen for (``"cpu"``, ``"cuda"``,
             ``"rocm"``, ``"tpu"``).
         last_plan: the :class:`Plan` of the most recently traced call, or ``None``.
@@ -617,10 +666,12 @@ class Accelerated:
         int8_activations: bool,
         platform: str,
         kernels: str = "stable",
+        int8_tolerance: float = DEFAULT_INT8_TOLERANCE,
     ) -> None:
         self.apply_fn = apply_fn
         self.route = route
         self.int8_activations = int8_activations
+        self.int8_tolerance = int8_tolerance
         self.platform = platform
         self.kernels = kernels
         self.last_plan: Plan | None = None
@@ -658,8 +709,10 @@ class Accelerated:
         other clustered leaf is, on CPU with ``int8_activations`` (the default), put
         on an int8 grid (:func:`~jaxcompress.arrays.serving.clustered_on_int8_grid`:
         each weight moves by at most ``max|codebook| / 254``, and it then holds one
-        byte per weight) so it can take the integer route; otherwise (no int8
-        activations, or a GPU or TPU platform) its indices are kept exactly. A
+        byte per weight) so it can take the integer route, if no output channel
+        moves by more than ``int8_tolerance`` (relative L2); otherwise (a channel
+        moves further, no int8 activations, or a GPU or TPU platform) its indices
+        are kept exactly. A
         traced leaf is converted in the trace, with no int8 grid (exact).
 
         Example:
@@ -696,7 +749,12 @@ class Accelerated:
             if exact is not None:
                 return exact
             if self.int8_activations and self.platform == "cpu":
-                return clustered_on_int8_grid(leaf)
+                grid = clustered_on_int8_grid(leaf)
+                # An outlier centroid coarsens the grid for all the others, and every
+                # weight of a centroid moves the same way: keep the exact indices
+                # (a float route) when any output channel moves too far.
+                if channel_error(leaf.materialize(), grid.materialize()) <= self.int8_tolerance:
+                    return grid
         return to_serving(leaf)
 
     def explain(self, params: Any, *args: Any) -> Plan:
@@ -776,6 +834,7 @@ class Accelerated:
             int8_activations=self.int8_activations,
             platform=self.platform,
             kernels=self.kernels,
+            int8_tolerance=self.int8_tolerance,
         )
 
     def _run(self, arrays: Any, rest: _Static, *args: Any) -> Any:
@@ -837,6 +896,7 @@ def accelerate(
     route: str = "auto",
     int8_activations: bool = True,
     kernels: str = "stable",
+    int8_tolerance: float = DEFAULT_INT8_TOLERANCE,
 ) -> Accelerated:
     """``apply_fn(params, *args)`` taking compressed ``params``, with fast kernels.
 
@@ -880,15 +940,28 @@ def accelerate(
     Accuracy against ``apply_fn(materialize(params), *args)``: the ``factored``,
     ``blocked`` and ``dequantize`` routes agree to float32 rounding of their sums
     (relative to ``|x| @ |W|``, about 1e-6 of the output's scale). The ``int8`` route
-    also rounds each activation row to int8, which moves each product entry by at
-    most ``max|x_row| / 254 * sum_k |W_kn|`` (and ``prepare`` puts a clustered
-    codebook on an int8 grid, moving each weight by at most ``max|codebook| / 254``;
-    ``tests/test_fast_paths_more.py`` checks these bounds): the
-    3-layer MLP of ``tests/test_accelerate.py`` stays within 3 % relative error of the
-    materialized output, and MiniLM-L6's sentence embeddings keep a mean cosine of
-    0.9956 to the dense ones against 0.9992 with float activations
-    (``benchmarks/results/inference_cpu.md``). Pass ``int8_activations=False`` to rule
-    it out.
+    also rounds each activation row ``x`` to ``x'`` on an int8 grid, which moves each
+    product entry by at most ``max|x| / 254 * sum_k |W_kn|``, and checks itself in
+    the program: it runs only when every row has ``||x - x'|| <= int8_tolerance *
+    ||x||`` (L2 norms, over the product's contracted axes), else the float route
+    (``blocked`` or ``dequantize``, as ``int8_activations=False`` would) runs instead,
+    chosen by ``lax.cond`` so only one of them runs. ``prepare`` puts a clustered
+    codebook on an int8 grid (``W'``) only when each output channel moves by at most
+    ``int8_tolerance`` relative: ``||W'_n - W_n|| <= int8_tolerance * ||W_n||``. So,
+    by Cauchy-Schwarz on ``x W - x' W' = (x - x') W' + x (W - W')``, every output
+    entry is within ``int8_tolerance * ||x|| * (||W'_n|| + ||W_n||)`` of
+    ``x @ materialize(W)`` (``int8_tolerance * ||x|| * ||W_n||`` for quantized leaves,
+    where ``W' = W``), plus float32 rounding; ``tests/test_accelerate_guard.py`` checks
+    it on outlier inputs and ``tests/test_fast_paths_more.py`` the per-entry bound.
+    The bound is relative to ``||x||``: an outlier channel that dominates ``||x||``
+    hides the rounding of the small ones to the check (a 1000x outlier among 64
+    Gaussian values scores 0.008), which is only harmless when the outlier's weights
+    carry the output too. Rows of Gaussian values score 0.007-0.012 for 384-4096
+    inputs and stay on the integer route at the default 0.02; MiniLM-L6's activations
+    score 0.017-0.093, so most of its products take the float route, and its
+    k-means 4-bit embeddings keep the cosine of their decoded weights
+    (``benchmarks/results/served_fidelity.md``). ``int8_tolerance=math.inf`` turns the
+    check off; ``int8_activations=False`` rules the route out.
 
     Args:
         apply_fn: ``apply_fn(params, *args)``: a linen ``lambda p, x:
@@ -903,6 +976,11 @@ def accelerate(
             ``"dequantize"``, ``"materialize"``) for every quantized or clustered use,
             as the benchmarks do.
         int8_activations: whether the ``int8`` route may quantize activations.
+        int8_tolerance: the largest relative L2 error the ``int8`` route may add to an
+            activation row (checked in the program; the float route runs otherwise)
+            or, through ``prepare``'s int8 grid, to an output channel of a clustered
+            weight (default 0.02). ``math.inf`` turns both checks off; ``0`` sends
+            every product that rounds anything to the float route.
         kernels: which registered GPU/TPU kernels the router may take: ``"stable"``
             (default) only those whose custom call ``jax.export`` serializes (Mosaic
             TPU, Mosaic GPU), so that ``jax.export.export`` of the program always
@@ -915,8 +993,10 @@ def accelerate(
         and ``last_plan``.
 
     Raises:
-        ValueError: for an unknown platform or route, or when ``apply_fn`` cannot run
-            with the compressed leaves' shapes (the message names the leaves).
+        ValueError: for an unknown platform or route, a negative or NaN
+            ``int8_tolerance``, or when ``apply_fn`` cannot run with the compressed
+            leaves' shapes (the message names the leaves).
+        TypeError: when ``int8_tolerance`` is not a number.
 
     Example:
         >>> import jax.numpy as jnp
@@ -942,10 +1022,15 @@ def accelerate(
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    if isinstance(int8_tolerance, bool) or not isinstance(int8_tolerance, int | float):
+        raise TypeError(f"int8_tolerance must be a number, got {int8_tolerance!r}")
+    if not int8_tolerance >= 0:  # also catches NaN
+        raise ValueError(f"int8_tolerance must be >= 0 (or inf), got {int8_tolerance!r}")
     return Accelerated(
         apply_fn,
         route=route,
         int8_activations=int8_activations,
         platform=platform,
         kernels=kernels,
+        int8_tolerance=float(int8_tolerance),
     )
