@@ -47,7 +47,7 @@ def test_the_inputs_are_on_either_side_of_the_default_tolerance():
     assert float(kernels.int8_row_error(OUTLIER)) > 2 * DEFAULT_INT8_TOLERANCE
 
 
-# bitwise
+@pytest.mark.bitwise
 @pytest.mark.parametrize("jit", [False, True])
 def test_outlier_activations_take_the_float_route_for_an_int8_leaf(jit):
     guarded, exact = jc.accelerate(matmul), jc.accelerate(matmul, int8_activations=False)
@@ -66,7 +66,7 @@ def test_outlier_activations_take_the_float_route_for_an_int8_leaf(jit):
     assert not np.array_equal(np.asarray(unchecked(served, OUTLIER)), np.asarray(want))
 
 
-# bitwise
+@pytest.mark.bitwise
 @pytest.mark.parametrize("jit", [False, True])
 def test_outlier_activations_take_the_exact_lookup_for_a_clustered_leaf(jit):
     # An exact ClusteredMatrix on the forced int8 route: the fallback is its own
@@ -86,7 +86,7 @@ def test_outlier_activations_take_the_exact_lookup_for_a_clustered_leaf(jit):
     np.testing.assert_allclose(np.asarray(got), reference, rtol=1e-4, atol=1e-2)
 
 
-# bitwise
+@pytest.mark.bitwise
 def test_benign_activations_stay_on_the_int8_route():
     tree = _int8_tree()
     guarded = jc.accelerate(matmul)
