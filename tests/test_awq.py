@@ -56,6 +56,7 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("options", LAYOUTS)
 def test_a_grid_of_only_alpha_zero_is_round_to_nearest_exactly(options):
     rtn, _ = jc.quantize(4, **options)({"w": jnp.asarray(W)})
@@ -290,11 +291,13 @@ def _check_model(params, apply):
     return eager
 
 
+@pytest.mark.bitwise
 def test_linen_model_eagerly_and_under_jit():
     compressed = _check_model(LINEN_PARAMS, _apply_linen)
     assert compressed["dense1"]["kernel"].input_scale.shape == (M,)
 
 
+@pytest.mark.bitwise
 def test_nnx_model_eagerly_and_under_jit():
     graphdef, state = nnx.split(_NNXMLP(nnx.Rngs(0)))
 
@@ -327,6 +330,7 @@ def test_accelerate_serves_awq_leaves_dense_and_equals_materialize():
         assert "AWQ" in note
 
 
+@pytest.mark.bitwise
 def test_sharded_weight_gives_the_unsharded_result_and_places_input_scales(mesh8):
     params = {"w": jnp.asarray(W)}
     tx = jc.quantize(4, group_size=16, method="awq")

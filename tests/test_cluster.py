@@ -414,6 +414,7 @@ def test_a_sparse_leaf_with_host_values_clusters_as_on_device():
     assert float(stats["w"]["inertia"]) == float(reference_stats["w"]["inertia"])
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("init", ["linear", "density"])
 def test_sparse_values_padded_to_a_shared_length_cluster_bit_for_bit_as_unpadded(init):
     # Kept counts that differ per leaf are padded to a few lengths so leaves share one

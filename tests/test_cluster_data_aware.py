@@ -77,6 +77,7 @@ def _weighted_optimum(x, w, k):
 # ---------------------------------------------------------------- weighted k-means
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     ("init", "method", "per_channel"),
     [
@@ -142,6 +143,7 @@ def test_weighted_lloyd_converges_to_weighted_cluster_means():
     assert _weighted_sse(x, s, codebook) < _weighted_sse(x, s, plain["w"].codebook)
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("shape", [(M, N), (3, 3, 4, 8)])
 def test_hessian_weights_are_the_input_gram_diagonal_of_each_row(shape):
     rng = np.random.default_rng(4)
@@ -166,6 +168,7 @@ def test_hessian_weights_are_the_input_gram_diagonal_of_each_row(shape):
     assert set(h_stats["w"]) >= {"weighted_relative_error", "relative_output_error"}
 
 
+@pytest.mark.bitwise
 def test_sparse_leaf_with_weights_clusters_its_kept_values_with_their_weights():
     w = jnp.asarray(W)
     sparse = magnitude_sparse(w, M * N // 2)
@@ -186,6 +189,7 @@ def test_sparse_leaf_with_weights_clusters_its_kept_values_with_their_weights():
 # ---------------------------------------------------------------- GPTQ with a codebook
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     "options",
     [
@@ -206,6 +210,7 @@ def test_gptq_with_a_diagonal_gram_is_nearest_codebook_assignment(options):
         assert float(stats["w"]["damping"]) == pytest.approx(0.01 * np.mean(np.diagonal(gram)))
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(("bits", "per_channel"), [(3, False), (4, False), (3, True)])
 def test_gptq_output_error_is_below_plain_kmeans(bits, per_channel):
     params = {"w": jnp.asarray(W)}
@@ -298,6 +303,7 @@ def test_nnx_model_through_calibrate_eagerly_and_under_jit():
     )
 
 
+@pytest.mark.bitwise
 def test_explicitly_sharded_weight_gives_the_unsharded_result():
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     sharded = jax.device_put(jnp.asarray(W), NamedSharding(mesh, P("data", "model")))

@@ -47,6 +47,7 @@ def _output_error(leaf, x=X, w=W):
 # ---------------------------------------------------------------- GPTQ
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     ("shape", "options"),
     [

@@ -36,6 +36,7 @@ def _placed(devices):
     )
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_same_key_gives_the_same_bits_across_runs_and_1_2_8_devices(name):
     key = jax.random.key(7)

@@ -59,6 +59,7 @@ MESH_CASES = {
 }
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("features", [None, True])
 @pytest.mark.parametrize("name", list(MESH_CASES))
 def test_data_parallel_equals_the_single_device_run(mesh8, name, features):

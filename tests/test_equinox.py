@@ -306,6 +306,7 @@ def test_pruned_training_under_filter_jit(mlp_and_input):
     assert trained.activation is model.activation
 
 
+@pytest.mark.bitwise
 def test_fake_quant_training_under_filter_jit(mlp_and_input):
     model, _ = mlp_and_input
     loss = _regression(model)

@@ -162,6 +162,7 @@ def test_linen_model_round_trip_under_jit(tmp_path):
     np.testing.assert_array_equal(forward(compressed, x), forward(restored, x))
 
 
+@pytest.mark.bitwise
 def test_nnx_state_round_trip_keeps_variables(tmp_path):
     model = LeNet300100NNX(rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)

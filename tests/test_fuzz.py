@@ -146,6 +146,7 @@ def specs(draw, shape):
     return PartitionSpec(*entries)
 
 
+@pytest.mark.bitwise
 @settings(
     max_examples=12,  # 6 per mesh type, as when both mesh types ran
     deadline=None,

@@ -139,6 +139,7 @@ def test_chain_falls_back_where_a_stage_needs_the_whole_tree():
     assert isinstance(out["embed"].values, jc.Clustered)
 
 
+@pytest.mark.bitwise
 def test_chain_leaf_by_leaf_under_jit_is_not_used():
     params = {"w": jnp.arange(1.0, 65.0).reshape(8, 8)}
     tx = jc.chain(jc.prune(0.5), jc.cluster(bits=2))

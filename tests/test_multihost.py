@@ -80,6 +80,7 @@ def test_two_processes_equal_one(worker_outputs):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.bitwise
 def test_two_processes_compress_save_and_load_bit_identical_to_one(worker_outputs):
     # One global threshold agreed across processes, each process saving only its
     # own blocks, and a reload onto the mesh: all bit-identical to one process.

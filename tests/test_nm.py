@@ -160,6 +160,7 @@ def test_sparsegpt_runs_are_chosen_on_the_error_updated_weights():
     assert not np.allclose(updated["w"].values, magnitude["w"].values)
 
 
+@pytest.mark.bitwise
 def test_sparsegpt_block_size_only_changes_float_rounding():
     params = {"w": jnp.asarray(WC)}
     # 6 rows per block: runs of 4 straddle the blocks.
@@ -182,6 +183,7 @@ def test_sparsegpt_on_a_conv_kernel_and_dead_inputs():
     assert not keep[[0, 1, 5, 6]].any() and keep[[2, 3, 4, 7]].all()
 
 
+@pytest.mark.bitwise
 def test_sparsegpt_under_jit_and_on_linen_and_nnx_models():
     x = jnp.asarray(_correlated_inputs(rows=64, features=12, seed=5))
     data = jc.calibrate(_apply, PARAMS, [x])

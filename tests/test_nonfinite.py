@@ -138,6 +138,7 @@ def test_checked_raises_naming_the_leaf_eagerly_and_under_checkify(name):
         error.throw()
 
 
+@pytest.mark.bitwise
 def test_checked_fake_quant_raises_naming_the_leaf():
     fq = jc.checked(jc.training.fake_quant(8, where="kernel"), jit=True)
     with pytest.raises(ValueError, match="'dense/kernel' contains NaN or Inf"):
@@ -148,6 +149,7 @@ def test_checked_fake_quant_raises_naming_the_leaf():
     )
 
 
+@pytest.mark.bitwise
 def test_checked_with_jit_runs_the_transform_on_finite_input_and_composes():
     chained = jc.chain(jc.prune(0.5, where="kernel"), jc.quantize(8, where="kernel"))
     tx = jc.checked(chained, jit=True)

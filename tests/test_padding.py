@@ -128,6 +128,7 @@ def _parts(w, g, **options):
     return ragged, head, tail
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("calibration", ["absmax", "mse", "percentile"])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_the_last_group_is_quantized_as_if_it_stood_alone(calibration, symmetric):
@@ -149,6 +150,7 @@ def test_the_last_group_is_quantized_as_if_it_stood_alone(calibration, symmetric
     np.testing.assert_array_equal(jitted.materialize(), dense)
 
 
+@pytest.mark.bitwise
 def test_layout_nbytes_and_options():
     w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 5, 6)), jnp.float32)
     q = jc.quantize(4, group_size=8, where="w")({"w": w})[0]["w"]  # K = 45: 5 x 8 + 5
@@ -173,6 +175,7 @@ def test_nonfinite_under_jit_poisons_only_its_group():
     assert np.isfinite(dense[:8]).all()
 
 
+@pytest.mark.bitwise
 def test_sharded_weight_gives_the_unsharded_leaf(mesh8):
     w = jnp.asarray(np.random.default_rng(3).normal(size=(20, 8)), jnp.float32)
     tx = jc.quantize(4, group_size=6, where="w", symmetric=False)
@@ -202,6 +205,7 @@ def _calibrated():
     return params, data
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_with_identity_gram_is_round_to_nearest(symmetric):
     from jaxcompress.numerics.gptq import gptq

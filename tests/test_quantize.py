@@ -164,6 +164,7 @@ def test_mse_calibration_never_loses_to_absmax_per_group():
         assert bool(jnp.all(per_channel(best) <= per_channel(absmax) * (1 + 1e-6)))
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     "options", [dict(), dict(group_size=8, symmetric=False, calibration="mse")]
 )
@@ -244,6 +245,7 @@ def test_sharded_inputs_equal_unsharded(mesh8, spec, options):
     np.testing.assert_array_equal(jitted["a"]["kernel"], jc.materialize(want)["a"]["kernel"])
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     "options",
     [dict(bits=8), dict(bits=4, group_size=128), dict(bits=4, calibration="mse")],
@@ -371,6 +373,7 @@ def test_property_error_bound(weight, bits, symmetric, per_channel):
     assert codes.max() < 2**bits
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     "options",
     [

@@ -151,6 +151,7 @@ def test_one_program_per_shape_across_leaves(group_size):
     assert _compiles(lambda: tx(again)) == []
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(
     ("shape", "axis", "group_size", "bits", "scale_dtype"),
     [

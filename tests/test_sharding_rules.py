@@ -62,6 +62,7 @@ def compressed():
     return compress(_layers())
 
 
+@pytest.mark.bitwise
 def test_placed_equals_unsharded(mesh8, compressed):
     placed = place(compressed, mesh8, DENSE_SPECS)
     # Every child sits where shardings_like said.

@@ -211,6 +211,7 @@ def test_nnx_optimizer():
     np.testing.assert_array_equal(dense1.materialize(), model.dense1.kernel[...])
 
 
+@pytest.mark.bitwise
 def test_data_parallel_step_equals_unsharded(mesh8):
     model = LeNet300100()
     images, labels = _digits()
@@ -249,6 +250,7 @@ def test_data_parallel_step_equals_unsharded(mesh8):
         assert np.all(got[~np.asarray(mask)] == 0.0)
 
 
+@pytest.mark.bitwise
 def test_pmap_step_equals_single_device_step():
     # pmap over the 8 fake devices: each device takes 1/8 of the batch, gradients are
     # averaged with pmean, and the wrapper recomputes identical masks on every device.

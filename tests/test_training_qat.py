@@ -87,6 +87,7 @@ def test_absmax_passes_the_gradient_of_the_short_side_end(bits, scale_dtype):
     assert np.any(steps > half - 0.75)  # some columns use the new grid's short side
 
 
+@pytest.mark.bitwise
 def test_sparse_leaf_keeps_zeros_and_matches_quantize():
     w = jax.random.normal(jax.random.key(4), (8, 8))
     pruned = jc.prune(0.5)({"kernel": w})[0]
@@ -103,6 +104,7 @@ def test_bad_options_raise():
         jc.training.fake_quant(4, group_size=0)
 
 
+@pytest.mark.bitwise
 def test_group_size_that_does_not_divide_matches_quantize():
     # 10 rows in groups of 4: the last group has 2, and fake_quant rounds as quantize does.
     w = jax.random.normal(jax.random.key(5), (10, 3))
@@ -132,6 +134,7 @@ def _qat(model, params, images, labels, fq, steps, state=None):
     return state, losses
 
 
+@pytest.mark.bitwise
 def test_qat_then_convert_has_no_drift():
     images, labels = load_digits()
     images, labels = images[:256], labels[:256]
