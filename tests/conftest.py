@@ -109,6 +109,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
 
 
+def pytest_ignore_collect(collection_path, config):
+    # CI's second pass (`-m bitwise`) imports only the modules that mark a test bitwise:
+    # importing all of them costs each worker about 30 s for nothing.
+    if config.option.markexpr == "bitwise" and collection_path.suffix == ".py":
+        name = collection_path.name
+        if name.startswith("test_") and "mark.bitwise" not in collection_path.read_text():
+            return True
+    return None
+
+
 def pytest_report_header(config):
     if FAST_XLA:
         return (
