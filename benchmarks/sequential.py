@@ -371,7 +371,11 @@ def train_lm(settings: LMSettings, train: np.ndarray) -> tuple[Any, dict[str, An
     model = Decoder(cfg)
     params = model.init(jax.random.key(SEED), jnp.zeros((1, cfg.max_len), jnp.int32))["params"]
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.learning_rate, max(settings.steps // 10, 1), settings.steps, 0.05
+        0.0,
+        settings.learning_rate,
+        max(settings.steps // 10, 1),
+        settings.steps,
+        0.05 * settings.learning_rate,  # end value: 5 % of the peak
     )
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     state = optimizer.init(params)
