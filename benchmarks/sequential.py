@@ -55,6 +55,7 @@ import ast
 import dataclasses
 import functools
 import math
+import os
 import pathlib
 import re
 import sys
@@ -485,7 +486,7 @@ def _pair(run: dict[str, Any] | None) -> str:
     return f"{_cell(run, 'cosine_mean')} / {_cell(run, 'cosine_min')}"
 
 
-def markdown(minilm: dict[str, Any], lm: dict[str, Any], total: float) -> str:
+def markdown(minilm: dict[str, Any], lm: dict[str, Any], total: float, load: dict[str, Any]) -> str:
     mini_rows, lm_rows = [], []
     for r in minilm["rows"]:
         text, met = verdict(r, "cosine_mean", True, "int3" in r["recipe"])
@@ -596,7 +597,11 @@ dense.
 
 Compression seconds include compiling (sequential traces and compiles one calibration
 program per block; one-pass calibration itself is not included in its column).
-Total runtime {total / 60:.1f} min.
+Total runtime {total / 60:.1f} min. Load average (1 / 5 / 15 min) at the start {
+        " / ".join(f"{v:.2f}" for v in load["start"])
+    }, after MiniLM {" / ".join(f"{v:.2f}" for v in load["after_minilm"])}, at the end {
+        " / ".join(f"{v:.2f}" for v in load["end"])
+    } on this 2-CPU machine shared with other work, so the seconds are noisy.
 """
 
 
@@ -609,10 +614,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     start = time.perf_counter()
+    load = {"start": os.getloadavg()}
     minilm = run_minilm(args.quick)
+    load["after_minilm"] = os.getloadavg()
     lm = run_lm(args.quick)
+    load["end"] = os.getloadavg()
     total = time.perf_counter() - start
-    body = markdown(minilm, lm, total)
+    body = markdown(minilm, lm, total, load)
     if args.quick:
         print(body)
         return
@@ -621,7 +629,7 @@ def main() -> None:
         title="Sequential against one-pass calibration: MiniLM-L6 and a decoder LM",
         command=COMMAND,
         body_markdown=body,
-        data={"minilm": minilm, "lm": lm, "total_seconds": total},
+        data={"minilm": minilm, "lm": lm, "total_seconds": total, "load_average": load},
     )
     print(path)
 
