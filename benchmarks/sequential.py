@@ -624,7 +624,8 @@ dense.
 {lm_note(lm)}
 
 Compression seconds include compiling (sequential traces and compiles one calibration
-program per block and distinct batch shape; one-pass calibration itself is not included in its column).
+program per block and distinct batch shape; one-pass calibration itself is not
+included in its column).
 Total runtime {total / 60:.1f} min. Load average (1 / 5 / 15 min) at the start {
         " / ".join(f"{v:.2f}" for v in load["start"])
     }, after MiniLM {" / ".join(f"{v:.2f}" for v in load["after_minilm"])}, at the end {
