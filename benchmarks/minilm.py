@@ -475,18 +475,30 @@ def calibration_statistics(params: Any, config: Any, sentences: list[str]) -> An
     def apply_packed(p: Any, x: jax.Array) -> jax.Array:
         return model.apply({"params": p}, x[:, 0], x[:, 1])
 
-    ids, mask = tokenize(sentences, max_length=MAX_LENGTH)
-    lengths = mask.sum(axis=1)
-    rounded = -(-lengths // CALIBRATION_STEP) * CALIBRATION_STEP
     trees = []
-    for length in sorted(set(rounded.tolist())):
-        rows = np.flatnonzero(rounded == length)
-        width = min(length, ids.shape[1])
-        packed = np.stack([ids[rows, :width], mask[rows, :width]], axis=1)
+    for packed in length_groups(sentences):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the gathered embeddings have no dot uses
             trees.append(jc.calibrate(apply_packed, params, [packed]))
     return merge_statistics(trees)
+
+
+def length_groups(sentences: list[str]) -> list[np.ndarray]:
+    """The sentences as batches ``(n, 2, width)`` of ids and mask, grouped by length.
+
+    Lengths are rounded up to a multiple of CALIBRATION_STEP tokens, one batch per
+    rounded length (shortest first), so a sentence carries at most
+    ``CALIBRATION_STEP - 1`` padding tokens.
+    """
+    ids, mask = tokenize(sentences, max_length=MAX_LENGTH)
+    lengths = mask.sum(axis=1)
+    rounded = -(-lengths // CALIBRATION_STEP) * CALIBRATION_STEP
+    groups = []
+    for length in sorted(set(rounded.tolist())):
+        rows = np.flatnonzero(rounded == length)
+        width = min(length, ids.shape[1])
+        groups.append(np.stack([ids[rows, :width], mask[rows, :width]], axis=1))
+    return groups
 
 
 # ----------------------------------------------------------------------------- measures

@@ -207,22 +207,32 @@ def _slice_sums(site: _Site, activation: jax.Array, onehot: jax.Array | None) ->
     return sums
 
 
-def _check_batch(x: Any, expected: tuple[tuple[int, ...], Any] | None) -> jax.Array:
+def _check_batch(x: Any, expected: Any, index: int) -> jax.Array:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(
             f"each batch must be one array (labels go in labels=), got {type(x).__name__}"
         )
     if len(x.shape) < 1 or x.shape[0] == 0:
         raise ValueError(f"a batch needs a non-empty leading batch dim, got shape {x.shape}")
-    if expected is not None:
-        feature_shape, dtype = expected
-        if tuple(x.shape[1:]) != feature_shape or np.dtype(x.dtype) != dtype:
-            raise ValueError(
-                "batch does not match the traced input: expected shape "
-                f"(batch, {', '.join(map(str, feature_shape))}) {dtype}, "
-                f"got {tuple(x.shape)} {np.dtype(x.dtype)}"
-            )
+    if expected is not None and np.dtype(x.dtype) != expected:
+        raise ValueError(
+            f"batch {index} has dtype {np.dtype(x.dtype)}, the first batch {expected}: "
+            "every batch must have the first one's dtype"
+        )
     return x
+
+
+def _geometry(sites: dict[str, list[_Site]]) -> dict[str, tuple]:
+    """What a weight's pooled statistics depend on: features, fan-in side, stacking."""
+    return {
+        path: (
+            _features(ss[0].use),
+            graph.fan_in_axes(ss[0].use) is None,
+            ss[0].use.stacked,
+            _stacked_length(ss[0].use),
+        )
+        for path, ss in sites.items()
+    }
 
 
 def _check_labels(y: Any, batch: int, num_classes: int, index: int) -> np.ndarray:
@@ -492,9 +502,12 @@ def calibrate(
         params: the parameter pytree (linen params, ``nnx.State``, dict, an equinox
             module); may be sharded. Leaves that are not arrays are passed through to
             ``apply_fn`` as they are.
-        batches: an iterable of input arrays ``(batch, *features)``. Every batch has the
-            same feature shape and dtype; the batch size may vary (each new size is
-            traced and compiled once).
+        batches: an iterable of input arrays ``(batch, *features)``, all of one dtype.
+            The shapes may vary, feature dims included (sentences grouped by length,
+            each group one batch without padding): each distinct shape is traced and
+            compiled once, and every batch's rows are pooled into one sum per weight,
+            so the result is that of all rows together, whatever batches they came in.
+            Every shape must reach the same weights, with the same input features.
         labels: optional iterable of integer arrays ``(batch,)``, one per batch, in the
             same order, for the class-conditional statistics. The rows a weight sees
             are attributed to their example's class; the examples' dim of its input is
@@ -524,11 +537,13 @@ def calibrate(
         with :func:`stats_by_path`. ``class_mean`` rows of classes never seen are zero.
 
     Raises:
-        ValueError: for no batches, a batch whose feature shape or dtype differs from
-            the first one's, labels that are not integers in ``[0, num_classes)`` of
-            shape ``(batch,)``, labels that do not pair up with the batches, a batch
-            size the mesh does not divide, or (with labels) a weight whose input has no
-            recognisable examples' dim (the error names its path).
+        ValueError: for no batches, a batch whose dtype differs from the first one's,
+            a batch shape that reaches other weights than the first one's (or the same
+            weights with other input features), labels that are not integers in
+            ``[0, num_classes)`` of shape ``(batch,)``, labels that do not pair up with
+            the batches, a batch size the mesh does not divide, or (with labels) a
+            weight whose input has no recognisable examples' dim (the error names its
+            path).
         TypeError: for a batch that is not one array (for example an ``(x, y)`` pair).
 
     Example:
@@ -570,8 +585,9 @@ def calibrate(
         key = jax.device_put(key, replicated)
 
     plans: dict[tuple[int, ...], _Plan] = {}
-    first: tuple[tuple[int, ...], Any] | None = None
+    first: Any = None  # the first batch's dtype
     calibrated: dict[str, list[Any]] | None = None
+    geometry: dict[str, tuple] = {}
     totals: dict[str, dict[str, Any]] = {}  # numpy zeros until the first step
     counts: dict[str, int] = {}
     class_counts: dict[str, np.ndarray] = {}
@@ -590,9 +606,9 @@ def calibrate(
     n_batches = 0
     try:
         for index, x in enumerate(batches):
-            x = _check_batch(x, first)
+            x = _check_batch(x, first, index)
             if first is None:
-                first = (tuple(x.shape[1:]), np.dtype(x.dtype))
+                first = np.dtype(x.dtype)
             batch = x.shape[0]
             y = None
             if label_iter is not None:
@@ -616,13 +632,24 @@ def calibrate(
             plan = plans.get(tuple(x.shape))
             if plan is None:
                 classes = None if y is None else num_classes
-                plan, skipped = _build_plan(
-                    apply_fn, params, x, key, classes, mesh, paths, iteration
-                )
+                try:
+                    plan, skipped = _build_plan(
+                        apply_fn, params, x, key, classes, mesh, paths, iteration
+                    )
+                except Exception as error:
+                    if not plans:  # the first shape: the model's own error
+                        raise
+                    # A later shape: say so, the model's error alone would not.
+                    raise ValueError(
+                        f"batch {index} of shape {tuple(x.shape)} cannot be calibrated "
+                        f"like the first batch, of shape {next(iter(plans))}: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
                 if calibrated is None:
                     for path, reason in skipped.items():
                         warnings.warn(f"calibrate: not calibrating {path}: {reason}", stacklevel=2)
                     calibrated = {p: [s.use for s in ss] for p, ss in plan.sites.items()}
+                    geometry = _geometry(plan.sites)
                     for path, path_sites in plan.sites.items():
                         m = _features(path_sites[0].use)
                         lead = () if iteration is not None else _stacked_length(path_sites[0].use)
@@ -641,6 +668,13 @@ def calibrate(
                     raise ValueError(
                         f"batch {index} of shape {tuple(x.shape)} traces to different "
                         f"calibrated weights: {sorted(plan.sites)} vs {sorted(calibrated)}"
+                    )
+                elif (now := _geometry(plan.sites)) != geometry:
+                    bad = sorted(p for p in now if now[p] != geometry[p])
+                    raise ValueError(
+                        f"batch {index} of shape {tuple(x.shape)} uses {bad} differently "
+                        "from the first batch (input features, fan-in side or stacking), "
+                        "so their statistics cannot be pooled"
                     )
                 plans[tuple(x.shape)] = plan
             y_dev = y if y is None or sharding is None else jax.device_put(y, sharding)

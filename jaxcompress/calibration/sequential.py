@@ -25,6 +25,11 @@ runs the layers before it again (quadratic in depth, against linear for a loop t
 keeps each batch's hidden state between blocks). Weights no calibrated use reaches
 (embeddings, norms, biases) go through ``tx`` last, in one call, so they change no
 block's statistics.
+
+The batches may have different shapes (sentences grouped by length, one batch per
+group, no padding rows), as for :func:`jaxcompress.calibrate`: each block's
+statistics pool the rows of every batch, and each distinct batch shape is compiled
+once per block. Every shape must run the same blocks (checked by tracing each one).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress.arrays.base import is_compressed
 from jaxcompress.arrays.tree import materialize, on_arrays, split_arrays
@@ -188,6 +194,44 @@ def _run(tx: Transform, sub: dict, data: Any, key: jax.Array | None, quiet: list
     return result, selected
 
 
+def _check_batches(batches: list[Any]) -> dict[tuple[int, ...], jax.ShapeDtypeStruct]:
+    """One example per distinct feature shape (first seen first), after checking them."""
+    if not batches:
+        raise ValueError("batches is empty: sequential needs at least one batch")
+    shapes: dict[tuple[int, ...], jax.ShapeDtypeStruct] = {}
+    for i, x in enumerate(batches):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"batches[{i}] must be one array, got {type(x).__name__}")
+        if len(x.shape) < 1 or x.shape[0] == 0:
+            raise ValueError(
+                f"batches[{i}] needs a non-empty leading batch dim, got shape {x.shape}"
+            )
+        first = next(iter(shapes.values()), None)
+        if first is not None and np.dtype(x.dtype) != first.dtype:
+            raise ValueError(
+                f"batches[{i}] has dtype {np.dtype(x.dtype)}, batches[0] {first.dtype}: "
+                "every batch must have one dtype"
+            )
+        shapes.setdefault(tuple(x.shape[1:]), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return shapes
+
+
+def _same_blocks(fn: Callable[..., Any], arrays: Any, shapes: dict) -> list[Block]:
+    """The blocks of the first shape, after checking every other shape runs the same."""
+    examples = list(shapes.values())
+    blocks = blocks_of(fn, arrays, examples[0])
+    for example in examples[1:]:
+        other = blocks_of(fn, arrays, example)
+        if other != blocks:
+            raise ValueError(
+                f"sequential: batches of shape {example.shape} run the blocks "
+                f"{[b.name for b in other]}, those of shape {examples[0].shape} "
+                f"{[b.name for b in blocks]}; every batch shape must run the same blocks "
+                "(calibrate the shapes that differ separately)"
+            )
+    return blocks
+
+
 def sequential(
     tx: Transform,
     apply_fn: Callable[..., Any],
@@ -216,8 +260,12 @@ def sequential(
     Args:
         tx: the transform, typically data-aware (``jc.quantize(method="gptq")``).
         apply_fn: ``apply_fn(params, x)``, as for :func:`jaxcompress.calibrate`.
-        batches: calibration inputs, each one array; read once here and then once per
-            block.
+        batches: calibration inputs, each one array, all of one dtype; their shapes
+            may differ (a list of length-grouped batches, as for
+            :func:`jaxcompress.calibrate`), and each block's statistics pool the rows
+            of all of them. Kept in a list, read once per block; each distinct shape
+            is compiled once per block. Only one batch's activations of one block are
+            held at a time.
         progress: show a bar over the blocks (on a terminal only).
 
     Returns:
@@ -226,8 +274,10 @@ def sequential(
         block) to ``tx``'s stats on that block.
 
     Raises:
-        ValueError: for no batches, or ``data=`` given to the transform (it calibrates
-            itself).
+        ValueError: for no batches or batches of different dtypes; once applied, for
+            batch shapes that run different blocks, or ``data=`` given to the
+            transform (it calibrates itself).
+        TypeError: for a batch that is not one array.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -246,8 +296,7 @@ def sequential(
     if not isinstance(tx, Transform):
         raise TypeError(f"tx must be a Transform (such as jc.quantize(...)), got {type(tx)}")
     batch_list = list(batches)
-    if not batch_list:
-        raise ValueError("batches is empty: sequential needs at least one batch")
+    shapes = _check_batches(batch_list)
 
     def apply(params: Any, *, key: jax.Array | None = None, data: Any = None):
         if data is not None:
@@ -261,7 +310,7 @@ def sequential(
         result: dict[str, Any] = {}  # path -> compressed leaf (or dense stacked values)
         stats: dict[str, Any] = {}
         quiet: list[warnings.WarningMessage] = []
-        blocks = blocks_of(fn, arrays, batch_list[0])
+        blocks = _same_blocks(fn, arrays, shapes)
         sizes = [sum(_slice_bytes(current[p], b, p) for p in b.paths) for b in blocks]
         calls = 0
         for n, block in enumerate(
