@@ -145,7 +145,7 @@ def encode_codes(
         ('rans', True)
     """
     symbols = unpack_bits(packed, bits, shape[-1]).reshape(-1)
-    counts = np.bincount(symbols, minlength=2**bits)
+    counts = ans.histogram(symbols, 2**bits)
     record: dict[str, Any] = {"coding": "packed", "entropy_bits": _entropy_bits(counts)}
     coded = _rans_if_smaller(symbols, 2**bits, counts, packed.nbytes) if entropy else None
     if coded is None:
