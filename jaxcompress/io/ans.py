@@ -309,7 +309,7 @@ def empirical_entropy_bits(symbols: np.ndarray, alphabet_size: int) -> float:
     return float(np.sum(counts * np.log2(array.size / counts)))
 
 
-def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
+def encode(symbols: np.ndarray, alphabet_size: int, *, counts: np.ndarray | None = None) -> bytes:
     """Entropy-codes a stream of small unsigned integers with interleaved rANS.
 
     The result is self-contained (frequency table, lane count, states and words)
@@ -318,6 +318,8 @@ def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
     Args:
         symbols: 1-D array of any integer dtype, every entry in ``[0, alphabet_size)``.
         alphabet_size: number of possible symbols, 1 to 65536.
+        counts: the stream's :func:`histogram`, where the caller has it already (its
+            length and total are checked; its values are trusted).
 
     Returns:
         The coded bytes.
@@ -339,7 +341,13 @@ def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
     count = array.size
     if count == 0:
         return bytes([_EMPTY])
-    counts = histogram(array, size)
+    if counts is None:
+        counts = histogram(array, size)
+    elif np.shape(counts) != (size,) or int(np.sum(counts)) != count:
+        raise ValueError(
+            f"counts must be the histogram of the {count} symbols over alphabet_size={size}, "
+            f"got shape {np.shape(counts)} summing to {int(np.sum(counts))}"
+        )
     used_symbols = np.flatnonzero(counts)
     if used_symbols.size == 1:
         return bytes([_CONSTANT]) + _varint(int(used_symbols[0]))
