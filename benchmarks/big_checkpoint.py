@@ -95,6 +95,7 @@ def main() -> None:
         "--runs", default=None, help="size=recipe pairs, e.g. 1b=int4,7b=int4 (for --sizes)"
     )
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--name", default="big_checkpoint", help="results file name")
     args = parser.parse_args()
     if args.runs:
         pairs = [run.split("=", 1) for run in args.runs.split(",")]
@@ -174,8 +175,9 @@ def main() -> None:
             f"\n\n{name}: seconds ~ parameters^{k:.2f} over {n} sizes" for name, (k, n) in fits
         )
     )
+    flags += [] if args.name == "big_checkpoint" else [f"--name {args.name}"]
     path = _common.write(
-        "big_checkpoint",
+        args.name,
         title="Streaming compression of big checkpoints",
         command=_common.command(__file__, flags),
         body_markdown=body,
