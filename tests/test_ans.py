@@ -446,3 +446,23 @@ def test_decode_of_damaged_data_returns_or_raises_file_format_error(
     assert out.shape == (count,)
     assert out.dtype == _out_dtype(alphabet)
     assert int(out.max(initial=0)) < alphabet
+
+
+def test_histogram_equals_bincount_across_blocks():
+    symbols = np.random.default_rng(3).integers(0, 300, 3 * 65536 + 17).astype(np.uint16)
+    with mock.patch.object(ans, "_HISTOGRAM_BLOCK", 1000):
+        counts = ans.histogram(symbols, 300)
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, np.bincount(symbols, minlength=300))
+    # A symbol beyond the alphabet lengthens the result, as bincount does.
+    assert ans.histogram(np.array([0, 5], np.uint8), 3).tolist() == [1, 0, 0, 0, 0, 1]
+
+
+def test_encode_with_counts_gives_the_same_bytes_and_checks_them():
+    symbols = np.random.default_rng(4).integers(0, 16, 50_000).astype(np.uint8)
+    counts = ans.histogram(symbols, 16)
+    assert encode(symbols, 16, counts=counts) == encode(symbols, 16)
+    with pytest.raises(ValueError, match="counts must be the histogram"):
+        encode(symbols, 16, counts=counts[:8])
+    with pytest.raises(ValueError, match="counts must be the histogram"):
+        encode(symbols, 16, counts=counts * 2)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
+from jaxcompress.arrays import as_dense
 from jaxcompress.io import compress_file as compress_module
 from jaxcompress.io.checkpoints import read_checkpoint
 from jaxcompress.io.interop import write_safetensors
@@ -192,12 +193,19 @@ def test_cli_compress_uses_compress_file(tmp_path, monkeypatch):
     )
 
 
-def test_cli_summary_read_leaf_by_leaf_equals_summarize(tmp_path, capsys):
+_RECIPES = {
+    "prune": '[[transform]]\nkind = "prune"\nsparsity = 0.5\nscope = "global"\n',
+    "int4": '[[transform]]\nkind = "quantize"\nbits = 4\ngroup_size = 32\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(_RECIPES))
+def test_cli_summary_read_leaf_by_leaf_equals_summarize(tmp_path, capsys, name):
     from jaxcompress.cli.main import main
 
     src = _source(tmp_path, "index")
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[transform]]\nkind = "prune"\nsparsity = 0.5\nscope = "global"\n')
+    recipe.write_text(_RECIPES[name])
     out = tmp_path / "o.jxc"
     assert main(["compress", str(src), "--recipe", str(recipe), "-o", str(out), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["report"]["leaves"]
@@ -207,6 +215,60 @@ def test_cli_summary_read_leaf_by_leaf_equals_summarize(tmp_path, capsys):
         for key in ("shape", "kind", "original_bytes", "compressed_bytes", "density"):
             assert row[key] == want[key], (row["path"], key)
         assert row["relative_error"] == pytest.approx(want["relative_error"], rel=1e-4)
+
+
+def test_on_leaf_sees_each_leaf_compressed_in_this_call(tmp_path, monkeypatch):
+    src = _source(tmp_path, "safetensors")
+    tx = TRANSFORMS["int4"]()
+    expected = tx(read_checkpoint(src))[0]
+    seen = {}
+
+    def on_leaf(path, original, compressed):
+        seen[path] = (original, compressed)
+
+    dst = tmp_path / "out.jxc"
+    real = compress_module.ResumableWriter.finish_leaf
+
+    def interrupted(self, *args, **kwargs):
+        if len(seen) == 2:  # after the first leaf is journaled
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module.ResumableWriter, "finish_leaf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        jc.compress_file(src, dst, tx, progress=False, on_leaf=on_leaf)
+    monkeypatch.undo()
+    first = set(seen)
+    seen.clear()
+    jc.compress_file(src, dst, tx, progress=False, on_leaf=on_leaf)
+    # The resumed call reports only the leaves it compressed itself.
+    assert len(first) == 2 and len(seen) == 2 and len(first & set(seen)) == 1
+    dense = read_checkpoint(src)
+    for path, (original, compressed) in seen.items():
+        keys = path.split("/")
+        np.testing.assert_array_equal(np.asarray(original), dense[keys[0]][keys[1]])
+        want = expected[keys[0]][keys[1]]
+        np.testing.assert_array_equal(np.asarray(as_dense(compressed)), as_dense(want))
+    assert filecmp.cmp(dst, _reference(tmp_path, src, tx), shallow=False)
+
+
+def test_cli_summary_reads_leaves_not_measured_from_the_files(tmp_path):
+    from jaxcompress.cli import files
+
+    src = _source(tmp_path, "safetensors")
+    dst = tmp_path / "out.jxc"
+    rows = {}
+    jc.compress_file(
+        src,
+        dst,
+        TRANSFORMS["int4"](),
+        progress=False,
+        on_leaf=lambda *args: files._measured(rows, *args),
+    )
+    full = files._streamed_report(str(src), str(dst), rows)
+    kept = {"layer1/bias": rows["layer1/bias"]}  # as after a resumed run
+    assert files._streamed_report(str(src), str(dst), kept) == full
+    assert files._streamed_report(str(src), str(dst), {}) == full
 
 
 _MEMORY_SCRIPT = """

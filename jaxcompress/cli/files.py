@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
 
-from jaxcompress.arrays import as_dense, is_compressed, leaf_nbytes
+from jaxcompress.arrays import Sparse, as_dense, is_compressed, leaf_nbytes
 from jaxcompress.arrays.tree import is_array_leaf
 from jaxcompress.cli.hybrid_compress import (
     compress_in_memory,
@@ -150,16 +153,20 @@ def run_compress(args: argparse.Namespace) -> int:
             console=Console(stderr=True),  # stdout stays pure JSON with --json
         )
         file_report, plan, distilled = result
+        report = _streamed_report(args.checkpoint, args.output, {})
     else:
-        # Leaf by leaf from the file: memory holds about one leaf, never the model.
+        # Leaf by leaf from the file: memory holds about one leaf, never the model. The
+        # summary rows are measured as each leaf is done, while both forms are in memory.
+        rows: dict[str, LeafReport] = {}
         file_report = _compress_recipe(
             recipe.steps,
             args.checkpoint,
             args.output,
             allow_empty=args.allow_empty,
             entropy=not args.no_entropy,
+            on_leaf=lambda path, original, compressed: _measured(rows, path, original, compressed),
         )
-    report = _streamed_report(args.checkpoint, args.output)
+        report = _streamed_report(args.checkpoint, args.output, rows)
     seconds = time.perf_counter() - start
     if args.json:
         result_json: dict[str, Any] = {
@@ -189,42 +196,81 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _streamed_report(checkpoint: str, output: str) -> Report:
+def _measured(rows: dict[str, LeafReport], path: str, original: Any, compressed: Any) -> None:
+    """``compress_file``'s ``on_leaf``: the summary row of one array leaf."""
+    if is_array_leaf(original):
+        rows[path] = _leaf_report(path, original, compressed)
+
+
+def _streamed_report(checkpoint: str, output: str, measured: dict[str, LeafReport]) -> Report:
     """What ``summarize(read_checkpoint(checkpoint), load(output))`` reports, read leaf by leaf.
 
-    Each dense leaf is read with its compressed form from ``output`` and compared in
-    chunks, so the summary holds one leaf pair, never either model.
+    Rows in ``measured`` (taken while compressing) are used as they are; any other
+    dense leaf (one kept from an interrupted run) is read with its compressed form
+    from ``output`` and compared, so the summary holds one leaf pair, never either model.
     """
     rows = []
-    with open_source(checkpoint) as dense, open_source(output) as packed:
-        markers = {entry.path: entry.leaf for entry in flatten_leaves(packed.skeleton)[0]}
-        for entry in flatten_leaves(dense.skeleton)[0]:
-            original = dense.load(entry.leaf)
-            if is_array_leaf(original):
-                rows.append(_leaf_report(entry.path, original, packed.load(markers[entry.path])))
-            del original
+    with open_source(checkpoint) as dense:
+        entries = flatten_leaves(dense.skeleton)[0]
+        if all(entry.path in measured for entry in entries):
+            return Report(tuple(measured[entry.path] for entry in entries))
+        with open_source(output) as packed:
+            markers = {entry.path: entry.leaf for entry in flatten_leaves(packed.skeleton)[0]}
+            for entry in entries:
+                if entry.path in measured:
+                    rows.append(measured[entry.path])
+                    continue
+                original = dense.load(entry.leaf)
+                if is_array_leaf(original):
+                    compressed = packed.load(markers[entry.path])
+                    rows.append(_leaf_report(entry.path, original, compressed))
+                del original
     return Report(tuple(rows))
 
 
-_CHUNK = 1 << 22  # elements compared at a time: float64 chunks of 32 MiB
+# Compressed leaves are materialized by their own program: fused into the sums, XLA
+# would decode them once per reduction.
+_materialized = jax.jit(as_dense)
+
+
+@jax.jit
+def _row_sums(original: Any, approximation: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row ``sum(w**2)``, ``sum((w - w_hat)**2)`` and nonzeros of ``w_hat``.
+
+    Rows (the last axis) are short enough for float32 sums; the caller adds them up in
+    float64. One program per leaf shape.
+    """
+    reference = jnp.asarray(original).astype(jnp.float32)
+    width = reference.shape[-1] if reference.ndim else 1
+    reference = reference.reshape(-1, max(width, 1))
+    approximation = approximation.astype(jnp.float32).reshape(reference.shape)
+    return (
+        jnp.sum(jnp.square(reference), axis=1),
+        jnp.sum(jnp.square(reference - approximation), axis=1),
+        jnp.sum(approximation != 0, axis=1, dtype=jnp.int32),
+    )
 
 
 def _leaf_report(path: str, original: Any, compressed: Any) -> LeafReport:
-    reference = np.asarray(original).reshape(-1)
-    approximation = np.asarray(as_dense(compressed)).reshape(-1)
-    if reference.size != approximation.size:
+    shape = compressed.shape if is_compressed(compressed) else np.shape(compressed)
+    size, dense_size = int(np.size(original)), math.prod(shape)
+    if size != dense_size:
         raise ValueError(
-            f"{path}: {reference.size} values in the checkpoint, "
-            f"{approximation.size} in the compressed file"
+            f"{path}: {size} values in the checkpoint, {dense_size} in the compressed file"
         )
     squared = error = 0.0
     nonzero = 0
-    for start in range(0, reference.size, _CHUNK):
-        r = reference[start : start + _CHUNK].astype(np.float64)
-        a = approximation[start : start + _CHUNK].astype(np.float64)
-        squared += float(np.dot(r, r))
-        error += float(np.dot(r - a, r - a))
-        nonzero += int(np.count_nonzero(a))
+    if size:
+        # A Sparse leaf's kept count differs leaf to leaf: in one program it would
+        # compile once per leaf, so it is materialized op by op (programs per shape).
+        if isinstance(compressed, Sparse) or not is_compressed(compressed):
+            approximation = as_dense(compressed)
+        else:
+            approximation = _materialized(compressed)
+        sums = jax.device_get(_row_sums(original, approximation))
+        squared = float(np.sum(sums[0], dtype=np.float64))
+        error = float(np.sum(sums[1], dtype=np.float64))
+        nonzero = int(np.sum(sums[2], dtype=np.int64))
     norm, error = squared**0.5, error**0.5
     original_bytes, compressed_bytes = leaf_nbytes(original), leaf_nbytes(compressed)
     return LeafReport(
@@ -236,18 +282,24 @@ def _leaf_report(path: str, original: Any, compressed: Any) -> LeafReport:
         ratio=original_bytes / compressed_bytes
         if compressed_bytes
         else (1.0 if original_bytes == 0 else float("inf")),
-        density=nonzero / reference.size if reference.size else 0.0,
+        density=nonzero / size if size else 0.0,
         relative_error=error / norm if norm else (0.0 if error == 0 else float("inf")),
     )
 
 
 def _compress_recipe(
-    steps: list[RecipeStep], src: str, dst: str, *, allow_empty: bool, entropy: bool
+    steps: list[RecipeStep],
+    src: str,
+    dst: str,
+    *,
+    allow_empty: bool,
+    entropy: bool,
+    on_leaf: Any = None,
 ) -> Any:
     """:func:`compress_file` with the recipe; an empty step is an error naming its line."""
     transform = steps[0].transform if len(steps) == 1 else chain(*(s.transform for s in steps))
     with step_errors(steps, allow_empty=allow_empty):
-        return compress_file(src, dst, transform, progress=True, entropy=entropy)
+        return compress_file(src, dst, transform, progress=True, entropy=entropy, on_leaf=on_leaf)
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -61,7 +61,7 @@ import numpy as np
 
 from jaxcompress.io.errors import FileFormatError
 
-__all__ = ["coded_size", "decode", "empirical_entropy_bits", "encode"]
+__all__ = ["coded_size", "decode", "empirical_entropy_bits", "encode", "histogram"]
 
 MAX_ALPHABET = 1 << 16
 MAX_LANES = 4096
@@ -81,6 +81,9 @@ _WEIGHT_BITS = 40  # every weight is below 2**40, so weight * M fits int64
 _MAX_NIBBLES = 8
 _MAX_VARINT_BYTES = 5
 _BLOCK_SYMBOLS = 1 << 16  # symbols gathered or listed at a time, to bound memory
+# np.bincount widens its input to intp first: in blocks that stay in cache it is
+# about ten times faster on a long uint8 stream than in one call.
+_HISTOGRAM_BLOCK = 1 << 16
 
 
 # ----------------------------------------------------------------------------- checks
@@ -254,6 +257,27 @@ def _choose_lanes(payload_bits: float, count: int) -> int:
 # ----------------------------------------------------------------------------- public
 
 
+def histogram(symbols: np.ndarray, alphabet_size: int) -> np.ndarray:
+    """``np.bincount(symbols, minlength=alphabet_size)`` of a 1-D stream, a block at a time.
+
+    The same counts (int64) as one ``np.bincount`` call, without its stream-sized
+    ``intp`` copy. Symbols must be non-negative; the result is longer than
+    ``alphabet_size`` if one is not below it.
+
+    Example:
+        >>> import numpy as np
+        >>> histogram(np.array([0, 2, 2, 1], np.uint8), 4).tolist()
+        [1, 1, 2, 0]
+    """
+    counts = np.zeros(alphabet_size, np.int64)
+    for start in range(0, symbols.size, _HISTOGRAM_BLOCK):
+        block = np.bincount(symbols[start : start + _HISTOGRAM_BLOCK], minlength=alphabet_size)
+        if block.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(block.size - counts.size, np.int64)])
+        counts[: block.size] += block
+    return counts
+
+
 def empirical_entropy_bits(symbols: np.ndarray, alphabet_size: int) -> float:
     """``N * H`` in bits, ``H`` the Shannon entropy of the stream's own symbol histogram.
 
@@ -278,14 +302,14 @@ def empirical_entropy_bits(symbols: np.ndarray, alphabet_size: int) -> float:
         3.2451
     """
     array, size = _check_symbols(symbols, alphabet_size)
-    counts = np.bincount(array, minlength=size)
+    counts = histogram(array, size)
     counts = counts[counts > 0].astype(np.float64)
     if counts.size <= 1:
         return 0.0
     return float(np.sum(counts * np.log2(array.size / counts)))
 
 
-def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
+def encode(symbols: np.ndarray, alphabet_size: int, *, counts: np.ndarray | None = None) -> bytes:
     """Entropy-codes a stream of small unsigned integers with interleaved rANS.
 
     The result is self-contained (frequency table, lane count, states and words)
@@ -294,6 +318,8 @@ def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
     Args:
         symbols: 1-D array of any integer dtype, every entry in ``[0, alphabet_size)``.
         alphabet_size: number of possible symbols, 1 to 65536.
+        counts: the stream's :func:`histogram`, where the caller has it already (its
+            length and total are checked; its values are trusted).
 
     Returns:
         The coded bytes.
@@ -315,7 +341,13 @@ def encode(symbols: np.ndarray, alphabet_size: int) -> bytes:
     count = array.size
     if count == 0:
         return bytes([_EMPTY])
-    counts = np.bincount(array, minlength=size)
+    if counts is None:
+        counts = histogram(array, size)
+    elif np.shape(counts) != (size,) or int(np.sum(counts)) != count:
+        raise ValueError(
+            f"counts must be the histogram of the {count} symbols over alphabet_size={size}, "
+            f"got shape {np.shape(counts)} summing to {int(np.sum(counts))}"
+        )
     used_symbols = np.flatnonzero(counts)
     if used_symbols.size == 1:
         return bytes([_CONSTANT]) + _varint(int(used_symbols[0]))
@@ -461,11 +493,13 @@ def _encode_lanes(
     gain_table = np.uint64(1 << prob_bits) - freq_table
     padding = freq_table.size - 1
 
-    word_bits = np.uint64(32)
     x = initial.copy()
     quotient = np.empty_like(x)
-    chunks = []
+    shift = np.empty_like(x)
+    parts = []
     block = max(1, _BLOCK_SYMBOLS // lanes)  # steps gathered at a time, to bound memory
+    spills = np.empty((block, lanes), np.bool_)
+    low = np.empty((block, lanes), np.uint32)
     for block_end in range(steps, 0, -block):
         block_start = max(0, block_end - block)
         index = symbols[block_start * lanes : block_end * lanes].astype(np.intp)
@@ -475,21 +509,23 @@ def _encode_lanes(
         index = index.reshape(-1, lanes)
         freq_of, gain_of = freq_table[index], gain_table[index]
         start_of, limit_of = start_table[index], limit_table[index]
-        for t in range(index.shape[0] - 1, -1, -1):
-            spill = x >= limit_of[t]
-            out = x[spill]
-            if out.size:
-                chunks.append(out[::-1])
-                x[spill] = out >> word_bits
+        rows = index.shape[0]
+        for t in range(rows - 1, -1, -1):
+            # A spilling lane emits its low word and keeps x >> 32: a shift by 0 or 32
+            # for every lane, and the words picked out once per block (no per-step
+            # boolean indexing).
+            spill = spills[t]
+            np.greater_equal(x, limit_of[t], out=spill)
+            np.copyto(low[t], x, casting="unsafe")  # the low 32 bits
+            np.left_shift(spill, np.uint64(5), out=shift, dtype=np.uint64)
+            x >>= shift
             np.floor_divide(x, freq_of[t], out=quotient)
             quotient *= gain_of[t]
             x += quotient
             x += start_of[t]
-    if chunks:
-        words = np.concatenate(chunks)[::-1] & np.uint64(0xFFFFFFFF)
-    else:
-        words = np.zeros(0, np.uint64)
-    return x, words
+        # In decoding order: steps ascending, lanes ascending within a step.
+        parts.append(low[:rows][spills[:rows]])
+    return x, np.concatenate(parts[::-1]) if parts else np.zeros(0, np.uint32)
 
 
 def _encode_scalar(

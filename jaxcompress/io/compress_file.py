@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,7 @@ def compress_file(
     entropy: bool = True,
     resume: bool = True,
     metadata: dict[str, Any] | None = None,
+    on_leaf: Callable[[str, Any, Any], None] | None = None,
 ) -> FileReport:
     """Compresses the checkpoint at ``src`` into the ``.jxc`` file ``dst``, leaf by leaf.
 
@@ -146,6 +147,9 @@ def compress_file(
             library version are the same; pass ``False`` after changing anything
             else (a callable filter's body, ``data``'s values).
         metadata: a dict stored in the header, as in ``save``.
+        on_leaf: called as ``on_leaf(path, original, compressed)`` for each leaf this
+            call compresses (not those kept from an interrupted run), while both are
+            in memory: a summary needs no second pass over the files.
 
     Returns:
         The :class:`~jaxcompress.io.files.FileReport` of ``dst``.
@@ -196,6 +200,8 @@ def compress_file(
             for marker in over_leaves(todo, sizes=sizes, description=name, enabled=progress):
                 entry = by_marker[marker]
                 leaf = source.load(marker)
+                # Kept through the stages only for on_leaf: else it goes after the first.
+                original = leaf if on_leaf is not None else None
                 stats: list[Any] = []
                 for position, leaf_pass in enumerate(passes):
                     current = LeafEntry(entry.index, entry.path, leaf)
@@ -204,6 +210,9 @@ def compress_file(
                         leaf, leaf_stats = leaf_pass.step(current)
                         taken[position] += 1
                     stats.append(_jsonable(leaf_stats))
+                if on_leaf is not None:
+                    on_leaf(entry.path, original, leaf)
+                del original  # before encoding, as without on_leaf
                 node = treecodec.encode_node(leaf, writer.add, entry.path, entropy=entropy)
                 del leaf
                 writer.finish_leaf(marker, node, stats)

@@ -122,13 +122,16 @@ def _entropy_bits(counts: np.ndarray) -> float:
 
 
 def _rans_if_smaller(
-    symbols: np.ndarray, alphabet: int, counts: np.ndarray, limit: int
+    symbols: np.ndarray, alphabet: int, counts: np.ndarray, limit: int, *, exact: bool = False
 ) -> bytes | None:
-    """The rANS coding of ``symbols`` if it takes fewer than ``limit`` bytes, else None."""
+    """The rANS coding of ``symbols`` if it takes fewer than ``limit`` bytes, else None.
+
+    ``exact``: ``counts`` is the symbols' own histogram, so the coder need not count again.
+    """
     # The size estimate is within a few bytes per lane: encode only where it can win.
     if ans.coded_size(counts) >= limit:
         return None
-    coded = ans.encode(symbols, alphabet)
+    coded = ans.encode(symbols, alphabet, counts=counts if exact else None)
     return coded if len(coded) < limit else None
 
 
@@ -145,9 +148,11 @@ def encode_codes(
         ('rans', True)
     """
     symbols = unpack_bits(packed, bits, shape[-1]).reshape(-1)
-    counts = np.bincount(symbols, minlength=2**bits)
+    counts = ans.histogram(symbols, 2**bits)
     record: dict[str, Any] = {"coding": "packed", "entropy_bits": _entropy_bits(counts)}
-    coded = _rans_if_smaller(symbols, 2**bits, counts, packed.nbytes) if entropy else None
+    coded = None
+    if entropy:
+        coded = _rans_if_smaller(symbols, 2**bits, counts, packed.nbytes, exact=True)
     if coded is None:
         return record, packed
     return {**record, "coding": "rans"}, coded
