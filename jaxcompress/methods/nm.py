@@ -148,17 +148,20 @@ def prune_nm(
         return require_data(name, option, data) if importance != "magnitude" else {}
 
     def check(entry, weight, by_path):
-        """``(gram, trailing inputs)`` (data-aware importances), its runs of ``M`` checked.
+        """``(gram, trailing inputs)`` (gram with data-aware importances), runs of ``M`` checked.
 
-        Statistics of a weight stored output first (equinox's ``(out, in)``) put the
-        runs along its trailing input axes: it is pruned seen inputs first.
+        A weight stored output first (an equinox layer's ``(out, in)``, told by the tree
+        or by statistics of its trailing axes) has its runs along its trailing input
+        axes: it is pruned seen inputs first.
         """
         shape = tuple(weight.shape)
         found = None
+        trailing = entry.trailing_inputs or None
         if importance != "magnitude":
             found = leaf_gram(name, option, entry.path, by_path, shape)
-            if found.trailing:
-                shape = leading_shape(shape, found.fan_in)
+            trailing = found.fan_in if found.trailing else None
+        if trailing is not None:
+            shape = leading_shape(shape, trailing)
         rows = math.prod(shape[:-1])
         if rows % m:
             raise Unfit(
@@ -166,7 +169,7 @@ def prune_nm(
                 f"{rows} inputs, not a multiple of M={m}"
             )
         if found is None:
-            return None, None
+            return None, trailing
         if found.fan_in != len(shape) - 1:
             side = ("last", "first") if found.trailing else ("first", "last")
             raise Unfit(
