@@ -74,6 +74,14 @@ def prune_nm(
 ) -> Transform:
     """N:M sparsity along the contracted axis (``"2:4"``: 2 of every 4 inputs kept).
 
+    The runs of ``M`` lie along a weight's inputs, the layout sparse tensor cores
+    take: the leading axes of a linen ``(in, out)`` or ``(h, w, in, out)`` kernel (all
+    but the last, flattened row-major), and the trailing axes of a weight stored
+    output first, an equinox ``Linear``'s ``(out, in)`` or ``Conv``'s
+    ``(out, in, h, w)`` (told by the module in the tree, or by statistics in
+    ``data=``): such a weight is pruned seen inputs first, bit for bit as its ``W.T``
+    in the linen layout, and stored in its own layout.
+
     NaN and Inf: an eager call raises. Under ``jax.jit`` a NaN or Inf ranks above
     every finite magnitude in its run of ``M``, so it is kept as it is, in one of the
     run's ``N`` slots. ``importance="sparsegpt"`` is not covered: wrap it in
@@ -126,6 +134,14 @@ def prune_nm(
         [0.0, 0.0, 5.0, 7.0, 0.0, 0.0, 13.0, 15.0]
         >>> stats["w"]["pruned"], sparse["w"].nnz
         (8, 8)
+
+        An equinox ``Linear`` stores ``(out, in)``: each output row keeps 2 of every 4 inputs.
+
+        >>> import jax, equinox as eqx
+        >>> layer = eqx.nn.Linear(8, 2, key=jax.random.key(0))
+        >>> pruned, _ = jc.prune_nm("2:4", where="weight")(layer)
+        >>> (jc.materialize(pruned.weight).reshape(2, 2, 4) != 0).sum(-1).tolist()
+        [[2, 2], [2, 2]]
 
         SparseGPT with statistics of the inputs (:func:`jaxcompress.calibrate` gives them):
 
