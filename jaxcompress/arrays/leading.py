@@ -6,11 +6,17 @@ kernel. A weight contracted over its trailing axes is moved into that layout wit
 :func:`to_leading`, compressed there, and its compressed leaf is put back into the
 weight's own layout with :func:`from_leading`, so it materializes to the ``(out, in)``
 array the model uses.
+
+The data-free methods learn the layout from the tree itself: :func:`output_first_inputs`
+finds the weights of equinox's ``Linear``, ``Conv`` and ``ConvTranspose`` layers, and
+:func:`jaxcompress.transforms.base.flatten_leaves` marks them on each leaf entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +28,58 @@ from jaxcompress.arrays.quantized import Quantized, group_layout
 from jaxcompress.arrays.sparse import Sparse
 from jaxcompress.core.bitpack import pack, unpack
 from jaxcompress.core.mesh import unsharded
+from jaxcompress.core.paths import path_to_str
+
+
+def is_equinox_module(tree: Any) -> bool:
+    """Whether ``tree`` is an equinox module (equinox loads only when the user uses it).
+
+    Example:
+        >>> is_equinox_module({"w": 1})
+        False
+    """
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(tree, eqx.Module)
+
+
+def _output_first_layer(node: Any) -> int:
+    """The trailing input axes of an equinox layer's weight stored output first, else 0."""
+    eqx = sys.modules["equinox"]
+    if isinstance(node, eqx.nn.Linear):
+        return 1
+    if isinstance(node, eqx.nn.Conv | eqx.nn.ConvTranspose):
+        # (out, in // groups, *kernel): the input channels and the kernel are contracted.
+        return node.num_spatial_dims + 1
+    return 0
+
+
+def output_first_inputs(tree: Any) -> dict[str, int]:
+    """``path -> trailing input axes`` of each weight in ``tree`` stored output first.
+
+    Those are the ``weight`` arrays of equinox's ``Linear`` ``(out, in)``, ``Conv`` and
+    ``ConvTranspose`` ``(out, in, *kernel)`` layers, paths as the filters see them. A
+    weight of another rank (layers stacked by ``vmap``, a compressed or hidden leaf)
+    is left out: its axes are not known here. Without equinox loaded, or without such
+    layers, the dict is empty, so other trees are untouched.
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> mlp = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+        >>> output_first_inputs({"mlp": mlp})
+        {'mlp/layers/0/weight': 1, 'mlp/layers/1/weight': 1}
+    """
+    if "equinox" not in sys.modules:
+        return {}
+    found, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda node: is_equinox_module(node) and _output_first_layer(node) > 0
+    )
+    inputs = {}
+    for path, node in found:
+        trailing = _output_first_layer(node) if is_equinox_module(node) else 0
+        shape = getattr(getattr(node, "weight", None), "shape", None)
+        if trailing and shape is not None and len(shape) == trailing + 1:
+            inputs["/".join(filter(None, (path_to_str(path), "weight")))] = trailing
+    return inputs
 
 
 def leading_shape(shape: tuple[int, ...], inputs: int) -> tuple[int, ...]:

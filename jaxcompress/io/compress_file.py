@@ -204,7 +204,7 @@ def compress_file(
                 original = leaf if on_leaf is not None else None
                 stats: list[Any] = []
                 for position, leaf_pass in enumerate(passes):
-                    current = LeafEntry(entry.index, entry.path, leaf)
+                    current = entry._replace(leaf=leaf)
                     leaf_stats = None
                     if leaf_pass.select(current):
                         leaf, leaf_stats = leaf_pass.step(current)

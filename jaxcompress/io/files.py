@@ -306,7 +306,7 @@ def load(
         >>> like = eqx.filter_eval_shape(eqx.nn.MLP, 4, 2, 8, 1, key=jax.random.key(1))
         >>> loaded = jc.load(path, like=like)
         >>> loaded.layers[0].weight, loaded.activation is mlp.activation
-        (Quantized(shape=(8, 4), dtype=float32, bits=8, axis=1, group_size=None), True)
+        (Quantized(shape=(8, 4), dtype=float32, bits=8, axis=0, group_size=None), True)
     """
     header, body, _ = container.read_container(path)
     if header.get("format") != FORMAT:

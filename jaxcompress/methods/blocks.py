@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.arrays import Sparse
+from jaxcompress.arrays.leading import from_leading, leading_shape, to_leading
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.mesh import unsharded
 from jaxcompress.methods.prune import check_sparsity, pruned_count, sparse_from_mask
@@ -186,7 +187,9 @@ def prune_blocks(
 
     Each selected leaf's matrix view ``(K, N)`` (all axes but the last flattened
     row-major: a Dense ``(in, out)`` kernel as it is, a conv HWIO kernel as
-    ``(h * w * in, out)``) is cut into ``bk × bn`` tiles, which are kept or zeroed
+    ``(h * w * in, out)``; an equinox layer's weight, stored output first, seen inputs
+    first: ``(out, in)`` as ``(in, out)``, ``(out, in, h, w)`` as ``(in * h * w, out)``)
+    is cut into ``bk × bn`` tiles, which are kept or zeroed
     whole, lowest score first (ties by row-major tile index).
 
     Args:
@@ -251,20 +254,35 @@ def prune_blocks(
     tile_size = bk * bn
 
     def check(entry, weight, context):
-        """The leaf's layer-scope count of tiles to zero, its tiling checked."""
+        """``(None, layer-scope count of tiles to zero, trailing inputs)``, tiling checked.
+
+        A weight stored output first (an equinox layer's ``(out, in)``) is tiled seen
+        inputs first, so its tiles lie on the same ``(K, N)`` view as a linen kernel's.
+        """
         del context
-        if not _tiles_fit(tuple(weight.shape), block):
-            rows, columns = _matrix_shape(tuple(weight.shape))
+        trailing = entry.trailing_inputs or None
+        shape = tuple(weight.shape)
+        view = shape if trailing is None else leading_shape(shape, trailing)
+        if not _tiles_fit(view, block):
+            rows, columns = _matrix_shape(view)
             raise Unfit(
-                f"{name}: leaf {entry.path!r} of shape {tuple(weight.shape)} has the matrix "
+                f"{name}: leaf {entry.path!r} of shape {shape} has the matrix "
                 f"view ({rows}, {columns}), which block {block} does not tile ({rows} rows "
                 f"must be a multiple of {bk} and {columns} columns of {bn})"
             )
-        return None, pruned_count(float(fraction), math.prod(weight.shape) // tile_size)
+        return None, pruned_count(float(fraction), math.prod(shape) // tile_size), trailing
+
+    def inputs_first(item) -> jax.Array:
+        trailing = item.plan[2]
+        return item.weight if trailing is None else to_leading(item.weight, trailing)
 
     def global_tiles(items):
         """One ranking of the tiles of every selected leaf: ``(tile keep-mask, count)``."""
-        weights = [item.weight for item in items]
+        # One pass over the items (a streamed source loads each leaf per pass).
+        weights, trailing = [], []
+        for item in items:
+            weights.append(inputs_first(item))
+            trailing.append(item.plan[2])
         if any(is_traced(w) for w in weights):
             raise ValueError(
                 f"{name}: scope='global' needs concrete arrays, since each leaf's storage "
@@ -273,17 +291,22 @@ def prune_blocks(
         scores = [_global_scores(w, block=block, importance=importance) for w in weights]
         total = sum(int(s.size) for s in scores)
         tile_keeps = _global_tile_keeps(scores, pruned_count(float(fraction), total))
-        return [(keep, int(keep.size - keep.sum())) for keep in tile_keeps]
+        return [
+            (keep, int(keep.size - keep.sum()), inputs)
+            for keep, inputs in zip(tile_keeps, trailing, strict=True)
+        ]
 
     def step(item, key) -> tuple[Sparse, BlockStats]:
         del key
-        weight, (tile_keep, count) = item.weight, item.plan
+        (tile_keep, count, trailing), weight = item.plan, inputs_first(item)
         size = math.prod(weight.shape)
         nnz = size - count * tile_size
         if tile_keep is None:
             sparse = _layer_sparse(weight, count, block=block, importance=importance, nnz=nnz)
         else:
             sparse = _tile_sparse(weight, jnp.asarray(tile_keep), block=block, nnz=nnz)
+        if trailing is not None:
+            sparse = from_leading(sparse, trailing)
         leaf_stats: BlockStats = {
             "pruned": count * tile_size,
             "size": size,

@@ -321,7 +321,9 @@ def low_rank(
             (a Dense ``(in, out)`` kernel), ``ndim - 1`` for 3 or more dimensions
             (a conv ``(h, w, in, out)`` kernel gives ``m = h * w * in``). Give an
             integer for other layouts, for example 1 for a DenseGeneral
-            ``(in, heads, head_dim)`` kernel.
+            ``(in, heads, head_dim)`` kernel. An equinox layer's weight, stored
+            output first, is split after its output axis: ``m = out``,
+            ``n = in * kernel`` (its ``fan_in_axes`` then counts that output axis).
         where: which leaves to factorize; by default
             :func:`jaxcompress.filters.kernels`. Under the default filter, a leaf
             with ``rank >= min(m, n)`` (a 10-class head, a first conv layer) is
@@ -403,7 +405,12 @@ def low_rank(
                 )
             trailing = leaf_gram(name, "whiten=True", entry.path, by_path, shape).fan_in
             shape = leading_shape(shape, trailing)
-        leaf_fan_in = trailing or _leaf_fan_in(name, entry.path, shape, fan_in_axes)
+        if trailing is None and fan_in_axes is None and entry.trailing_inputs:
+            # An equinox (out, in, *kernel) weight: its matrix view is out by in * kernel
+            # (LowRank's leading axes are then its outputs, as from_leading stores them).
+            leaf_fan_in = len(shape) - entry.trailing_inputs
+        else:
+            leaf_fan_in = trailing or _leaf_fan_in(name, entry.path, shape, fan_in_axes)
         m, n = matrix_shape(shape, leaf_fan_in)
         if rank is not None and rank >= min(m, n):
             raise Unfit(

@@ -74,6 +74,14 @@ def prune_nm(
 ) -> Transform:
     """N:M sparsity along the contracted axis (``"2:4"``: 2 of every 4 inputs kept).
 
+    The runs of ``M`` lie along a weight's inputs, the layout sparse tensor cores
+    take: the leading axes of a linen ``(in, out)`` or ``(h, w, in, out)`` kernel (all
+    but the last, flattened row-major), and the trailing axes of a weight stored
+    output first, an equinox ``Linear``'s ``(out, in)`` or ``Conv``'s
+    ``(out, in, h, w)`` (told by the module in the tree, or by statistics in
+    ``data=``): such a weight is pruned seen inputs first, bit for bit as its ``W.T``
+    in the linen layout, and stored in its own layout.
+
     NaN and Inf: an eager call raises. Under ``jax.jit`` a NaN or Inf ranks above
     every finite magnitude in its run of ``M``, so it is kept as it is, in one of the
     run's ``N`` slots. ``importance="sparsegpt"`` is not covered: wrap it in
@@ -127,6 +135,14 @@ def prune_nm(
         >>> stats["w"]["pruned"], sparse["w"].nnz
         (8, 8)
 
+        An equinox ``Linear`` stores ``(out, in)``: each output row keeps 2 of every 4 inputs.
+
+        >>> import jax, equinox as eqx
+        >>> layer = eqx.nn.Linear(8, 2, key=jax.random.key(0))
+        >>> pruned, _ = jc.prune_nm("2:4", where="weight")(layer)
+        >>> (jc.materialize(pruned.weight).reshape(2, 2, 4) != 0).sum(-1).tolist()
+        [[2, 2], [2, 2]]
+
         SparseGPT with statistics of the inputs (:func:`jaxcompress.calibrate` gives them):
 
         >>> x = jnp.arange(24.0).reshape(3, 8) % 5
@@ -148,17 +164,20 @@ def prune_nm(
         return require_data(name, option, data) if importance != "magnitude" else {}
 
     def check(entry, weight, by_path):
-        """``(gram, trailing inputs)`` (data-aware importances), its runs of ``M`` checked.
+        """``(gram, trailing inputs)`` (gram with data-aware importances), runs of ``M`` checked.
 
-        Statistics of a weight stored output first (equinox's ``(out, in)``) put the
-        runs along its trailing input axes: it is pruned seen inputs first.
+        A weight stored output first (an equinox layer's ``(out, in)``, told by the tree
+        or by statistics of its trailing axes) has its runs along its trailing input
+        axes: it is pruned seen inputs first.
         """
         shape = tuple(weight.shape)
         found = None
+        trailing = entry.trailing_inputs or None
         if importance != "magnitude":
             found = leaf_gram(name, option, entry.path, by_path, shape)
-            if found.trailing:
-                shape = leading_shape(shape, found.fan_in)
+            trailing = found.fan_in if found.trailing else None
+        if trailing is not None:
+            shape = leading_shape(shape, trailing)
         rows = math.prod(shape[:-1])
         if rows % m:
             raise Unfit(
@@ -166,7 +185,7 @@ def prune_nm(
                 f"{rows} inputs, not a multiple of M={m}"
             )
         if found is None:
-            return None, None
+            return None, trailing
         if found.fan_in != len(shape) - 1:
             side = ("last", "first") if found.trailing else ("first", "last")
             raise Unfit(

@@ -405,9 +405,12 @@ def _below_and_tied(convert: Callable, x: jax.Array, threshold: jax.Array):
     return below, jnp.sum(keys == threshold, dtype=_int_dtype())
 
 
-def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> tuple[Sparse, int]:
+def keep_one_per_output(
+    weight: jax.Array, sparse: Sparse, num_pruned: int, *, outputs_first: bool = False
+) -> tuple[Sparse, int]:
     """``sparse`` (``weight`` with ``num_pruned`` entries pruned), or, if that empties an
-    output unit (an index of the last axis), the same count pruned with each unit's
+    output unit (an index of the last axis; of the first with ``outputs_first``, an
+    equinox ``(out, in)`` weight), the same count pruned with each unit's
     largest-magnitude entry kept: ``(Sparse, entries pruned)``.
 
     Needs concrete arrays. Ties go by row-major index, as in :func:`magnitude_sparse`.
@@ -419,8 +422,14 @@ def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> t
         >>> sparse.materialize().tolist(), count
         ([[3.0, 0.0], [0.0, 0.5]], 2)
     """
-    units = weight.shape[-1] if weight.ndim >= 2 else 1
-    kept_per_unit = jnp.any(sparse.keep_mask().reshape(-1, units), axis=0)
+    first = outputs_first and weight.ndim >= 2
+    units = (weight.shape[0] if first else weight.shape[-1]) if weight.ndim >= 2 else 1
+    mask = sparse.keep_mask()
+    kept_per_unit = (
+        jnp.any(mask.reshape(units, -1), axis=1)
+        if first
+        else jnp.any(mask.reshape(-1, units), axis=0)
+    )
     if bool(jnp.all(kept_per_unit)):
         return sparse, num_pruned
     weight = unsharded(weight)
@@ -430,18 +439,28 @@ def keep_one_per_output(weight: jax.Array, sparse: Sparse, num_pruned: int) -> t
     explicit = isinstance(mesh, jax.sharding.Mesh) and AxisType.Explicit in mesh.axis_types
     # Eager programs on a weight with Explicit mesh axes need that mesh in context.
     with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
-        keep = _keep_strongest_per_unit(weight, jnp.asarray(num_pruned, _int_dtype()))
+        keep = _keep_strongest_per_unit(
+            weight, jnp.asarray(num_pruned, _int_dtype()), outputs_first=first
+        )
     return sparse_from_mask(weight, keep, weight.size - num_pruned), num_pruned
 
 
-@jax.jit
-def _keep_strongest_per_unit(weight: jax.Array, num_pruned: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="outputs_first")
+def _keep_strongest_per_unit(
+    weight: jax.Array, num_pruned: jax.Array, *, outputs_first: bool = False
+) -> jax.Array:
     """The keep-mask pruning ``num_pruned`` entries, never an output unit's largest."""
-    units = weight.shape[-1] if weight.ndim >= 2 else 1
     # Integer keys, not floats: XLA on CPU compares subnormal floats as zeros.
-    keys = magnitude_keys(weight).reshape(-1, units)
-    rows = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 0)
-    strongest = rows == jnp.argmax(keys, axis=0)[None, :]
+    keys = magnitude_keys(weight)
+    if outputs_first:
+        # One unit per row of (out, everything else).
+        keys = keys.reshape(weight.shape[0], -1)
+        columns = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+        strongest = columns == jnp.argmax(keys, axis=1)[:, None]
+    else:
+        keys = keys.reshape(-1, weight.shape[-1] if weight.ndim >= 2 else 1)
+        rows = jax.lax.broadcasted_iota(jnp.int32, keys.shape, 0)
+        strongest = rows == jnp.argmax(keys, axis=0)[None, :]
     protected = jnp.where(strongest, jnp.uint32(np.iinfo(np.uint32).max), keys)
     return _keep_mask(protected, num_pruned).reshape(weight.shape)
 
@@ -757,7 +776,9 @@ def prune(
         if importance == "magnitude":
             sparse = magnitude_sparse(weight, count)
             if scope == "global":
-                sparse, leaf_stats["pruned"] = keep_one_per_output(weight, sparse, count)
+                sparse, leaf_stats["pruned"] = keep_one_per_output(
+                    weight, sparse, count, outputs_first=item.entry.trailing_inputs > 0
+                )
             return sparse, leaf_stats
         sparse, extra = _data_aware_leaf(
             _view(weight, gram),

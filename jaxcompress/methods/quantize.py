@@ -134,18 +134,26 @@ def _rtn_array(weight, *, axis, group_size, options) -> tuple[Quantized, dict]:
     return quantized, errors
 
 
-def leaf_layout(name: str, path: str, shape, axis, group_size) -> int | None:
+def leaf_layout(
+    name: str, path: str, shape, axis, group_size, *, trailing_inputs: int = 0
+) -> int | None:
     """The normalized axis for a leaf of ``shape``; raises naming the path if it cannot fit.
 
     Any positive ``group_size`` fits: one that does not divide the entries per channel
     leaves a shorter last group, and one larger than them makes a single group (see
-    :func:`~jaxcompress.arrays.quantized.group_layout`).
+    :func:`~jaxcompress.arrays.quantized.group_layout`). ``axis=-1`` is the output
+    channel: the last axis, or for a weight stored output first whose
+    ``trailing_inputs`` axes are its inputs (an equinox ``(out, in)`` weight) axis 0.
 
     Example:
         >>> leaf_layout("quantize", "w", (4, 6), -1, None)  # group_size=4 would fit as well
         1
+        >>> leaf_layout("quantize", "w", (4, 6), -1, None, trailing_inputs=1)
+        0
     """
     del group_size  # every positive size fits (checked by check_options)
+    if axis == -1 and trailing_inputs and len(shape) == trailing_inputs + 1:
+        return 0
     if axis is not None:
         if not -len(shape) <= axis < len(shape):
             raise ValueError(
@@ -408,13 +416,14 @@ def quantize(
         bits: bits per code, an integer from 2 to 8.
         axis: ``None`` for one scale per tensor; an axis index for one scale per index
             along it (``-1``: output channel of a Dense ``(in, out)`` or conv
-            ``(h, w, in, out)`` kernel). An equinox weight is stored output first,
-            ``(out, in)``: ``axis=0`` puts one scale per output channel there (the
-            layout :func:`jaxcompress.accelerate` serves fast). With GPTQ or AWQ and
-            statistics of a weight's trailing axes (such a weight), ``axis=-1`` (the
-            default) means its output channel, axis 0, as it does on a linen kernel;
-            the weight is compressed through its inputs-first view and stored in its
-            own layout (AWQ's ``input_scale`` as ``(1, in)``).
+            ``(h, w, in, out)`` kernel). An equinox ``Linear`` or ``Conv`` weight is
+            stored output first, ``(out, in)`` / ``(out, in, *kernel)``: there
+            ``axis=-1`` (the default) means its output channel, axis 0, as it does on
+            a linen kernel (the layout :func:`jaxcompress.accelerate` serves fast);
+            other axes are taken as given. With GPTQ or AWQ and statistics of a
+            weight's trailing axes (such a weight), the weight is compressed through
+            its inputs-first view and stored in its own layout (AWQ's
+            ``input_scale`` as ``(1, in)``).
         group_size: split each channel's other entries (flattened row-major) into
             contiguous groups of this size, one scale per (channel, group). With
             ``axis=None`` the whole flattened tensor is grouped. It need not divide
@@ -583,7 +592,15 @@ def quantize(
         leaf_axis = None if isinstance(entry.leaf, Sparse) else axis
         shape = tuple(values.shape)
         if not data_aware:
-            return leaf_layout(name, entry.path, shape, leaf_axis, group_size), None, None, False
+            layout = leaf_layout(
+                name,
+                entry.path,
+                shape,
+                leaf_axis,
+                group_size,
+                trailing_inputs=entry.trailing_inputs,
+            )
+            return layout, None, None, False
         found = leaf_gram(name, option, entry.path, by_path, shape)
         if found.trailing and leaf_axis == -1:
             # -1 is the output channel, as on a linen kernel: an (out, in) weight's axis 0.

@@ -16,18 +16,13 @@ from typing import Any
 
 import jax
 
+from jaxcompress.arrays.leading import is_equinox_module
 from jaxcompress.core.paths import path_to_str
 
-__all__ = ["is_equinox_module", "resize_equinox"]
+__all__ = ["resize_equinox"]
 
 # (parameter path, axis) -> the new size of each row-major factor of that axis
 FactorSizes = Callable[[str, int], tuple[int, ...]]
-
-
-def is_equinox_module(tree: Any) -> bool:
-    """Whether ``tree`` is an equinox module (equinox loads only when the user uses it)."""
-    eqx = sys.modules.get("equinox")
-    return eqx is not None and isinstance(tree, eqx.Module)
 
 
 def _join(*parts: str) -> str:

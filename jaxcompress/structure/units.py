@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.arrays.leading import is_equinox_module
 from jaxcompress.arrays.tree import combine, on_arrays, split_arrays
 from jaxcompress.core.checks import is_traced
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.core.progress import over_leaves
 from jaxcompress.structure.coupling import Coupling, Group, analyze, trace_flat
-from jaxcompress.structure.equinox_sizes import is_equinox_module, resize_equinox
+from jaxcompress.structure.equinox_sizes import resize_equinox
 from jaxcompress.structure.thinning import cut, flops, new_shapes_of, run, zero_removed
 from jaxcompress.transforms.base import Transform
 from jaxcompress.transforms.filters import Filter, compile_filter

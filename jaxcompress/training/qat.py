@@ -151,7 +151,12 @@ def fake_quant(
             # A Sparse leaf's kept values are flat: per-tensor or grouped along them.
             sparse = isinstance(entry.leaf, Sparse)
             leaf_axis = leaf_layout(
-                name, entry.path, values.shape, None if sparse else axis, group_size
+                name,
+                entry.path,
+                values.shape,
+                None if sparse else axis,
+                group_size,
+                trailing_inputs=entry.trailing_inputs,
             )
             fake = _fake_quant_array(values, axis=leaf_axis, group_size=group_size, **options)
             if sparse:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxcompress.arrays import is_compressed
+from jaxcompress.arrays.leading import output_first_inputs
 from jaxcompress.core.paths import path_to_str
 from jaxcompress.transforms.filters import Filter, compile_filter, warn_nothing_selected
 
@@ -23,11 +24,18 @@ ApplyFn = Callable[..., tuple[Any, Any]]
 
 
 class LeafEntry(NamedTuple):
-    """One leaf of a pytree, with its normalized path and position in the flat list."""
+    """One leaf of a pytree, with its normalized path and position in the flat list.
+
+    ``trailing_inputs`` is how many trailing axes are the inputs of a weight stored
+    output first (equinox's ``Linear`` ``(out, in)``, ``Conv`` ``(out, in, *kernel)``;
+    see :func:`~jaxcompress.arrays.leading.output_first_inputs`), and ``0`` for any
+    other leaf, whose inputs (if any) lead, as in a linen ``(in, out)`` kernel.
+    """
 
     index: int  # type: ignore[assignment]  # shadows tuple.index, which no caller uses
     path: str
     leaf: Any
+    trailing_inputs: int = 0
 
 
 class LeafPass(NamedTuple):
@@ -167,7 +175,11 @@ def flatten_leaves(tree: Any) -> tuple[list[LeafEntry], jax.tree_util.PyTreeDef]
         ['dense/kernel']
     """
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)
-    entries = [LeafEntry(i, path_to_str(path), leaf) for i, (path, leaf) in enumerate(with_paths)]
+    output_first = output_first_inputs(tree)
+    entries = []
+    for i, (key_path, leaf) in enumerate(with_paths):
+        path = path_to_str(key_path)
+        entries.append(LeafEntry(i, path, leaf, output_first.get(path, 0)))
     return entries, treedef
 
 
@@ -284,7 +296,7 @@ def _apply_leaf_by_leaf(passes: list[LeafPass], params: Any) -> tuple[Any, tuple
     for entry in entries:
         leaf = entry.leaf
         for position, (leaf_pass, stats) in enumerate(zip(passes, all_stats, strict=True)):
-            current = LeafEntry(entry.index, entry.path, leaf)
+            current = entry._replace(leaf=leaf)
             if leaf_pass.select(current):
                 leaf, stats[entry.path] = leaf_pass.step(current)
                 taken[position] += 1
